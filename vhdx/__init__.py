@@ -1,0 +1,23 @@
+"""vhdx: Hyper-V VHDX virtual disks and AVHDX differencing chains, in pure Python.
+
+Public API::
+
+    disk = vhdx.create("disk.vhdx", 64 << 20)          # dynamic, 32 MiB blocks
+    disk = vhdx.open("disk.vhdx")                       # read-only
+    disk = vhdx.open("child.avhdx", "r+", search_paths=["/backup"])
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, DiskExistsError,  # noqa: E402
+                     LogReplayError, MergeError, ParentMismatchError, ParentNotFoundError, ReadOnlyError,
+                     TruncatedError, UnsupportedError, UsageError, VhdxError)
+from .disk import Disk  # noqa: E402
+from .api import create, open  # noqa: E402
+
+__all__ = [
+    "__version__", "open", "create", "Disk",
+    "VhdxError", "CorruptError", "ChecksumError", "TruncatedError", "UnsupportedError", "LogReplayError",
+    "ChainError", "ParentNotFoundError", "ParentMismatchError", "ChainCycleError", "ReadOnlyError",
+    "MergeError", "UsageError", "DiskExistsError",
+]

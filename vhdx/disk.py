@@ -1,0 +1,228 @@
+"""Disk: the virtual disk as a file-like object (``io.RawIOBase``).
+
+A Disk is an :class:`~vhdx.image.Image` plus an optional parent Disk it is *given*; it
+never searches for one (that is :mod:`vhdx.chain`'s job). It owns the parents listed in
+``owned`` and closes them with itself.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from typing import Any, Callable, Iterable
+
+from .errors import ReadOnlyError, UsageError, VhdxError
+from .image import Image, zero_fill
+
+_MAX_CHUNK = 64 << 20
+
+
+class Disk(io.RawIOBase):
+    """A VHDX virtual disk: read, readinto, write, seek, tell, flush, close."""
+
+    def __init__(self, image: Image, parent: "Disk | None" = None, *, owned: Iterable[Any] = (),
+                 parent_zeros: bool = False) -> None:
+        super().__init__()
+        self.image = image
+        self.parent = parent
+        self._owned = list(owned)
+        self._parent_zeros = parent_zeros
+        self._position = 0
+        self.chain_info: list[dict[str, Any]] = []
+        if image.has_parent and parent is None and not parent_zeros:
+            raise UsageError("a differencing disk needs its parent (or parent_zeros=True)", path=image.path)
+
+    # ------------------------------------------------------------ attributes
+
+    @property
+    def path(self) -> str:
+        return self.image.path
+
+    @property
+    def size(self) -> int:
+        return self.image.size
+
+    @property
+    def block_size(self) -> int:
+        return self.image.block_size
+
+    @property
+    def logical_sector_size(self) -> int:
+        return self.image.logical_sector_size
+
+    @property
+    def physical_sector_size(self) -> int:
+        return self.image.physical_sector_size
+
+    @property
+    def disk_id(self) -> uuid.UUID:
+        return self.image.metadata.page83_data
+
+    @property
+    def data_write_guid(self) -> uuid.UUID:
+        return self.image.header.data_write_guid
+
+    @property
+    def disk_type(self) -> str:
+        return self.image.disk_type
+
+    def info(self) -> dict[str, Any]:
+        """Every header, region and metadata field, BAT counts and log state, as a plain dict."""
+        d = self.image.info()
+        if self.chain_info:
+            d["chain"] = self.chain_info
+        return d
+
+    # ------------------------------------------------------------ io.RawIOBase
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return self.image.writable
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        self._check_open()
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._check_open()
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._position + offset
+        elif whence == io.SEEK_END:
+            pos = self.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        self._position = pos
+        return pos
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed disk")
+
+    def readinto(self, buffer: Any) -> int:
+        self._check_open()
+        view = memoryview(buffer).cast("B")
+        n = self.pread_into(view, self._position)
+        self._position += n
+        return n
+
+    def pread_into(self, view: memoryview, offset: int) -> int:
+        """Positional read: fill ``view`` from virtual ``offset``, clipped at the disk size."""
+        n = max(0, min(len(view), self.size - offset))
+        if n:
+            self._read_virtual(view[:n], offset)
+        return n
+
+    def pread(self, offset: int, length: int) -> bytes:
+        buf = bytearray(max(0, min(length, self.size - offset)))
+        self.pread_into(memoryview(buf), offset)
+        return bytes(buf)
+
+    def _fallthrough(self) -> Callable[[memoryview, int], None] | None:
+        parent = self.parent
+        if parent is not None:
+            return parent._read_parent
+        if self._parent_zeros:
+            return lambda view, offset: zero_fill(view)
+        return None
+
+    def _read_parent(self, view: memoryview, offset: int) -> None:
+        """A child's read of this disk: bytes past this disk's size read as zeros (§6)."""
+        n = max(0, min(len(view), self.size - offset))
+        if n:
+            self._read_virtual(view[:n], offset)
+        if n < len(view):
+            zero_fill(view[n:])
+
+    def _read_virtual(self, view: memoryview, offset: int) -> None:
+        fall = self._fallthrough()
+        done = 0
+        total = len(view)
+        while done < total:
+            n = min(_MAX_CHUNK, total - done)
+            self.image.readinto_at(view[done:done + n], offset + done, fall)
+            done += n
+
+    def write(self, data: Any) -> int:
+        self._check_open()
+        view = memoryview(data).cast("B")
+        n = self.pwrite(view, self._position)
+        self._position += n
+        return n
+
+    def pwrite(self, data: Any, offset: int) -> int:
+        """Positional write; writes past the end of the disk are refused."""
+        if not self.image.writable:
+            raise ReadOnlyError("opened read-only", path=self.path)
+        view = memoryview(data).cast("B")
+        if offset < 0:
+            raise UsageError(f"negative offset {offset}", path=self.path)
+        if offset + len(view) > self.size:
+            raise UsageError(f"write of {len(view)} bytes at {offset} runs past the end of the "
+                             f"{self.size}-byte disk", path=self.path)
+        if not view:
+            return 0
+        ss = self.logical_sector_size
+        start = offset - offset % ss
+        end = -(-(offset + len(view)) // ss) * ss
+        if start == offset and end == offset + len(view):
+            self.image.write_at(view, offset)
+            return len(view)
+        # Read the edge sectors through the chain, then write whole sectors.
+        buf = bytearray(end - start)
+        mv = memoryview(buf)
+        self._read_virtual(mv[:ss], start)
+        if end - ss > start:
+            self._read_virtual(mv[len(buf) - ss:], end - ss)
+        buf[offset - start:offset - start + len(view)] = view
+        self.image.write_at(mv, start)
+        return len(view)
+
+    def flush(self) -> None:
+        if not self.closed:
+            self.image.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.image.close()
+        finally:
+            try:
+                for owned in reversed(self._owned):
+                    owned.close()
+            finally:
+                super().close()
+
+    def __enter__(self) -> "Disk":
+        return self
+
+    def __repr__(self) -> str:
+        return f"<vhdx.Disk {self.path!r} {self.disk_type} {self.size} bytes>"
+
+    def __del__(self) -> None:
+        # Like a file object: an unclosed disk is closed when collected. Errors are
+        # swallowed here; a failed close leaves the log dirty, and the next open replays it.
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def open_disk(path: str | os.PathLike[str], mode: str = "r", **kwargs: Any) -> Disk:
+    """Open a non-differencing disk on its own (chains go through :func:`vhdx.chain.open`)."""
+    image = Image.open(path, mode, **kwargs)
+    try:
+        return Disk(image)
+    except VhdxError:
+        image.close(_failed=True)
+        raise

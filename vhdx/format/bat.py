@@ -1,0 +1,46 @@
+"""The BAT as a numpy ``uint64`` array: states, file offsets, vectorised views (§5)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .constants import BAT_FILE_OFFSET_MASK, BAT_RESERVED_MASK, BAT_STATE_MASK
+from .geometry import Geometry
+
+
+def decode_bat(raw: bytes | bytearray | memoryview) -> np.ndarray:
+    """The BAT region bytes as a writable little-endian uint64 array (native order)."""
+    return np.frombuffer(bytes(raw), dtype="<u8").astype(np.uint64)
+
+
+def encode_bat(entries: np.ndarray) -> bytes:
+    return entries.astype("<u8").tobytes()
+
+
+def make_entry(state: int, file_offset: int) -> int:
+    return (file_offset & BAT_FILE_OFFSET_MASK) | (state & BAT_STATE_MASK)
+
+
+def states(entries: np.ndarray) -> np.ndarray:
+    return (entries & np.uint64(BAT_STATE_MASK)).astype(np.uint8)
+
+
+def file_offsets(entries: np.ndarray) -> np.ndarray:
+    return entries & np.uint64(BAT_FILE_OFFSET_MASK)
+
+
+def reserved_bits(entries: np.ndarray) -> np.ndarray:
+    return entries & np.uint64(BAT_RESERVED_MASK)
+
+
+def payload_indices(geometry: Geometry) -> np.ndarray:
+    """BAT indexes of every payload block, sector-bitmap slots skipped."""
+    blocks = np.arange(geometry.payload_blocks, dtype=np.int64)
+    return blocks + blocks // geometry.chunk_ratio
+
+
+def sbm_indices(geometry: Geometry) -> np.ndarray:
+    """BAT indexes of every sector-bitmap slot that lies inside the counted entries."""
+    chunks = np.arange(geometry.sector_bitmap_blocks, dtype=np.int64)
+    idx = chunks * (geometry.chunk_ratio + 1) + geometry.chunk_ratio
+    return idx[idx < geometry.bat_entries]

@@ -1,0 +1,53 @@
+"""Block geometry: chunk ratio, BAT indexes and entry counts (vhdx-format.md §5.1, §5.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .constants import SECTORS_PER_CHUNK
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where each payload block and sector bitmap sits in the BAT."""
+
+    virtual_disk_size: int
+    block_size: int
+    logical_sector_size: int
+    has_parent: bool
+
+    @property
+    def chunk_ratio(self) -> int:
+        """Payload blocks per sector-bitmap block: 2^23 * sector size / block size."""
+        return SECTORS_PER_CHUNK * self.logical_sector_size // self.block_size
+
+    @property
+    def payload_blocks(self) -> int:
+        return -(-self.virtual_disk_size // self.block_size)
+
+    @property
+    def sector_bitmap_blocks(self) -> int:
+        return -(-self.payload_blocks // self.chunk_ratio)
+
+    @property
+    def sectors_per_block(self) -> int:
+        return self.block_size // self.logical_sector_size
+
+    @property
+    def bat_entries(self) -> int:
+        """Entries the BAT must hold: the last one locates the last payload (or SBM) block."""
+        if self.has_parent:
+            return self.sector_bitmap_blocks * (self.chunk_ratio + 1)
+        pb = self.payload_blocks
+        return pb + (pb - 1) // self.chunk_ratio if pb else 0
+
+    def payload_bat_index(self, block: int) -> int:
+        return block + block // self.chunk_ratio
+
+    def sbm_bat_index(self, chunk: int) -> int:
+        return chunk * (self.chunk_ratio + 1) + self.chunk_ratio
+
+    def bitmap_byte_range(self, block: int) -> tuple[int, int]:
+        """Byte range of block ``block``'s bits inside its chunk's sector bitmap block."""
+        start = (block % self.chunk_ratio) * self.sectors_per_block // 8
+        return start, start + self.sectors_per_block // 8

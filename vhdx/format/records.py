@@ -1,0 +1,332 @@
+"""Parse and build headers, region tables and the metadata region (§2 - §4).
+
+Pure functions over bytes. Errors name the structure and the file offset handed in.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import construct as cs
+
+from ..errors import ChecksumError, CorruptError, UnsupportedError
+from . import constants as C
+from .checksum import crc32c_zeroed, stored_checksum
+from .locator import parse_parent_locator
+from .structs import (FileIdentifier, FileParameters, Header as HeaderStruct, MetadataTableEntry,
+                      MetadataTableHeader, Page83Data, RegionTableEntry, RegionTableHeader,
+                      SectorSize, VirtualDiskSize)
+
+
+def parse_at(struct: cs.Construct, buf: bytes, *, what: str, path: str | None, offset: int | None) -> Any:
+    """The one boundary between construct's errors and ours."""
+    try:
+        return struct.parse(buf)
+    except cs.ConstructError as e:
+        raise CorruptError(f"{what}: {e}", path=path, offset=offset) from e
+
+
+def _guid_dict(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, uuid.UUID) else v) for k, v in d.items()}
+
+
+# ---------------------------------------------------------------- file identifier
+
+def parse_creator(buf: bytes, *, path: str | None = None) -> str:
+    ident = parse_at(FileIdentifier, buf[:520], what="file type identifier", path=path, offset=0)
+    raw = bytes(ident.creator)
+    text = raw.decode("utf-16-le", errors="replace")
+    return text.split("\0", 1)[0]
+
+
+def build_file_identifier(creator: str) -> bytes:
+    raw = creator.encode("utf-16-le")[:510]
+    return FileIdentifier.build(dict(creator=raw + bytes(512 - len(raw))))
+
+
+# ---------------------------------------------------------------- headers (§2)
+
+@dataclass(frozen=True)
+class Header:
+    sequence_number: int
+    file_write_guid: uuid.UUID
+    data_write_guid: uuid.UUID
+    log_guid: uuid.UUID
+    log_version: int
+    version: int
+    log_length: int
+    log_offset: int
+    checksum: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return _guid_dict(asdict(self))
+
+    def replace(self, **changes: Any) -> "Header":
+        return replace(self, **changes)
+
+
+def parse_header(buf: bytes, *, path: str | None = None, offset: int | None = None) -> Header:
+    """One 4 KiB header; raises on a bad signature or CRC-32C."""
+    if len(buf) < C.HEADER_SIZE:
+        raise CorruptError("header: file too short", path=path, offset=offset)
+    buf = bytes(buf[:C.HEADER_SIZE])
+    if buf[:4] != C.SIGNATURE_HEADER:
+        raise CorruptError(f"header: signature {buf[:4]!r}, expected b'head'", path=path, offset=offset)
+    stored, computed = stored_checksum(buf), crc32c_zeroed(buf)
+    if stored != computed:
+        raise ChecksumError(f"header: CRC-32C 0x{computed:08x}, stored 0x{stored:08x}",
+                            path=path, offset=offset, stored=stored, computed=computed)
+    h = parse_at(HeaderStruct, buf, what="header", path=path, offset=offset)
+    return Header(h.sequence_number, h.file_write_guid, h.data_write_guid, h.log_guid,
+                  h.log_version, h.version, h.log_length, h.log_offset, h.checksum)
+
+
+def build_header(h: Header) -> bytes:
+    raw = bytearray(HeaderStruct.build(dict(
+        checksum=0, sequence_number=h.sequence_number, file_write_guid=h.file_write_guid,
+        data_write_guid=h.data_write_guid, log_guid=h.log_guid, log_version=h.log_version,
+        version=h.version, log_length=h.log_length, log_offset=h.log_offset, reserved=bytes(4016))))
+    raw[4:8] = crc32c_zeroed(raw).to_bytes(4, "little")
+    return bytes(raw)
+
+
+def validate_header_fields(h: Header, *, path: str | None, offset: int | None) -> None:
+    if h.version != C.VERSION:
+        raise UnsupportedError(f"header: version {h.version}, only 1 is known", path=path, offset=offset)
+    if h.log_guid != C.ZERO_GUID and h.log_version != C.LOG_VERSION:
+        raise UnsupportedError(f"header: log version {h.log_version}, only 0 is known", path=path, offset=offset)
+    if h.log_length % C.ALIGNMENT or h.log_offset % C.ALIGNMENT:
+        raise CorruptError(f"header: log at {h.log_offset}, {h.log_length} bytes, not 1 MiB aligned",
+                           path=path, offset=offset)
+    if h.log_length and h.log_offset < C.HEADER_SECTION_SIZE:
+        raise CorruptError(f"header: log offset {h.log_offset} inside the header section",
+                           path=path, offset=offset)
+    if h.log_length > C.MAX_LOG_LENGTH:
+        raise UnsupportedError(f"header: log length {h.log_length} is over our 1 GiB limit",
+                               path=path, offset=offset)
+
+
+# ---------------------------------------------------------------- region table (§3)
+
+@dataclass(frozen=True)
+class RegionEntry:
+    guid: uuid.UUID
+    file_offset: int
+    length: int
+    required: int
+
+    @property
+    def name(self) -> str:
+        return {C.BAT_REGION_GUID: "BAT", C.METADATA_REGION_GUID: "metadata"}.get(self.guid, str(self.guid))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(region=self.name, guid=str(self.guid), file_offset=self.file_offset,
+                    length=self.length, required=self.required)
+
+
+def parse_region_table(buf: bytes, *, path: str | None = None, offset: int | None = None) -> list[RegionEntry]:
+    buf = bytes(buf[:C.REGION_TABLE_SIZE])
+    if len(buf) < C.REGION_TABLE_SIZE:
+        raise CorruptError("region table: file too short", path=path, offset=offset)
+    if buf[:4] != C.SIGNATURE_REGION:
+        raise CorruptError(f"region table: signature {buf[:4]!r}, expected b'regi'", path=path, offset=offset)
+    stored, computed = stored_checksum(buf), crc32c_zeroed(buf)
+    if stored != computed:
+        raise ChecksumError(f"region table: CRC-32C 0x{computed:08x}, stored 0x{stored:08x}",
+                            path=path, offset=offset, stored=stored, computed=computed)
+    head = parse_at(RegionTableHeader, buf[:16], what="region table", path=path, offset=offset)
+    if head.entry_count > C.MAX_REGION_ENTRIES:
+        raise CorruptError(f"region table: {head.entry_count} entries, at most 2047", path=path, offset=offset)
+    entries = []
+    for i in range(head.entry_count):
+        at = 16 + 32 * i
+        e = RegionTableEntry.parse(buf[at:at + 32])
+        entries.append(RegionEntry(e.guid, e.file_offset, e.length, e.required))
+    return entries
+
+
+def build_region_table(entries: list[RegionEntry]) -> bytes:
+    buf = bytearray(C.REGION_TABLE_SIZE)
+    buf[:16] = RegionTableHeader.build(dict(checksum=0, entry_count=len(entries), reserved=0))
+    for i, e in enumerate(entries):
+        buf[16 + 32 * i:48 + 32 * i] = RegionTableEntry.build(
+            dict(guid=e.guid, file_offset=e.file_offset, length=e.length, required=e.required))
+    buf[4:8] = crc32c_zeroed(buf).to_bytes(4, "little")
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------- metadata (§4)
+
+@dataclass(frozen=True)
+class MetadataEntry:
+    item_id: uuid.UUID
+    offset: int
+    length: int
+    flags: int
+
+    @property
+    def name(self) -> str:
+        return C.METADATA_ITEM_NAMES.get(self.item_id, str(self.item_id))
+
+    @property
+    def is_user(self) -> bool:
+        return bool(self.flags & C.METADATA_IS_USER)
+
+    @property
+    def is_virtual_disk(self) -> bool:
+        return bool(self.flags & C.METADATA_IS_VIRTUAL_DISK)
+
+    @property
+    def is_required(self) -> bool:
+        return bool(self.flags & C.METADATA_IS_REQUIRED)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(item=self.name, item_id=str(self.item_id), offset=self.offset, length=self.length,
+                    is_user=self.is_user, is_virtual_disk=self.is_virtual_disk, is_required=self.is_required)
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """The known system items, checked, plus the raw table for everything else."""
+
+    entries: tuple[MetadataEntry, ...]
+    items: dict[tuple[uuid.UUID, bool], bytes] = field(repr=False)
+    block_size: int
+    leave_block_allocated: bool
+    has_parent: bool
+    virtual_disk_size: int
+    logical_sector_size: int
+    physical_sector_size: int
+    page83_data: uuid.UUID
+    parent_locator: dict[str, str] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(
+            block_size=self.block_size, leave_block_allocated=self.leave_block_allocated,
+            has_parent=self.has_parent, virtual_disk_size=self.virtual_disk_size,
+            logical_sector_size=self.logical_sector_size, physical_sector_size=self.physical_sector_size,
+            page83_data=str(self.page83_data), parent_locator=self.parent_locator,
+            entries=[e.to_dict() for e in self.entries])
+
+
+KNOWN_SYSTEM_ITEMS = {C.FILE_PARAMETERS_GUID, C.VIRTUAL_DISK_SIZE_GUID, C.PAGE83_DATA_GUID,
+                      C.LOGICAL_SECTOR_SIZE_GUID, C.PHYSICAL_SECTOR_SIZE_GUID, C.PARENT_LOCATOR_GUID,
+                      C.CHS_PARAMETERS_GUID, C.PMEM_LABEL_GUID}
+
+
+def parse_metadata_region(buf: bytes, *, path: str | None = None, offset: int = 0) -> Metadata:
+    """The metadata table and its known items; ``offset`` is the region's file offset."""
+    if len(buf) < C.METADATA_TABLE_SIZE:
+        raise CorruptError("metadata region: shorter than its 64 KiB table", path=path, offset=offset)
+    head = parse_at(MetadataTableHeader, bytes(buf[:32]), what="metadata table", path=path, offset=offset)
+    if head.entry_count > C.MAX_METADATA_ENTRIES:
+        raise CorruptError(f"metadata table: {head.entry_count} entries, at most 2047", path=path, offset=offset)
+    entries: list[MetadataEntry] = []
+    items: dict[tuple[uuid.UUID, bool], bytes] = {}
+    for i in range(head.entry_count):
+        at = 32 + 32 * i
+        e = MetadataTableEntry.parse(bytes(buf[at:at + 32]))
+        entry = MetadataEntry(e.item_id, e.offset, e.length, e.flags)
+        where = offset + at
+        if entry.length > C.MAX_METADATA_ITEM_SIZE:
+            raise CorruptError(f"metadata item {entry.name}: {entry.length} bytes, over 1 MiB",
+                               path=path, offset=where)
+        if entry.length and (entry.offset < C.METADATA_TABLE_SIZE or entry.offset + entry.length > len(buf)):
+            raise CorruptError(f"metadata item {entry.name}: at {entry.offset}, {entry.length} bytes, "
+                               f"outside the {len(buf)}-byte region", path=path, offset=where)
+        key = (entry.item_id, entry.is_user)
+        if key in items:
+            raise CorruptError(f"metadata item {entry.name} listed twice", path=path, offset=where)
+        if entry.is_required and not entry.is_user and entry.item_id not in KNOWN_SYSTEM_ITEMS:
+            raise UnsupportedError(f"unknown required metadata item {entry.item_id}", path=path, offset=where)
+        entries.append(entry)
+        items[key] = bytes(buf[entry.offset:entry.offset + entry.length])
+
+    def item(guid: uuid.UUID, size: int | None) -> bytes:
+        data = items.get((guid, False))
+        name = C.METADATA_ITEM_NAMES[guid]
+        if data is None:
+            raise CorruptError(f"metadata: required item {name} is missing", path=path, offset=offset)
+        if size is not None and len(data) != size:
+            raise CorruptError(f"metadata item {name}: {len(data)} bytes, expected {size}",
+                               path=path, offset=offset)
+        return data
+
+    fp = FileParameters.parse(item(C.FILE_PARAMETERS_GUID, 8))
+    size = VirtualDiskSize.parse(item(C.VIRTUAL_DISK_SIZE_GUID, 8)).virtual_disk_size
+    lss = SectorSize.parse(item(C.LOGICAL_SECTOR_SIZE_GUID, 4)).sector_size
+    pss = SectorSize.parse(item(C.PHYSICAL_SECTOR_SIZE_GUID, 4)).sector_size
+    page83 = Page83Data.parse(item(C.PAGE83_DATA_GUID, 16)).page83_data
+    bs = fp.block_size
+    if bs < C.MIN_BLOCK_SIZE or bs > C.MAX_BLOCK_SIZE or bs & (bs - 1):
+        raise CorruptError(f"file parameters: block size {bs}, not a power of two from 1 to 256 MiB",
+                           path=path, offset=offset)
+    if lss not in C.LOGICAL_SECTOR_SIZES:
+        raise CorruptError(f"logical sector size {lss}, not 512 or 4096", path=path, offset=offset)
+    if pss not in C.PHYSICAL_SECTOR_SIZES:
+        raise CorruptError(f"physical sector size {pss}, not 512 or 4096", path=path, offset=offset)
+    if size == 0 or size > C.MAX_VIRTUAL_DISK_SIZE or size % lss:
+        raise CorruptError(f"virtual disk size {size}: not a non-zero multiple of {lss} up to 64 TiB",
+                           path=path, offset=offset)
+    has_parent = bool(fp.flags & C.FILE_PARAMETERS_HAS_PARENT)
+    locator = None
+    if has_parent:
+        loc_entry = next((e for e in entries if e.item_id == C.PARENT_LOCATOR_GUID and not e.is_user), None)
+        loc_raw = item(C.PARENT_LOCATOR_GUID, None)
+        locator = parse_parent_locator(loc_raw, path=path,
+                                       offset=offset + (loc_entry.offset if loc_entry else 0))
+    return Metadata(tuple(entries), items, bs, bool(fp.flags & C.FILE_PARAMETERS_LEAVE_BLOCK_ALLOCATED),
+                    has_parent, size, lss, pss, page83, locator)
+
+
+@dataclass(frozen=True)
+class MetadataItem:
+    item_id: uuid.UUID
+    data: bytes
+    flags: int
+
+
+def system_items(*, block_size: int, leave_block_allocated: bool, has_parent: bool, virtual_disk_size: int,
+                 logical_sector_size: int, physical_sector_size: int, page83_data: uuid.UUID,
+                 parent_locator: bytes | None = None) -> list[MetadataItem]:
+    """The known items with the flags Windows writes, in Windows' order (§4.2)."""
+    req, vd = C.METADATA_IS_REQUIRED, C.METADATA_IS_VIRTUAL_DISK
+    flags = (C.FILE_PARAMETERS_LEAVE_BLOCK_ALLOCATED if leave_block_allocated else 0) | \
+            (C.FILE_PARAMETERS_HAS_PARENT if has_parent else 0)
+    out = [
+        MetadataItem(C.FILE_PARAMETERS_GUID, FileParameters.build(dict(block_size=block_size, flags=flags)), req),
+        MetadataItem(C.VIRTUAL_DISK_SIZE_GUID, VirtualDiskSize.build(dict(virtual_disk_size=virtual_disk_size)),
+                     req | vd),
+        MetadataItem(C.LOGICAL_SECTOR_SIZE_GUID, SectorSize.build(dict(sector_size=logical_sector_size)), req | vd),
+        MetadataItem(C.PHYSICAL_SECTOR_SIZE_GUID, SectorSize.build(dict(sector_size=physical_sector_size)),
+                     req | vd),
+        MetadataItem(C.PAGE83_DATA_GUID, Page83Data.build(dict(page83_data=page83_data)), req | vd),
+    ]
+    if parent_locator is not None:
+        out.append(MetadataItem(C.PARENT_LOCATOR_GUID, parent_locator, req))
+    return out
+
+
+def build_metadata_region(items: list[MetadataItem], region_length: int) -> bytes:
+    """A metadata region of ``region_length`` bytes: the table, then the items packed at 64 KiB."""
+    if len(items) > C.MAX_METADATA_ENTRIES:
+        raise ValueError("too many metadata items")
+    buf = bytearray(region_length)
+    buf[:32] = MetadataTableHeader.build(dict(reserved=0, entry_count=len(items), reserved2=bytes(20)))
+    at = C.METADATA_TABLE_SIZE
+    for i, it in enumerate(items):
+        length = len(it.data)
+        if at + length > region_length:
+            raise ValueError("metadata items do not fit in the region")
+        buf[32 + 32 * i:64 + 32 * i] = MetadataTableEntry.build(dict(
+            item_id=it.item_id, offset=at if length else 0, length=length, flags=it.flags, reserved2=0))
+        buf[at:at + length] = it.data
+        at += length
+    return bytes(buf)
+
+
+def metadata_items(md: Metadata) -> list[MetadataItem]:
+    """Every item of a parsed region, in table order, for rebuilding it."""
+    return [MetadataItem(e.item_id, md.items[(e.item_id, e.is_user)], e.flags) for e in md.entries]

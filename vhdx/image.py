@@ -1,0 +1,731 @@
+"""One .vhdx/.avhdx file: headers, regions, metadata, BAT, and block-level I/O.
+
+An Image knows nothing about its parent: reads that fall through (NOT_PRESENT blocks
+and clear bitmap bits of a differencing file) call the ``fallthrough`` function they
+are handed. Every change to the BAT, sector bitmaps or metadata region goes through
+:mod:`vhdx.log`; headers change only through :meth:`Image._update_headers`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__
+from .errors import (CorruptError, ReadOnlyError, TruncatedError, UnsupportedError, UsageError, VhdxError)
+from .format import bat as batmod
+from .format import bitmap as bitmapmod
+from .format import constants as C
+from .format.geometry import Geometry
+from .format.records import (Header, Metadata, MetadataItem, RegionEntry, build_file_identifier, build_header,
+                             build_metadata_region, build_region_table, metadata_items, parse_creator,
+                             parse_header, parse_metadata_region, parse_region_table, system_items,
+                             validate_header_fields)
+from .log import LogEntry, LogWriter, apply_replay, plan_replay
+from .storage import FileStorage, OverlayStorage, Storage
+
+Fallthrough = Callable[[memoryview, int], None]
+
+_ZEROS = bytes(4 << 20)
+_MAX_TX_BLOCKS = 64  # payload blocks allocated per log transaction
+
+
+def zero_fill(view: memoryview) -> None:
+    n = len(view)
+    at = 0
+    while at < n:
+        k = min(len(_ZEROS), n - at)
+        view[at:at + k] = _ZEROS[:k]
+        at += k
+
+
+def _align_up(value: int, alignment: int = C.ALIGNMENT) -> int:
+    return -(-value // alignment) * alignment
+
+
+def _block_state_name(state: int) -> str:
+    return C.PAYLOAD_STATE_NAMES.get(state, str(state))
+
+
+class Image:
+    """A parsed VHDX file on a :class:`Storage`. Use :meth:`open` or :meth:`create`."""
+
+    def __init__(self, storage: Storage, *, owns_storage: bool = True) -> None:
+        self.storage = storage
+        self.path = storage.path
+        self.writable = storage.writable
+        self._owns_storage = owns_storage
+        self._closed = False
+        self.headers: list[Header | None] = [None, None]
+        self.header_errors: list[str | None] = [None, None]
+        self.current_header_index = 0
+        self.headers_identical = False
+        self.region_table: list[RegionEntry] = []
+        self.region_table_errors: list[str | None] = [None, None]
+        self.log_replayed: list[LogEntry] = []
+        self.log_was_dirty = False
+        self.log_replayed_in_memory = False
+        self._session_started = False
+        self._data_guid_rotated = False
+        self._log_writer: LogWriter | None = None
+        self.creator = ""
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], mode: str = "r", *, storage: Storage | None = None) -> "Image":
+        if mode not in ("r", "r+"):
+            raise UsageError(f"mode {mode!r}: use 'r' or 'r+'", path=path)
+        writable = mode == "r+"
+        if storage is None:
+            storage = FileStorage(path, writable=writable)
+        elif writable and not storage.writable:
+            raise ReadOnlyError("storage is read-only but mode is 'r+'", path=path)
+        image = cls(storage)
+        try:
+            image._load()
+        except BaseException:
+            image.close(_failed=True)
+            raise
+        return image
+
+    def _load(self) -> None:
+        path = self.path
+        file_size = self.storage.size()
+        if file_size < C.HEADER_SECTION_SIZE:
+            raise TruncatedError(f"{file_size} bytes: too short for a VHDX file (the header section "
+                                 f"alone is 1 MiB)", path=path, offset=file_size)
+        head = self.storage.read(0, C.REGION_TABLE2_OFFSET + C.REGION_TABLE_SIZE)
+        if head[:8] != C.SIGNATURE_FILE:
+            raise CorruptError("not a VHDX file (no 'vhdxfile' signature)", path=path, offset=0)
+        self.creator = parse_creator(head, path=path)
+        self._select_header(head)
+        header = self.header
+        if header.log_guid != C.ZERO_GUID:
+            self._replay_log(header)
+        self._load_regions()
+        self._load_metadata()
+        self._load_bat()
+
+    def _select_header(self, head: bytes) -> None:
+        """Valid CRC-32C, highest sequence number wins; identical headers are tolerated (§2.2)."""
+        first_error: VhdxError | None = None
+        for i, offset in enumerate(C.HEADER_OFFSETS):
+            try:
+                h = parse_header(head[offset:offset + C.HEADER_SIZE], path=self.path, offset=offset)
+                validate_header_fields(h, path=self.path, offset=offset)
+                self.headers[i] = h
+            except VhdxError as e:
+                self.header_errors[i] = e.detail
+                first_error = first_error or e
+        h1, h2 = self.headers
+        if h1 is None and h2 is None:
+            assert first_error is not None
+            raise CorruptError(f"no valid header: header 1: {self.header_errors[0]}; "
+                               f"header 2: {self.header_errors[1]}", path=self.path, offset=C.HEADER1_OFFSET)
+        if h1 is not None and h2 is not None:
+            if h1.sequence_number == h2.sequence_number:
+                self.headers_identical = h1.replace(checksum=0) == h2.replace(checksum=0)
+                if not self.headers_identical:
+                    raise CorruptError(f"both headers carry sequence number {h1.sequence_number} but "
+                                       f"differ", path=self.path, offset=C.HEADER1_OFFSET)
+                self.current_header_index = 0
+            else:
+                self.current_header_index = 0 if h1.sequence_number > h2.sequence_number else 1
+        else:
+            self.current_header_index = 0 if h1 is not None else 1
+
+    @property
+    def header(self) -> Header:
+        h = self.headers[self.current_header_index]
+        assert h is not None
+        return h
+
+    def _replay_log(self, header: Header) -> None:
+        plan = plan_replay(self.storage, header.log_offset, header.log_length, header.log_guid)
+        self.log_was_dirty = True
+        self.log_replayed = plan.entries
+        if self.writable:
+            # §8.5: a new FileWriteGuid before the replay writes, LogGuid cleared after.
+            self._update_headers(file_write_guid=uuid.uuid4())
+            self._session_started = True
+            apply_replay(self.storage, plan)
+            self._update_headers(log_guid=C.ZERO_GUID)
+        else:
+            self.storage = OverlayStorage(self.storage, plan.patches, plan.last_file_offset)
+            self.log_replayed_in_memory = True
+
+    def _load_regions(self) -> None:
+        errors: list[VhdxError] = []
+        for i, offset in enumerate(C.REGION_TABLE_OFFSETS):
+            try:
+                entries = parse_region_table(self.storage.read(offset, C.REGION_TABLE_SIZE),
+                                             path=self.path, offset=offset)
+                self._validate_regions(entries, offset)
+            except VhdxError as e:
+                self.region_table_errors[i] = e.detail
+                errors.append(e)
+                continue
+            if not self.region_table:
+                self.region_table = entries
+        if not self.region_table:
+            raise errors[0]
+
+    def _validate_regions(self, entries: list[RegionEntry], table_offset: int) -> None:
+        seen: set[uuid.UUID] = set()
+        file_size = self.storage.size()
+        spans = [(C.FILE_IDENTIFIER_OFFSET, C.HEADER_SECTION_SIZE, "header section")]
+        h = self.header
+        if h.log_length:
+            spans.append((h.log_offset, h.log_offset + h.log_length, "log"))
+        for e in entries:
+            if e.guid in seen:
+                raise CorruptError(f"region table: region {e.name} listed twice", path=self.path, offset=table_offset)
+            seen.add(e.guid)
+            known = e.guid in (C.BAT_REGION_GUID, C.METADATA_REGION_GUID)
+            if not known and e.required & C.REGION_REQUIRED:
+                raise UnsupportedError(f"unknown required region {e.guid}", path=self.path, offset=table_offset)
+            if e.file_offset % C.ALIGNMENT or e.length % C.ALIGNMENT or e.file_offset < C.HEADER_SECTION_SIZE \
+                    or e.length == 0:
+                raise CorruptError(f"region {e.name}: at 0x{e.file_offset:x}, {e.length} bytes: not 1 MiB "
+                                   f"aligned or inside the header section", path=self.path, offset=table_offset)
+            if e.file_offset + e.length > file_size:
+                raise TruncatedError(f"region {e.name} ends at 0x{e.file_offset + e.length:x}, past the end of "
+                                     f"the {file_size}-byte file", path=self.path, offset=e.file_offset)
+            spans.append((e.file_offset, e.file_offset + e.length, f"region {e.name}"))
+        for guid, name in ((C.BAT_REGION_GUID, "BAT"), (C.METADATA_REGION_GUID, "metadata")):
+            if guid not in seen:
+                raise CorruptError(f"region table: no {name} region", path=self.path, offset=table_offset)
+        spans.sort()
+        for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise CorruptError(f"{bn} at 0x{b0:x} overlaps {an}", path=self.path, offset=b0)
+
+    def region(self, guid: uuid.UUID) -> RegionEntry:
+        return next(e for e in self.region_table if e.guid == guid)
+
+    def _load_metadata(self) -> None:
+        r = self.region(C.METADATA_REGION_GUID)
+        if r.length > C.MAX_METADATA_REGION_SIZE:
+            raise UnsupportedError(f"metadata region of {r.length} bytes is over our 128 MiB limit",
+                                   path=self.path, offset=r.file_offset)
+        self.metadata_region = r
+        self.metadata: Metadata = parse_metadata_region(self.storage.read(r.file_offset, r.length),
+                                                        path=self.path, offset=r.file_offset)
+        md = self.metadata
+        self.geometry = Geometry(md.virtual_disk_size, md.block_size, md.logical_sector_size, md.has_parent)
+
+    def _load_bat(self) -> None:
+        r = self.region(C.BAT_REGION_GUID)
+        g = self.geometry
+        needed = g.bat_entries * 8
+        if r.length < needed:
+            raise CorruptError(f"BAT region holds {r.length // 8} entries, the disk needs {g.bat_entries}",
+                               path=self.path, offset=r.file_offset)
+        if needed > C.MAX_BAT_REGION_SIZE:
+            raise UnsupportedError(f"BAT of {needed} bytes is over the 513 MiB maximum", path=self.path,
+                                   offset=r.file_offset)
+        self.bat_region = r
+        raw = self.storage.read(r.file_offset, _align_up(needed, C.LOG_SECTOR_SIZE))
+        self.bat = batmod.decode_bat(raw)
+        self._payload_idx = batmod.payload_indices(g)
+        self._validate_bat()
+
+    def _validate_bat(self) -> None:
+        """Refuse entries that would make reads go outside the file (vhdx-format.md §5.3)."""
+        file_size = self.storage.size()
+        entries = self.bat[self._payload_idx]
+        st = batmod.states(entries)
+        offs = batmod.file_offsets(entries)
+        present = (st == C.PAYLOAD_BLOCK_FULLY_PRESENT) | (st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+        bad = present & ((offs < C.HEADER_SECTION_SIZE) | (offs >= file_size))
+        if bad.any():
+            block = int(np.flatnonzero(bad)[0])
+            bat_index = int(self._payload_idx[block])
+            raise CorruptError(f"BAT entry {bat_index} (block {block}): data at 0x{int(offs[block]):x}, outside "
+                               f"the {file_size}-byte file", path=self.path,
+                               offset=self.bat_region.file_offset + 8 * bat_index)
+        if self.geometry.has_parent:
+            sidx = batmod.sbm_indices(self.geometry)
+            sst = batmod.states(self.bat[sidx])
+            soff = batmod.file_offsets(self.bat[sidx])
+            bad = (sst == C.SB_BLOCK_PRESENT) & ((soff < C.HEADER_SECTION_SIZE) | (soff + C.MiB > file_size))
+            if bad.any():
+                bat_index = int(sidx[int(np.flatnonzero(bad)[0])])
+                raise CorruptError(f"BAT entry {bat_index}: sector bitmap outside the {file_size}-byte file",
+                                   path=self.path, offset=self.bat_region.file_offset + 8 * bat_index)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def size(self) -> int:
+        return self.metadata.virtual_disk_size
+
+    @property
+    def block_size(self) -> int:
+        return self.metadata.block_size
+
+    @property
+    def logical_sector_size(self) -> int:
+        return self.metadata.logical_sector_size
+
+    @property
+    def physical_sector_size(self) -> int:
+        return self.metadata.physical_sector_size
+
+    @property
+    def has_parent(self) -> bool:
+        return self.metadata.has_parent
+
+    @property
+    def disk_type(self) -> str:
+        if self.metadata.has_parent:
+            return "differencing"
+        return "fixed" if self.metadata.leave_block_allocated else "dynamic"
+
+    def payload_states(self) -> np.ndarray:
+        """State of every payload block (uint8 array, one per block)."""
+        return batmod.states(self.bat[self._payload_idx])
+
+    def payload_offsets(self) -> np.ndarray:
+        return batmod.file_offsets(self.bat[self._payload_idx])
+
+    # ------------------------------------------------------------------ reading
+
+    def _read_bitmap(self, block: int) -> np.ndarray:
+        """Block ``block``'s sector bitmap bits (one uint8 0/1 per sector)."""
+        g = self.geometry
+        chunk = block // g.chunk_ratio
+        sbm_index = g.sbm_bat_index(chunk)
+        entry = int(self.bat[sbm_index])
+        if entry & C.BAT_STATE_MASK != C.SB_BLOCK_PRESENT:
+            raise CorruptError(f"block {block} is PARTIALLY_PRESENT but the sector bitmap of chunk {chunk} "
+                               f"is not present", path=self.path,
+                               offset=self.bat_region.file_offset + 8 * sbm_index)
+        lo, hi = g.bitmap_byte_range(block)
+        raw = self.storage.read((entry & C.BAT_FILE_OFFSET_MASK) + lo, hi - lo)
+        return bitmapmod.unpack(raw)
+
+    def readinto_at(self, view: memoryview, offset: int, fallthrough: Fallthrough | None = None) -> None:
+        """Fill ``view`` with virtual bytes from ``offset``; the caller clips to the disk size."""
+        bs = self.block_size
+        ss = self.logical_sector_size
+        has_parent = self.has_parent
+        bat = self.bat
+        pidx = self._payload_idx
+        total = len(view)
+        done = 0
+        while done < total:
+            pos = offset + done
+            block, in_block = divmod(pos, bs)
+            n = min(bs - in_block, total - done)
+            entry = int(bat[pidx[block]])
+            state = entry & C.BAT_STATE_MASK
+            out = view[done:done + n]
+            if state == C.PAYLOAD_BLOCK_FULLY_PRESENT or (state == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT
+                                                          and not has_parent):
+                file_offset = (entry & C.BAT_FILE_OFFSET_MASK) + in_block
+                # Coalesce following blocks that sit right after this one in the file.
+                while done + n < total and (pos + n) % bs == 0:
+                    nxt = int(bat[pidx[block + 1]])
+                    if nxt & C.BAT_STATE_MASK != C.PAYLOAD_BLOCK_FULLY_PRESENT or \
+                            (nxt & C.BAT_FILE_OFFSET_MASK) != file_offset + n:
+                        break
+                    block += 1
+                    n += min(bs, total - done - n)
+                out = view[done:done + n]
+                self.storage.readinto(out, file_offset)
+            elif state == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+                file_base = entry & C.BAT_FILE_OFFSET_MASK
+                first_sector = in_block // ss
+                last_sector = -(-(in_block + n) // ss)
+                bits = self._read_bitmap(block)[first_sector:last_sector]
+                starts, stops, values = bitmapmod.runs(bits)
+                for s0, s1, v in zip(starts.tolist(), stops.tolist(), values.tolist()):
+                    a = max(in_block, (first_sector + s0) * ss)
+                    b = min(in_block + n, (first_sector + s1) * ss)
+                    piece = out[a - in_block:b - in_block]
+                    if v:
+                        self.storage.readinto(piece, file_base + a)
+                    elif fallthrough is not None:
+                        fallthrough(piece, block * bs + a)
+                    else:
+                        zero_fill(piece)
+            elif state == C.PAYLOAD_BLOCK_NOT_PRESENT and has_parent and fallthrough is not None:
+                fallthrough(out, pos)
+            else:
+                zero_fill(out)
+            done += n
+
+    # ------------------------------------------------------------------ writing
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise ReadOnlyError("opened read-only", path=self.path)
+        if self._closed:
+            raise VhdxError("image is closed", path=self.path)
+
+    def _update_headers(self, **changes: Any) -> None:
+        """Safe header update (§2.4): write the other slot, flush, then the first slot, flush."""
+        current = self.header
+        new = current.replace(sequence_number=current.sequence_number + 1, **changes)
+        other = 1 - self.current_header_index
+        for slot in (other, self.current_header_index):
+            raw = build_header(new)
+            self.storage.write(raw, C.HEADER_OFFSETS[slot])
+            self.storage.flush()
+            self.headers[slot] = new.replace(checksum=int.from_bytes(raw[4:8], "little"))
+            self.current_header_index = slot
+            self.header_errors[slot] = None
+            new = new.replace(sequence_number=new.sequence_number + 1)
+        self.headers_identical = False
+
+    def begin_session(self, *, data_change: bool) -> None:
+        """Before the first change of this open: new FileWriteGuid, log session, new DataWriteGuid."""
+        self._check_writable()
+        h = self.header
+        need_log = self._log_writer is None
+        need_data = data_change and not self._data_guid_rotated
+        if not need_log and not need_data:
+            return
+        changes: dict[str, Any] = {}
+        if not self._session_started:
+            changes["file_write_guid"] = uuid.uuid4()
+            self._session_started = True
+        if need_data:
+            changes["data_write_guid"] = uuid.uuid4()
+            self._data_guid_rotated = True
+        if need_log:
+            if h.log_length < 2 * C.MiB // 2 or h.log_offset < C.HEADER_SECTION_SIZE:
+                raise UnsupportedError("the file has no log region; cannot update metadata safely",
+                                       path=self.path)
+            log_guid = uuid.uuid4()
+            writer = LogWriter(self.storage, h.log_offset, h.log_length, log_guid,
+                               first_sequence=secrets.randbits(40) + 1)
+            # §8.7: the initial empty entry is durable before any header names its LogGuid.
+            writer.write_entry([], file_size=self._durable_size())
+            self._log_writer = writer
+            changes["log_guid"] = log_guid
+        self._update_headers(**changes)
+
+    def _durable_size(self) -> int:
+        return _align_up(self.storage.size())
+
+    def log_pages(self, pages: dict[int, bytes]) -> None:
+        """Make metadata page changes durable through the log: entry, flush, apply, flush."""
+        if not pages:
+            return
+        self.begin_session(data_change=False)
+        writer = self._log_writer
+        assert writer is not None
+        items = sorted(pages.items())
+        per_entry = writer.max_pages
+        for i in range(0, len(items), per_entry):
+            group = items[i:i + per_entry]
+            writer.write_entry(group, file_size=self._durable_size())
+            for target, page in group:
+                self.storage.write(page, target)
+            self.storage.flush()
+
+    def _bat_pages(self, bat_indexes: set[int]) -> dict[int, bytes]:
+        base = self.bat_region.file_offset
+        per_page = C.LOG_SECTOR_SIZE // 8
+        pages = {}
+        for page in {i // per_page for i in bat_indexes}:
+            entries = self.bat[page * per_page:(page + 1) * per_page]
+            raw = batmod.encode_bat(entries)
+            pages[base + page * C.LOG_SECTOR_SIZE] = raw + bytes(C.LOG_SECTOR_SIZE - len(raw))
+        return pages
+
+    def _allocate(self, nbytes: int) -> int:
+        """Space at the 1 MiB-aligned end of the file; the file is extended (reads as zeros)."""
+        start = _align_up(self.storage.size())
+        self.storage.truncate(start + nbytes)
+        return start
+
+    def write_at(self, data: memoryview, offset: int) -> None:
+        """Write virtual bytes. In a differencing file, ``offset`` and ``len(data)`` must be sector aligned."""
+        self._check_writable()
+        total = len(data)
+        if total == 0:
+            return
+        if offset < 0 or offset + total > self.size:
+            raise UsageError(f"write of {total} bytes at {offset} is outside the {self.size}-byte disk",
+                             path=self.path)
+        ss = self.logical_sector_size
+        if self.has_parent and (offset % ss or total % ss):
+            raise UsageError("differencing writes must be sector aligned", path=self.path)
+        self.begin_session(data_change=True)
+        bs = self.block_size
+        # Split into transactions of a bounded number of blocks.
+        step = bs * _MAX_TX_BLOCKS
+        done = 0
+        while done < total:
+            pos = offset + done
+            n = min(total - done, step - pos % step)
+            self._write_transaction(data[done:done + n], pos)
+            done += n
+
+    def _write_transaction(self, data: memoryview, offset: int) -> None:
+        g = self.geometry
+        bs, ss = g.block_size, g.logical_sector_size
+        has_parent = self.has_parent
+        total = len(data)
+        plans = []  # (block, in_block, n, state)
+        done = 0
+        while done < total:
+            pos = offset + done
+            block, in_block = divmod(pos, bs)
+            n = min(bs - in_block, total - done)
+            plans.append((block, in_block, n, done))
+            done += n
+        # Decide allocations.
+        new_blocks: list[tuple[int, int]] = []  # (block, new state)
+        for block, in_block, n, _ in plans:
+            state = int(self.bat[self._payload_idx[block]]) & C.BAT_STATE_MASK
+            if state == C.PAYLOAD_BLOCK_FULLY_PRESENT or state == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+                continue
+            whole = in_block == 0 and (n == bs or block * bs + n >= self.size)
+            if has_parent and state == C.PAYLOAD_BLOCK_NOT_PRESENT and not whole:
+                new_blocks.append((block, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT))
+            else:
+                new_blocks.append((block, C.PAYLOAD_BLOCK_FULLY_PRESENT))
+        changed_bat: set[int] = set()
+        sbm_pages: dict[int, bytearray] = {}
+        new_sbm_chunks: list[int] = []
+        if has_parent:
+            for block, st in new_blocks:
+                if st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+                    chunk = block // g.chunk_ratio
+                    sbm_entry = int(self.bat[g.sbm_bat_index(chunk)])
+                    if sbm_entry & C.BAT_STATE_MASK != C.SB_BLOCK_PRESENT and chunk not in new_sbm_chunks:
+                        new_sbm_chunks.append(chunk)
+        need = len(new_blocks) * bs + len(new_sbm_chunks) * C.SECTOR_BITMAP_BLOCK_SIZE
+        new_bat = self.bat.copy() if need else self.bat
+        if need:
+            start = self._allocate(need)
+            at = start
+            for chunk in new_sbm_chunks:
+                idx = g.sbm_bat_index(chunk)
+                new_bat[idx] = batmod.make_entry(C.SB_BLOCK_PRESENT, at)
+                changed_bat.add(idx)
+                at += C.SECTOR_BITMAP_BLOCK_SIZE
+            for block, st in new_blocks:
+                idx = int(self._payload_idx[block])
+                new_bat[idx] = batmod.make_entry(st, at)
+                changed_bat.add(idx)
+                at += bs
+        # Data first.
+        for block, in_block, n, done in plans:
+            entry = int(new_bat[self._payload_idx[block]])
+            self.storage.write(data[done:done + n], (entry & C.BAT_FILE_OFFSET_MASK) + in_block)
+        # Sector bitmap bits for every partially present block written.
+        newly_partial = {b for b, st in new_blocks if st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT}
+        for block, in_block, n, _ in plans:
+            entry = int(new_bat[self._payload_idx[block]])
+            if entry & C.BAT_STATE_MASK != C.PAYLOAD_BLOCK_PARTIALLY_PRESENT or not has_parent:
+                continue
+            chunk = block // g.chunk_ratio
+            sbm_base = int(new_bat[g.sbm_bat_index(chunk)]) & C.BAT_FILE_OFFSET_MASK
+            lo, hi = g.bitmap_byte_range(block)
+            if block in newly_partial:
+                # Clear the whole block's bits: a new partial block starts from "all from parent".
+                self._modify_bitmap(sbm_pages, sbm_base, lo * 8, (hi - lo) * 8, False)
+            first_bit = lo * 8 + in_block // ss
+            self._modify_bitmap(sbm_pages, sbm_base, first_bit, n // ss, True)
+        if need or sbm_pages:
+            self.storage.flush()  # data before the metadata that points at it (§7.4)
+            pages = {k: bytes(v) for k, v in sbm_pages.items()}
+            if changed_bat:
+                self.bat = new_bat
+                pages.update(self._bat_pages(changed_bat))
+            self.log_pages(pages)
+
+    def _modify_bitmap(self, pages: dict[int, bytearray], sbm_base: int, first_bit: int, count: int,
+                       value: bool) -> None:
+        """Set or clear ``count`` bits from ``first_bit`` of the SBM block at ``sbm_base``."""
+        page_bits = C.LOG_SECTOR_SIZE * 8
+        bit = first_bit
+        end = first_bit + count
+        while bit < end:
+            page_index = bit // page_bits
+            page_offset = sbm_base + page_index * C.LOG_SECTOR_SIZE
+            if page_offset not in pages:
+                pages[page_offset] = bytearray(self.storage.read(page_offset, C.LOG_SECTOR_SIZE))
+            stop = min(end, (page_index + 1) * page_bits)
+            arr = np.frombuffer(pages[page_offset], dtype=np.uint8)
+            bitmapmod.set_bits(arr, bit - page_index * page_bits, stop - bit, value)
+            bit = stop
+
+    def set_block_entries(self, updates: dict[int, int]) -> None:
+        """Log a set of BAT entry changes (bat_index -> raw entry) atomically per page group."""
+        self.begin_session(data_change=True)
+        for idx, entry in updates.items():
+            self.bat[idx] = entry
+        self.log_pages(self._bat_pages(set(updates)))
+
+    def write_metadata_items(self, items: list[MetadataItem], *, data_change: bool = True) -> None:
+        """Rewrite the metadata region through the log."""
+        self.begin_session(data_change=data_change)
+        r = self.metadata_region
+        raw = build_metadata_region(items, r.length)
+        old = self.storage.read(r.file_offset, r.length)
+        pages = {}
+        for at in range(0, r.length, C.LOG_SECTOR_SIZE):
+            if raw[at:at + C.LOG_SECTOR_SIZE] != old[at:at + C.LOG_SECTOR_SIZE]:
+                pages[r.file_offset + at] = raw[at:at + C.LOG_SECTOR_SIZE]
+        self.log_pages(pages)
+        self._load_metadata()
+
+    def flush(self) -> None:
+        if self.writable and not self._closed:
+            self.storage.flush()
+
+    def close(self, *, _failed: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.writable and not _failed and self._log_writer is not None:
+                self.storage.flush()
+                self._update_headers(log_guid=C.ZERO_GUID)
+                self._log_writer = None
+        finally:
+            if self._owns_storage:
+                self.storage.close()
+
+    # ------------------------------------------------------------------ describing
+
+    def info(self) -> dict[str, Any]:
+        st = self.payload_states()
+        states = {C.PAYLOAD_STATE_NAMES.get(int(s), str(int(s))): int(c)
+                  for s, c in zip(*np.unique(st, return_counts=True))}
+        sbm = batmod.states(self.bat[batmod.sbm_indices(self.geometry)])
+        sbm_states = {C.SB_STATE_NAMES.get(int(s), str(int(s))): int(c)
+                      for s, c in zip(*np.unique(sbm, return_counts=True))}
+        headers = []
+        for i, offset in enumerate(C.HEADER_OFFSETS):
+            h = self.headers[i]
+            d: dict[str, Any] = {"offset": offset, "valid": h is not None, "current": i == self.current_header_index}
+            if h is not None:
+                d.update(h.to_dict())
+            else:
+                d["error"] = self.header_errors[i]
+            headers.append(d)
+        g = self.geometry
+        return {
+            "path": self.path,
+            "creator": self.creator,
+            "disk_type": self.disk_type,
+            "virtual_size": self.size,
+            "block_size": self.block_size,
+            "logical_sector_size": self.logical_sector_size,
+            "physical_sector_size": self.physical_sector_size,
+            "disk_id": str(self.metadata.page83_data),
+            "data_write_guid": str(self.header.data_write_guid),
+            "file_write_guid": str(self.header.file_write_guid),
+            "file_size": self.storage.size(),
+            "headers": headers,
+            "headers_identical": self.headers_identical,
+            "region_table": [e.to_dict() for e in self.region_table],
+            "region_table_errors": self.region_table_errors,
+            "metadata": self.metadata.to_dict(),
+            "bat": {
+                "file_offset": self.bat_region.file_offset, "length": self.bat_region.length,
+                "chunk_ratio": g.chunk_ratio, "payload_blocks": g.payload_blocks,
+                "sector_bitmap_blocks": g.sector_bitmap_blocks, "entries": g.bat_entries,
+                "payload_states": states, "sector_bitmap_states": sbm_states,
+            },
+            "log": {
+                "offset": self.header.log_offset, "length": self.header.log_length,
+                "log_guid": str(self.header.log_guid),
+                "dirty": self.log_was_dirty,
+                "replayed_in_memory": self.log_replayed_in_memory,
+                "replayed_entries": [e.to_dict() for e in self.log_replayed],
+            },
+        }
+
+
+def create_image(path: str | os.PathLike[str], size: int, *, block_size: int = 32 * C.MiB,
+                 logical_sector_size: int = 512, physical_sector_size: int = 4096, fixed: bool = False,
+                 page83_data: uuid.UUID | None = None, parent_locator: bytes | None = None,
+                 storage: Storage | None = None) -> Image:
+    """Write a new, empty VHDX file and return it open for writing.
+
+    Layout as Windows writes it: log at 1 MiB (1 MiB), metadata at 2 MiB (1 MiB),
+    BAT at 3 MiB, payload after (vhdx-format.md §1.1).
+    """
+    path = os.fspath(path)
+    has_parent = parent_locator is not None
+    if block_size < C.MIN_BLOCK_SIZE or block_size > C.MAX_BLOCK_SIZE or block_size & (block_size - 1):
+        raise UsageError(f"block size {block_size}: a power of two from 1 MiB to 256 MiB", path=path)
+    if logical_sector_size not in C.LOGICAL_SECTOR_SIZES:
+        raise UsageError(f"logical sector size {logical_sector_size}: 512 or 4096", path=path)
+    if physical_sector_size not in C.PHYSICAL_SECTOR_SIZES:
+        raise UsageError(f"physical sector size {physical_sector_size}: 512 or 4096", path=path)
+    if not isinstance(size, int) or size <= 0 or size > C.MAX_VIRTUAL_DISK_SIZE or size % logical_sector_size:
+        raise UsageError(f"size {size}: a multiple of {logical_sector_size} bytes from 1 sector to 64 TiB",
+                         path=path)
+    if fixed and has_parent:
+        raise UsageError("a differencing disk cannot be fixed", path=path)
+    g = Geometry(size, block_size, logical_sector_size, has_parent)
+    log_offset, log_length = 1 * C.MiB, 1 * C.MiB
+    md_offset, md_length = 2 * C.MiB, 1 * C.MiB
+    bat_offset = 3 * C.MiB
+    bat_length = _align_up(g.bat_entries * 8)
+    payload_start = bat_offset + bat_length
+    items = system_items(block_size=block_size, leave_block_allocated=fixed, has_parent=has_parent,
+                         virtual_disk_size=size, logical_sector_size=logical_sector_size,
+                         physical_sector_size=physical_sector_size, page83_data=page83_data or uuid.uuid4(),
+                         parent_locator=parent_locator)
+    metadata = build_metadata_region(items, md_length)
+    bat = np.zeros(bat_length // 8, dtype=np.uint64)
+    file_size = payload_start
+    if fixed:
+        idx = batmod.payload_indices(g)
+        offsets = payload_start + np.arange(g.payload_blocks, dtype=np.uint64) * np.uint64(block_size)
+        bat[idx] = offsets | np.uint64(C.PAYLOAD_BLOCK_FULLY_PRESENT)
+        file_size = payload_start + g.payload_blocks * block_size
+    regions = [RegionEntry(C.BAT_REGION_GUID, bat_offset, bat_length, C.REGION_REQUIRED),
+               RegionEntry(C.METADATA_REGION_GUID, md_offset, md_length, C.REGION_REQUIRED)]
+    header = Header(sequence_number=1, file_write_guid=uuid.uuid4(), data_write_guid=uuid.uuid4(),
+                    log_guid=C.ZERO_GUID, log_version=C.LOG_VERSION, version=C.VERSION,
+                    log_length=log_length, log_offset=log_offset)
+    own = storage is None
+    if storage is None:
+        storage = FileStorage(path, writable=True, create=True)
+    try:
+        storage.truncate(file_size)
+        storage.write(build_file_identifier(f"vhdx-python {__version__}"), 0)
+        rt = build_region_table(regions)
+        storage.write(rt, C.REGION_TABLE1_OFFSET)
+        storage.write(rt, C.REGION_TABLE2_OFFSET)
+        storage.write(metadata, md_offset)
+        raw_bat = batmod.encode_bat(bat)
+        nz = np.flatnonzero(bat)
+        if nz.size:
+            storage.write(raw_bat[:(int(nz[-1]) + 1) * 8], bat_offset)
+        storage.flush()
+        # Headers last: until they are written the file is not a VHDX.
+        storage.write(build_header(header), C.HEADER1_OFFSET)
+        storage.write(build_header(header.replace(sequence_number=2)), C.HEADER2_OFFSET)
+        storage.flush()
+    except BaseException:
+        if own:
+            storage.close()
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
+    image = Image(storage, owns_storage=True)
+    try:
+        image._load()
+    except BaseException:
+        image.close(_failed=True)
+        raise
+    return image

@@ -1,0 +1,266 @@
+"""The VHDX log: find the active sequence, replay it, write new entries (vhdx-format.md §8).
+
+Never parses the BAT or the metadata region; never decides which header is current.
+Replay produces a list of patches; the caller applies them to the file (writable open)
+or lays them over it in memory (read-only open, :class:`vhdx.storage.OverlayStorage`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from .errors import LogReplayError
+from .format import constants as C
+from .format.checksum import crc32c_zeroed, stored_checksum
+from .format.structs import DataDescriptor, LogEntryHeader, ZeroDescriptor
+from .storage import Storage
+
+SECTOR = C.LOG_SECTOR_SIZE
+# Targets above this are refused outright: no real file is 128 TiB (hostile-input guard).
+MAX_TARGET = 1 << 47
+
+
+@dataclass
+class LogEntry:
+    """One valid log entry and the writes it describes."""
+
+    position: int
+    entry_length: int
+    tail: int
+    sequence_number: int
+    descriptor_count: int
+    flushed_file_offset: int
+    last_file_offset: int
+    writes: list[tuple[int, bytes | int]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(offset_in_log=self.position, entry_length=self.entry_length, tail=self.tail,
+                    sequence_number=self.sequence_number, descriptor_count=self.descriptor_count,
+                    flushed_file_offset=self.flushed_file_offset, last_file_offset=self.last_file_offset)
+
+
+def descriptor_sectors(descriptor_count: int) -> int:
+    return max(1, -(-(C.LOG_ENTRY_HEADER_SIZE + C.LOG_DESCRIPTOR_SIZE * descriptor_count) // SECTOR))
+
+
+def _ring(log: bytes, position: int, length: int) -> bytes:
+    """``length`` bytes of the ring starting at ``position``, wrapping at the end."""
+    size = len(log)
+    if position + length <= size:
+        return log[position:position + length]
+    first = log[position:]
+    return first + log[:length - len(first)]
+
+
+def read_entry(log: bytes, position: int, log_guid: uuid.UUID, *, log_offset: int = 0) -> LogEntry | None:
+    """The entry at ``position`` if it passes every validity rule of §8.5, else None."""
+    size = len(log)
+    head = log[position:position + C.LOG_ENTRY_HEADER_SIZE]
+    if len(head) < C.LOG_ENTRY_HEADER_SIZE or head[:4] != C.SIGNATURE_LOG_ENTRY:
+        return None
+    h = LogEntryHeader.parse(head)
+    if h.log_guid != log_guid or h.sequence_number == 0:
+        return None
+    if h.entry_length == 0 or h.entry_length % SECTOR or h.entry_length > size:
+        return None
+    if h.tail % SECTOR or h.tail >= size:
+        return None
+    if C.LOG_ENTRY_HEADER_SIZE + C.LOG_DESCRIPTOR_SIZE * h.descriptor_count > h.entry_length:
+        return None
+    raw = _ring(log, position, h.entry_length)
+    if stored_checksum(raw) != crc32c_zeroed(raw):
+        return None
+    n_desc_sectors = descriptor_sectors(h.descriptor_count)
+    data_index = n_desc_sectors
+    writes: list[tuple[int, bytes | int]] = []
+    log_end = log_offset + size
+    for i in range(h.descriptor_count):
+        at = C.LOG_ENTRY_HEADER_SIZE + C.LOG_DESCRIPTOR_SIZE * i
+        d = raw[at:at + C.LOG_DESCRIPTOR_SIZE]
+        sig = d[:4]
+        if sig == C.SIGNATURE_ZERO_DESC:
+            z = ZeroDescriptor.parse(d)
+            target, length = z.file_offset, z.zero_length
+            if z.sequence_number != h.sequence_number or length % SECTOR:
+                return None
+            item: bytes | int = length
+        elif sig == C.SIGNATURE_DATA_DESC:
+            dd = DataDescriptor.parse(d)
+            if dd.sequence_number != h.sequence_number:
+                return None
+            if (data_index + 1) * SECTOR > h.entry_length:
+                return None
+            sector = raw[data_index * SECTOR:(data_index + 1) * SECTOR]
+            data_index += 1
+            if sector[:4] != C.SIGNATURE_DATA_SECTOR:
+                return None
+            seq = (int.from_bytes(sector[4:8], "little") << 32) | int.from_bytes(sector[4092:4096], "little")
+            if seq != h.sequence_number:
+                return None
+            target, length = dd.file_offset, SECTOR
+            item = bytes(dd.leading_bytes) + sector[8:4092] + bytes(dd.trailing_bytes)
+        else:
+            return None
+        if target % SECTOR or target < 3 * C.HEADER1_OFFSET or target + length > MAX_TARGET:
+            return None
+        if log_offset and target < log_end and target + length > log_offset:
+            return None
+        writes.append((target, item))
+    if data_index * SECTOR != h.entry_length:
+        return None
+    return LogEntry(position, h.entry_length, h.tail, h.sequence_number, h.descriptor_count,
+                    h.flushed_file_offset, h.last_file_offset, writes)
+
+
+def find_active_sequence(log: bytes, log_guid: uuid.UUID, *, log_offset: int = 0) -> list[LogEntry] | None:
+    """The entries to replay, from the head's Tail to the head (§8.5), or None if there is none."""
+    size = len(log)
+    if size == 0 or size % SECTOR:
+        return None
+    cache: dict[int, LogEntry | None] = {}
+
+    def entry_at(position: int) -> LogEntry | None:
+        if position not in cache:
+            cache[position] = read_entry(log, position, log_guid, log_offset=log_offset)
+        return cache[position]
+
+    candidate: list[LogEntry] | None = None
+    tail = old_tail = 0
+    while True:
+        seq: list[LogEntry] = []
+        position = tail
+        covered = 0
+        while covered < size:
+            e = entry_at(position)
+            if e is None or (seq and e.sequence_number != seq[-1].sequence_number + 1):
+                break
+            if covered + e.entry_length > size:
+                break
+            seq.append(e)
+            covered += e.entry_length
+            position = (position + e.entry_length) % size
+        positions = {e.position: i for i, e in enumerate(seq)}
+        valid = bool(seq) and seq[-1].tail in positions
+        if valid and (candidate is None or seq[-1].sequence_number > candidate[-1].sequence_number):
+            candidate = seq[positions[seq[-1].tail]:]
+        tail = position if valid else tail + SECTOR
+        tail %= size
+        if tail < old_tail or (valid and covered >= size):
+            break
+        old_tail = tail
+    return candidate
+
+
+@dataclass
+class ReplayPlan:
+    """What replaying the active sequence does to the file."""
+
+    entries: list[LogEntry]
+    patches: list[tuple[int, bytes | int]]
+    flushed_file_offset: int
+    last_file_offset: int
+
+
+def plan_replay(storage: Storage, log_offset: int, log_length: int, log_guid: uuid.UUID) -> ReplayPlan:
+    """Read the log region and work out the replay; raises LogReplayError when impossible."""
+    file_size = storage.size()
+    if log_length == 0 or log_offset + log_length > file_size:
+        raise LogReplayError(f"log at 0x{log_offset:x}, {log_length} bytes, runs past the end of the "
+                             f"{file_size}-byte file", path=storage.path, offset=log_offset)
+    log = storage.read(log_offset, log_length)
+    entries = find_active_sequence(log, log_guid, log_offset=log_offset)
+    if not entries:
+        raise LogReplayError(f"the header's LogGuid {log_guid} is set but the log holds no valid "
+                             f"sequence for it", path=storage.path, offset=log_offset)
+    head = entries[-1]
+    if file_size < head.flushed_file_offset:
+        raise LogReplayError(f"file is {file_size} bytes but the log says {head.flushed_file_offset} "
+                             f"were durable: the file was truncated", path=storage.path,
+                             offset=log_offset + head.position)
+    patches = [w for e in entries for w in e.writes]
+    return ReplayPlan(entries, patches, head.flushed_file_offset, head.last_file_offset)
+
+
+def apply_replay(storage: Storage, plan: ReplayPlan) -> None:
+    """Write the replay into the file, extend it to LastFileOffset, flush."""
+    zeros = bytes(1 << 20)
+    for target, item in plan.patches:
+        if isinstance(item, int):
+            done = 0
+            while done < item:
+                n = min(len(zeros), item - done)
+                storage.write(zeros[:n], target + done)
+                done += n
+        else:
+            storage.write(item, target)
+    if storage.size() < plan.last_file_offset:
+        storage.truncate(plan.last_file_offset)
+    storage.flush()
+
+
+def build_entry(*, log_guid: uuid.UUID, sequence_number: int, tail: int, pages: list[tuple[int, bytes]],
+                flushed_file_offset: int, last_file_offset: int) -> bytes:
+    """One log entry holding a data descriptor and data sector per 4 KiB page."""
+    n = len(pages)
+    n_desc = descriptor_sectors(n)
+    total = (n_desc + n) * SECTOR
+    buf = bytearray(total)
+    buf[:C.LOG_ENTRY_HEADER_SIZE] = LogEntryHeader.build(dict(
+        checksum=0, entry_length=total, tail=tail, sequence_number=sequence_number, descriptor_count=n,
+        reserved=0, log_guid=log_guid, flushed_file_offset=flushed_file_offset,
+        last_file_offset=last_file_offset))
+    high, low = (sequence_number >> 32).to_bytes(4, "little"), (sequence_number & 0xFFFFFFFF).to_bytes(4, "little")
+    for i, (target, page) in enumerate(pages):
+        if len(page) != SECTOR or target % SECTOR:
+            raise ValueError("log pages must be 4 KiB, 4 KiB aligned")
+        at = C.LOG_ENTRY_HEADER_SIZE + C.LOG_DESCRIPTOR_SIZE * i
+        buf[at:at + C.LOG_DESCRIPTOR_SIZE] = DataDescriptor.build(dict(
+            trailing_bytes=page[4092:4096], leading_bytes=page[:8], file_offset=target,
+            sequence_number=sequence_number))
+        s = (n_desc + i) * SECTOR
+        buf[s:s + 4] = C.SIGNATURE_DATA_SECTOR
+        buf[s + 4:s + 8] = high
+        buf[s + 8:s + 4092] = page[8:4092]
+        buf[s + 4092:s + 4096] = low
+    buf[4:8] = crc32c_zeroed(buf).to_bytes(4, "little")
+    return bytes(buf)
+
+
+class LogWriter:
+    """Appends entries to the ring; each entry is applied and flushed before the next (§8.7)."""
+
+    def __init__(self, storage: Storage, log_offset: int, log_length: int, log_guid: uuid.UUID,
+                 first_sequence: int) -> None:
+        self.storage = storage
+        self.log_offset = log_offset
+        self.log_length = log_length
+        self.log_guid = log_guid
+        self.sequence_number = first_sequence
+        self.head = 0
+
+    @property
+    def max_pages(self) -> int:
+        """Pages one entry may carry: an entry never takes more than half the ring."""
+        budget = self.log_length // 2 // SECTOR
+        n = budget - 1
+        while n > 0 and descriptor_sectors(n) + n > budget:
+            n -= 1
+        return n
+
+    def _write_ring(self, data: bytes) -> None:
+        first = min(len(data), self.log_length - self.head)
+        self.storage.write(data[:first], self.log_offset + self.head)
+        if first < len(data):
+            self.storage.write(data[first:], self.log_offset)
+        self.head = (self.head + len(data)) % self.log_length
+
+    def write_entry(self, pages: list[tuple[int, bytes]], *, file_size: int) -> None:
+        """Write one entry (Tail = itself: everything before it is applied) and flush."""
+        if len(pages) > self.max_pages:
+            raise ValueError("too many pages for one log entry")
+        entry = build_entry(log_guid=self.log_guid, sequence_number=self.sequence_number, tail=self.head,
+                            pages=pages, flushed_file_offset=file_size, last_file_offset=file_size)
+        self.sequence_number += 1
+        self._write_ring(entry)
+        self.storage.flush()
