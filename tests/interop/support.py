@@ -12,6 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+import numpy
 import pytest
 
 MiB = 1 << 20
@@ -111,3 +112,15 @@ def run(args: list[Any], **kwargs: Any) -> subprocess.CompletedProcess:
 
 def describe(result: subprocess.CompletedProcess) -> str:
     return f"{' '.join(result.args)} -> exit {result.returncode}\n{result.stdout}{result.stderr}"
+
+
+def assert_same_bytes(actual: bytes, expected: bytes | bytearray, who: str) -> None:
+    """Equal bytes, or a failure naming the first differing virtual offset."""
+    assert len(actual) == len(expected), f"{who}: {len(actual)} bytes, expected {len(expected)}"
+    if actual != expected:
+        differ = numpy.frombuffer(actual, numpy.uint8) != numpy.frombuffer(expected, numpy.uint8)
+        first = int(numpy.flatnonzero(differ)[0])
+        count = int(differ.sum())
+        pytest.fail(f"{who}: {count} bytes differ, the first at virtual offset {first} "
+                    f"(0x{first:x}): {actual[first:first + 8].hex()} != "
+                    f"{bytes(expected[first:first + 8]).hex()}")

@@ -1,0 +1,223 @@
+"""Structural check: every problem as a Finding with an offset, never stopping early.
+
+Like ``qemu-img check``: reads only (the file is opened read-only, a dirty log is
+replayed in memory) and never repairs anything.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import VhdxError
+from .format import bat as batmod
+from .format import constants as C
+from .image import Image
+from .storage import FileStorage, Storage
+
+ERROR = "error"
+WARNING = "warning"
+INFO = "info"
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str
+    offset: int | None
+    message: str
+    hint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        where = f"0x{self.offset:x}" if self.offset is not None else "-"
+        text = f"{self.severity:7} {where:>12}  {self.message}"
+        return text + (f"  (hint: {self.hint})" if self.hint else "")
+
+
+@dataclass
+class CheckReport:
+    path: str
+    findings: list[Finding]
+    opened: bool
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == WARNING]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(path=self.path, opened=self.opened, errors=len(self.errors), warnings=len(self.warnings),
+                    findings=[f.to_dict() for f in self.findings])
+
+
+def check_file(path: str | os.PathLike[str], *, storage: Storage | None = None) -> CheckReport:
+    """Check one file's structure. Raises VhdxError only when the file cannot be read at all."""
+    path = os.fspath(path)
+    own = storage is None
+    if storage is None:
+        storage = FileStorage(path)  # raises when the file cannot be opened
+    findings: list[Finding] = []
+    try:
+        try:
+            image = Image(storage, owns_storage=False)
+            image._load()
+        except VhdxError as e:
+            if storage.size() >= 8 and storage.read(0, 8) != C.SIGNATURE_FILE:
+                raise
+            findings.append(Finding(ERROR, e.offset, e.detail, _hint_for(e)))
+            return CheckReport(path, findings, opened=False)
+        findings.extend(check_image(image))
+        return CheckReport(path, findings, opened=True)
+    finally:
+        if own:
+            storage.close()
+
+
+def _hint_for(e: VhdxError) -> str:
+    name = type(e).__name__
+    return {
+        "ChecksumError": "a structure was damaged; restore the file from a copy",
+        "TruncatedError": "the file was cut short; copy it again from its source",
+        "LogReplayError": "the log is damaged; the file's last metadata updates may be lost",
+        "UnsupportedError": "the file uses a feature this tool does not know",
+    }.get(name, "the file breaks the VHDX format")
+
+
+def check_image(image: Image) -> list[Finding]:
+    """Findings for an image that opened (headers, regions, log, BAT, bitmaps)."""
+    out: list[Finding] = []
+    add = out.append
+    for i, offset in enumerate(C.HEADER_OFFSETS):
+        if image.headers[i] is None:
+            add(Finding(WARNING, offset, f"header {i + 1} is invalid: {image.header_errors[i]}",
+                        "the other header is used; opening the file r+ rewrites both"))
+    if image.headers_identical:
+        add(Finding(INFO, C.HEADER1_OFFSET, "both headers are identical (same sequence number), as Disk2VHD "
+                    "writes them"))
+    for i, offset in enumerate(C.REGION_TABLE_OFFSETS):
+        if image.region_table_errors[i]:
+            add(Finding(WARNING, offset, f"region table {i + 1} is invalid: {image.region_table_errors[i]}",
+                        "the other copy is used"))
+    if image.log_was_dirty:
+        add(Finding(WARNING, image.header.log_offset,
+                    f"the log holds {len(image.log_replayed)} entries that were not yet applied "
+                    f"(replayed in memory for this check)",
+                    "open the disk read-write (vhdx check is read-only) to replay it; qemu-img refuses it"))
+    g = image.geometry
+    file_size = image.storage.size()
+    bat_base = image.bat_region.file_offset
+    entries = image.bat[: g.bat_entries]
+    pidx = batmod.payload_indices(g)
+    pe = entries[pidx]
+    st = batmod.states(pe)
+    offs = batmod.file_offsets(pe).astype(np.int64)
+
+    def entry_offset(bat_index: int) -> int:
+        return bat_base + 8 * bat_index
+
+    def report(mask: np.ndarray, severity: str, what: str, hint: str, limit: int = 10,
+               index_of=lambda k: int(pidx[k])) -> None:
+        hits = np.flatnonzero(mask)
+        for k in hits[:limit].tolist():
+            add(Finding(severity, entry_offset(index_of(k)), what.format(block=k, offset=int(offs[k]) if
+                                                                       k < offs.size else 0), hint))
+        if hits.size > limit:
+            add(Finding(severity, None, f"... and {hits.size - limit} more like that", hint))
+
+    reserved = batmod.reserved_bits(entries) != 0
+    for k in np.flatnonzero(reserved)[:10].tolist():
+        add(Finding(ERROR, entry_offset(k), f"BAT entry {k} has reserved bits set", "the BAT is damaged"))
+    report(st == 4, ERROR, "block {block}: reserved BAT state 4", "the BAT is damaged")
+    report(st == C.PAYLOAD_BLOCK_UNMAPPED_V095, WARNING, "block {block}: legacy UNMAPPED state 5 (draft 0.95)",
+           "read as UNMAPPED")
+    present = (st == C.PAYLOAD_BLOCK_FULLY_PRESENT) | (st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+    if not image.has_parent:
+        report(st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT, ERROR,
+               "block {block}: PARTIALLY_PRESENT in a disk without a parent", "read as FULLY_PRESENT")
+    if image.metadata.leave_block_allocated and not image.has_parent:
+        report(~present, WARNING, "block {block}: not allocated in a fixed disk", "")
+    report((~present) & ((st == C.PAYLOAD_BLOCK_ZERO) | (st == C.PAYLOAD_BLOCK_NOT_PRESENT)) & (offs != 0),
+           WARNING, "block {block}: file offset 0x{offset:x} on a block that has no data (must be 0)",
+           "Hyper-V may refuse such a file")
+    bs = g.block_size
+    last_block = g.payload_blocks - 1
+    ends = offs + bs
+    past = present & (ends > file_size)
+    is_last = np.zeros_like(past)
+    if is_last.size:
+        is_last[last_block] = True
+    report(past & ~is_last, ERROR, "block {block}: data at 0x{offset:x} runs past the end of the file",
+           "the file was truncated")
+    report(past & is_last, WARNING, "block {block}: the last block runs past the end of the file (read as zeros)",
+           "an old qemu wrote such files")
+    # Overlaps: every allocated structure sorted by offset.
+    spans = [(0, C.HEADER_SECTION_SIZE, "header section")]
+    h = image.header
+    if h.log_length:
+        spans.append((h.log_offset, h.log_offset + h.log_length, "log"))
+    for r in image.region_table:
+        spans.append((r.file_offset, r.file_offset + r.length, f"region {r.name}"))
+    sidx = batmod.sbm_indices(g)
+    se = entries[sidx]
+    sst = batmod.states(se)
+    soff = batmod.file_offsets(se).astype(np.int64)
+    bad_sbm_state = (sst != C.SB_BLOCK_NOT_PRESENT) & (sst != C.SB_BLOCK_PRESENT)
+    for k in np.flatnonzero(bad_sbm_state)[:10].tolist():
+        add(Finding(ERROR, entry_offset(int(sidx[k])), f"sector bitmap entry of chunk {k}: invalid state "
+                    f"{int(sst[k])}", "the BAT is damaged"))
+    sbm_present = sst == C.SB_BLOCK_PRESENT
+    if not image.has_parent:
+        for k in np.flatnonzero(sbm_present)[:10].tolist():
+            add(Finding(WARNING, entry_offset(int(sidx[k])), f"sector bitmap of chunk {k} is present in a disk "
+                        "without a parent", "it is ignored"))
+    else:
+        partial_blocks = np.flatnonzero(st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+        chunks = partial_blocks // g.chunk_ratio
+        present_chunks = np.zeros(g.sector_bitmap_blocks, dtype=bool)
+        present_chunks[: sbm_present.size] = sbm_present
+        missing = partial_blocks[~present_chunks[chunks]]
+        for k in missing[:10].tolist():
+            add(Finding(ERROR, entry_offset(int(pidx[k])), f"block {k} is PARTIALLY_PRESENT but its chunk's "
+                        "sector bitmap is not present", "the sectors of this block cannot be read"))
+    block_spans = np.stack([offs[present], offs[present] + bs, np.flatnonzero(present)], axis=1) \
+        if present.any() else np.zeros((0, 3), dtype=np.int64)
+    sbm_spans = np.stack([soff[sbm_present], soff[sbm_present] + C.MiB, -1 - np.flatnonzero(sbm_present)], axis=1) \
+        if sbm_present.any() else np.zeros((0, 3), dtype=np.int64)
+    allspans = np.concatenate([np.array([(a, b, -10**9) for a, b, _ in spans], dtype=np.int64).reshape(-1, 3),
+                               block_spans.astype(np.int64), sbm_spans.astype(np.int64)])
+    order = np.argsort(allspans[:, 0], kind="stable")
+    allspans = allspans[order]
+    if allspans.shape[0] > 1:
+        prev_end = np.maximum.accumulate(allspans[:-1, 1])
+        overlap = np.flatnonzero(allspans[1:, 0] < prev_end) + 1
+        for k in overlap[:10].tolist():
+            start, _, who = (int(v) for v in allspans[k])
+            name = f"block {who}" if who >= 0 else (f"sector bitmap {-1 - who}" if who > -10**9 else "structure")
+            add(Finding(ERROR, start, f"{name} at 0x{start:x} overlaps another structure",
+                        "two BAT entries share space; data may be lost"))
+        if overlap.size > 10:
+            add(Finding(ERROR, None, f"... and {overlap.size - 10} more overlaps", ""))
+    tail = image.bat[g.bat_entries:]
+    if tail.size and np.any(tail):
+        k = int(np.flatnonzero(tail)[0]) + g.bat_entries
+        add(Finding(WARNING, entry_offset(k), "BAT entries past the last block of the disk are not zero",
+                    "they are ignored"))
+    md = image.metadata
+    for e in md.entries:
+        if e.item_id in C.METADATA_ITEM_NAMES and not e.is_user:
+            expect_vd = e.item_id in (C.VIRTUAL_DISK_SIZE_GUID, C.PAGE83_DATA_GUID, C.LOGICAL_SECTOR_SIZE_GUID,
+                                      C.PHYSICAL_SECTOR_SIZE_GUID)
+            if e.item_id in (C.FILE_PARAMETERS_GUID, C.PARENT_LOCATOR_GUID) or expect_vd:
+                if e.is_virtual_disk != expect_vd:
+                    add(Finding(WARNING, image.metadata_region.file_offset,
+                                f"metadata item {e.name}: IsVirtualDisk flag is {e.is_virtual_disk}",
+                                "other tools may refuse this file"))
+    return out

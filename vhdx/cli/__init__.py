@@ -1,0 +1,112 @@
+"""The ``vhdx`` command: argument parsing, one-line errors, exit codes.
+
+Verbs live in sibling modules; nothing below this package prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from typing import Any, Callable, Sequence
+
+from ..errors import VhdxError
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_ERROR = 1
+EXIT_UNREADABLE = 2
+
+_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
+             "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40,
+             "TIB": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1GiB', '4096' -> bytes (binary units)."""
+    s = text.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    if unit not in _SUFFIXES or not num:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64M, 10G, 1T)")
+    try:
+        value = float(num) * _SUFFIXES[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value != int(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}")
+    return int(value)
+
+
+def emit_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def add_chain_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--search", action="append", default=[], metavar="DIR",
+                   help="also look for parent disks in DIR (repeatable)")
+    p.add_argument("--parent", dest="parents", action="append", default=None, metavar="FILE",
+                   help="use FILE as the next parent (repeatable, nearest first)")
+    p.add_argument("--ignore-id-mismatch", action="store_true",
+                   help="accept a parent whose DataWriteGuid differs from the child's parent_linkage")
+    p.add_argument("--missing-parent", choices=("error", "zeros"), default="error",
+                   help="what to read where a parent cannot be found (default: error)")
+
+
+def chain_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if getattr(args, "search", None):
+        opts["search_paths"] = args.search
+    if getattr(args, "parents", None):
+        opts["parents"] = args.parents
+    if getattr(args, "ignore_id_mismatch", False):
+        opts["ignore_id_mismatch"] = True
+    if getattr(args, "missing_parent", "error") != "error":
+        opts["missing_parent"] = args.missing_parent
+    return opts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import disks, inspect
+    parser = argparse.ArgumentParser(prog="vhdx", description="Hyper-V VHDX/AVHDX disks: inspect, check, "
+                                     "export, create, snapshot, merge.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    from .. import __version__
+    parser.add_argument("--version", action="version", version=f"vhdx {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    inspect.register(sub)
+    disks.register(sub)
+    for name in ("chain", "merge"):
+        try:
+            mod = __import__(f"vhdx.cli.{name}_cmd", fromlist=["register"])
+        except ImportError:
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except VhdxError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"vhdx: error: {e}", file=sys.stderr)
+        return getattr(args, "error_exit", EXIT_ERROR)
+    except OSError as e:
+        if args.debug:
+            traceback.print_exc()
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"vhdx: error: {where}{e.strerror or e}", file=sys.stderr)
+        return getattr(args, "error_exit", EXIT_ERROR)
+    except KeyboardInterrupt:
+        print("vhdx: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1

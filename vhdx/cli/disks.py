@@ -1,0 +1,183 @@
+"""Verbs that make or copy disks: create, export, hash."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from .. import api
+from ..errors import DiskExistsError, UsageError
+from . import EXIT_OK, add_chain_options, chain_options, emit_json, parse_size
+from .progress import Progress, human_bytes
+
+CHUNK = 8 << 20
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("create", help="create a dynamic, fixed or differencing disk")
+    p.add_argument("path")
+    p.add_argument("size", nargs="?", type=parse_size, help="virtual size, e.g. 64M, 10G (not with --parent)")
+    p.add_argument("--parent", help="make a differencing child of PARENT")
+    p.add_argument("--block-size", type=parse_size, default=None, help="1M to 256M, power of two (default 32M)")
+    p.add_argument("--logical-sector-size", type=int, choices=(512, 4096), default=None)
+    p.add_argument("--physical-sector-size", type=int, choices=(512, 4096), default=None)
+    p.add_argument("--fixed", action="store_true", help="allocate every block now")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_create)
+
+    for verb, helptext in (("export", "write the virtual disk to a sparse raw file"),
+                           ("hash", "SHA-256 of the virtual disk")):
+        p = sub.add_parser(verb, help=helptext)
+        p.add_argument("path")
+        if verb == "export":
+            p.add_argument("out", help="output file ('-' for stdout)")
+            p.add_argument("--format", choices=("raw",), default="raw")
+            p.add_argument("--sha256", action="store_true", help="print the SHA-256 of the data as it streams")
+            p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+        p.add_argument("--layer", type=int, default=0, help="export the disk as of layer N of its chain "
+                       "(0 = the file itself, 1 = its parent, ...)")
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--progress", dest="progress", action="store_true", default=None)
+        p.add_argument("--no-progress", dest="progress", action="store_false")
+        add_chain_options(p)
+        p.set_defaults(func=cmd_export if verb == "export" else cmd_hash)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    if args.parent:
+        disk = api.create(args.path, parent=args.parent, block_size=args.block_size)
+    else:
+        if args.size is None:
+            raise UsageError("give a size (e.g. 64M) or --parent", path=args.path)
+        disk = api.create(args.path, args.size, block_size=args.block_size,
+                          logical_sector_size=args.logical_sector_size,
+                          physical_sector_size=args.physical_sector_size, fixed=args.fixed)
+    with disk:
+        info = dict(path=disk.path, type=disk.disk_type, size=disk.size, block_size=disk.block_size,
+                    logical_sector_size=disk.logical_sector_size, data_write_guid=str(disk.data_write_guid))
+    if args.json:
+        emit_json(info)
+    else:
+        print(f"created {info['path']}: {info['type']}, {human_bytes(info['size'])}, "
+              f"{human_bytes(info['block_size'])} blocks")
+    return EXIT_OK
+
+
+def _open_layer(args: argparse.Namespace):
+    disk = api.open(args.path, **chain_options(args))
+    layer = args.layer
+    target = disk
+    for _ in range(layer):
+        if target.parent is None:
+            disk.close()
+            raise UsageError(f"the chain has no layer {layer}", path=args.path)
+        target = target.parent
+    return disk, target
+
+
+def stream(disk, sink=None, *, progress=None, hasher=None) -> tuple[int, int]:
+    """Read the whole disk in 8 MiB pieces; hand non-zero pieces to ``sink(view, offset)``.
+
+    Returns (bytes read, bytes written). Zero pieces are skipped (sparse output).
+    """
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    words = np.frombuffer(buf, dtype=np.uint64)
+    size = disk.size
+    written = 0
+    offset = 0
+    while offset < size:
+        n = disk.pread_into(view, offset)
+        piece = view[:n]
+        if hasher is not None:
+            hasher.update(piece)
+        if sink is not None:
+            if n == CHUNK:
+                nonzero = bool(words.any())
+            else:
+                nonzero = any(piece.tobytes()) if n < 4096 else bool(np.frombuffer(piece, np.uint8).any())
+            if nonzero:
+                sink(piece, offset)
+                written += n
+        offset += n
+        if progress:
+            progress(offset, size)
+    return offset, written
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    disk, target = _open_layer(args)
+    with disk:
+        hasher = hashlib.sha256() if args.sha256 else None
+        progress = Progress(f"export {os.path.basename(args.path)}", enabled=args.progress)
+        if args.out == "-":
+            out_fd = sys.stdout.buffer.fileno()
+
+            def sink_stdout(view, offset):
+                os.write(out_fd, view)
+            # stdout cannot be sparse: write every piece
+            buf_size = target.size
+            read, written = _stream_dense(target, sink_stdout, progress, hasher)
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
+            try:
+                fd = os.open(args.out, flags, 0o644)
+            except FileExistsError:
+                raise DiskExistsError("output exists; pass --force to overwrite it", path=args.out) from None
+            try:
+                def sink(view, offset):
+                    done = 0
+                    while done < len(view):
+                        done += os.pwrite(fd, view[done:], offset + done)
+                read, written = stream(target, sink, progress=progress, hasher=hasher)
+                os.ftruncate(fd, target.size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            buf_size = target.size
+        progress.finish()
+    summary = dict(path=args.path, out=args.out, layer=args.layer, virtual_size=buf_size,
+                   bytes_written=written, sha256=hasher.hexdigest() if hasher else None)
+    if args.json:
+        emit_json(summary)
+    else:
+        msg = f"exported {human_bytes(buf_size)} to {args.out} ({human_bytes(written)} of data)"
+        print(msg, file=sys.stderr if args.out == "-" else sys.stdout)
+        if hasher:
+            print(f"sha256 {hasher.hexdigest()}", file=sys.stderr if args.out == "-" else sys.stdout)
+    return EXIT_OK
+
+
+def _stream_dense(disk, sink, progress, hasher) -> tuple[int, int]:
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    offset = 0
+    while offset < disk.size:
+        n = disk.pread_into(view, offset)
+        if hasher is not None:
+            hasher.update(view[:n])
+        sink(view[:n], offset)
+        offset += n
+        if progress:
+            progress(offset, disk.size)
+    return offset, offset
+
+
+def cmd_hash(args: argparse.Namespace) -> int:
+    disk, target = _open_layer(args)
+    with disk:
+        hasher = hashlib.sha256()
+        progress = Progress(f"hash {os.path.basename(args.path)}", enabled=args.progress)
+        stream(target, None, progress=progress, hasher=hasher)
+        progress.finish()
+        size = target.size
+    if args.json:
+        emit_json(dict(path=args.path, layer=args.layer, virtual_size=size, sha256=hasher.hexdigest()))
+    else:
+        print(f"{hasher.hexdigest()}  {args.path}" + (f" (layer {args.layer})" if args.layer else ""))
+    return EXIT_OK

@@ -1,0 +1,109 @@
+"""Read-only verbs: info, check."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .. import api
+from ..check import check_file
+from . import EXIT_FINDINGS, EXIT_OK, EXIT_UNREADABLE, add_chain_options, chain_options, emit_json
+from .progress import human_bytes
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("info", help="every header, region, metadata field, BAT and log state")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_chain_options(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("check", help="structural check, like qemu-img check (exit 0 ok, 1 errors, 2 unreadable)")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_chain_options(p)
+    p.set_defaults(func=cmd_check, error_exit=EXIT_UNREADABLE)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    opts = chain_options(args)
+    with api.open(args.path, **opts) as disk:
+        info = disk.info()
+    if args.json:
+        emit_json(info)
+        return EXIT_OK
+    out = sys.stdout.write
+    out(f"{info['path']}\n")
+    out(f"  type               {info['disk_type']}\n")
+    out(f"  virtual size       {info['virtual_size']} bytes ({human_bytes(info['virtual_size'])})\n")
+    out(f"  file size          {info['file_size']} bytes ({human_bytes(info['file_size'])})\n")
+    out(f"  block size         {info['block_size']} ({human_bytes(info['block_size'])})\n")
+    out(f"  sector size        {info['logical_sector_size']} logical, {info['physical_sector_size']} physical\n")
+    out(f"  disk id (page 83)  {info['disk_id']}\n")
+    out(f"  data write guid    {info['data_write_guid']}\n")
+    out(f"  file write guid    {info['file_write_guid']}\n")
+    out(f"  creator            {info['creator']}\n")
+    out("  headers\n")
+    for h in info["headers"]:
+        if h["valid"]:
+            out(f"    0x{h['offset']:06x} seq {h['sequence_number']}{' (current)' if h['current'] else ''} "
+                f"log_guid {h['log_guid']} log {h['log_length']}@0x{h['log_offset']:x}\n")
+        else:
+            out(f"    0x{h['offset']:06x} INVALID: {h['error']}\n")
+    out("  regions\n")
+    for r in info["region_table"]:
+        out(f"    {r['region']:10} 0x{r['file_offset']:x} {r['length']} bytes required={r['required']}\n")
+    md = info["metadata"]
+    out("  metadata items\n")
+    for e in md["entries"]:
+        flags = "".join(c for c, on in (("U", e["is_user"]), ("V", e["is_virtual_disk"]), ("R", e["is_required"])) if on)
+        out(f"    {e['item']:22} +0x{e['offset']:x} {e['length']} bytes [{flags}]\n")
+    if md["parent_locator"]:
+        out("  parent locator\n")
+        for k, v in md["parent_locator"].items():
+            out(f"    {k:20} {v}\n")
+    b = info["bat"]
+    out(f"  BAT                {b['entries']} entries at 0x{b['file_offset']:x}, chunk ratio {b['chunk_ratio']}\n")
+    out("    payload          " + ", ".join(f"{k} {v}" for k, v in b["payload_states"].items()) + "\n")
+    if b["sector_bitmap_states"]:
+        out("    sector bitmaps   " + ", ".join(f"{k} {v}" for k, v in b["sector_bitmap_states"].items()) + "\n")
+    log = info["log"]
+    state = "clean" if not log["dirty"] else (
+        f"DIRTY, {len(log['replayed_entries'])} entries replayed in memory" if log["replayed_in_memory"]
+        else "was dirty, replayed")
+    out(f"  log                {log['length']} bytes at 0x{log['offset']:x}, {state}\n")
+    for layer in info.get("chain", [])[1:]:
+        out(f"  parent             {layer['path']} ({layer['found_by']}, linkage {layer['linkage']})\n")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    report = check_file(args.path)
+    findings = list(report.findings)
+    opts = chain_options(args)
+    chain_report = None
+    if report.opened:
+        try:
+            from ..chain import check_chain
+        except ImportError:
+            check_chain = None
+        if check_chain is not None:
+            chain_report = check_chain(args.path, **opts)
+            findings.extend(chain_report)
+    errors = [f for f in findings if f.severity == "error"]
+    if args.json:
+        d = report.to_dict()
+        d["findings"] = [f.to_dict() for f in findings]
+        d["errors"] = len(errors)
+        d["warnings"] = len([f for f in findings if f.severity == "warning"])
+        emit_json(d)
+    else:
+        for f in findings:
+            sys.stdout.write(f"{f}\n")
+        if not errors:
+            sys.stdout.write(f"{args.path}: no errors were found"
+                             + (f" ({len(findings)} notes)" if findings else "") + "\n")
+        else:
+            sys.stdout.write(f"{args.path}: {len(errors)} errors found\n")
+    return EXIT_FINDINGS if errors else EXIT_OK
