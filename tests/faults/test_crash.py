@@ -1,0 +1,460 @@
+"""Power loss at every write and flush: the file must always reopen with each byte old or new.
+
+A :class:`FaultyStorage` wraps the real file and counts its mutating calls (write, truncate,
+flush). A counting run of a workload learns their number K; then, for every N in 1..K, the
+workload runs again on a fresh copy with the power failing at the N-th call. After the
+fault the storage refuses everything, so the Disk cannot close cleanly. The copy is then:
+
+* opened read-only (any log replayed in memory; the file must not change), and every byte
+  of the virtual disk compared with the model: it must hold either its value at the last
+  completed ``Disk.flush()`` or a value that one of the writes issued after it wrote there
+  (byte-granular: a write need not be all-old or all-new);
+* opened "r+" (log replayed in place), read again (same bytes as read-only), closed,
+  reopened read-only (same bytes again);
+* judged by ``vhdx check`` (exit 0) and, for 512-byte sectors, by ``qemu-img check``.
+
+In the drop-unflushed variant, the power loss also loses a random subset of the 4 KiB
+pages written since the last flush (each page independently), which is what a volatile
+disk cache may do (vhdx-format.md §7.4, §8.7: data is flushed before the log entry that
+points at it, the log entry before it is applied).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import MiB, have
+
+vhdx = pytest.importorskip("vhdx")
+from vhdx.storage import FileStorage, Storage  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+class PowerLoss(Exception):
+    """The simulated machine lost power: this call and every later one fail."""
+
+
+class FaultyStorage(Storage):
+    """A Storage that fails at its ``fail_at``-th mutating call (write, truncate, flush).
+
+    With ``drop_unflushed``, the failing call is carried out first (it may be torn too) and
+    then every write and truncate since the last successful flush is undone and each of its
+    4 KiB pages independently re-applied or lost, seeded by ``seed``.
+    """
+
+    PAGE = 4096
+
+    def __init__(self, inner: Storage, fail_at: int | None = None, *, drop_unflushed: bool = False,
+                 seed: int = 0) -> None:
+        self.inner = inner
+        self.path = inner.path
+        self.writable = inner.writable
+        self.fail_at = fail_at
+        self.drop_unflushed = drop_unflushed
+        self.rng = random.Random(seed)
+        self.calls = 0
+        self.dead = False
+        self.history: list[str] = []         # one line per mutating call, for messages
+        self._unflushed: list[tuple] = []    # ("w", offset, old, new) / ("t", old_size, old_tail, new_size)
+        self._durable_size = inner.size()
+
+    # -- the fault
+    def _tick(self, what: str) -> bool:
+        """Count a mutating call; True if this is the call that loses power."""
+        if self.dead:
+            raise PowerLoss("storage is gone (power was lost earlier)")
+        self.calls += 1
+        self.history.append(what)
+        return self.fail_at is not None and self.calls >= self.fail_at
+
+    def _lose_power(self, what: str) -> None:
+        self.dead = True
+        if self.drop_unflushed:
+            self._drop_unflushed()
+        self.inner.close()
+        raise PowerLoss(f"power lost at call {self.calls} ({what})")
+
+    def _drop_unflushed(self) -> None:
+        inner = self.inner
+        for op in reversed(self._unflushed):            # back to the last flushed state
+            if op[0] == "w":
+                _, offset, old, _new = op
+                inner.write(old, offset)
+            else:
+                _, old_size, old_tail, _new_size = op
+                inner.truncate(old_size)
+                if old_tail:
+                    inner.write(old_tail, old_size - len(old_tail))
+        inner.truncate(self._durable_size)
+        for op in self._unflushed:                      # then a random subset of pages lands
+            if op[0] == "w":
+                _, offset, _old, new = op
+                pos = offset
+                while pos < offset + len(new):
+                    end = min(offset + len(new), (pos // self.PAGE + 1) * self.PAGE)
+                    if self.rng.random() < 0.5:
+                        inner.write(new[pos - offset:end - offset], pos)
+                    pos = end
+            elif self.rng.random() < 0.5:
+                inner.truncate(op[3])
+
+    # -- Storage interface
+    def readinto(self, buf, offset: int) -> int:
+        if self.dead:
+            raise PowerLoss("storage is gone (power was lost earlier)")
+        return self.inner.readinto(buf, offset)
+
+    def size(self) -> int:
+        if self.dead:
+            raise PowerLoss("storage is gone (power was lost earlier)")
+        return self.inner.size()
+
+    def write(self, data, offset: int) -> None:
+        data = bytes(data)
+        what = f"write {len(data)} bytes at 0x{offset:x}"
+        fail = self._tick(what)
+        if fail and not self.drop_unflushed:
+            self._lose_power(what)
+        if self.drop_unflushed:
+            self._unflushed.append(("w", offset, self.inner.read(offset, len(data)), data))
+        self.inner.write(data, offset)
+        if fail:
+            self._lose_power(what)
+
+    def writev(self, buffers, offset: int) -> None:
+        for b in buffers:
+            self.write(b, offset)
+            offset += len(b)
+
+    def truncate(self, size: int) -> None:
+        what = f"truncate to 0x{size:x}"
+        fail = self._tick(what)
+        if fail and not self.drop_unflushed:
+            self._lose_power(what)
+        if self.drop_unflushed:
+            old_size = self.inner.size()
+            old_tail = self.inner.read(size, old_size - size) if size < old_size else b""
+            self._unflushed.append(("t", old_size, old_tail, size))
+        self.inner.truncate(size)
+        if fail:
+            self._lose_power(what)
+
+    def flush(self) -> None:
+        fail = self._tick("flush")
+        if fail:
+            self._lose_power("flush")
+        self.inner.flush()
+        self._unflushed.clear()
+        self._durable_size = self.inner.size()
+
+    def close(self) -> None:
+        self.inner.close()      # closing a handle persists nothing; always allowed
+
+
+# ------------------------------------------------------------------ scenarios and the model
+
+@dataclass
+class Scenario:
+    name: str
+    logical_sector_size: int = 512
+    fixed: bool = False
+    maker: str = "ours"           # "ours" (vhdx.create) or "qemu" (qemu-img/qemu-io)
+    unaligned_tail: bool = False  # cut the file 4 KiB short, inside its last payload block (§6)
+    size: int = 8 * MiB
+    block_size: int = MiB
+
+    @property
+    def judge_with_qemu(self) -> bool:
+        return self.logical_sector_size == 512
+
+
+def _rand(rng: np.random.Generator, n: int) -> bytes:
+    return rng.integers(1, 256, size=n, dtype=np.uint8).tobytes()
+
+
+def initial_writes(sc: Scenario, rng) -> list[tuple[int, bytes]]:
+    s = sc.logical_sector_size
+    return [(0, _rand(rng, sc.block_size)),                         # block 0 full
+            (2 * MiB, _rand(rng, sc.block_size // 2)),              # block 2 first half
+            (5 * MiB + 100 * s, _rand(rng, 8 * s))]                 # block 5 a few sectors
+
+
+def workload(sc: Scenario, rng) -> list[tuple]:
+    """The run under test: new blocks, rewrites, partial, unaligned, across block boundaries."""
+    s = sc.logical_sector_size
+    size = sc.size
+    return [
+        ("write", 1 * MiB, _rand(rng, MiB)),                     # new full block
+        ("write", 4096, _rand(rng, 8192)),                       # rewrite inside block 0
+        ("write", 3 * MiB + 64 * 1024, _rand(rng, 25 * 4096)),   # partial new block 3
+        ("flush",),
+        ("write", 2 * MiB + 777, _rand(rng, 5000)),              # unaligned, inside half-written block 2
+        ("write", 4 * MiB - 3 * s, _rand(rng, 10 * s)),          # across blocks 3|4, 4 is new
+        ("write", 6 * MiB - s, _rand(rng, MiB + 2 * s)),         # across 5|6|7
+        ("write", size - s, _rand(rng, s)),                      # the last sector
+        ("flush",),
+        ("write", 1 * MiB, _rand(rng, MiB)),                     # rewrite a whole block
+        ("write", 7 * MiB + 100, _rand(rng, 1)),                 # one byte, unaligned
+        ("write", 2 * MiB - 10, _rand(rng, 20)),                 # unaligned across 1|2
+        ("close",),
+    ]
+
+
+def make_base(sc: Scenario, path: Path, rng) -> None:
+    if sc.maker == "qemu":
+        if not (have("qemu-img") and have("qemu-io")):
+            pytest.skip("qemu-img/qemu-io not installed")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "vhdx", "-o",
+                        f"block_size={sc.block_size},subformat={'fixed' if sc.fixed else 'dynamic'}",
+                        str(path), str(sc.size)], check=True)
+        pattern = path.with_suffix(".pat")
+        for offset, data in initial_writes(sc, rng):
+            pattern.write_bytes(data)
+            subprocess.run(["qemu-io", "-f", "vhdx", "-c", f"write -q -s {pattern} {offset} {len(data)}",
+                            str(path)], check=True)
+        pattern.unlink()
+    else:
+        with vhdx.create(str(path), sc.size, block_size=sc.block_size,
+                         logical_sector_size=sc.logical_sector_size, fixed=sc.fixed) as disk:
+            for offset, data in initial_writes(sc, rng):
+                disk.seek(offset)
+                assert disk.write(data) == len(data)
+    if sc.unaligned_tail:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 4096)
+
+
+def read_all(disk) -> np.ndarray:
+    out = bytearray(disk.size)
+    view = memoryview(out)
+    disk.seek(0)
+    pos = 0
+    while pos < len(out):
+        n = disk.readinto(view[pos:pos + 4 * MiB])
+        assert n, f"readinto returned {n!r} at {pos:#x}"
+        pos += n
+    return np.frombuffer(out, dtype=np.uint8)
+
+
+@dataclass
+class Run:
+    """What happened in one run of the workload."""
+    failed_at_op: int | None = None     # index into the ops (-1: during open), None: completed
+    last_flush_op: int = -1             # index of the last Disk.flush()/close that returned
+    error: BaseException | None = None
+    calls: int = 0
+    history: list = field(default_factory=list)
+
+
+def run_workload(path: Path, ops: list[tuple], fail_at: int | None, *, drop: bool = False,
+                 seed: int = 0) -> Run:
+    storage = FaultyStorage(FileStorage(str(path), writable=True, durable=False), fail_at,
+                            drop_unflushed=drop, seed=seed)
+    run = Run()
+    step = -1
+    disk = None
+    try:
+        disk = vhdx.open(str(path), "r+", storage=storage)
+        for step, op in enumerate(ops):
+            if op[0] == "write":
+                disk.seek(op[1])
+                view = memoryview(op[2])
+                while view:
+                    n = disk.write(view)
+                    assert n, "write returned 0"
+                    view = view[n:]
+            elif op[0] == "flush":
+                disk.flush()
+                run.last_flush_op = step
+            elif op[0] == "close":
+                disk.close()
+                run.last_flush_op = step
+        step = None
+    except (PowerLoss, vhdx.VhdxError) as e:
+        run.error = e
+        run.failed_at_op = step
+    finally:
+        run.calls, run.history = storage.calls, storage.history
+        storage.inner.close()
+        del disk            # its close() can only fail now; that is the point
+    return run
+
+
+def allowed_mismatch(actual: np.ndarray, base: np.ndarray, ops: list[tuple], run: Run) -> np.ndarray:
+    """Bytes that are neither the value at the last completed flush nor a later write's value."""
+    checkpoint = base.copy()
+    for op in ops[:run.last_flush_op + 1]:
+        if op[0] == "write":
+            checkpoint[op[1]:op[1] + len(op[2])] = np.frombuffer(op[2], np.uint8)
+    bad = actual != checkpoint
+    last = len(ops) - 1 if run.failed_at_op is None else run.failed_at_op
+    for op in ops[run.last_flush_op + 1:last + 1]:
+        if op[0] == "write":
+            seg = slice(op[1], op[1] + len(op[2]))
+            bad[seg] &= actual[seg] != np.frombuffer(op[2], np.uint8)
+    return bad
+
+
+def cli_check(path: Path) -> tuple[int, str]:
+    """``vhdx check PATH`` in-process (fast) when the CLI module allows it, else as a subprocess."""
+    try:
+        from vhdx.cli import main
+    except ImportError:
+        main = None
+    if main is not None:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(["check", str(path)])
+            except SystemExit as e:
+                rc = e.code
+        return (0 if rc is None else rc), out.getvalue() + err.getvalue()
+    r = subprocess.run([sys.executable, "-m", "vhdx", "check", str(path)], capture_output=True,
+                       text=True, cwd=str(REPO))
+    return r.returncode, r.stdout + r.stderr
+
+
+def verify_after_crash(path: Path, base: np.ndarray, ops: list[tuple], run: Run, sc: Scenario) -> list[str]:
+    """Every check after one crash; returns problems (empty if fine)."""
+    problems = []
+    before = path.read_bytes()
+    try:
+        with vhdx.open(str(path)) as disk:
+            ro = read_all(disk)
+    except Exception as e:
+        return [f"read-only reopen failed: {type(e).__name__}: {e}"]
+    if path.read_bytes() != before:
+        problems.append("read-only reopen changed the file")
+    bad = allowed_mismatch(ro, base, ops, run)
+    if bad.any():
+        where = np.flatnonzero(bad)
+        problems.append(f"{len(where)} bytes neither old nor new, first at virtual 0x{where[0]:x} "
+                        f"(read 0x{ro[where[0]]:02x})")
+    try:
+        with vhdx.open(str(path), "r+") as disk:
+            rw = read_all(disk)
+        with vhdx.open(str(path)) as disk:
+            again = read_all(disk)
+    except Exception as e:
+        problems.append(f"read-write reopen failed: {type(e).__name__}: {e}")
+        return problems
+    if not np.array_equal(rw, ro):
+        problems.append(f"r+ (replayed in place) reads differently from read-only (replayed in memory) "
+                        f"at virtual 0x{np.flatnonzero(rw != ro)[0]:x}")
+    if not np.array_equal(again, rw):
+        problems.append("contents changed across a clean r+ close")
+    rc, text = cli_check(path)
+    if rc != 0:
+        problems.append(f"vhdx check exit {rc}: {text.strip()[:300]}")
+    if sc.judge_with_qemu and have("qemu-img"):
+        r = subprocess.run(["qemu-img", "check", "-f", "vhdx", str(path)], capture_output=True, text=True)
+        if r.returncode != 0:
+            problems.append(f"qemu-img check exit {r.returncode}: {(r.stdout + r.stderr).strip()[:300]}")
+    return problems
+
+
+SCENARIOS = [
+    Scenario("dynamic-512"),
+    Scenario("fixed-512", fixed=True),
+    Scenario("dynamic-4096", logical_sector_size=4096),
+    Scenario("fixed-4096", logical_sector_size=4096, fixed=True),
+    Scenario("qemu-dynamic-512", maker="qemu"),
+    Scenario("qemu-dynamic-512-short-tail", maker="qemu", unaligned_tail=True),
+]
+
+DROP_SCENARIOS = [("dynamic-512", 1), ("dynamic-4096", 2), ("qemu-dynamic-512", 3)]
+
+
+def crash_everywhere(sc: Scenario, tmp_path: Path, *, drop: bool = False, seed: int = 0) -> None:
+    rng = np.random.default_rng(1234)
+    original = tmp_path / "original.vhdx"
+    make_base(sc, original, rng)
+    ops = workload(sc, rng)
+    with vhdx.open(str(original)) as disk:
+        base = read_all(disk).copy()
+
+    counting = tmp_path / "counting.vhdx"
+    shutil.copyfile(original, counting)
+    full = run_workload(counting, ops, None)
+    assert full.error is None, f"the workload fails without any fault: {type(full.error).__name__}: {full.error}"
+    with vhdx.open(str(counting)) as disk:
+        final = read_all(disk)
+    assert not allowed_mismatch(final, base, ops, full).any(), "the workload without faults reads back wrong"
+    K = full.calls
+    assert K > 0
+
+    failures = []
+    copy = tmp_path / "crash.vhdx"
+    for n in range(1, K + 1):
+        shutil.copyfile(original, copy)
+        run = run_workload(copy, ops, n, drop=drop, seed=seed * 100003 + n)
+        if not isinstance(run.error, PowerLoss) and not (
+                isinstance(run.error, vhdx.VhdxError) and isinstance(run.error.__cause__, PowerLoss)):
+            failures.append(f"N={n}/{K} ({full.history[n - 1]}): expected the power loss to propagate, "
+                            f"got {type(run.error).__name__}: {run.error}")
+            continue
+        problems = verify_after_crash(copy, base, ops, run, sc)
+        if problems:
+            failures.append(f"N={n}/{K} ({full.history[n - 1]}, during op "
+                            f"{'open' if run.failed_at_op == -1 else run.failed_at_op}): " + "; ".join(problems))
+    assert not failures, f"{len(failures)} of {K} crash points failed:\n" + "\n".join(failures[:15])
+
+
+@pytest.mark.parametrize("sc", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_power_loss_at_every_write_and_flush_leaves_old_or_new_bytes(sc, tmp_path):
+    crash_everywhere(sc, tmp_path)
+
+
+@pytest.mark.parametrize("name,seed", DROP_SCENARIOS, ids=[f"{n}-seed{s}" for n, s in DROP_SCENARIOS])
+def test_power_loss_losing_unflushed_pages_leaves_old_or_new_bytes(name, seed, tmp_path):
+    sc = next(s for s in SCENARIOS if s.name == name)
+    crash_everywhere(sc, tmp_path, drop=True, seed=seed)
+
+
+def test_faulty_storage_counts_and_refuses_after_power_loss(tmp_path):
+    """The wrapper itself: fails exactly at N, then refuses reads and writes alike."""
+    p = tmp_path / "f.bin"
+    p.write_bytes(bytes(8192))
+    s = FaultyStorage(FileStorage(str(p), writable=True, durable=False), fail_at=3)
+    s.write(b"a", 0)
+    s.flush()
+    with pytest.raises(PowerLoss):
+        s.write(b"b", 1)
+    with pytest.raises(PowerLoss):
+        s.read(0, 1)
+    with pytest.raises(PowerLoss):
+        s.flush()
+    assert p.read_bytes()[:2] == b"a\0"
+
+
+def test_drop_unflushed_restores_flushed_state_or_new_pages(tmp_path):
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"\x11" * 16384)
+    for seed in range(20):
+        p.write_bytes(b"\x11" * 16384)
+        s = FaultyStorage(FileStorage(str(p), writable=True, durable=False), fail_at=4,
+                          drop_unflushed=True, seed=seed)
+        s.write(b"\x22" * 4096, 0)
+        s.flush()
+        s.write(b"\x33" * 8192, 4096)
+        with pytest.raises(PowerLoss):
+            s.truncate(32768)
+        data = p.read_bytes()
+        assert data[:4096] == b"\x22" * 4096                       # flushed: kept
+        for page in (data[4096:8192], data[8192:12288]):
+            assert page in (b"\x11" * 4096, b"\x33" * 4096)        # unflushed: old or new
+        assert len(data) in (16384, 32768)
