@@ -85,7 +85,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     chain_report = None
     if report.opened:
         try:
-            from ..chain import check_chain
+            from ..chains import check_chain
         except ImportError:
             check_chain = None
         if check_chain is not None:

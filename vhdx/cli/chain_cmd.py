@@ -1,0 +1,158 @@
+"""Chain verbs: chain, snapshot, reparent, orphans."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import Any
+
+from .. import chains
+from . import EXIT_FINDINGS, EXIT_OK, add_chain_options, chain_options, emit_json
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("chain", help="show a disk's chain of parents and how each was found")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    add_chain_options(p)
+    p.set_defaults(func=cmd_chain)
+
+    p = sub.add_parser("snapshot", help="make a Hyper-V style checkpoint child <stem>_<GUID>.avhdx beside DISK")
+    p.add_argument("disk")
+    p.add_argument("--block-size", default=None, help="child block size (default 2M, as Hyper-V)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("reparent", help="point a child at another parent file (like Set-VHD -ParentPath)")
+    p.add_argument("child")
+    p.add_argument("--parent", required=True, help="the new parent")
+    p.add_argument("--ignore-id-mismatch", action="store_true",
+                   help="link even though the parent's DataWriteGuid differs (rewrites the linkage)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reparent)
+
+    p = sub.add_parser("orphans", help="find every chain in a folder: bases, checkpoints, branches, broken links")
+    p.add_argument("folder")
+    p.add_argument("--recursive", "-r", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--merge", action="store_true", help="merge every unambiguous chain after showing the plan")
+    p.add_argument("--yes", action="store_true", help="with --merge: do not ask for confirmation")
+    p.set_defaults(func=cmd_orphans)
+
+
+def cmd_chain(args: argparse.Namespace) -> int:
+    ch = chains.chain(args.path, **chain_options(args))
+    if args.json:
+        emit_json(ch.to_dict())
+    else:
+        for depth, layer in enumerate(ch.layers):
+            pad = "  " * depth
+            flags = []
+            if layer.interrupted_merge:
+                flags.append("INTERRUPTED MERGE")
+            if layer.note:
+                flags.append(layer.note)
+            print(f"{pad}{'└─ ' if depth else ''}{layer.path}  [{layer.disk_type}, DataWriteGuid "
+                  f"{layer.data_write_guid}]" + (f"  ({'; '.join(flags)})" if flags else ""))
+            if depth:
+                print(f"{pad}   found by {layer.found_by}")
+            if layer.linkage == "missing":
+                print(f"{pad}   PARENT MISSING: parent_linkage {layer.parent_linkage}; tried:")
+                for t in layer.tried:
+                    print(f"{pad}     {t}")
+            elif layer.linkage == "mismatch":
+                print(f"{pad}   ID MISMATCH: the next file's DataWriteGuid is not parent_linkage "
+                      f"{layer.parent_linkage}")
+            elif layer.linkage == "cycle":
+                print(f"{pad}   CYCLE: the chain refers back to one of its own files")
+        print("chain complete" if ch.complete else "chain BROKEN")
+    return EXIT_OK if ch.complete else EXIT_FINDINGS
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from . import parse_size
+    bs = parse_size(args.block_size) if args.block_size else None
+    path = chains.snapshot(args.disk, block_size=bs)
+    if args.json:
+        emit_json(dict(disk=args.disk, checkpoint=path))
+    else:
+        print(f"created checkpoint {path}")
+        print("write to the checkpoint from now on; the disk below it must stay unchanged")
+    return EXIT_OK
+
+
+def cmd_reparent(args: argparse.Namespace) -> int:
+    result = chains.reparent(args.child, args.parent, ignore_id_mismatch=args.ignore_id_mismatch)
+    if args.json:
+        emit_json(result)
+    else:
+        print(f"{args.child}: parent is now {args.parent}"
+              + (" (linkage rewritten to the new parent's DataWriteGuid)" if result["linkage_changed"] else ""))
+    return EXIT_OK
+
+
+def _merge_command(chain_nodes: list[chains.Node]) -> str:
+    leaf, base = chain_nodes[0], chain_nodes[-1]
+    if len(chain_nodes) == 2:
+        return f"vhdx merge {shlex.quote(leaf.path)}"
+    return f"vhdx merge {shlex.quote(leaf.path)} --into {shlex.quote(base.path)}"
+
+
+def mergeable_chains(forest: chains.Forest) -> list[list[chains.Node]]:
+    """Chains leaf..base that can be merged without touching anything else: no branch, no broken link."""
+    out = []
+    for leaf in forest.leaves:
+        nodes = forest.chain_of(leaf.path)
+        if len(nodes) < 2 or nodes[-1].state != "base":
+            continue
+        if any(n.state not in ("ok", "base") for n in nodes):
+            continue
+        if any(len(n.children) > 1 for n in nodes[1:]):
+            continue
+        out.append(nodes)
+    return out
+
+
+def cmd_orphans(args: argparse.Namespace) -> int:
+    forest = chains.find_chains(args.folder, recursive=args.recursive)
+    plans = mergeable_chains(forest)
+    if args.json and not args.merge:
+        d = forest.to_dict()
+        d["merge_commands"] = [_merge_command(c) for c in plans]
+        emit_json(d)
+        return EXIT_OK
+    rel = lambda p: os.path.relpath(p, forest.folder)  # noqa: E731
+
+    def show(node: chains.Node, depth: int) -> None:
+        tags = [node.disk_type]
+        if node.state in ("missing", "mismatch"):
+            tags.append("PARENT MISSING" if node.state == "missing" else "ID MISMATCH with " + rel(node.parent))
+        if len(node.children) > 1:
+            tags.append(f"branch: {len(node.children)} children")
+        if not node.children:
+            tags.append("leaf")
+        if node.interrupted_merge:
+            tags.append("INTERRUPTED MERGE")
+        print(f"{'    ' * depth}{'└── ' if depth else ''}{rel(node.path)}  [{', '.join(tags)}]")
+        for c in sorted(node.children):
+            show(forest.nodes[c], depth + 1)
+
+    roots = sorted(forest.roots, key=lambda n: n.path)
+    for r in roots:
+        show(r, 0)
+    for n in forest.nodes.values():  # mismatched links show under their would-be parent already
+        pass
+    for n in forest.unreadable:
+        print(f"{rel(n.path)}  [unreadable: {n.error}]")
+    if not forest.nodes:
+        print(f"no .vhdx or .avhdx files in {forest.folder}")
+    if plans:
+        print("\nto merge each complete chain into its base:")
+        for c in plans:
+            print(f"  {_merge_command(c)}")
+    if args.merge:
+        from .merge_cmd import merge_plans
+        return merge_plans(args, plans)
+    return EXIT_OK
