@@ -610,6 +610,7 @@ def check_chain(path: str | os.PathLike[str], **options: Any) -> list[Any]:
     """Findings about a file's chain: missing parents, ID mismatches, interrupted merges."""
     from .check import ERROR, WARNING, Finding
     out = []
+    missing_severity = WARNING if options.get("missing_parent") == "zeros" else ERROR
     try:
         ch = chain(path, **options)
     except VhdxError as e:
@@ -619,7 +620,7 @@ def check_chain(path: str | os.PathLike[str], **options: Any) -> list[Any]:
             out.append(Finding(WARNING, None, f"{layer.path}: a merge into this disk was interrupted",
                                "run the same 'vhdx merge' command again to finish it"))
         if layer.linkage == "missing":
-            out.append(Finding(ERROR, None, f"{layer.path}: parent with DataWriteGuid {layer.parent_linkage} "
+            out.append(Finding(missing_severity, None, f"{layer.path}: parent with DataWriteGuid {layer.parent_linkage} "
                                f"not found", "use --search DIR, or 'vhdx reparent' to point it at its parent"))
         elif layer.linkage == "mismatch":
             out.append(Finding(ERROR, None, f"{layer.path}: parent found but its DataWriteGuid does not match "
