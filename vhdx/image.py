@@ -29,6 +29,8 @@ from .log import LogEntry, LogWriter, apply_replay, plan_replay
 from .storage import FileStorage, OverlayStorage, Storage
 
 Fallthrough = Callable[[memoryview, int], None]
+Extent = tuple[int, int, Any]  # (virtual_offset, length, buffer | (storage, file_offset) | None)
+COPY_BUFFER_SIZE = 8 << 20
 
 _ZEROS = bytes(4 << 20)
 _MAX_TX_BLOCKS = 64  # payload blocks allocated per log transaction
@@ -384,8 +386,12 @@ class Image:
             new = new.replace(sequence_number=new.sequence_number + 1)
         self.headers_identical = False
 
-    def begin_session(self, *, data_change: bool) -> None:
-        """Before the first change of this open: new FileWriteGuid, log session, new DataWriteGuid."""
+    def begin_session(self, *, data_change: bool, data_write_guid: uuid.UUID | None = None) -> None:
+        """Before the first change of this open: new FileWriteGuid, log session, new DataWriteGuid.
+
+        ``data_write_guid`` chooses the new DataWriteGuid (a merge announces it to the
+        child first); if the header already carries it, it is kept.
+        """
         self._check_writable()
         h = self.header
         need_log = self._log_writer is None
@@ -397,7 +403,10 @@ class Image:
             changes["file_write_guid"] = uuid.uuid4()
             self._session_started = True
         if need_data:
-            changes["data_write_guid"] = uuid.uuid4()
+            if data_write_guid is None:
+                changes["data_write_guid"] = uuid.uuid4()
+            elif data_write_guid != h.data_write_guid:
+                changes["data_write_guid"] = data_write_guid
             self._data_guid_rotated = True
         if need_log:
             if h.log_length < 2 * C.MiB // 2 or h.log_offset < C.HEADER_SECTION_SIZE:
@@ -422,7 +431,11 @@ class Image:
         self.begin_session(data_change=False)
         writer = self._log_writer
         assert writer is not None
-        items = sorted(pages.items())
+        # Bitmap and other pages before BAT pages: if a transaction needs several entries, a
+        # BAT entry never becomes durable before the bits it relies on.
+        bat_lo = self.bat_region.file_offset
+        bat_hi = bat_lo + self.bat_region.length
+        items = sorted(pages.items(), key=lambda kv: (bat_lo <= kv[0] < bat_hi, kv[0]))
         per_entry = writer.max_pages
         for i in range(0, len(items), per_entry):
             group = items[i:i + per_entry]
@@ -471,79 +484,159 @@ class Image:
             done += n
 
     def _write_transaction(self, data: memoryview, offset: int) -> None:
+        self.write_extents([(offset, len(data), data)])
+
+    def write_extents(self, extents: list[Extent], *, progress: Callable[[int], None] | None = None) -> None:
+        """Write a batch of non-overlapping extents as one transaction (vhdx-format.md §7.2 - §7.4).
+
+        Each extent is ``(virtual_offset, length, source)``; ``source`` is a buffer holding
+        the bytes, ``(storage, file_offset)`` to copy from another file, or None for zeros.
+        Blocks are allocated in one go at the end of the file; data is written and flushed
+        before one log transaction updates the BAT and the sector bitmaps that point at it.
+        """
+        self._check_writable()
+        if not extents:
+            return
+        self.begin_session(data_change=True)
         g = self.geometry
-        bs, ss = g.block_size, g.logical_sector_size
+        bs, ss, size = g.block_size, g.logical_sector_size, self.size
         has_parent = self.has_parent
-        total = len(data)
-        plans = []  # (block, in_block, n, state)
-        done = 0
-        while done < total:
-            pos = offset + done
-            block, in_block = divmod(pos, bs)
-            n = min(bs - in_block, total - done)
-            plans.append((block, in_block, n, done))
-            done += n
-        # Decide allocations.
-        new_blocks: list[tuple[int, int]] = []  # (block, new state)
-        for block, in_block, n, _ in plans:
-            state = int(self.bat[self._payload_idx[block]]) & C.BAT_STATE_MASK
-            if state == C.PAYLOAD_BLOCK_FULLY_PRESENT or state == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+        # Split extents at block boundaries: per block, a list of (in_block, length, source, source_skip).
+        per_block: dict[int, list[tuple[int, int, Any, int]]] = {}
+        for offset, length, source in extents:
+            if offset < 0 or length <= 0 or offset + length > size:
+                raise UsageError(f"extent of {length} bytes at {offset} is outside the {size}-byte disk",
+                                 path=self.path)
+            if has_parent and (offset % ss or length % ss):
+                raise UsageError("differencing writes must be sector aligned", path=self.path)
+            done = 0
+            while done < length:
+                pos = offset + done
+                block, in_block = divmod(pos, bs)
+                n = min(bs - in_block, length - done)
+                per_block.setdefault(block, []).append((in_block, n, source, done))
+                done += n
+        blocks = sorted(per_block)
+        pidx = self._payload_idx
+        new_bat = self.bat.copy()
+        changed_bat: set[int] = set()
+        new_blocks: list[tuple[int, int]] = []  # (block, state)
+        for block in blocks:
+            parts = per_block[block]
+            entry = int(new_bat[pidx[block]])
+            state = entry & C.BAT_STATE_MASK
+            if state in (C.PAYLOAD_BLOCK_FULLY_PRESENT, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT):
                 continue
-            whole = in_block == 0 and (n == bs or block * bs + n >= self.size)
-            if has_parent and state == C.PAYLOAD_BLOCK_NOT_PRESENT and not whole:
+            valid = min(bs, size - block * bs)
+            whole = sum(p[1] for p in parts) >= valid
+            all_zero = all(p[2] is None for p in parts)
+            falls_through = has_parent and state == C.PAYLOAD_BLOCK_NOT_PRESENT
+            if all_zero and not falls_through:
+                continue  # the block already reads as zeros
+            if all_zero and whole:
+                new_bat[pidx[block]] = batmod.make_entry(C.PAYLOAD_BLOCK_ZERO, 0)
+                changed_bat.add(int(pidx[block]))
+                continue
+            if falls_through and not whole:
                 new_blocks.append((block, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT))
             else:
                 new_blocks.append((block, C.PAYLOAD_BLOCK_FULLY_PRESENT))
-        changed_bat: set[int] = set()
-        sbm_pages: dict[int, bytearray] = {}
         new_sbm_chunks: list[int] = []
         if has_parent:
             for block, st in new_blocks:
                 if st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
                     chunk = block // g.chunk_ratio
-                    sbm_entry = int(self.bat[g.sbm_bat_index(chunk)])
+                    sbm_entry = int(new_bat[g.sbm_bat_index(chunk)])
                     if sbm_entry & C.BAT_STATE_MASK != C.SB_BLOCK_PRESENT and chunk not in new_sbm_chunks:
                         new_sbm_chunks.append(chunk)
+        fresh: set[int] = set()
         need = len(new_blocks) * bs + len(new_sbm_chunks) * C.SECTOR_BITMAP_BLOCK_SIZE
-        new_bat = self.bat.copy() if need else self.bat
         if need:
-            start = self._allocate(need)
-            at = start
+            at = self._allocate(need)
             for chunk in new_sbm_chunks:
                 idx = g.sbm_bat_index(chunk)
                 new_bat[idx] = batmod.make_entry(C.SB_BLOCK_PRESENT, at)
                 changed_bat.add(idx)
                 at += C.SECTOR_BITMAP_BLOCK_SIZE
             for block, st in new_blocks:
-                idx = int(self._payload_idx[block])
+                idx = int(pidx[block])
                 new_bat[idx] = batmod.make_entry(st, at)
                 changed_bat.add(idx)
+                fresh.add(block)
                 at += bs
-        # Data first.
-        for block, in_block, n, done in plans:
-            entry = int(new_bat[self._payload_idx[block]])
-            self.storage.write(data[done:done + n], (entry & C.BAT_FILE_OFFSET_MASK) + in_block)
-        # Sector bitmap bits for every partially present block written.
-        newly_partial = {b for b, st in new_blocks if st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT}
-        for block, in_block, n, _ in plans:
-            entry = int(new_bat[self._payload_idx[block]])
-            if entry & C.BAT_STATE_MASK != C.PAYLOAD_BLOCK_PARTIALLY_PRESENT or not has_parent:
+        # Data first: coalesce copies that are contiguous on both sides.
+        copies: list[list[Any]] = []  # [src_storage, src_offset, dst_offset, length]
+        for block in blocks:
+            entry = int(new_bat[pidx[block]])
+            if entry & C.BAT_STATE_MASK not in (C.PAYLOAD_BLOCK_FULLY_PRESENT, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT):
                 continue
-            chunk = block // g.chunk_ratio
-            sbm_base = int(new_bat[g.sbm_bat_index(chunk)]) & C.BAT_FILE_OFFSET_MASK
-            lo, hi = g.bitmap_byte_range(block)
-            if block in newly_partial:
-                # Clear the whole block's bits: a new partial block starts from "all from parent".
-                self._modify_bitmap(sbm_pages, sbm_base, lo * 8, (hi - lo) * 8, False)
-            first_bit = lo * 8 + in_block // ss
-            self._modify_bitmap(sbm_pages, sbm_base, first_bit, n // ss, True)
-        if need or sbm_pages:
+            base = entry & C.BAT_FILE_OFFSET_MASK
+            for in_block, n, source, skip in per_block[block]:
+                dst = base + in_block
+                if source is None:
+                    if block not in fresh:
+                        self._write_zeros(dst, n)
+                elif isinstance(source, tuple):
+                    storage, src = source
+                    last = copies[-1] if copies else None
+                    if last and last[0] is storage and last[1] + last[3] == src + skip and last[2] + last[3] == dst:
+                        last[3] += n
+                    else:
+                        copies.append([storage, src + skip, dst, n])
+                else:
+                    self.storage.write(source[skip:skip + n], dst)
+        for storage, src, dst, n in copies:
+            self._copy_from(storage, src, dst, n, progress)
+        # Sector bitmap bits for every partially present block written.
+        sbm_pages: dict[int, bytearray] = {}
+        if has_parent:
+            for block in blocks:
+                entry = int(new_bat[pidx[block]])
+                if entry & C.BAT_STATE_MASK != C.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+                    continue
+                chunk = block // g.chunk_ratio
+                sbm_base = int(new_bat[g.sbm_bat_index(chunk)]) & C.BAT_FILE_OFFSET_MASK
+                lo, hi = g.bitmap_byte_range(block)
+                if block in fresh:
+                    # A new partial block starts as "all from the parent".
+                    self._modify_bitmap(sbm_pages, sbm_base, lo * 8, (hi - lo) * 8, False)
+                for in_block, n, _source, _skip in per_block[block]:
+                    self._modify_bitmap(sbm_pages, sbm_base, lo * 8 + in_block // ss, n // ss, True)
+        if need or sbm_pages or changed_bat:
             self.storage.flush()  # data before the metadata that points at it (§7.4)
             pages = {k: bytes(v) for k, v in sbm_pages.items()}
             if changed_bat:
                 self.bat = new_bat
                 pages.update(self._bat_pages(changed_bat))
             self.log_pages(pages)
+
+    def _write_zeros(self, file_offset: int, length: int) -> None:
+        done = 0
+        while done < length:
+            n = min(len(_ZEROS), length - done)
+            self.storage.write(_ZEROS[:n], file_offset + done)
+            done += n
+
+    def _copy_from(self, source: Storage, src: int, dst: int, length: int,
+                   progress: Callable[[int], None] | None) -> None:
+        """Copy ``length`` bytes between files through one reused buffer (preadv/pwritev)."""
+        buf = self._copy_buffer
+        view = memoryview(buf)
+        done = 0
+        while done < length:
+            n = min(len(buf), length - done)
+            source.readinto(view[:n], src + done)
+            self.storage.write(view[:n], dst + done)
+            done += n
+            if progress is not None:
+                progress(n)
+
+    @property
+    def _copy_buffer(self) -> bytearray:
+        buf = getattr(self, "_copy_buf", None)
+        if buf is None:
+            buf = self._copy_buf = bytearray(COPY_BUFFER_SIZE)
+        return buf
 
     def _modify_bitmap(self, pages: dict[int, bytearray], sbm_base: int, first_bit: int, count: int,
                        value: bool) -> None:

@@ -1,0 +1,416 @@
+"""Merge: fold differencing layers into an ancestor, like Hyper-V's Merge-VHD.
+
+The plan is computed with numpy over the sources' BATs and sector bitmaps, one window
+of the virtual disk at a time (a window holds whole blocks of every layer), so memory
+stays bounded whatever the disk size. Each window becomes a list of extents (runs of
+sectors owned by one source layer, or zeros) that the destination writes as one
+transaction: blocks allocated in a batch, data copied through a reused 8 MiB buffer,
+flushed, then BAT and bitmap changes through the log (vhdx-format.md §7.4, §9.5).
+
+Crash safety and restart (§9.5): before the destination's DataWriteGuid changes, the new
+GUID is stored as ``parent_linkage2`` in the layer right above it, so at every moment one
+of its two linkage GUIDs matches and the chain stays readable. A journal item in the
+destination's metadata marks the merge as in progress until it is done. Data reads through
+the child never change during a merge: the destination only receives sectors that the
+sources define, and the sources are not modified. Running the same merge again redoes the
+copy (it is idempotent) and finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import chains
+from .errors import ChainError, MergeError, UsageError, VhdxError
+from .format import bitmap as bitmapmod
+from .format import constants as C
+from .format.locator import build_parent_locator, format_linkage, parse_linkage
+from .format.records import MetadataItem, metadata_items
+from .image import Image
+from .storage import FileStorage, Storage
+
+TRANSPARENT = 255
+ZERO = 254
+BATCH_BYTES = 128 << 20  # destination data per transaction
+WINDOW_MIN = 64 << 20
+_ZERO_STATES = (C.PAYLOAD_BLOCK_UNDEFINED, C.PAYLOAD_BLOCK_ZERO, C.PAYLOAD_BLOCK_UNMAPPED,
+                C.PAYLOAD_BLOCK_UNMAPPED_V095)
+
+
+@dataclass
+class MergePlan:
+    """What a merge will do; ``vhdx merge --dry-run`` prints it."""
+
+    child: str
+    destination: str
+    sources: list[str]
+    destination_type: str
+    virtual_size: int
+    bytes_to_copy: int = 0
+    bytes_of_zeros: int = 0
+    destination_blocks: int = 0
+    allocations: int = 0
+    bytes_to_allocate: int = 0
+    per_source_bytes: dict[str, int] = field(default_factory=dict)
+    dependents: list[str] = field(default_factory=list)
+    resuming: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MergeResult:
+    plan: MergePlan
+    bytes_copied: int
+    seconds: float
+    deleted: list[str]
+    broken_dependents: list[str]
+    new_data_write_guid: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["throughput_mib_s"] = self.bytes_copied / max(self.seconds, 1e-9) / (1 << 20)
+        return d
+
+
+# --------------------------------------------------------------------------- planning
+
+def _windows(sources: list[Image], window: int, size: int) -> np.ndarray:
+    """Indexes of the windows in which any source defines anything (vectorised over the BATs)."""
+    hits = []
+    for im in sources:
+        st = im.payload_states()
+        used = np.flatnonzero(st != C.PAYLOAD_BLOCK_NOT_PRESENT)
+        hits.append((used.astype(np.int64) * im.block_size) // window)
+    if not hits:
+        return np.zeros(0, np.int64)
+    return np.unique(np.concatenate(hits))
+
+
+def _owners(sources: list[Image], start: int, length: int) -> np.ndarray:
+    """Per logical sector of [start, start+length): which source defines it (index), ZERO, or TRANSPARENT."""
+    ss = sources[0].logical_sector_size
+    n = length // ss
+    owner = np.full(n, TRANSPARENT, dtype=np.uint8)
+    for i, im in enumerate(sources):
+        bs = im.block_size
+        spb = bs // ss
+        first_block = start // bs
+        last_block = -(-(start + length) // bs)
+        states = im.payload_states()[first_block:last_block]
+        if not np.any(states != C.PAYLOAD_BLOCK_NOT_PRESENT):
+            continue
+        defined = np.isin(states, (C.PAYLOAD_BLOCK_FULLY_PRESENT,) + _ZERO_STATES)
+        if not im.has_parent:
+            defined |= states == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT
+        value = np.where(np.isin(states, _ZERO_STATES), ZERO, i).astype(np.uint8)
+        offset_sectors = (first_block * bs - start) // ss  # <= 0: the window starts inside the first block
+        mask = np.repeat(defined, spb)
+        vals = np.repeat(value, spb)
+        if im.has_parent:
+            for k in np.flatnonzero(states == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT).tolist():
+                bits = im._read_bitmap(first_block + k)
+                mask[k * spb:(k + 1) * spb] = bits.astype(bool)
+                vals[k * spb:(k + 1) * spb] = i
+        lo = -offset_sectors
+        mask = mask[lo:lo + n]
+        vals = vals[lo:lo + n]
+        take = mask & (owner == TRANSPARENT)
+        owner[take] = vals[take]
+    return owner
+
+
+def _extents(sources: list[Image], start: int, length: int) -> Iterator[tuple[int, int, Any, int]]:
+    """(virtual_offset, length, source, source_index) runs of one window; source None means zeros."""
+    ss = sources[0].logical_sector_size
+    owner = _owners(sources, start, length)
+    starts, stops, values = bitmapmod.runs(owner)
+    for s0, s1, v in zip(starts.tolist(), stops.tolist(), values.tolist()):
+        if v == TRANSPARENT:
+            continue
+        voff, vlen = start + s0 * ss, (s1 - s0) * ss
+        if v == ZERO:
+            yield voff, vlen, None, -1
+            continue
+        im = sources[v]
+        bs = im.block_size
+        pos = voff
+        end = voff + vlen
+        offsets = im.payload_offsets()
+        while pos < end:  # split at the source's block boundaries: each block has its own file offset
+            block, in_block = divmod(pos, bs)
+            n = min(bs - in_block, end - pos)
+            yield pos, n, (im.storage, int(offsets[block]) + in_block), v
+            pos += n
+
+
+def _window_size(images: list[Image]) -> int:
+    return max([WINDOW_MIN] + [im.block_size for im in images])
+
+
+def plan_merge(sources: list[Image], dest: Image, plan: MergePlan) -> MergePlan:
+    """Fill in the totals of ``plan`` (reads BATs and bitmaps, not data)."""
+    window = _window_size(sources + [dest])
+    size = dest.size
+    dstates = dest.payload_states()
+    dbs = dest.block_size
+    touched: set[int] = set()
+    for w in _windows(sources, window, size).tolist():
+        start = w * window
+        length = min(window, size - start)
+        if length <= 0:
+            continue
+        for voff, vlen, src, v in _extents(sources, start, length):
+            if src is None:
+                plan.bytes_of_zeros += vlen
+            else:
+                plan.bytes_to_copy += vlen
+                name = sources[v].path
+                plan.per_source_bytes[name] = plan.per_source_bytes.get(name, 0) + vlen
+            touched.update(range(voff // dbs, (voff + vlen - 1) // dbs + 1))
+    plan.destination_blocks = len(touched)
+    if touched:
+        t = np.fromiter(touched, dtype=np.int64)
+        allocated = np.isin(dstates[t], (C.PAYLOAD_BLOCK_FULLY_PRESENT, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT))
+        plan.allocations = int((~allocated).sum())
+        plan.bytes_to_allocate = plan.allocations * dbs
+        if dest.has_parent:
+            plan.bytes_to_allocate += dest.geometry.sector_bitmap_blocks * C.MiB
+    return plan
+
+
+# --------------------------------------------------------------------------- the merge
+
+def _journal_item(plan: MergePlan, new_guid: uuid.UUID) -> MetadataItem:
+    data = json.dumps(dict(tool="vhdx", sources=plan.sources, child=plan.child, new_data_write_guid=str(new_guid),
+                           started=time.time())).encode()
+    return MetadataItem(chains.MERGE_JOURNAL_GUID, data, C.METADATA_IS_USER)
+
+
+def read_journal(image: Image) -> dict[str, Any] | None:
+    raw = image.metadata.items.get((chains.MERGE_JOURNAL_GUID, True))
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError):
+        return {}
+
+
+def _set_linkage2(path: str, current: uuid.UUID, new: uuid.UUID, wrap: Callable[[Storage], Storage] | None) -> None:
+    """Make ``path`` accept both its parent's ``current`` and ``new`` DataWriteGuid (§9.5).
+
+    parent_linkage takes the GUID that matches now and parent_linkage2 the one that will,
+    so the link holds at every moment of the change (through the log; its own GUIDs stay).
+    """
+    storage: Storage = FileStorage(path, writable=True)
+    if wrap:
+        storage = wrap(storage)
+    image = Image.open(path, "r+", storage=storage)
+    try:
+        loc = dict(image.metadata.parent_locator or {})
+        if parse_linkage(loc.get("parent_linkage")) == current and parse_linkage(loc.get("parent_linkage2")) == new:
+            return
+        loc["parent_linkage"] = format_linkage(current)
+        loc["parent_linkage2"] = format_linkage(new)
+        items = [it if it.item_id != C.PARENT_LOCATOR_GUID else
+                 MetadataItem(it.item_id, build_parent_locator(loc), it.flags) for it in metadata_items(image.metadata)]
+        image.write_metadata_items(items, data_change=False)
+    finally:
+        image.close()
+
+
+def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], folders: Sequence[str]) -> list[str]:
+    """Other files whose parent is the destination or an intermediate layer to be deleted."""
+    ours = {os.path.abspath(im.path) for im in chain_images}
+    guids = {im.header.data_write_guid: im for im in sources[1:] + [dest]}
+    out = []
+    seen: set[str] = set()
+    for folder in folders:
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for name in names:
+            p = os.path.abspath(os.path.join(folder, name))
+            if p in ours or p in seen or not name.lower().endswith(chains.VHDX_SUFFIXES):
+                continue
+            seen.add(p)
+            try:
+                im = Image.open(p, "r")
+            except (VhdxError, OSError):
+                continue
+            try:
+                if im.has_parent:
+                    l1, l2 = chains._linkage_of(im)
+                    if (l1 in guids) or (l2 in guids):
+                        out.append(p)
+            finally:
+                im.close()
+    return out
+
+
+def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None, *,
+          progress: Callable[[int, int], None] | None = None, ignore_id_mismatch: bool = False,
+          keep: bool = False, force: bool = False, search_paths: Sequence[str | os.PathLike[str]] = (),
+          dry_run: bool = False, storage_wrapper: Callable[[Storage], Storage] | None = None
+          ) -> MergeResult | MergePlan:
+    """Merge ``child`` into its parent, or every layer down to the ancestor ``into``.
+
+    Afterwards the destination reads exactly as the child did and has a new DataWriteGuid;
+    the merged files are deleted unless ``keep``. Refuses (listing them) when other disks
+    depend on the destination unless ``force``. ``dry_run`` returns the plan and writes nothing.
+    ``storage_wrapper`` wraps every file opened for writing (fault-injection tests).
+    """
+    child = os.path.abspath(os.fspath(child))
+    search = [os.fspath(p) for p in search_paths]
+    t0 = time.monotonic()
+    leaf = Image.open(child, "r")
+    if not leaf.has_parent:
+        leaf.close()
+        raise MergeError("not a differencing disk: nothing to merge", path=child)
+    resolver = chains._Resolver(search_paths=search, ignore_id_mismatch=ignore_id_mismatch)
+    try:
+        images, layers, _ = resolver.resolve(leaf)
+    except BaseException:
+        leaf.close()
+        raise
+    try:
+        if into is None:
+            dest_index = 1
+        else:
+            target = os.fspath(into)
+            keys = [chains._file_key(im.path) for im in images]
+            if not os.path.exists(target) or chains._file_key(target) not in keys[1:]:
+                raise MergeError(f"{target} is not an ancestor of the child; the chain is: "
+                                 + " <- ".join(im.path for im in reversed(images)), path=child)
+            dest_index = keys.index(chains._file_key(target))
+        sources = images[:dest_index]
+        dest_ro = images[dest_index]
+        for im in sources + [dest_ro]:
+            if im.size != leaf.size or im.logical_sector_size != leaf.logical_sector_size:
+                raise MergeError(f"{im.path}: virtual size or sector size differs from the child's; "
+                                 f"refusing to merge", path=child)
+        for layer in layers[:dest_index]:
+            if layer.linkage == "mismatch" and not ignore_id_mismatch:
+                raise MergeError(f"{layer.path}: parent ID mismatch", path=child)
+        plan = MergePlan(child=child, destination=dest_ro.path, sources=[im.path for im in sources],
+                         destination_type=dest_ro.disk_type, virtual_size=leaf.size)
+        journal = read_journal(dest_ro)
+        plan.resuming = journal is not None
+        folders = sorted({os.path.dirname(os.path.abspath(im.path)) for im in images[:dest_index + 1]} | set(search))
+        plan.dependents = _dependents(dest_ro, images, sources, folders)
+        plan_merge(sources, dest_ro, plan)
+        if dry_run:
+            return plan
+        if plan.dependents and not force:
+            raise MergeError("other disks depend on the destination or on a layer that the merge deletes; "
+                             "their content would change (pass force to merge anyway): "
+                             + ", ".join(plan.dependents), path=child)
+        st = os.stat(dest_ro.path)
+        if not st.st_mode & 0o222 or not os.access(dest_ro.path, os.W_OK):
+            raise MergeError("the destination file is read-only", path=dest_ro.path)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(dest_ro.path))).free
+        if plan.bytes_to_allocate + (2 << 20) > free:
+            raise MergeError(f"not enough free space: the merge needs up to {plan.bytes_to_allocate} bytes, "
+                             f"{free} are free", path=dest_ro.path)
+        dest_path = dest_ro.path
+        for im in images[dest_index:]:
+            im.close()
+        result = _run(plan, sources, dest_path, journal, progress, storage_wrapper)
+    finally:
+        for im in images:
+            im.close()
+    deleted = []
+    if not keep:
+        for p in plan.sources:  # the leaf first: a leftover intermediate is a plain orphan
+            os.unlink(p)
+            deleted.append(p)
+    result.deleted = deleted
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: dict[str, Any] | None,
+         progress: Callable[[int, int], None] | None, wrap: Callable[[Storage], Storage] | None) -> MergeResult:
+    above = sources[-1]  # the layer whose parent is the destination
+    if journal and journal.get("new_data_write_guid"):
+        new_guid = uuid.UUID(journal["new_data_write_guid"])
+    else:
+        new_guid = uuid.uuid4()
+    storage: Storage = FileStorage(dest_path, writable=True)
+    if wrap:
+        storage = wrap(storage)
+    dest = Image.open(dest_path, "r+", storage=storage)
+    try:
+        # 1. The layer above learns the destination's next GUID before the destination changes.
+        _set_linkage2(above.path, dest.header.data_write_guid, new_guid, wrap)
+    except BaseException:
+        dest.close()
+        raise
+    copied = 0
+    try:
+        if dest.header.data_write_guid != new_guid:
+            # 2. Journal and new DataWriteGuid in one go (the first change to the destination).
+            dest.begin_session(data_change=True, data_write_guid=new_guid)
+            items = [it for it in metadata_items(dest.metadata) if it.item_id != chains.MERGE_JOURNAL_GUID]
+            dest.write_metadata_items(items + [_journal_item(plan, new_guid)])
+        else:
+            dest.begin_session(data_change=True, data_write_guid=new_guid)
+        # 3. Copy, one batch of windows per transaction.
+        total = plan.bytes_to_copy + plan.bytes_of_zeros
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, total)
+
+        window = _window_size(sources + [dest])
+        batch: list[tuple[int, int, Any]] = []
+        batch_bytes = 0
+        for w in _windows(sources, window, dest.size).tolist():
+            start = w * window
+            length = min(window, dest.size - start)
+            if length <= 0:
+                continue
+            for voff, vlen, src, _v in _extents(sources, start, length):
+                batch.append((voff, vlen, src))
+                batch_bytes += vlen
+                if src is not None:
+                    copied += vlen
+            if batch_bytes >= BATCH_BYTES:
+                zeros = sum(e[1] for e in batch if e[2] is None)
+                dest.write_extents(batch, progress=tick)
+                tick(zeros)
+                batch, batch_bytes = [], 0
+        if batch:
+            zeros = sum(e[1] for e in batch if e[2] is None)
+            dest.write_extents(batch, progress=tick)
+            tick(zeros)
+        # 4. Virtual-disk items come from the child (§4.1); the journal goes.
+        child_items = {(it.item_id, bool(it.flags & C.METADATA_IS_USER)): it
+                       for it in metadata_items(sources[0].metadata) if it.flags & C.METADATA_IS_VIRTUAL_DISK}
+        items = []
+        for it in metadata_items(dest.metadata):
+            if it.item_id == chains.MERGE_JOURNAL_GUID:
+                continue
+            key = (it.item_id, bool(it.flags & C.METADATA_IS_USER))
+            items.append(child_items.pop(key, it) if it.flags & C.METADATA_IS_VIRTUAL_DISK else it)
+        items.extend(child_items.values())
+        dest.write_metadata_items(items)
+        dest.flush()
+    finally:
+        dest.close()
+    return MergeResult(plan=plan, bytes_copied=copied, seconds=0.0, deleted=[], broken_dependents=plan.dependents,
+                       new_data_write_guid=str(new_guid))
