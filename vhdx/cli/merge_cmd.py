@@ -1,0 +1,108 @@
+"""The merge verb, and the merging half of ``vhdx orphans --merge``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from ..merge import MergePlan, merge
+from . import EXIT_ERROR, EXIT_OK, emit_json
+from .progress import Progress, human_bytes
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("merge", help="merge a checkpoint (or several levels) into its parent, like Merge-VHD")
+    p.add_argument("child")
+    p.add_argument("--into", metavar="ANCESTOR", help="merge every layer down to this ancestor (default: the parent)")
+    p.add_argument("--keep", action="store_true", help="keep the merged files (they are no longer valid)")
+    p.add_argument("--force", action="store_true", help="merge even though other disks depend on the destination")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    p.add_argument("--ignore-id-mismatch", action="store_true")
+    p.add_argument("--search", action="append", default=[], metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_merge)
+
+
+def print_plan(plan: MergePlan) -> None:
+    print(f"merge plan{' (resuming an interrupted merge)' if plan.resuming else ''}:")
+    for s in plan.sources:
+        print(f"  from        {s}  ({human_bytes(plan.per_source_bytes.get(s, 0))} of data)")
+    print(f"  into        {plan.destination}  [{plan.destination_type}]")
+    print(f"  copy        {human_bytes(plan.bytes_to_copy)} ({plan.bytes_to_copy} bytes), zero "
+          f"{human_bytes(plan.bytes_of_zeros)}, {plan.destination_blocks} destination blocks, "
+          f"{plan.allocations} to allocate ({human_bytes(plan.bytes_to_allocate)})")
+    if plan.dependents:
+        print("  WARNING: these disks depend on the destination or on a layer the merge deletes:")
+        for d in plan.dependents:
+            print(f"    {d}")
+
+
+def _run_one(args: argparse.Namespace, child: str, into: str | None) -> dict[str, Any]:
+    progress = Progress(f"merge {os.path.basename(child)}", enabled=getattr(args, "progress", None))
+    result = merge(child, into, progress=progress, ignore_id_mismatch=getattr(args, "ignore_id_mismatch", False),
+                   keep=getattr(args, "keep", False), force=getattr(args, "force", False),
+                   search_paths=getattr(args, "search", []))
+    progress.finish()
+    d = result.to_dict()
+    return d
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        plan = merge(args.child, args.into, ignore_id_mismatch=args.ignore_id_mismatch, search_paths=args.search,
+                     dry_run=True)
+        if args.json:
+            emit_json(plan.to_dict())
+        else:
+            print_plan(plan)
+            print("dry run: nothing was written")
+        return EXIT_OK
+    d = _run_one(args, args.child, args.into)
+    if args.json:
+        emit_json(dict(child=args.child, destination=d["plan"]["destination"], bytes_copied=d["bytes_copied"],
+                       blocks=d["plan"]["destination_blocks"], seconds=d["seconds"],
+                       throughput_mib_s=d["throughput_mib_s"], deleted=d["deleted"],
+                       broken_dependents=d["broken_dependents"], new_data_write_guid=d["new_data_write_guid"]))
+    else:
+        print(f"merged {human_bytes(d['bytes_copied'])} into {d['plan']['destination']} in {d['seconds']:.2f} s "
+              f"({d['throughput_mib_s']:.0f} MiB/s)")
+        for p in d["deleted"]:
+            print(f"  deleted {p}")
+        for p in d["broken_dependents"]:
+            print(f"  WARNING: {p} depended on a merged disk and no longer matches its parent")
+    return EXIT_OK
+
+
+def merge_plans(args: argparse.Namespace, chains_to_merge: list) -> int:
+    """Merge each unambiguous chain of ``vhdx orphans --merge`` after showing its plan."""
+    if not chains_to_merge:
+        print("nothing to merge: no complete, unbranched chain of checkpoints")
+        return EXIT_OK
+    plans = []
+    for nodes in chains_to_merge:
+        leaf, base = nodes[0].path, nodes[-1].path
+        plan = merge(leaf, base, dry_run=True)
+        plans.append((leaf, base, plan))
+        if not args.json:
+            print()
+            print_plan(plan)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("refusing to merge without confirmation: pass --yes", file=sys.stderr)
+            return EXIT_ERROR
+        answer = input(f"merge these {len(plans)} chains? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing merged")
+            return EXIT_OK
+    results = []
+    for leaf, base, _plan in plans:
+        results.append(_run_one(args, leaf, base))
+        if not args.json:
+            print(f"merged {leaf} into {base}")
+    if args.json:
+        emit_json(dict(merged=results))
+    return EXIT_OK
