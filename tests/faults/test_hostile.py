@@ -67,10 +67,18 @@ def _where(e: BaseException) -> str:
     return f" (raised at {os.path.relpath(f.filename, REPO)}:{f.lineno} in {f.name})"
 
 
+PROBE_WRITES = ((0, b"\xc3" * 4096), (3 * MiB + 512, b"\x3c" * 4096))   # block 0 in place, block 3 new
+
+
 def exercise(path: Path, mode: str = "r") -> Outcome:
-    """Open ``path`` with vhdx.open, call info(), read the whole virtual disk, close."""
+    """Open ``path`` with vhdx.open, call info(), read the whole virtual disk, close.
+
+    With "r+", then also write PROBE_WRITES (an allocated block and, in dynamic bases, a new
+    one), close, reopen read-only and check that they read back.
+    """
     out = Outcome(mode)
     guard = Guard()
+    out.problems = []
     try:
         with guard:
             try:
@@ -78,15 +86,28 @@ def exercise(path: Path, mode: str = "r") -> Outcome:
                 try:
                     str(disk.info())
                     out.digest, out.size = read_disk(disk)
+                    if mode == "r+":
+                        probes = [(at, data) for at, data in PROBE_WRITES if at + len(data) <= out.size]
+                        for at, data in probes:
+                            disk.seek(at)
+                            disk.write(data)
+                        disk.flush()
                 finally:
                     disk.close()
+                if mode == "r+":
+                    with vhdx.open(str(path)) as again:
+                        for at, data in probes:
+                            again.seek(at)
+                            if again.read(len(data)) != data:
+                                out.problems.append(f"a {len(data)}-byte write at virtual 0x{at:x} "
+                                                    f"did not read back after reopening")
             except vhdx.VhdxError as e:
                 out.error = e
     except CaseTimeout as e:
         out.error = e
     except Exception as e:   # the thing these tests exist to catch
         out.error = e
-    out.problems = guard.verdict()
+    out.problems += guard.verdict()
     return out
 
 
@@ -134,8 +155,17 @@ def run_case(case: Case, base: str, base_disks, tmp_path: Path) -> None:
     if case.rw:
         rw_path = tmp_path / f"{case.name}-rw.vhdx"
         rw_path.write_bytes(data)
+        protected = [(0, 0x10000), (layout.metadata_offset, layout.regions[vb.METADATA_GUID][2])]
         rw = exercise(rw_path, "r+")
         assert_clean(rw, rw_path)
+        after = rw_path.read_bytes()
+        for start, length in protected:
+            if after[start:start + length] != data[start:start + length]:
+                where = next(i for i in range(start, start + length)
+                             if i >= len(after) or after[i] != data[i])
+                pytest.fail(f"[r+] writing the virtual disk changed the file at 0x{where:x}, inside "
+                            f"{'the file identifier' if start == 0 else 'the metadata region'} "
+                            f"({rw.describe()})")
         outcomes.append(rw)
         if ro.ok and rw.ok:
             assert ro.digest == rw.digest, (

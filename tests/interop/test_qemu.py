@@ -149,3 +149,25 @@ def test_qemu_accepts_our_writes_into_a_qemu_made_disk(block_size, subformat, si
     _qemu_check(qemu_img, path)
     with vhdx.open(path) as disk:
         assert_same_bytes(read_whole_disk(disk), model, "vhdx.open after qemu-io wrote again")
+
+
+@pytest.mark.parametrize("geometry", geometry_params([GEOMETRIES_512[0], GEOMETRIES_512[3],
+                                                      GEOMETRIES_512[6]]))
+def test_alternating_sessions_of_qemu_io_and_ours_agree_with_the_model(
+        geometry, tmp_path, interop_tool, build_our_disk, read_whole_disk, write_all):
+    """Each tool takes over a file the other just wrote: BAT, log and headers must be mutual."""
+    qemu_img, qemu_io = interop_tool("qemu-img"), interop_tool("qemu-io")
+    path = tmp_path / "ours.vhdx"
+    model = build_our_disk(path, geometry, seed=30)
+    for round_number in range(3):
+        _qemu_io_writes(qemu_io, path, model, geometry.block_size, seed=31 + round_number)
+        _qemu_check(qemu_img, path)
+        ours = pattern_writes(geometry.size, geometry.block_size, 512, seed=40 + round_number)
+        with vhdx.open(path, "r+") as disk:
+            assert_same_bytes(read_whole_disk(disk), model, f"round {round_number}: before our writes")
+            for offset, data in ours:
+                write_all(disk, offset, data)
+        apply(model, ours)
+        _qemu_check(qemu_img, path)
+        assert_same_bytes(_qemu_convert(qemu_img, path, tmp_path), model,
+                          f"round {round_number}: qemu-img convert")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from typing import Any, Callable, Sequence
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     inspect.register(sub)
     disks.register(sub)
-    for name in ("chain", "merge"):
+    for name in ("chain", "merge", "map"):
         try:
             mod = __import__(f"vhdx.cli.{name}_cmd", fromlist=["register"])
         except ImportError:
@@ -99,6 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"vhdx: error: {e}", file=sys.stderr)
         return getattr(args, "error_exit", EXIT_ERROR)
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 1
     except OSError as e:
         if args.debug:
             traceback.print_exc()
@@ -108,5 +115,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vhdx: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 1

@@ -1,0 +1,162 @@
+"""Allocation maps: which virtual ranges each layer holds, and what a checkpoint changed.
+
+Everything is computed from BAT states with numpy run detection; only PARTIALLY_PRESENT
+blocks read their sector bitmaps, so a 64 TiB sparse disk answers at once.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from .format import bitmap as bitmapmod
+from .format import constants as C
+from .image import Image
+
+PRESENT = "present"
+PARTIAL = "partial"      # inside a PARTIALLY_PRESENT block: sectors of this file
+ABSENT = "absent"        # falls through to the parent (or zeros without one)
+ZERO = "zero"
+UNMAPPED = "unmapped"    # UNMAPPED and UNDEFINED: read as zeros
+_STATE_KIND = {
+    C.PAYLOAD_BLOCK_NOT_PRESENT: ABSENT, C.PAYLOAD_BLOCK_UNDEFINED: UNMAPPED, C.PAYLOAD_BLOCK_ZERO: ZERO,
+    C.PAYLOAD_BLOCK_UNMAPPED: UNMAPPED, C.PAYLOAD_BLOCK_UNMAPPED_V095: UNMAPPED, 4: UNMAPPED,
+    C.PAYLOAD_BLOCK_FULLY_PRESENT: PRESENT, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT: PARTIAL,
+}
+_KIND_CODE = {PRESENT: 0, PARTIAL: 1, ABSENT: 2, ZERO: 3, UNMAPPED: 4}
+_CODE_KIND = {v: k for k, v in _KIND_CODE.items()}
+
+
+@dataclass(frozen=True)
+class Range:
+    """A run of the virtual disk with one state: bytes and logical sectors."""
+
+    start: int
+    length: int
+    state: str
+    sector_size: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        del d["sector_size"]
+        d["first_sector"] = self.start // self.sector_size
+        d["sectors"] = self.length // self.sector_size if self.length % self.sector_size == 0 else \
+            -(-self.length // self.sector_size)
+        return d
+
+
+def layer_ranges(image: Image) -> Iterator[Range]:
+    """Ranges of one file, in order, covering the whole virtual disk.
+
+    Inside PARTIALLY_PRESENT blocks of a differencing file, sectors with their bit set are
+    ``partial`` and the others ``absent``. Without a parent, PARTIALLY_PRESENT reads as present.
+    """
+    g = image.geometry
+    bs, ss, size = g.block_size, g.logical_sector_size, image.size
+    states = image.payload_states()
+    codes = np.array([_KIND_CODE[_STATE_KIND.get(int(s), UNMAPPED)] for s in range(8)], dtype=np.uint8)[states]
+    if not image.has_parent:
+        codes[codes == _KIND_CODE[PARTIAL]] = _KIND_CODE[PRESENT]
+    starts, stops, values = bitmapmod.runs(codes)
+    for b0, b1, v in zip(starts.tolist(), stops.tolist(), values.tolist()):
+        kind = _CODE_KIND[v]
+        if kind != PARTIAL:
+            start = b0 * bs
+            yield Range(start, min(b1 * bs, size) - start, kind, ss)
+            continue
+        pending: Range | None = None
+        for block in range(b0, b1):
+            bits = image._read_bitmap(block)
+            limit = min(bs, size - block * bs) // ss
+            s0s, s1s, vals = bitmapmod.runs(bits[:limit])
+            for s0, s1, bit in zip(s0s.tolist(), s1s.tolist(), vals.tolist()):
+                r = Range(block * bs + s0 * ss, (s1 - s0) * ss, PARTIAL if bit else ABSENT, ss)
+                if pending is not None and pending.state == r.state and pending.end == r.start:
+                    pending = Range(pending.start, pending.length + r.length, r.state, ss)
+                else:
+                    if pending is not None:
+                        yield pending
+                    pending = r
+        if pending is not None:
+            yield pending
+
+
+def merged_ranges(ranges: Iterator[Range]) -> list[Range]:
+    out: list[Range] = []
+    for r in ranges:
+        if out and out[-1].state == r.state and out[-1].end == r.start:
+            last = out[-1]
+            out[-1] = Range(last.start, last.length + r.length, r.state, r.sector_size)
+        else:
+            out.append(r)
+    return out
+
+
+def changed_ranges(image: Image) -> list[Range]:
+    """What a file defines on top of its parent: every range that is not ``absent``."""
+    out = []
+    for r in merged_ranges(layer_ranges(image)):
+        if r.state != ABSENT:
+            out.append(r)
+    # Adjacent defined ranges of different kinds are still one changed extent for diff purposes.
+    return out
+
+
+def summary(ranges: list[Range]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for r in ranges:
+        totals[r.state] = totals.get(r.state, 0) + r.length
+    return totals
+
+
+# --------------------------------------------------------------------------- pictures
+
+_COLOURS = {PRESENT: (32, 96, 200), PARTIAL: (110, 170, 240), ABSENT: (235, 235, 235), ZERO: (250, 215, 120),
+            UNMAPPED: (200, 200, 200)}
+
+
+def _png(width: int, height: int, rows: list[bytes]) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+    raw = b"".join(b"\0" + row for row in rows)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def render_png(layers: list[tuple[str, list[Range], int]], width: int = 1024, band: int = 24) -> bytes:
+    """One horizontal band per layer; each pixel column is a slice of the virtual disk.
+
+    A column takes the colour of the state covering most of its slice.
+    """
+    height = band * len(layers) + 2 * max(0, len(layers) - 1)
+    rows: list[bytes] = []
+    for i, (_name, ranges, size) in enumerate(layers):
+        edges = np.linspace(0, size, width + 1)
+        best = np.zeros(width, np.int64)
+        best_code = np.full(width, _KIND_CODE[ABSENT], np.uint8)
+        for code in range(5):
+            cover = np.zeros(width + 1)
+            for r in ranges:
+                if _KIND_CODE[r.state] != code:
+                    continue
+                a = np.clip(edges, r.start, r.end)
+                cover[:-1] += np.diff(a)
+            cov = cover[:-1]
+            better = cov > best
+            best = np.where(better, cov, best)
+            best_code[better] = code
+        colours = np.array([_COLOURS[_CODE_KIND[c]] for c in range(5)], dtype=np.uint8)
+        row = colours[best_code].tobytes()
+        rows.extend([row] * band)
+        if i != len(layers) - 1:
+            rows.extend([bytes([255]) * (3 * width)] * 2)
+    return _png(width, height, rows)
