@@ -135,25 +135,29 @@ def _png(width: int, height: int, rows: list[bytes]) -> bytes:
 def render_png(layers: list[tuple[str, list[Range], int]], width: int = 1024, band: int = 24) -> bytes:
     """One horizontal band per layer; each pixel column is a slice of the virtual disk.
 
-    A column takes the colour of the state covering most of its slice.
+    A column shows the most significant state found anywhere in its slice (present, then
+    partial, zero, unmapped, absent), so a few sectors on a large disk still show.
     """
     height = band * len(layers) + 2 * max(0, len(layers) - 1)
     rows: list[bytes] = []
+    priority = [PRESENT, PARTIAL, ZERO, UNMAPPED]
     for i, (_name, ranges, size) in enumerate(layers):
-        edges = np.linspace(0, size, width + 1)
-        best = np.zeros(width, np.int64)
         best_code = np.full(width, _KIND_CODE[ABSENT], np.uint8)
-        for code in range(5):
-            cover = np.zeros(width + 1)
+        decided = np.zeros(width, bool)
+        scale = width / max(size, 1)
+        for kind in priority:
+            hit = np.zeros(width + 1, np.int64)
             for r in ranges:
-                if _KIND_CODE[r.state] != code:
+                if r.state != kind:
                     continue
-                a = np.clip(edges, r.start, r.end)
-                cover[:-1] += np.diff(a)
-            cov = cover[:-1]
-            better = cov > best
-            best = np.where(better, cov, best)
-            best_code[better] = code
+                a = min(width - 1, int(r.start * scale))
+                b = min(width - 1, int((r.end - 1) * scale))
+                hit[a] += 1
+                hit[b + 1] -= 1
+            covered = np.cumsum(hit)[:width] > 0
+            take = covered & ~decided
+            best_code[take] = _KIND_CODE[kind]
+            decided |= covered
         colours = np.array([_COLOURS[_CODE_KIND[c]] for c in range(5)], dtype=np.uint8)
         row = colours[best_code].tobytes()
         rows.extend([row] * band)

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     inspect.register(sub)
     disks.register(sub)
-    for name in ("chain", "merge", "map"):
+    for name in ("chain", "merge", "map", "demo"):
         try:
             mod = __import__(f"vhdx.cli.{name}_cmd", fromlist=["register"])
         except ImportError:
