@@ -15,7 +15,7 @@ from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, D
 from .disk import Disk  # noqa: E402
 from .api import create, open  # noqa: E402
 from .chains import Chain, Forest, Layer, Node, chain, find_chains, reparent, snapshot  # noqa: E402
-from .merge import MergePlan, MergeResult, merge  # noqa: E402
+from .merging import MergePlan, MergeResult, merge  # noqa: E402
 
 __all__ = [
     "__version__", "open", "create", "Disk", "snapshot", "chain", "Chain", "Layer", "reparent",

@@ -16,7 +16,7 @@ from . import api
 from .chains import chain, find_chains, snapshot
 from .check import check_file
 from .maps import changed_ranges
-from .merge import merge
+from .merging import merge
 
 MiB = 1 << 20
 SIZE = 48 * MiB

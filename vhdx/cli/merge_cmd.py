@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from ..merge import MergePlan, merge
+from ..merging import MergePlan, merge
 from . import EXIT_ERROR, EXIT_OK, emit_json
 from .progress import Progress, human_bytes
 
