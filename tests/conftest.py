@@ -47,15 +47,6 @@ def shared_dir_path() -> Path:
     return (Path(__file__).resolve().parents[1] / ".." / "shared").resolve()
 
 
-def load_manifest() -> dict[str, Any] | None:
-    """The parsed ``specimens/manifest.json``, or None when the shared folder is absent."""
-    path = shared_dir_path() / "specimens" / "manifest.json"
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
 def specimen_short_name(stored_name: str) -> str:
     """``x.vhdx.bz2`` -> ``x.vhdx``: the decompressed file name (keeps .vhdx/.avhdx)."""
     for suffix in COMPRESSION_SUFFIXES:

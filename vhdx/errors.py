@@ -16,7 +16,7 @@ class VhdxError(Exception):
 
     def __init__(self, detail: str, *, path: str | os.PathLike[str] | None = None,
                  offset: int | None = None, **extra: Any) -> None:
-        self.detail = detail
+        self.detail = " ".join(str(detail).split("\n")).strip()
         self.path = os.fspath(path) if path is not None else None
         self.offset = offset
         for key, value in extra.items():

@@ -251,6 +251,8 @@ class Image:
             raise CorruptError(f"BAT entry {bat_index} (block {block}): data at 0x{int(offs[block]):x}, outside "
                                f"the {file_size}-byte file", path=self.path,
                                offset=self.bat_region.file_offset + 8 * bat_index)
+        if self.writable:
+            self._validate_no_overlap(offs[present], np.flatnonzero(present))
         if self.geometry.has_parent:
             sidx = batmod.sbm_indices(self.geometry)
             sst = batmod.states(self.bat[sidx])
@@ -260,6 +262,33 @@ class Image:
                 bat_index = int(sidx[int(np.flatnonzero(bad)[0])])
                 raise CorruptError(f"BAT entry {bat_index}: sector bitmap outside the {file_size}-byte file",
                                    path=self.path, offset=self.bat_region.file_offset + 8 * bat_index)
+
+    def _validate_no_overlap(self, offsets: np.ndarray, blocks: np.ndarray) -> None:
+        """Refuse to write a file whose blocks share space with each other or with a structure.
+
+        Reading such a file is harmless (``vhdx check`` reports it); writing it would spread the damage.
+        """
+        bs = self.block_size
+        spans = [(0, C.HEADER_SECTION_SIZE)]
+        h = self.header
+        if h.log_length:
+            spans.append((h.log_offset, h.log_offset + h.log_length))
+        spans += [(r.file_offset, r.file_offset + r.length) for r in self.region_table]
+        starts = offsets.astype(np.int64)
+        for lo, hi in spans:
+            hit = (starts < hi) & (starts + bs > lo)
+            if hit.any():
+                k = int(blocks[np.flatnonzero(hit)[0]])
+                raise CorruptError(f"block {k}: data at 0x{int(starts[np.flatnonzero(hit)[0]]):x} overlaps a "
+                                   f"structure of the file; refusing to write", path=self.path,
+                                   offset=self.bat_region.file_offset + 8 * int(self._payload_idx[k]))
+        order = np.argsort(starts, kind="stable")
+        s = starts[order]
+        clash = np.flatnonzero(s[1:] < s[:-1] + bs)
+        if clash.size:
+            k = int(blocks[order[clash[0] + 1]])
+            raise CorruptError(f"block {k} shares file space with another block; refusing to write",
+                               path=self.path, offset=self.bat_region.file_offset + 8 * int(self._payload_idx[k]))
 
     # ------------------------------------------------------------------ properties
 
@@ -374,6 +403,9 @@ class Image:
     def _update_headers(self, **changes: Any) -> None:
         """Safe header update (§2.4): write the other slot, flush, then the first slot, flush."""
         current = self.header
+        if current.sequence_number + 2 > 0xFFFFFFFFFFFFFFFF:
+            raise UnsupportedError("the header sequence number is exhausted; the file cannot be updated",
+                                   path=self.path, offset=C.HEADER_OFFSETS[self.current_header_index])
         new = current.replace(sequence_number=current.sequence_number + 1, **changes)
         other = 1 - self.current_header_index
         for slot in (other, self.current_header_index):

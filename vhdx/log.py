@@ -68,6 +68,8 @@ def read_entry(log: bytes, position: int, log_guid: uuid.UUID, *, log_offset: in
         return None
     if C.LOG_ENTRY_HEADER_SIZE + C.LOG_DESCRIPTOR_SIZE * h.descriptor_count > h.entry_length:
         return None
+    if h.flushed_file_offset > MAX_TARGET or h.last_file_offset > MAX_TARGET:
+        return None
     raw = _ring(log, position, h.entry_length)
     if stored_checksum(raw) != crc32c_zeroed(raw):
         return None

@@ -104,11 +104,17 @@ class ChainModel:
         self.model[offset:offset + len(data)] = data
         self.owned[-1].update(sectors_touched(offset, len(data), self.logical_sector_size))
 
-    def own_over_zeros(self, index: int) -> bytes:
-        """What layer ``index`` reads when its parent is missing: its own sectors over zeros."""
-        want = bytearray(self.size)
+    def layer_bytes(self, index: int) -> bytes:
+        """What layer ``index`` reads with its whole chain below it."""
+        return self.frozen[index] if index < len(self.frozen) else bytes(self.model)
+
+    def own_over(self, index: int, below: bytes | None = None) -> bytes:
+        """Layer ``index``'s own sectors laid over ``below`` (zeros by default): what it reads
+        when its parent is missing or replaced. Sectors a write only partly covered belong to
+        the layer too (the rest of the sector was copied up from the parent at the time)."""
+        want = bytearray(self.size if below is None else below)
         ss = self.logical_sector_size
-        data = self.frozen[index] if index < len(self.frozen) else bytes(self.model)
+        data = self.layer_bytes(index)
         for s in self.owned[index]:
             want[s * ss:(s + 1) * ss] = data[s * ss:(s + 1) * ss]
         return bytes(want)

@@ -10,6 +10,7 @@ opened on its own (read-only) and must read exactly what the model held when it 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import vhdx
 from .helpers import MiB, assert_same, pattern, read_all, write_all
 
 MAX_EXAMPLES = int(os.environ.get("VHDX_HYPOTHESIS_MAX", "15"))
+CHECKPOINT_NAME = re.compile(r"^.+_[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}\.avhdx$")
 BLOCK_SIZES = [1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB]
 
 
@@ -102,9 +104,11 @@ def run_plan(folder: Path, plan: Plan) -> None:
     model = bytearray(plan.size)
     paths: list[Path] = []
     frozen: list[bytes] = []
+    stem = ""  # Hyper-V names a checkpoint after the original disk, even for checkpoints of checkpoints
     for depth, (block_size, sessions) in enumerate(plan.layers):
         if depth == 0:
             path = folder / "base.vhdx"
+            stem = "base"
             disk = vhdx.create(path, plan.size, block_size=block_size,
                                logical_sector_size=plan.logical_sector_size,
                                physical_sector_size=plan.physical_sector_size, fixed=plan.fixed)
@@ -113,11 +117,12 @@ def run_plan(folder: Path, plan: Plan) -> None:
             parent = paths[-1]
             if block_size is None:
                 path = Path(vhdx.snapshot(parent))
-                assert path.parent == parent.parent and path.name.startswith("base_"), path
-                assert path.suffix == ".avhdx"
+                assert path.parent == parent.parent, path
+                assert CHECKPOINT_NAME.match(path.name) and path.name.startswith(stem + "_"), (stem, path)
                 disk = vhdx.open(path, "r+")
             else:
                 path = folder / f"layer{depth}.avhdx"
+                stem = path.stem
                 disk = vhdx.create(path, parent=parent, block_size=block_size)
             assert disk.disk_type == "differencing"
             assert disk.size == plan.size

@@ -172,7 +172,8 @@ class Scenario:
     name: str
     logical_sector_size: int = 512
     fixed: bool = False
-    maker: str = "ours"           # "ours" (vhdx.create) or "qemu" (qemu-img/qemu-io)
+    maker: str = "ours"           # "ours" (vhdx.create), "qemu" (qemu-img/qemu-io) or "child" (a
+                                  # differencing child of an ours-made parent.vhdx beside it)
     unaligned_tail: bool = False  # cut the file 4 KiB short, inside its last payload block: a
                                   # tolerated quirk of old QEMU files (vhdx-format.md §6, pitfall 9)
     size: int = 8 * MiB
@@ -180,7 +181,7 @@ class Scenario:
 
     @property
     def judge_with_qemu(self) -> bool:
-        return self.logical_sector_size == 512
+        return self.logical_sector_size == 512 and self.maker != "child"   # QEMU cannot read children
 
 
 def _rand(rng: np.random.Generator, n: int) -> bytes:
@@ -228,6 +229,19 @@ def make_base(sc: Scenario, path: Path, rng) -> None:
             subprocess.run(["qemu-io", "-f", "vhdx", "-c", f"write -q -s {pattern} {offset} {len(data)}",
                             str(path)], check=True)
         pattern.unlink()
+    elif sc.maker == "child":
+        # Parent holds the initial data; the child gets a little of its own (partial block 5).
+        parent = path.parent / "parent.vhdx"
+        writes = initial_writes(sc, rng)
+        with vhdx.create(str(parent), sc.size, block_size=sc.block_size,
+                         logical_sector_size=sc.logical_sector_size) as disk:
+            for offset, data in writes[:2]:
+                disk.seek(offset)
+                assert disk.write(data) == len(data)
+        with vhdx.create(str(path), parent=str(parent), block_size=sc.block_size) as disk:
+            offset, data = writes[2]
+            disk.seek(offset)
+            assert disk.write(data) == len(data)
     else:
         with vhdx.create(str(path), sc.size, block_size=sc.block_size,
                          logical_sector_size=sc.logical_sector_size, fixed=sc.fixed) as disk:
@@ -345,21 +359,24 @@ class Judges:
 def verify_after_crash(path: Path, base: np.ndarray, ops: list[tuple], run: Run, judges: Judges) -> list[str]:
     """Every check after one crash; returns problems (empty if fine)."""
     problems = []
-    before = path.read_bytes()
+    stat = os.stat(path)
+    before = (stat.st_size, stat.st_mtime_ns)
     try:
         with vhdx.open(str(path)) as disk:
             ro = read_all(disk)
     except Exception as e:
         return [f"read-only reopen failed: {type(e).__name__}: {e}"]
-    if path.read_bytes() != before:
-        problems.append("read-only reopen changed the file")
+    stat = os.stat(path)
+    if (stat.st_size, stat.st_mtime_ns) != before:
+        problems.append("read-only reopen changed the file (size or mtime)")
     bad = allowed_mismatch(ro, base, ops, run)
     if bad.any():
         where = np.flatnonzero(bad)
         problems.append(f"{len(where)} bytes neither old nor new, first at virtual 0x{where[0]:x} "
                         f"(read 0x{ro[where[0]]:02x})")
     try:
-        with vhdx.open(str(path), "r+") as disk:
+        # durable=False: fdatasync would only cost time here; durability is FaultyStorage's job
+        with vhdx.open(str(path), "r+", storage=FileStorage(str(path), writable=True, durable=False)) as disk:
             rw = read_all(disk)
         with vhdx.open(str(path)) as disk:
             again = read_all(disk)
@@ -388,14 +405,20 @@ SCENARIOS = [
     Scenario("fixed-4096", logical_sector_size=4096, fixed=True),
     Scenario("qemu-dynamic-512", maker="qemu"),
     Scenario("qemu-dynamic-512-short-tail", maker="qemu", unaligned_tail=True),
+    # Partial writes to NOT_PRESENT blocks make PARTIALLY_PRESENT blocks: one log entry then
+    # carries the payload BAT page, the sector-bitmap BAT page (index 4096: another page) and
+    # the bitmap page itself (vhdx-format.md §7.3, §7.4).
+    Scenario("child-512", maker="child"),
+    Scenario("child-4096", maker="child", logical_sector_size=4096),
 ]
 
-DROP_SCENARIOS = [("dynamic-512", 1), ("dynamic-4096", 2), ("qemu-dynamic-512", 3)]
+DROP_SCENARIOS = [("dynamic-512", 1), ("dynamic-4096", 2), ("qemu-dynamic-512", 3), ("child-512", 4)]
 
 
 def crash_everywhere(sc: Scenario, tmp_path: Path, *, drop: bool = False, seed: int = 0) -> None:
     rng = np.random.default_rng(1234)
-    original = tmp_path / "original.vhdx"
+    ext = ".avhdx" if sc.maker == "child" else ".vhdx"
+    original = tmp_path / f"original{ext}"
     make_base(sc, original, rng)
     ops = workload(sc, rng)
     with vhdx.open(str(original)) as disk:
@@ -405,7 +428,7 @@ def crash_everywhere(sc: Scenario, tmp_path: Path, *, drop: bool = False, seed: 
     if not sc.unaligned_tail:
         assert judges.vhdx_rc == 0 and judges.qemu_rc in (0, None), f"base file fails its checks: {judges}"
 
-    counting = tmp_path / "counting.vhdx"
+    counting = tmp_path / f"counting{ext}"
     shutil.copyfile(original, counting)
     full = run_workload(counting, ops, None)
     assert full.error is None, f"the workload fails without any fault: {type(full.error).__name__}: {full.error}"
@@ -416,7 +439,7 @@ def crash_everywhere(sc: Scenario, tmp_path: Path, *, drop: bool = False, seed: 
     assert K > 0
 
     failures = []
-    copy = tmp_path / "crash.vhdx"
+    copy = tmp_path / f"crash{ext}"
     for n in range(1, K + 1):
         shutil.copyfile(original, copy)
         run = run_workload(copy, ops, n, drop=drop, seed=seed * 100003 + n)

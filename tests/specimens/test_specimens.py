@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import uuid
 from collections import Counter
@@ -137,8 +138,8 @@ def _current_header(path: Path) -> dict[str, Any]:
     return max(headers, key=lambda header: header["sequence_number"])
 
 
-def _payload_state_counts(path: Path, entry: dict[str, Any]) -> Counter:
-    """Payload BAT states as stored in the file, using the manifest's geometry."""
+def _payload_states(path: Path, entry: dict[str, Any]) -> list[int]:
+    """The state of each payload block as stored in the file, using the manifest's geometry."""
     with open(path, "rb") as handle:
         handle.seek(0x30000)
         table = handle.read(65536)
@@ -153,13 +154,17 @@ def _payload_state_counts(path: Path, entry: dict[str, Any]) -> Counter:
         handle.seek(bat_offset)
         bat = handle.read(8 * entry["bat_entries"])
     chunk_ratio = entry["chunk_ratio"]
-    counts: Counter = Counter()
+    states = []
     for bat_index in range(entry["bat_entries"]):
         if bat_index % (chunk_ratio + 1) == chunk_ratio:
             continue  # a sector-bitmap slot (vhdx-format.md §5.2)
-        state = int.from_bytes(bat[8 * bat_index: 8 * bat_index + 8], "little") & 7
-        counts[PAYLOAD_STATE_NAMES.get(state, f"reserved {state}")] += 1
-    return counts
+        states.append(int.from_bytes(bat[8 * bat_index: 8 * bat_index + 8], "little") & 7)
+    return states[: entry["payload_blocks"]]
+
+
+def _payload_state_counts(path: Path, entry: dict[str, Any]) -> Counter:
+    return Counter(PAYLOAD_STATE_NAMES.get(state, f"reserved {state}")
+                   for state in _payload_states(path, entry))
 
 
 def _file_state(path: Path, file_sha256: Callable[[Path], str]) -> tuple[str, int, int]:
@@ -273,6 +278,60 @@ def test_read_only_open_refuses_writes(name, specimen, file_sha256):
     assert _file_state(path, file_sha256) == before
 
 
+def _read_exact(disk, virtual_offset: int, length: int) -> bytes:
+    disk.seek(virtual_offset)
+    buffer = bytearray(length)
+    done = 0
+    while done < length:
+        count = disk.readinto(memoryview(buffer)[done:])
+        assert count, f"short read at {virtual_offset + done}"
+        done += count
+    return bytes(buffer)
+
+
+def _unaligned_extents(entry: dict[str, Any], states: list[int], seed: int) -> list[tuple[int, int]]:
+    """Reads that straddle the edges of present blocks, sectors and 4 MiB windows."""
+    rng = random.Random(seed)
+    size, block_size = entry["virtual_size"], entry["block_size"]
+    present = [block for block, state in enumerate(states) if state in (6, 7)]
+    edges = [0, size]
+    for block in rng.sample(present, min(6, len(present))):
+        edges += [block * block_size, min(size, (block + 1) * block_size)]
+    extents = []
+    for edge in edges:
+        for before, after in ((1, 1), (511, 513), (4096 + 7, 3), (300_000, 5), (5, 1 * MiB + 3)):
+            start, stop = max(0, edge - before), min(size, edge + after)
+            if start < stop:
+                extents.append((start, stop - start))
+    for _ in range(10):
+        length = rng.randrange(1, 3 * MiB)
+        start = rng.randrange(0, size - length)
+        extents.append((start, length))
+    return extents
+
+
+def _check_unaligned_reads(disk, entry: dict[str, Any], states: list[int], seed: int) -> None:
+    window = 4 * MiB  # the aligned reads of the hash tests, which the manifest vouches for
+    size = entry["virtual_size"]
+    for start, length in _unaligned_extents(entry, states, seed):
+        window_start = start // window * window
+        window_stop = min(size, -(-(start + length) // window) * window)
+        aligned = b"".join(_read_exact(disk, offset, min(window, window_stop - offset))
+                           for offset in range(window_start, window_stop, window))
+        got = _read_exact(disk, start, length)
+        assert got == aligned[start - window_start: start - window_start + length], \
+            f"read of {length} bytes at virtual offset {start}"
+
+
+@pytest.mark.parametrize("name", NON_DIFFERENCING)
+def test_unaligned_reads_agree_with_the_aligned_reads(name, specimen, manifest_entry):
+    entry = manifest_entry(name)
+    path = specimen(name)
+    states = _payload_states(path, entry)
+    with vhdx.open(path) as disk:
+        _check_unaligned_reads(disk, entry, states, seed=len(name))
+
+
 def test_reads_clip_at_the_virtual_size(specimen, manifest_entry):
     # dynamic-10M: 10 MiB of virtual disk inside one 32 MiB block (README: "reads must clip").
     name = "dissect-hypervisor-dynamic-10M-32Mblock.vhdx.gz"
@@ -309,6 +368,34 @@ def test_read_only_open_of_a_dirty_log_keeps_the_log_guid(name, specimen, manife
         disk.read(1 * MiB)
     header = _current_header(path)
     assert header["log_guid"] == uuid.UUID(entry["current_header"]["log_guid"]) != ZERO_GUID
+
+
+def _open_modes(path: Path) -> list[int]:
+    """O_ACCMODE of every descriptor this process holds on ``path`` (Linux /proc)."""
+    modes = []
+    for fd_link in Path("/proc/self/fd").iterdir():
+        try:
+            if Path(os.readlink(fd_link)) != path:
+                continue
+            flags_line = next(line for line in (Path("/proc/self/fdinfo") / fd_link.name)
+                              .read_text().splitlines() if line.startswith("flags:"))
+        except (OSError, StopIteration):
+            continue
+        modes.append(int(flags_line.split()[1], 8) & os.O_ACCMODE)
+    return modes
+
+
+@pytest.mark.skipif(not Path("/proc/self/fdinfo").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("name", DIRTY + _params(lambda entry: "coreos" in entry["file"]))
+def test_read_only_open_holds_the_file_o_rdonly(name, specimen):
+    path = specimen(name).resolve()
+    with vhdx.open(path) as disk:
+        disk.seek(0)
+        disk.read(4096)
+        modes = _open_modes(path)
+    assert modes, "no descriptor open on the file while the disk is open"
+    assert set(modes) == {os.O_RDONLY}
+    assert _open_modes(path) == [], "descriptors left open after close()"
 
 
 def test_qemu_dirty_log_pattern_after_in_memory_replay(specimen):
@@ -421,6 +508,17 @@ def test_orphan_over_zeros_reads_the_manifest_sha256(specimen, manifest_entry, s
         assert disk.data_write_guid == uuid.UUID(entry["current_header"]["data_write_guid"])
         assert sha256_of_disk(disk) == entry["sha256_of_virtual_disk"]
     assert _file_state(path, file_sha256) == before
+
+
+def test_orphan_unaligned_reads_agree_with_the_aligned_reads(specimen, manifest_entry):
+    # The present data sits in PARTIALLY_PRESENT blocks: reads across their edges mix
+    # sector-bitmap runs from the child with zeros from the missing parent.
+    entry = manifest_entry(ORPHAN)
+    path = specimen(ORPHAN)
+    states = _payload_states(path, entry)
+    assert states.count(7) == entry["bat_payload_states"]["PARTIALLY_PRESENT"]
+    with vhdx.open(path, missing_parent="zeros") as disk:
+        _check_unaligned_reads(disk, entry, states, seed=83)
 
 
 def test_orphan_parent_locator_entries_match_manifest(specimen, manifest_entry):

@@ -1,0 +1,485 @@
+"""Shared helpers of the merge tests: chains with a byte model, fault injection, judges.
+
+A chain is built with the public API (``vhdx.create``, ``vhdx.snapshot``, ``vhdx.open(.., "r+")``),
+each layer written *before* it is snapshotted (writing a layer later rotates its DataWriteGuid
+and orphans its children). ``models[i]`` is what layer ``i`` reads through its parents, so a merge
+of the leaf into any ancestor must leave that ancestor reading exactly ``models[-1]``.
+
+:class:`FaultPlan` hands out :class:`FaultyStorage` wrappers (``merge(storage_wrapper=plan.wrap)``)
+that share one counter of mutating calls (write, truncate, flush) over every file the merge opens
+for writing. At the ``fail_at``-th call the power is lost: that call fails, and so does every later
+call on any of the files. With ``drop_unflushed`` the loss also drops a random subset of the 4 KiB
+pages each file received since its last flush (a volatile disk cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import io
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+import vhdx
+import vhdx.check
+from vhdx.format import bat as batmod
+from vhdx.format import constants as C
+from vhdx.image import Image
+from vhdx.storage import Storage
+
+try:  # the module was renamed so that ``vhdx.merge`` can be the function
+    merging = importlib.import_module("vhdx.merging")
+except ImportError:  # pragma: no cover - older layout
+    merging = importlib.import_module("vhdx.merge")
+merge = merging.merge
+MergePlan = merging.MergePlan
+MergeResult = merging.MergeResult
+
+MiB = 1 << 20
+REPO = Path(__file__).resolve().parents[2]
+ZERO_LIKE = (C.PAYLOAD_BLOCK_UNDEFINED, C.PAYLOAD_BLOCK_ZERO, C.PAYLOAD_BLOCK_UNMAPPED,
+             C.PAYLOAD_BLOCK_UNMAPPED_V095)
+
+
+# ------------------------------------------------------------------------------ data
+
+def rand_bytes(rng: np.random.Generator, n: int, *, zeros: bool = False) -> bytes:
+    """``n`` random bytes, never 0 (so a lost write cannot pass for an unwritten sector)."""
+    if zeros:
+        return bytes(n)
+    return rng.integers(1, 256, size=n, dtype=np.uint8).tobytes()
+
+
+def read_disk(path: str | os.PathLike[str], **options: Any) -> bytes:
+    """Every virtual byte of ``path`` read through its chain (read-only open)."""
+    with vhdx.open(os.fspath(path), **options) as disk:
+        size = disk.size
+        buf = bytearray(size)
+        view = memoryview(buf)
+        done = 0
+        while done < size:
+            n = disk.readinto(view[done:done + 8 * MiB])
+            assert n, f"readinto returned {n!r} at {done} of {size} ({path})"
+            done += n
+        assert disk.read(1) == b"", "read at the virtual size returned data"
+    return bytes(buf)
+
+
+def first_difference(a: bytes, b: bytes) -> str:
+    if len(a) != len(b):
+        return f"lengths differ: {len(a)} != {len(b)}"
+    x = np.frombuffer(a, np.uint8)
+    y = np.frombuffer(b, np.uint8)
+    bad = np.flatnonzero(x != y)
+    if not len(bad):
+        return "equal"
+    return (f"{len(bad)} bytes differ, first at virtual 0x{bad[0]:x} (got 0x{x[bad[0]]:02x}, "
+            f"want 0x{y[bad[0]]:02x}), last at 0x{bad[-1]:x}")
+
+
+def assert_same(actual: bytes, expected: bytes, what: str) -> None:
+    if actual != expected:
+        raise AssertionError(f"{what}: {first_difference(actual, expected)}")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(4 * MiB), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_hashes(folder: str | os.PathLike[str]) -> dict[str, str]:
+    """name -> SHA-256 of every file of ``folder`` (the 'nothing changed' witness)."""
+    folder = Path(folder)
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def data_write_guid(path: str | os.PathLike[str]) -> str:
+    im = Image.open(os.fspath(path), "r")
+    try:
+        return str(im.header.data_write_guid)
+    finally:
+        im.close()
+
+
+def check_errors(path: str | os.PathLike[str]) -> list[str]:
+    """The errors ``vhdx.check.check_file`` finds (structure only; logs replayed in memory)."""
+    report = vhdx.check.check_file(os.fspath(path))
+    out = [str(f) for f in report.errors]
+    if not report.opened:
+        out.append("check could not open the file")
+    return out
+
+
+def vhdx_files(folder: str | os.PathLike[str]) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".vhdx", ".avhdx"))
+
+
+def cli(*args: str) -> tuple[int, str]:
+    """``vhdx ARGS`` in-process; (exit code, stdout + stderr)."""
+    from vhdx.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse
+            rc = e.code
+    return (0 if rc is None else int(rc)), out.getvalue() + err.getvalue()
+
+
+# ------------------------------------------------------------------------------ chains
+
+@dataclass
+class LayerSpec:
+    """One layer: its block size, the writes it receives, blocks put into a zero-like state."""
+
+    block_size: int
+    writes: list[tuple[int, bytes]] = field(default_factory=list)
+    zero_blocks: list[tuple[int, int]] = field(default_factory=list)  # (block, state)
+
+
+@dataclass
+class BuiltChain:
+    paths: list[str]          # base first, leaf last
+    models: list[bytes]       # what each layer reads through its parents
+    size: int
+    logical_sector_size: int
+    base_fixed: bool
+
+    @property
+    def leaf(self) -> str:
+        return self.paths[-1]
+
+    @property
+    def base(self) -> str:
+        return self.paths[0]
+
+
+def _apply_zero_states(path: str, zero_blocks: list[tuple[int, int]], model: bytearray, size: int) -> None:
+    """Put blocks that this layer does not hold into ZERO/UNMAPPED/UNDEFINED (they read as zeros)."""
+    im = Image.open(path, "r+")
+    try:
+        states = im.payload_states()
+        bs = im.block_size
+        updates = {}
+        for block, state in zero_blocks:
+            if block < len(states) and states[block] == C.PAYLOAD_BLOCK_NOT_PRESENT:
+                updates[int(im._payload_idx[block])] = batmod.make_entry(state, 0)
+                lo, hi = block * bs, min(size, (block + 1) * bs)
+                model[lo:hi] = bytes(hi - lo)
+        if updates:
+            im.set_block_entries(updates)
+    finally:
+        im.close()
+
+
+def build_chain(folder: str | os.PathLike[str], *, size: int, logical_sector_size: int, base_fixed: bool,
+                layers: Sequence[LayerSpec], base_name: str = "base.vhdx") -> BuiltChain:
+    """Create ``layers[0]`` as the base and each further spec as a snapshot of the previous layer."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = bytearray(size)
+    paths: list[str] = []
+    models: list[bytes] = []
+    for i, spec in enumerate(layers):
+        if i == 0:
+            path = str(folder / base_name)
+            disk = vhdx.create(path, size, block_size=spec.block_size, logical_sector_size=logical_sector_size,
+                               physical_sector_size=4096, fixed=base_fixed)
+        else:
+            path = vhdx.snapshot(paths[-1], block_size=spec.block_size)
+            disk = vhdx.open(path, "r+")
+        with disk:
+            for offset, data in spec.writes:
+                disk.seek(offset)
+                view = memoryview(data)
+                while view:
+                    n = disk.write(view)
+                    assert n, "write returned 0"
+                    view = view[n:]
+                model[offset:offset + len(data)] = data
+        if spec.zero_blocks and not (i == 0 and base_fixed):
+            _apply_zero_states(path, spec.zero_blocks, model, size)
+        paths.append(path)
+        models.append(bytes(model))
+    return BuiltChain(paths, models, size, logical_sector_size, base_fixed)
+
+
+def standard_writes(rng: np.random.Generator, size: int, block_size: int, sector: int,
+                    count: int) -> list[tuple[int, bytes]]:
+    """A mix of full blocks, aligned partial runs, unaligned pieces and block-crossing writes."""
+    out = []
+    blocks = -(-size // block_size)
+    for _ in range(count):
+        kind = int(rng.integers(0, 4))
+        if kind == 0:      # a whole block (clipped at the end of the disk)
+            b = int(rng.integers(0, blocks))
+            lo, hi = b * block_size, min(size, (b + 1) * block_size)
+        elif kind == 1:    # an aligned run of sectors
+            n = int(rng.integers(1, max(2, min(block_size, 256 * 1024) // sector))) * sector
+            lo = int(rng.integers(0, (size - n) // sector + 1)) * sector
+            hi = lo + n
+        elif kind == 2:    # unaligned, small
+            n = int(rng.integers(1, 3 * sector))
+            lo = int(rng.integers(0, size - n + 1))
+            hi = lo + n
+        else:              # across a block boundary
+            b = int(rng.integers(1, blocks)) if blocks > 1 else 1
+            lo = max(0, min(b * block_size, size) - int(rng.integers(1, 2 * sector + 1)) - 3)
+            hi = min(size, lo + int(rng.integers(sector, 4 * sector)) + 7)
+        if hi > lo:  # now and then zero bytes: data that happens to be zero is still data
+            out.append((lo, rand_bytes(rng, hi - lo, zeros=bool(rng.random() < 0.1))))
+    return out
+
+
+# ------------------------------------------------------------------------------ faults
+
+class PowerLoss(Exception):
+    """The simulated machine lost power: this call and every later one fail."""
+
+
+class FaultPlan:
+    """One simulated machine: a shared count of mutating calls over every wrapped file."""
+
+    PAGE = 4096
+
+    def __init__(self, fail_at: int | None = None, *, drop_unflushed: bool = False, seed: int = 0,
+                 real_flush: bool = False) -> None:
+        self.fail_at = fail_at
+        self.drop_unflushed = drop_unflushed
+        self.rng = random.Random(seed)
+        self.real_flush = real_flush
+        self.calls = 0
+        self.dead = False
+        self.history: list[str] = []
+        self.storages: list[FaultyStorage] = []
+
+    def wrap(self, storage: Storage) -> Storage:
+        s = FaultyStorage(storage, self)
+        self.storages.append(s)
+        return s
+
+    def tick(self, what: str) -> bool:
+        if self.dead:
+            raise PowerLoss(f"storage is gone (power was lost earlier); refused: {what}")
+        self.calls += 1
+        self.history.append(what)
+        return self.fail_at is not None and self.calls >= self.fail_at
+
+    def lose_power(self, what: str) -> None:
+        self.dead = True
+        if self.drop_unflushed:
+            for s in self.storages:
+                s.drop_unflushed(self.rng)
+        raise PowerLoss(f"power lost at call {self.calls} ({what})")
+
+
+class FaultyStorage(Storage):
+    def __init__(self, inner: Storage, plan: FaultPlan) -> None:
+        self.inner = inner
+        self.plan = plan
+        self.path = inner.path
+        self.writable = inner.writable
+        self._unflushed: list[tuple] = []   # ("w", offset, old, new) / ("t", old_size, old_tail, new_size)
+        self._durable_size = inner.size()
+
+    def _alive(self) -> None:
+        if self.plan.dead:
+            raise PowerLoss("storage is gone (power was lost earlier)")
+
+    def readinto(self, buf, offset: int) -> int:
+        self._alive()
+        return self.inner.readinto(buf, offset)
+
+    def size(self) -> int:
+        self._alive()
+        return self.inner.size()
+
+    def fileno(self):
+        return None  # no fast paths around the wrapper
+
+    def write(self, data, offset: int) -> None:
+        data = bytes(data)
+        what = f"{os.path.basename(self.path)}: write {len(data)} bytes at 0x{offset:x}"
+        fail = self.plan.tick(what)
+        if fail and not self.plan.drop_unflushed:
+            self.plan.lose_power(what)
+        if self.plan.drop_unflushed:
+            self._unflushed.append(("w", offset, self.inner.read(offset, len(data)), data))
+        self.inner.write(data, offset)
+        if fail:   # the write may have landed (or been torn) before the power went
+            self.plan.lose_power(what)
+
+    def writev(self, buffers, offset: int) -> None:
+        for b in buffers:
+            self.write(b, offset)
+            offset += len(b)
+
+    def truncate(self, size: int) -> None:
+        what = f"{os.path.basename(self.path)}: truncate to 0x{size:x}"
+        fail = self.plan.tick(what)
+        if fail and not self.plan.drop_unflushed:
+            self.plan.lose_power(what)
+        if self.plan.drop_unflushed:
+            old_size = self.inner.size()
+            old_tail = self.inner.read(size, old_size - size) if size < old_size else b""
+            self._unflushed.append(("t", old_size, old_tail, size))
+        self.inner.truncate(size)
+        if fail:
+            self.plan.lose_power(what)
+
+    def flush(self) -> None:
+        what = f"{os.path.basename(self.path)}: flush"
+        if self.plan.tick(what):
+            self.plan.lose_power(what)
+        if self.plan.real_flush:
+            self.inner.flush()
+        self._unflushed.clear()
+        self._durable_size = self.inner.size()
+
+    def close(self) -> None:
+        self.inner.close()      # closing persists nothing; always allowed
+
+    def drop_unflushed(self, rng: random.Random) -> None:
+        """Back to the last flushed state, then a random subset of the later pages lands."""
+        if not self._unflushed:
+            return
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            for op in reversed(self._unflushed):
+                if op[0] == "w":
+                    _, offset, old, _new = op
+                    os.pwrite(fd, old, offset)
+                else:
+                    _, old_size, old_tail, _new = op
+                    os.ftruncate(fd, old_size)
+                    if old_tail:
+                        os.pwrite(fd, old_tail, old_size - len(old_tail))
+            os.ftruncate(fd, self._durable_size)
+            for op in self._unflushed:
+                if op[0] == "w":
+                    _, offset, _old, new = op
+                    pos = offset
+                    while pos < offset + len(new):
+                        end = min(offset + len(new), (pos // FaultPlan.PAGE + 1) * FaultPlan.PAGE)
+                        if rng.random() < 0.5:
+                            os.pwrite(fd, new[pos - offset:end - offset], pos)
+                        pos = end
+                elif rng.random() < 0.5:
+                    os.ftruncate(fd, op[3])
+        finally:
+            os.close(fd)
+        self._unflushed.clear()
+
+
+# ------------------------------------------------------------------------------ interop judges
+
+def qemu_img() -> str | None:
+    return shutil.which("qemu-img")
+
+
+def qemu_check_and_convert(path: str, out_raw: str) -> tuple[int, str, bytes]:
+    exe = qemu_img()
+    assert exe
+    r = subprocess.run([exe, "check", "-f", "vhdx", path], capture_output=True, text=True)
+    c = subprocess.run([exe, "convert", "-f", "vhdx", "-O", "raw", path, out_raw], capture_output=True, text=True)
+    if c.returncode:
+        return r.returncode, r.stdout + r.stderr + c.stdout + c.stderr, b""
+    data = Path(out_raw).read_bytes()
+    os.unlink(out_raw)
+    return r.returncode, r.stdout + r.stderr, data
+
+
+def chain_paths(path: str) -> list[str]:
+    """Leaf first: the files of ``path``'s chain as our resolver finds them."""
+    return [layer.path for layer in vhdx.chain(path).layers]
+
+
+def libvhdi_read(pyvhdi: Any, paths_leaf_first: Sequence[str], size: int) -> bytes:
+    """Read the whole disk with libvhdi, parents attached with set_parent."""
+    handles = []
+    try:
+        for p in paths_leaf_first:
+            f = pyvhdi.file()
+            f.open(p)
+            handles.append(f)
+        for child, parent in zip(reversed(handles[:-1]), reversed(handles[1:])):
+            child.set_parent(parent)
+        top = handles[0]
+        assert top.media_size == size, f"libvhdi media_size {top.media_size} != {size}"
+        return top.read_buffer_at_offset(size, 0)
+    finally:
+        for f in handles:
+            try:
+                f.close()
+            except Exception:
+                pass
+
+
+def libvhdi_blind_spots(paths_leaf_first: Sequence[str], size: int) -> np.ndarray:
+    """Bytes libvhdi reads differently by design or by known limitation, in differencing layers:
+
+    * ZERO/UNMAPPED/UNDEFINED blocks: it falls through to the parent (vhdx-format.md §6, §11);
+    * blocks that are not FULLY_PRESENT in a chunk whose sector bitmap is SB_BLOCK_NOT_PRESENT:
+      it reads the bitmap at file offset 0 anyway (see tests/chain/test_libvhdi_chains.py).
+    """
+    mask = np.zeros(size, dtype=bool)
+    for p in paths_leaf_first:
+        im = Image.open(p, "r")
+        try:
+            if not im.has_parent:
+                continue
+            st = im.payload_states()
+            bs = im.block_size
+            ratio = im.geometry.chunk_ratio
+            sbm = batmod.states(im.bat[batmod.sbm_indices(im.geometry)])
+            blocks = np.arange(len(st))
+            chunk = blocks // ratio
+            no_sbm = np.array([c >= len(sbm) or sbm[c] != C.SB_BLOCK_PRESENT for c in chunk.tolist()], dtype=bool)
+            blind = np.isin(st, ZERO_LIKE) | (no_sbm & (st != C.PAYLOAD_BLOCK_FULLY_PRESENT))
+            for b in np.flatnonzero(blind).tolist():
+                mask[b * bs:min(size, (b + 1) * bs)] = True
+        finally:
+            im.close()
+    return mask
+
+
+def copy_folder(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+
+
+def python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def python_exe() -> str:
+    return sys.executable
+
+
+def all_checks_pass(folder: Path, files: Iterable[Path] | None = None) -> list[str]:
+    problems = []
+    for p in (files if files is not None else vhdx_files(folder)):
+        try:
+            errs = check_errors(p)
+        except Exception as e:  # noqa: BLE001 - a check that cannot run is a problem
+            errs = [f"check_file raised {type(e).__name__}: {e}"]
+        problems += [f"{p.name}: {e}" for e in errs]
+    return problems
+
+
+Wrapper = Callable[[Storage], Storage]

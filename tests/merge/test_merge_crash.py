@@ -1,0 +1,276 @@
+"""A merge interrupted at every write and flush, and by SIGKILL, must leave a usable chain.
+
+Power loss at call N: a :class:`~tests.merge.mergekit.FaultPlan` counts the mutating calls
+(write, truncate, flush) of every file the merge opens for writing, through
+``merge(storage_wrapper=...)``. A counting run learns their total K; then for every N in 1..K a
+fresh copy of the chain is merged with the power failing at the N-th call (that call fails, and
+every later call on any file). Afterwards (vhdx-format.md §9.5, "an interrupted merge leaves the
+child still usable, and the merge can be run again"):
+
+* every file still present passes ``check_file`` (read-only: logs replayed in memory) with no error;
+* the chain of the child is complete, and the child reads exactly the model;
+* running the same ``merge(child, into)`` again, without extra flags, completes; the destination
+  then reads the model, passes check, and no longer carries the interrupted-merge journal.
+
+The drop-unflushed variant also loses a random half of the 4 KiB pages each file received since
+its last flush (§7.4: data is flushed before the log entry that points at it).
+
+SIGKILL: a real ``python -m vhdx merge`` process on a bigger chain is killed at random moments
+(fixed seed), then judged the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vhdx
+from vhdx.chains import merge_in_progress
+from vhdx.errors import VhdxError
+from vhdx.image import Image
+
+from .mergekit import (MiB, FaultPlan, LayerSpec, PowerLoss, all_checks_pass, build_chain, check_errors,
+                       copy_folder, first_difference, merge, python_env, python_exe, rand_bytes, read_disk,
+                       standard_writes, vhdx_files)
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@dataclass
+class CrashScenario:
+    name: str
+    logical_sector_size: int
+    size: int
+    blocks: list[int]          # base first
+    base_fixed: bool
+    into: str                  # "base" (the whole chain) or "parent"
+
+
+SCENARIOS = [
+    CrashScenario("3-layers-into-base-512", 512, 6 * MiB + 512, [1 * MiB, 2 * MiB, 1 * MiB], False, "base"),
+    CrashScenario("3-layers-into-parent-4096", 4096, 5 * MiB + 4096, [2 * MiB, 1 * MiB, 4 * MiB], False, "parent"),
+    CrashScenario("3-layers-into-fixed-base-512", 512, 4 * MiB + 1024, [4 * MiB, 1 * MiB, 2 * MiB], True, "base"),
+]
+DROP_SCENARIOS = SCENARIOS[:2]
+
+
+def make_chain(folder: Path, sc: CrashScenario, seed: int = 7):
+    rng = np.random.default_rng(seed)
+    ss = sc.logical_sector_size
+    specs = []
+    for i, bs in enumerate(sc.blocks):
+        writes = standard_writes(rng, sc.size, bs, ss, 5)
+        if i:   # a whole block and a partial one in every child, so there is data to copy
+            writes.append((bs, rand_bytes(rng, min(bs, sc.size - bs))))
+            writes.append((2 * MiB + 8 * ss, rand_bytes(rng, 64 * 1024)))
+        specs.append(LayerSpec(bs, writes))
+    return build_chain(folder, size=sc.size, logical_sector_size=ss, base_fixed=sc.base_fixed, layers=specs)
+
+
+def judge_interrupted(work: Path, leaf: str, dest: str, model: bytes) -> list[str]:
+    """Everything that must hold after an interruption, then the re-run. Returns problems."""
+    problems = all_checks_pass(work)
+    leaf_path, dest_path = work / leaf, work / dest
+    if leaf_path.exists():
+        try:
+            ch = vhdx.chain(str(leaf_path))
+            if not ch.complete:
+                problems.append("the child's chain is broken: "
+                                + "; ".join(f"{os.path.basename(l.path)} {l.linkage}" for l in ch.layers))
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"vhdx.chain(child) raised {type(e).__name__}: {e}")
+        try:
+            got = read_disk(leaf_path)
+            if got != model:
+                problems.append(f"the child reads differently: {first_difference(got, model)}")
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"reading through the child raised {type(e).__name__}: {e}")
+        try:
+            merge(str(leaf_path), str(dest_path))
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"re-running the merge raised {type(e).__name__}: {e}")
+            return problems
+        if leaf_path.exists():
+            problems.append("the re-run left the child behind")
+    # The merge completed (now or before the interruption): the destination is the model.
+    try:
+        got = read_disk(dest_path)
+        if got != model:
+            problems.append(f"the destination reads differently after the re-run: {first_difference(got, model)}")
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"reading the destination raised {type(e).__name__}: {e}")
+    problems += [f"after the re-run: {p}" for p in check_errors(dest_path)]
+    im = Image.open(str(dest_path), "r")
+    try:
+        if merge_in_progress(im):
+            problems.append("the destination still carries the merge journal after the re-run")
+    finally:
+        im.close()
+    return problems
+
+
+def crash_everywhere(sc: CrashScenario, tmp_path: Path, *, drop: bool) -> None:
+    pristine = tmp_path / "pristine"
+    built = make_chain(pristine, sc)
+    model = built.models[-1]
+    leaf = Path(built.leaf).name
+    dest = Path(built.paths[0] if sc.into == "base" else built.paths[-2]).name
+
+    counting = tmp_path / "count"
+    copy_folder(pristine, counting)
+    plan = FaultPlan(None)
+    merge(str(counting / leaf), str(counting / dest), storage_wrapper=plan.wrap)
+    K = plan.calls
+    print(f"{sc.name}: {K} mutating calls")
+    assert K > 5, f"only {K} mutating calls counted: is storage_wrapper applied? {plan.history}"
+    assert read_disk(counting / dest) == model
+    files_written = {s.path for s in plan.storages}
+    assert len(files_written) >= 2, f"expected the destination and the layer above it to be wrapped: {files_written}"
+
+    failures = []
+    work = tmp_path / "work"
+    for n in range(1, K + 1):
+        copy_folder(pristine, work)
+        fp = FaultPlan(n, drop_unflushed=drop, seed=n)
+        error: BaseException | None = None
+        try:
+            merge(str(work / leaf), str(work / dest), storage_wrapper=fp.wrap)
+        except (PowerLoss, VhdxError) as e:
+            error = e
+        except Exception as e:  # noqa: BLE001 - anything else is a bug of its own
+            error = e
+            failures.append(f"N={n}: unexpected {type(e).__name__}: {e}")
+        if error is None:
+            failures.append(f"N={n}: the merge did not fail although call {n} of {K} lost power")
+        problems = judge_interrupted(work, leaf, dest, model)
+        if problems:
+            failures.append(f"N={n} ({fp.history[-1] if fp.history else '?'}): " + " | ".join(problems))
+    assert not failures, f"{len(failures)} of {K} crash points fail:\n" + "\n".join(failures[:15])
+
+
+@pytest.mark.parametrize("sc", SCENARIOS, ids=lambda s: s.name)
+def test_power_loss_at_every_call(sc: CrashScenario, fast_tmp: Path) -> None:
+    crash_everywhere(sc, fast_tmp, drop=False)
+
+
+@pytest.mark.parametrize("sc", DROP_SCENARIOS, ids=lambda s: s.name)
+def test_power_loss_drops_unflushed_pages(sc: CrashScenario, fast_tmp: Path) -> None:
+    crash_everywhere(sc, fast_tmp, drop=True)
+
+
+def test_interrupted_merge_resumes_with_the_same_guid(tmp_path: Path) -> None:
+    """A re-run after an interruption in the copy phase reuses the journal's DataWriteGuid and says so."""
+    built = make_chain(tmp_path, SCENARIOS[0])
+
+    # Fail at the first big data write to the destination: the journal is in place by then.
+    class FailOnData(FaultPlan):
+        def tick(self, what: str) -> bool:
+            fail = super().tick(what)
+            return fail or ("base.vhdx: write" in what and int(what.split()[2]) >= 256 * 1024)
+
+    fp = FailOnData(None)
+    with pytest.raises((PowerLoss, VhdxError)):
+        merge(built.leaf, built.base, storage_wrapper=fp.wrap)
+    im = Image.open(built.base, "r")
+    try:
+        assert merge_in_progress(im), f"no journal after a failure in the copy phase: {fp.history}"
+        guid_during = str(im.header.data_write_guid)
+    finally:
+        im.close()
+    dry = merge(built.leaf, built.base, dry_run=True)
+    assert dry.resuming, "the plan of the re-run does not say it resumes"
+    result = merge(built.leaf, built.base)
+    assert result.new_data_write_guid == guid_during
+    assert read_disk(built.base) == built.models[-1]
+
+
+# ------------------------------------------------------------------ SIGKILL of a real process
+
+KILL_ROUNDS = int(os.environ.get("VHDX_MERGE_KILL_ROUNDS", "8"))
+KILL_MIN_INTERRUPTED = 3
+
+
+def make_big_chain(folder: Path):
+    """64 MiB, 1 MiB blocks, 3 layers; most blocks written in both children."""
+    rng = np.random.default_rng(99)
+    size = 64 * MiB
+    base = [(0, rand_bytes(rng, 24 * MiB)), (40 * MiB + 512, rand_bytes(rng, 3 * MiB))]
+    mid = [(i * MiB + 4096, rand_bytes(rng, MiB // 2)) for i in range(0, 64, 2)]
+    mid += [(33 * MiB, rand_bytes(rng, 8 * MiB))]
+    top = [(16 * MiB, rand_bytes(rng, 40 * MiB)), (60 * MiB + 777, rand_bytes(rng, 100_000))]
+    return build_chain(folder, size=size, logical_sector_size=512, base_fixed=False,
+                       layers=[LayerSpec(MiB, base), LayerSpec(MiB, mid), LayerSpec(MiB, top)])
+
+
+def _merge_cmd(leaf: Path, dest: Path) -> list[str]:
+    return [python_exe(), "-m", "vhdx", "merge", str(leaf), "--into", str(dest), "--no-progress"]
+
+
+def test_sigkill_during_merge(tmp_path: Path) -> None:
+    pristine = tmp_path / "pristine"
+    built = make_big_chain(pristine)
+    model = built.models[-1]
+    leaf, dest = Path(built.leaf).name, Path(built.base).name
+    pristine_stamps = stamps(pristine)
+    env = python_env()
+    rng = random.Random(20240611)
+
+    # Calibrate: how long the process needs to start, and to finish.
+    t0 = time.monotonic()
+    subprocess.run([python_exe(), "-m", "vhdx", "--version"], check=True, capture_output=True, env=env)
+    startup = time.monotonic() - t0
+    work = tmp_path / "work"
+    copy_folder(pristine, work)
+    t0 = time.monotonic()
+    subprocess.run(_merge_cmd(work / leaf, work / dest), check=True, capture_output=True, env=env)
+    whole = time.monotonic() - t0
+    merge_part = max(0.05, whole - startup)
+
+    outcomes = []
+    failures = []
+    rounds = 0
+    while rounds < KILL_ROUNDS or (sum(o == "interrupted" for o in outcomes) < KILL_MIN_INTERRUPTED
+                                   and rounds < 4 * KILL_ROUNDS):
+        rounds += 1
+        copy_folder(pristine, work)
+        # 0.05-0.5 s into the merge itself (after the interpreter has started), scaled down when
+        # the merge is quicker than that, so that kills land before, inside and after it.
+        delay = startup * 0.9 + rng.uniform(0.05, 0.5) * min(1.0, merge_part * 1.2 / 0.5)
+        proc = subprocess.Popen(_merge_cmd(work / leaf, work / dest), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate()
+        if proc.returncode == 0:
+            outcomes.append("completed")
+        elif proc.returncode == -signal.SIGKILL:
+            if not (work / leaf).exists():
+                outcomes.append("completed")       # killed while deleting the merged files
+            else:
+                outcomes.append("interrupted" if stamps(work) != pristine_stamps else "before")
+        else:
+            failures.append(f"round {rounds}: exit {proc.returncode}: {err.decode(errors='replace')[-500:]}")
+            continue
+        problems = judge_interrupted(work, leaf, dest, model)
+        if problems:
+            failures.append(f"round {rounds} ({outcomes[-1]}, killed after {delay:.3f} s): " + " | ".join(problems))
+    summary = {k: outcomes.count(k) for k in ("before", "interrupted", "completed")}
+    assert not failures, f"outcomes {summary}:\n" + "\n".join(failures)
+    if summary["interrupted"] < KILL_MIN_INTERRUPTED:
+        pytest.skip(f"SIGKILL landed inside the merge only {summary['interrupted']} times in {rounds} rounds "
+                    f"({summary}); startup {startup:.2f} s, merge {merge_part:.2f} s")
+
+
+def stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of each disk: copytree keeps mtimes, so any write by the merge shows."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in vhdx_files(folder)}
