@@ -454,7 +454,7 @@ class Image:
         self._update_headers(**changes)
 
     def _durable_size(self) -> int:
-        return _align_up(self.storage.size())
+        return self.storage.size()
 
     def log_pages(self, pages: dict[int, bytes]) -> None:
         """Make metadata page changes durable through the log: entry, flush, apply, flush."""

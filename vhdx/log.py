@@ -258,11 +258,17 @@ class LogWriter:
         self.head = (self.head + len(data)) % self.log_length
 
     def write_entry(self, pages: list[tuple[int, bytes]], *, file_size: int) -> None:
-        """Write one entry (Tail = itself: everything before it is applied) and flush."""
+        """Write one entry (Tail = itself: everything before it is applied) and flush.
+
+        ``file_size`` is the durable size of the file: FlushedFileOffset is it rounded
+        down to 1 MiB (never more than what is on disk), LastFileOffset rounded up.
+        """
         if len(pages) > self.max_pages:
             raise ValueError("too many pages for one log entry")
+        mib = C.ALIGNMENT
         entry = build_entry(log_guid=self.log_guid, sequence_number=self.sequence_number, tail=self.head,
-                            pages=pages, flushed_file_offset=file_size, last_file_offset=file_size)
+                            pages=pages, flushed_file_offset=file_size // mib * mib,
+                            last_file_offset=-(-file_size // mib) * mib)
         self.sequence_number += 1
         self._write_ring(entry)
         self.storage.flush()

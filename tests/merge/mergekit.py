@@ -156,6 +156,7 @@ class BuiltChain:
     size: int
     logical_sector_size: int
     base_fixed: bool
+    specs: list[LayerSpec] = field(default_factory=list)
 
     @property
     def leaf(self) -> str:
@@ -213,7 +214,7 @@ def build_chain(folder: str | os.PathLike[str], *, size: int, logical_sector_siz
             _apply_zero_states(path, spec.zero_blocks, model, size)
         paths.append(path)
         models.append(bytes(model))
-    return BuiltChain(paths, models, size, logical_sector_size, base_fixed)
+    return BuiltChain(paths, models, size, logical_sector_size, base_fixed, list(layers))
 
 
 def standard_writes(rng: np.random.Generator, size: int, block_size: int, sector: int,

@@ -150,20 +150,12 @@ def test_id_mismatch_refused_unless_ignored(tmp_path: Path) -> None:
 
     # What the child reads over the modified parent is what the parent must hold afterwards.
     expected = read_disk(child, ignore_id_mismatch=True)
-    assert expected == apply(apply(built.models[0], extra), _child_writes(built)), "model of the mismatched chain"
+    assert expected == apply(apply(built.models[0], extra), built.specs[1].writes), "model of the mismatched chain"
     result = merge(child, ignore_id_mismatch=True)
     assert not os.path.exists(child)
     assert result.new_data_write_guid == data_write_guid(built.base)
     assert_same(read_disk(built.base), expected, "the base after merging over an ID mismatch")
     assert check_errors(built.base) == []
-
-
-def _child_writes(built) -> list[tuple[int, bytes]]:
-    """The child's own bytes as writes: everywhere models[-1] differs from models[0]."""
-    a = np.frombuffer(built.models[-1], np.uint8)
-    b = np.frombuffer(built.models[0], np.uint8)
-    idx = np.flatnonzero(a != b)
-    return [(int(i), built.models[-1][int(i):int(i) + 1]) for i in idx]
 
 
 # ------------------------------------------------------------------ disk full
@@ -234,10 +226,15 @@ def test_disk_full_from_storage_wrapper(fraction: float, tmp_path: Path) -> None
     work = tmp_path / "work"
     copy_folder(pristine, work)
     limit = SpaceLimit(int(total * fraction))
-    with pytest.raises(VhdxError) as info:
+    # A real file turns ENOSPC into a VhdxError (FileStorage; see test_disk_full_from_the_os). A
+    # wrapper raising the bare OSError gets it back unchanged: the merge does not re-wrap it.
+    with pytest.raises((VhdxError, OSError)) as info:
         merge(str(work / leaf), str(work / dest), storage_wrapper=limit.wrap)
     assert limit.hit, "the budget was never reached"
-    assert "space" in str(info.value).lower() or "ENOSPC" in str(info.value) or info.value.__cause__ is not None
+    err = info.value
+    while err is not None and not (isinstance(err, OSError) and err.errno == errno.ENOSPC):
+        err = err.__cause__ or err.__context__
+    assert err is not None, f"ENOSPC is not in the chain of {info.value!r}"
     _judge_after_failure(work, leaf, dest, model)
 
 
@@ -387,7 +384,7 @@ def test_interrupted_merge_is_a_warning_and_rerun_finishes_it(tmp_path: Path) ->
     for path in (leaf, base):
         rc, text = cli("check", path)
         assert rc == 0, f"vhdx check {path} exit {rc} after an interrupted merge:\n{text}"
-        assert "interrupted" in text.lower() and "warning" in text.lower(), text
+        assert "merge into this disk was interrupted" in text and "warning" in text, text
     rc, text = cli("chain", leaf)
     assert rc == 0 and "INTERRUPTED MERGE" in text, text
     assert "chain complete" in text, text
@@ -404,7 +401,7 @@ def test_interrupted_merge_is_a_warning_and_rerun_finishes_it(tmp_path: Path) ->
     assert rc == 0, text
     assert not os.path.exists(leaf)
     rc, text = cli("check", base)
-    assert rc == 0 and "interrupted" not in text.lower(), text
+    assert rc == 0 and "was interrupted" not in text, text
     assert_same(read_disk(base), built.models[-1], "the base after the re-run")
 
 
