@@ -223,6 +223,7 @@ class _Resolver:
         accept = {g for g in (l1, l2) if g is not None}
         tried: list[str] = []
         mismatches: list[tuple[str, str, uuid.UUID]] = []
+        cycle: list[str] = []
 
         def consider(how: str, path: str) -> Image | None:
             local = _case_insensitive(path)
@@ -232,6 +233,8 @@ class _Resolver:
             if _file_key(local) in seen:
                 if self.strict:
                     raise ChainCycleError(f"the chain refers back to {local}", path=child.path)
+                tried[-1] += " (already in the chain: a cycle)"
+                cycle.append(local)
                 return None
             try:
                 image = Image.open(local, "r")
@@ -286,6 +289,8 @@ class _Resolver:
                 f"parent {local} has DataWriteGuid {found} but the child's parent_linkage is {l1} "
                 f"(the parent was modified after the child was made; use ignore_id_mismatch to accept it)",
                 path=child.path, expected=l1, found=found)
+        if cycle:
+            return None, "", "cycle", tried
         if self.strict and self.missing == "error":
             raise ParentNotFoundError(f"parent with DataWriteGuid {l1} not found; tried: " + "; ".join(tried),
                                       path=child.path, tried=tried)
@@ -558,6 +563,7 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
             image = Image.open(p, "r")
         except (VhdxError, OSError) as e:
             node.error = str(e)
+            node.state = "unreadable"
             nodes[p] = node
             continue
         try:

@@ -29,6 +29,10 @@ def three_layers(folder: Path, **kwargs) -> ChainModel:
     return build_chain(folder, **kwargs)
 
 
+def open_fds() -> int | None:
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+
 def file_state(path: Path) -> tuple[str, int, int]:
     st = path.stat()
     return hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mtime_ns, st.st_size
@@ -126,6 +130,23 @@ def test_moved_folder_with_parent_one_level_up(tmp_path: Path) -> None:
     with vhdx.open(tmp_path / "vm2" / "Snapshots" / "child.avhdx") as disk:
         assert disk.info()["chain"][1]["found_by"] == "relative_path"
         assert_same(read_all(disk), want, "child one folder below its parent, moved")
+
+
+def test_child_moved_away_from_its_parent_finds_it_by_absolute_path(tmp_path: Path) -> None:
+    cm = build_chain(tmp_path / "vm", size=SIZE, child_block_sizes=[MiB], use_snapshot=False)
+    base, child = cm.paths
+    away = tmp_path / "somewhere else" / "deeper"
+    away.mkdir(parents=True)
+    moved = away / child.name
+    shutil.move(str(child), str(moved))
+    with vhdx.open(moved) as disk:
+        layer = disk.info()["chain"][1]
+        # the spec's order: relative_path (now wrong), then volume_path, then absolute_win32_path
+        assert layer["found_by"] == "volume_path", layer
+        assert same_file(layer["path"], base)
+        assert_same(read_all(disk), bytes(cm.model), "child moved away from its parent")
+    chain = vhdx.chain(moved)
+    assert chain.complete and chain.leaf.tried[0] == f"relative_path: {away / base.name}"
 
 
 def windows_locator(parent_guid: uuid.UUID, name: str) -> dict[str, str]:
@@ -371,12 +392,12 @@ def test_a_64_deep_chain_opens_and_reads_right(tmp_path: Path) -> None:
         if lower != base:
             assert vhdx.reparent(upper, lower, ignore_id_mismatch=True)["linkage_changed"]
     parent = children[-1]
-    fds_before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    fds_before = open_fds()
     with vhdx.open(parent) as disk:
         assert len(disk.info()["chain"]) == 64
         assert_same(read_all(disk), bytes(model), "64-layer leaf")
     if fds_before is not None:
-        assert len(os.listdir("/proc/self/fd")) == fds_before, "closing the leaf left parents open"
+        assert open_fds() == fds_before, "closing the leaf left parents open"
     described = vhdx.chain(parent)
     assert described.complete and len(described) == 64
 
@@ -520,3 +541,32 @@ def test_reparent_refuses_other_geometry_and_non_children(tmp_path: Path) -> Non
         vhdx.reparent(base, child, ignore_id_mismatch=True)  # the base is no differencing disk
     assert locator_of(child) == locator_before
     assert_same(disk_bytes(child), bytes(cm.model), "child after refused reparents")
+
+
+def test_failed_opens_leave_no_file_open(tmp_path: Path) -> None:
+    """Every way an open can fail part-way up a chain closes what it had opened."""
+    cm = three_layers(tmp_path / "vm")
+    base, middle, leaf = cm.paths
+    if open_fds() is None:
+        pytest.skip("no /proc/self/fd to count open files")
+    # mismatch two levels down: the leaf and the middle were open when the base was refused
+    with vhdx.open(base, "r+") as disk:
+        write_all(disk, 0, b"orphan the middle layer")
+    other = tmp_path / "other.vhdx"
+    vhdx.create(other, SIZE, block_size=MiB).close()
+    before = open_fds()
+    leaf_state = file_state(leaf)
+    for _ in range(3):
+        with pytest.raises(vhdx.ParentMismatchError):
+            vhdx.open(leaf, "r+")
+        with pytest.raises(vhdx.ParentMismatchError):
+            vhdx.open(leaf, parents=[middle, other])
+        assert not vhdx.chain(leaf).complete
+        shutil.move(str(base), str(tmp_path / "gone.bin"))
+        with pytest.raises(vhdx.ParentNotFoundError):
+            vhdx.open(leaf)
+        with vhdx.open(leaf, missing_parent="zeros") as disk:
+            disk.read(4096)
+        shutil.move(str(tmp_path / "gone.bin"), str(base))
+    assert open_fds() == before
+    assert file_state(leaf) == leaf_state, "a refused r+ open changed the leaf file"

@@ -11,7 +11,8 @@ fault the storage refuses everything, so the Disk cannot close cleanly. The copy
   (byte-granular: a write need not be all-old or all-new);
 * opened "r+" (log replayed in place), read again (same bytes as read-only), closed,
   reopened read-only (same bytes again);
-* judged by ``vhdx check`` (exit 0) and, for 512-byte sectors, by ``qemu-img check``.
+* judged by ``vhdx check`` (exit 0) before and after the replay and, for 512-byte sectors,
+  by ``qemu-img check`` after it.
 
 In the drop-unflushed variant, the power loss also loses a random subset of the 4 KiB
 pages written since the last flush (each page independently), which is what a volatile
@@ -374,6 +375,9 @@ def verify_after_crash(path: Path, base: np.ndarray, ops: list[tuple], run: Run,
         where = np.flatnonzero(bad)
         problems.append(f"{len(where)} bytes neither old nor new, first at virtual 0x{where[0]:x} "
                         f"(read 0x{ro[where[0]]:02x})")
+    rc, text = cli_check(path)          # the crashed file as found: a dirty log is normal here
+    if rc not in (0, judges.vhdx_rc):
+        problems.append(f"vhdx check before replay exit {rc} (base file: {judges.vhdx_rc}): {text.strip()[:300]}")
     try:
         # durable=False: fdatasync would only cost time here; durability is FaultyStorage's job
         with vhdx.open(str(path), "r+", storage=FileStorage(str(path), writable=True, durable=False)) as disk:

@@ -126,6 +126,9 @@ def cmd_orphans(args: argparse.Namespace) -> int:
     rel = lambda p: os.path.relpath(p, forest.folder)  # noqa: E731
 
     def show(node: chains.Node, depth: int) -> None:
+        if node.state == "unreadable":
+            print(f"{'    ' * depth}{rel(node.path)}  [unreadable: {node.error}]")
+            return
         tags = [node.disk_type]
         if node.state in ("missing", "mismatch"):
             tags.append("PARENT MISSING" if node.state == "missing" else "ID MISMATCH with " + rel(node.parent))
@@ -142,8 +145,6 @@ def cmd_orphans(args: argparse.Namespace) -> int:
     roots = sorted(forest.roots, key=lambda n: n.path)
     for r in roots:
         show(r, 0)
-    for n in forest.nodes.values():  # mismatched links show under their would-be parent already
-        pass
     for n in forest.unreadable:
         print(f"{rel(n.path)}  [unreadable: {n.error}]")
     if not forest.nodes:

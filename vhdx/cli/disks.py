@@ -50,7 +50,9 @@ def register(sub: Any) -> None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     if args.parent:
-        disk = api.create(args.path, parent=args.parent, block_size=args.block_size)
+        disk = api.create(args.path, args.size, parent=args.parent, block_size=args.block_size,
+                          logical_sector_size=args.logical_sector_size,
+                          physical_sector_size=args.physical_sector_size, fixed=args.fixed)
     else:
         if args.size is None:
             raise UsageError("give a size (e.g. 64M) or --parent", path=args.path)
