@@ -34,6 +34,7 @@ COPY_BUFFER_SIZE = 8 << 20
 
 _ZEROS = bytes(4 << 20)
 _MAX_TX_BLOCKS = 64  # payload blocks allocated per log transaction
+EAGER_BITMAP_CHUNKS = 64  # differencing disks up to 256 GiB (512-byte sectors) get their bitmaps at creation
 
 
 def zero_fill(view: memoryview) -> None:
@@ -810,6 +811,14 @@ def create_image(path: str | os.PathLike[str], size: int, *, block_size: int = 3
     metadata = build_metadata_region(items, md_length)
     bat = np.zeros(bat_length // 8, dtype=np.uint64)
     file_size = payload_start
+    if has_parent and g.sector_bitmap_blocks <= EAGER_BITMAP_CHUNKS:
+        # Zeroed (sparse) sector bitmaps for every chunk up front. Hyper-V allocates them
+        # lazily, which the spec allows, but libvhdi then reads a chunk's bitmap from file
+        # offset 0 and returns garbage for an untouched checkpoint. 1 MiB per 4 GiB chunk.
+        sidx = batmod.sbm_indices(g)
+        offsets = payload_start + np.arange(sidx.size, dtype=np.uint64) * np.uint64(C.SECTOR_BITMAP_BLOCK_SIZE)
+        bat[sidx] = offsets | np.uint64(C.SB_BLOCK_PRESENT)
+        file_size = payload_start + sidx.size * C.SECTOR_BITMAP_BLOCK_SIZE
     if fixed:
         idx = batmod.payload_indices(g)
         offsets = payload_start + np.arange(g.payload_blocks, dtype=np.uint64) * np.uint64(block_size)

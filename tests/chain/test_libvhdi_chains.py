@@ -105,9 +105,6 @@ def test_libvhdi_reads_a_chain_after_several_sessions(tmp_path: Path, interop_to
     check_layers_in_libvhdi(pyvhdi, cm)
 
 
-@pytest.mark.xfail(strict=False, reason="libvhdi reads the sector bitmap at offset 0 of the file when the "
-                   "chunk's SBM entry is SB_BLOCK_NOT_PRESENT (a child never partly written), so it reads "
-                   "part of the file header as data; the files are valid (vhdx-format.md §5.5)")
 @pytest.mark.parametrize("writes", ["empty", "whole-blocks-only"])
 def test_libvhdi_reads_a_child_without_sector_bitmap(writes: str, tmp_path: Path, interop_tool) -> None:
     pyvhdi = interop_tool("pyvhdi")

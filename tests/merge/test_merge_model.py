@@ -257,3 +257,86 @@ def test_into_must_be_an_ancestor(tmp_path) -> None:
             merge(built.leaf, bad)
     assert folder_hashes(tmp_path / "a") == before
     assert first_difference(read_disk(built.leaf), built.models[-1]) == "equal"
+
+
+# ------------------------------------------------------------------ windows, batches, bitmap chunks
+
+def _region_model(layer_writes: list[list[tuple[int, bytes]]], lo: int, hi: int) -> bytes:
+    """What [lo, hi) reads after every layer's writes, in order (the base reads zeros elsewhere)."""
+    out = bytearray(hi - lo)
+    for writes in layer_writes:
+        for off, data in writes:
+            a, b = max(lo, off), min(hi, off + len(data))
+            if a < b:
+                out[a - lo:b - lo] = data[a - off:b - off]
+    return bytes(out)
+
+
+def _read_region(path: str, lo: int, hi: int) -> bytes:
+    with vhdx.open(path) as disk:
+        return disk.pread(lo, hi - lo)
+
+
+def _build_sparse_chain(folder: Path, size: int, lss: int, blocks: list[int], layer_writes) -> list[str]:
+    paths = []
+    for i, (bs, writes) in enumerate(zip(blocks, layer_writes)):
+        if i == 0:
+            disk = vhdx.create(str(folder / "base.vhdx"), size, block_size=bs, logical_sector_size=lss)
+            path = str(folder / "base.vhdx")
+        else:
+            path = vhdx.snapshot(paths[-1], block_size=bs)
+            disk = vhdx.open(path, "r+")
+        with disk:
+            for off, data in writes:
+                disk.seek(off)
+                disk.write(data)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("case", ["windows-and-batches", "bitmap-chunks"])
+def test_merge_across_windows_and_chunks(case: str, tmp_path: Path) -> None:
+    """The merge plans 64 MiB windows and copies 128 MiB batches; a differencing destination has
+    one sector bitmap per chunk (4 GiB of 512-byte sectors). Writes straddle all those edges."""
+    rng = np.random.default_rng(17)
+    W = 64 * MiB
+    if case == "windows-and-batches":
+        lss, size = 512, 130 * MiB + 3 * 512
+        blocks = [32 * MiB, 1 * MiB, 8 * MiB]
+        layer_writes = [
+            [(W - 5 * MiB, rand(rng, 10 * MiB))],
+            [(0, rand(rng, 100 * MiB)), (2 * W - 700, rand(rng, 1500)), (size - 2 * lss, rand(rng, 2 * lss))],
+            [(W - 3 * lss, rand(rng, 6 * lss)), (W + 8 * MiB - 1, rand(rng, 9 * MiB)),
+             (2 * W, rand(rng, size - 2 * W))],
+        ]
+        into = 0
+    else:
+        lss, size = 512, 4 * 1024 * MiB + 3 * MiB + 512
+        chunk = 4 * 1024 * MiB
+        blocks = [32 * MiB, 1 * MiB, 2 * MiB]
+        layer_writes = [
+            [(chunk - MiB, rand(rng, 2 * MiB))],
+            [(chunk - 2 * MiB + 4096, rand(rng, 8192)), (chunk + MiB, rand(rng, MiB))],
+            [(chunk - 3 * lss, rand(rng, 7 * lss)), (chunk - MiB + 512, rand(rng, 64 * 1024)),
+             (chunk + 2 * MiB + 100, rand(rng, 3000)), (size - lss, rand(rng, lss)), (W - 512, rand(rng, 1024))],
+        ]
+        into = 1   # a differencing destination: PARTIALLY_PRESENT blocks in two bitmap chunks
+    paths = _build_sparse_chain(tmp_path, size, lss, blocks, layer_writes)
+    regions = sorted({(max(0, off - 2 * MiB) // lss * lss, min(size, off + len(d) + 2 * MiB))
+                      for ws in layer_writes for off, d in ws} | {(0, MiB), (size - MiB, size)})
+    if case == "windows-and-batches":
+        regions = [(0, size)]
+    expected = {r: _region_model(layer_writes, *r) for r in regions}
+    for r in regions:
+        assert_same(_read_region(paths[-1], *r), expected[r], f"the leaf before the merge, {r}")
+    result = merge(paths[-1], paths[into])
+    assert not os.path.exists(paths[-1])
+    for r in regions:
+        assert_same(_read_region(paths[into], *r), expected[r], f"the destination after the merge, {r}")
+    assert check_errors(paths[into]) == []
+    if case == "windows-and-batches":
+        assert result.bytes_copied > 128 * MiB  # more than one batch
+
+
+def rand(rng: np.random.Generator, n: int) -> bytes:
+    return rng.integers(1, 256, size=n, dtype=np.uint8).tobytes()
