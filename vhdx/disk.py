@@ -187,6 +187,43 @@ class Disk(io.RawIOBase):
         self.image.write_at(mv, start)
         return len(view)
 
+    def data_extents(self) -> list[tuple[int, int]]:
+        """(offset, length) ranges that may hold non-zero data, through the whole chain.
+
+        Everything outside them reads as zeros. Block granularity, computed from the BAT
+        states of every layer with numpy; used to skip holes when exporting or hashing.
+        """
+        import numpy as np
+        from .format import bitmap as bitmapmod
+        from .format import constants as C
+        starts_all, stops_all = [], []
+        layer: Disk | None = self
+        while layer is not None:
+            im = layer.image
+            st = im.payload_states()
+            data = (st == C.PAYLOAD_BLOCK_FULLY_PRESENT) | (st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+            starts, stops, values = bitmapmod.runs(data.astype(np.uint8))
+            keep = values == 1
+            starts_all.append(starts[keep].astype(np.int64) * im.block_size)
+            stops_all.append(np.minimum(stops[keep].astype(np.int64) * im.block_size, im.size))
+            layer = layer.parent
+        if not starts_all:
+            return []
+        starts = np.concatenate(starts_all)
+        stops = np.minimum(np.concatenate(stops_all), self.size)
+        order = np.argsort(starts, kind="stable")
+        starts, stops = starts[order], stops[order]
+        out: list[tuple[int, int]] = []
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            if b <= a:
+                continue
+            if out and a <= out[-1][0] + out[-1][1]:
+                s0, n0 = out[-1]
+                out[-1] = (s0, max(n0, b - s0))
+            else:
+                out.append((a, b - a))
+        return out
+
     def flush(self) -> None:
         if not self.closed:
             self.image.flush()

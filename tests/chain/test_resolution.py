@@ -570,3 +570,46 @@ def test_failed_opens_leave_no_file_open(tmp_path: Path) -> None:
         shutil.move(str(tmp_path / "gone.bin"), str(base))
     assert open_fds() == before
     assert file_state(leaf) == leaf_state, "a refused r+ open changed the leaf file"
+
+
+def test_writing_over_a_missing_parent_does_not_copy_up_zeros(tmp_path: Path) -> None:
+    """A child opened "r+" with missing_parent="zeros" must not turn the parent's bytes into zeros.
+
+    An unaligned write reads the rest of its edge sectors through the chain and writes them into
+    the child. Over a stand-in of zeros that stores zeros in the child, which then hide the real
+    parent's bytes for good once it is found again. The library may refuse the open, refuse the
+    unaligned write, or keep the parent's bytes; it must not lose them silently.
+    """
+    cm = build_chain(tmp_path, size=SIZE, child_block_sizes=[MiB], use_snapshot=False,
+                     writes=[[(0, pattern(1, SIZE))], []])
+    base, child = cm.paths
+    hidden = tmp_path / "hidden.bin"
+    shutil.move(str(base), str(hidden))
+    try:
+        disk = vhdx.open(child, "r+", missing_parent="zeros")
+    except vhdx.VhdxError:
+        return  # refusing to write over a missing parent is fine
+    with disk:
+        try:
+            write_all(disk, 100, b"X" * 10)
+        except vhdx.VhdxError:
+            return  # refusing the unaligned write is fine too
+    shutil.move(str(hidden), str(base))
+    want = bytearray(cm.layer_bytes(0))
+    want[100:110] = b"X" * 10
+    got = disk_bytes(child)
+    assert_same(got[:512], bytes(want[:512]), "first sector after an unaligned write over a missing parent")
+
+
+def test_a_failed_snapshot_leaves_no_file_behind(tmp_path: Path) -> None:
+    """Snapshotting (or creating a child of) a checkpoint whose own parent is missing fails, and
+    must not leave a half-made child in the folder: it would show up as one more broken disk."""
+    cm = three_layers(tmp_path / "vm")
+    base, middle, leaf = cm.paths
+    shutil.move(str(base), str(tmp_path / "away.bin"))
+    before = sorted(os.listdir(leaf.parent))
+    with pytest.raises(vhdx.ParentNotFoundError):
+        vhdx.snapshot(leaf)
+    with pytest.raises(vhdx.ParentNotFoundError):
+        vhdx.create(leaf.parent / "child.avhdx", parent=leaf)
+    assert sorted(os.listdir(leaf.parent)) == before

@@ -169,6 +169,23 @@ def make_our_disk(path: Path, *, logical_sector_size: int = 4096, fixed: bool = 
     return path
 
 
+PARENT_NAME = "parent.vhdx"
+
+
+def make_our_child(path: Path) -> Path:
+    """A differencing child (512-byte sectors, 1 MiB blocks) of ``parent.vhdx`` in the same folder:
+    the parent holds the first pattern, the child the second, as in make_our_disk."""
+    vhdx = pytest.importorskip("vhdx")
+    parent = path.parent / PARENT_NAME
+    with vhdx.create(str(parent), 8 * MiB, block_size=MiB, logical_sector_size=512,
+                     physical_sector_size=4096) as disk:
+        disk.write(_pattern(11, 1536 * 1024))
+    with vhdx.create(str(path), parent=str(parent), block_size=MiB) as disk:
+        disk.seek(5 * MiB + 128 * 1024)
+        disk.write(_pattern(12, 64 * 1024))
+    return path
+
+
 def _expected_virtual(name: str) -> bytes:
     """What the base disk's virtual bytes are, from what its maker was told to write."""
     model = bytearray(8 * MiB)
@@ -192,6 +209,7 @@ def base_disks(tmp_path_factory):
         "qemufixed": lambda p: make_qemu_disk(p, fixed=True),
         "ours4k": lambda p: make_our_disk(p, logical_sector_size=4096),
         "ours512": lambda p: make_our_disk(p, logical_sector_size=512),
+        "child": make_our_child,
     }
 
     def get(name: str) -> tuple[bytes, bytes]:
@@ -199,6 +217,8 @@ def base_disks(tmp_path_factory):
             p = root / f"{name}.vhdx"
             makers[name](p)
             cache[name] = (p.read_bytes(), _expected_virtual(name))
+            if name == "child":
+                cache["child:parent"] = ((root / PARENT_NAME).read_bytes(), b"")
         return cache[name]
 
     return get

@@ -31,7 +31,7 @@ from typing import Callable
 import pytest
 
 import vhdxbits as vb
-from conftest import MiB, CaseTimeout, Guard, read_disk, sha256_file
+from conftest import PARENT_NAME, MiB, CaseTimeout, Guard, read_disk, sha256_file
 
 vhdx = pytest.importorskip("vhdx")
 
@@ -134,9 +134,10 @@ class Case:
     bases: tuple = ("qemu512", "ours4k")
     error: type | None = None             # required VhdxError subclass when expect == "raise"
     rw: bool = True                       # also open "r+" on a fresh copy
+    ro_ok: bool = False                   # read-only must work and read as the base, whatever ``expect``
 
 
-def run_case(case: Case, base: str, base_disks, tmp_path: Path) -> None:
+def run_case(case: Case, base: str, base_disks, tmp_path: Path, *, with_parent: bool = True) -> None:
     file_bytes, virtual = base_disks(base)
     buf = bytearray(file_bytes)
     layout = vb.parse_layout(buf)
@@ -144,6 +145,9 @@ def run_case(case: Case, base: str, base_disks, tmp_path: Path) -> None:
     data = bytes(buf if mutated is None else mutated)
     expected_digest = hashlib.sha256(virtual).hexdigest()
 
+    if base == "child" and with_parent:     # the parent goes beside the child, where the locator points
+        base_disks("child")
+        (tmp_path / PARENT_NAME).write_bytes(base_disks("child:parent")[0])
     path = tmp_path / f"{case.name}.vhdx"
     path.write_bytes(data)
     before = sha256_file(path)
@@ -172,6 +176,9 @@ def run_case(case: Case, base: str, base_disks, tmp_path: Path) -> None:
             assert ro.digest == rw.digest, (
                 "read-only open (log replayed in memory) and read-write open read different data")
 
+    if case.ro_ok:
+        assert ro.ok, f"readable file refused: {ro.describe()}"
+        assert ro.digest == expected_digest, "[r] read different data from the base disk"
     for out in outcomes:
         if case.expect == "ok":
             assert out.ok, f"valid or recoverable file refused: {out.describe()}"
@@ -371,7 +378,8 @@ CASES: list[Case] = [
     Case("headers-equal-sequence-different", compose(hdr((0,), sequence_number=5),
                                                      hdr((1,), sequence_number=5, file_write_guid=NEW_GUID)),
          "either"),
-    Case("headers-sequence-max", current_slot_only(sequence_number=2**64 - 1), "ok"),
+    # Readable; a writer cannot go past 2^64 - 1, so refusing to write (VhdxError) is fine.
+    Case("headers-sequence-max", current_slot_only(sequence_number=2**64 - 1), "either", ro_ok=True),
     Case("headers-log-length-7fffffff", hdr(log_length=0x7FFFFFFF), "either"),
     Case("headers-log-length-7fffffff-dirty", hdr(log_length=0x7FFFFFFF, log_guid=NEW_GUID), "raise"),
     Case("headers-log-length-2G-dirty", hdr(log_length=0x7FF00000, log_guid=NEW_GUID), "raise"),
@@ -495,6 +503,114 @@ def test_unmutated_base_reads_as_written(base, base_disks, tmp_path):
                          ids=[f"{c.name}-{b}" for c in CASES for b in c.bases])
 def test_mutated_file_raises_only_vhdx_errors(case, base, base_disks, tmp_path):
     run_case(case, base, base_disks, tmp_path)
+
+
+# ------------------------------------------------------------------ parent locators (§4.8, §4.9, §9.3)
+
+VHDX_LOCATOR_TYPE = uuid.UUID("B04AEFB7-D19E-4A81-B789-25B8E9445913")
+
+
+def _u16(text: str) -> bytes:
+    return text.encode("utf-16-le", errors="surrogatepass")
+
+
+def read_locator(buf, L) -> tuple[uuid.UUID, list[tuple[bytes, bytes]]]:
+    at = L.metadata[vb.PARENT_LOCATOR].item_file_offset
+    count, = struct.unpack_from("<H", buf, at + 18)
+    pairs = []
+    for i in range(count):
+        ko, vo, kl, vl = struct.unpack_from("<IIHH", buf, at + 20 + 12 * i)
+        pairs.append((bytes(buf[at + ko:at + ko + kl]), bytes(buf[at + vo:at + vo + vl])))
+    return uuid.UUID(bytes_le=bytes(buf[at:at + 16])), pairs
+
+
+def write_locator(buf, L, locator_type: uuid.UUID, pairs: list[tuple[bytes, bytes]],
+                  entries: list[tuple[int, int, int, int]] | None = None) -> None:
+    """Rebuild the locator item in place (same item offset) and fix its table entry length.
+    ``entries`` overrides the (key_offset, value_offset, key_length, value_length) rows."""
+    rows, blob = [], b""
+    at = 20 + 12 * len(pairs)
+    for key, value in pairs:
+        rows.append((at, at + len(key), len(key), len(value)))
+        blob += key + value
+        at += len(key) + len(value)
+    rows = entries if entries is not None else rows
+    item = (locator_type.bytes_le + struct.pack("<HH", 0, len(pairs)) +
+            b"".join(struct.pack("<IIHH", *r) for r in rows) + blob)
+    e = L.metadata[vb.PARENT_LOCATOR]
+    start = e.item_file_offset
+    buf[start:start + max(len(item), e.length)] = item + bytes(max(0, e.length - len(item)))
+    struct.pack_into("<I", buf, e.entry_file_offset + 20, len(item))
+
+
+def locator(edit):
+    """Mutation: ``edit(pairs: dict[str, str]) -> dict`` on the decoded key/value pairs."""
+    def mutate(buf, L):
+        kind, pairs = read_locator(buf, L)
+        d = {k.decode("utf-16-le"): v.decode("utf-16-le") for k, v in pairs}
+        d = edit(dict(d))
+        write_locator(buf, L, kind, [(_u16(k), _u16(v)) for k, v in d.items()])
+    return mutate
+
+
+def locator_raw(edit):
+    """Mutation on the raw item bytes (header and entry rows)."""
+    def mutate(buf, L):
+        at = L.metadata[vb.PARENT_LOCATOR].item_file_offset
+        edit(buf, at)
+    return mutate
+
+
+def only_paths(**paths):
+    def edit(d):
+        keep = {k: v for k, v in d.items() if k.startswith("parent_linkage")}
+        keep.update(paths)
+        return keep
+    return edit
+
+
+LOCATOR_CASES = [
+    Case("loc-unchanged", lambda buf, L: None, "ok"),
+    Case("loc-count-65535", locator_raw(lambda b, at: struct.pack_into("<H", b, at + 18, 65535)), "either"),
+    Case("loc-count-0", locator_raw(lambda b, at: struct.pack_into("<H", b, at + 18, 0)), "raise"),
+    Case("loc-key-offset-past-item", locator_raw(lambda b, at: struct.pack_into("<I", b, at + 20, 0xFFFFFFF0)), "either"),
+    Case("loc-value-offset-0", locator_raw(lambda b, at: struct.pack_into("<I", b, at + 24, 0)), "either"),
+    Case("loc-value-length-ffff", locator_raw(lambda b, at: struct.pack_into("<H", b, at + 30, 0xFFFF)), "either"),
+    Case("loc-key-length-odd", locator_raw(lambda b, at: struct.pack_into("<H", b, at + 28, 27)), "either"),
+    Case("loc-type-unknown", locator_raw(lambda b, at: b.__setitem__(slice(at, at + 16), NEW_GUID.bytes_le)), "raise"),
+    Case("loc-item-length-10", md_entry(vb.PARENT_LOCATOR, length=10), "raise"),
+    Case("loc-item-length-0", md_entry(vb.PARENT_LOCATOR, length=0, offset=0), "raise"),
+    Case("loc-no-linkage", locator(lambda d: {k: v for k, v in d.items() if k != "parent_linkage"}), "raise"),
+    Case("loc-linkage-garbage", locator(lambda d: {**d, "parent_linkage": "{zzzz-not-a-guid}"}), "raise"),
+    Case("loc-linkage-empty-braces", locator(lambda d: {**d, "parent_linkage": "{}"}), "raise"),
+    Case("loc-linkage-mismatch", locator(lambda d: {**d, "parent_linkage": "{" + str(NEW_GUID) + "}"}), "raise",
+         error=vhdx.ChainError),
+    Case("loc-linkage2-garbage", locator(lambda d: {**d, "parent_linkage2": "garbage"}), "either"),
+    Case("loc-no-paths", locator(only_paths()), "raise"),
+    Case("loc-path-to-self", lambda buf, L: None, "raise"),        # filled in by the test (needs the name)
+    Case("loc-path-to-directory", locator(only_paths(relative_path=".\\")), "raise"),
+    Case("loc-path-to-dev-zero", locator(only_paths(absolute_win32_path="/dev/zero", relative_path="/dev/zero")), "raise"),
+    Case("loc-path-to-fifo", locator(only_paths(relative_path=".\\evil.fifo")), "raise"),
+    Case("loc-path-traversal", locator(only_paths(relative_path="..\\" * 40 + "etc\\passwd")), "raise"),
+    Case("loc-path-embedded-nul", locator(only_paths(relative_path=".\\parent.vhdx\0.x")), "either"),
+    Case("loc-path-lone-surrogate", locator(only_paths(relative_path=".\\parent\ud800.vhdx")), "raise"),
+    Case("loc-path-30000-chars", locator(only_paths(relative_path="a" * 30000)), "raise"),
+    Case("loc-path-unmapped-volume", locator(only_paths(volume_path="\\\\?\\Volume{00000000-1111-2222-3333-444444444444}\\x.vhdx")), "raise"),
+    Case("loc-duplicate-keys", lambda buf, L: write_locator(buf, L, VHDX_LOCATOR_TYPE,
+         read_locator(buf, L)[1] + [(_u16("relative_path"), _u16("elsewhere.vhdx"))]), "either"),
+]
+
+
+@pytest.mark.parametrize("case", LOCATOR_CASES, ids=[c.name for c in LOCATOR_CASES])
+def test_hostile_parent_locator_raises_only_vhdx_errors(case, base_disks, tmp_path):
+    """A child's locator decides which files get opened: it may only lead to VhdxError
+    (ParentNotFoundError, ParentMismatchError, ChainCycleError, CorruptError...), in time."""
+    if case.name == "loc-path-to-fifo":
+        os.mkfifo(tmp_path / "evil.fifo")
+    if case.name == "loc-path-to-self":
+        case = Case(case.name, locator(only_paths(relative_path=f".\\{case.name}.vhdx")), "raise")
+    # Except for the control case, the real parent is absent: only the mutated locator decides.
+    run_case(case, "child", base_disks, tmp_path, with_parent=case.name == "loc-unchanged")
 
 
 # ------------------------------------------------------------------ hand-built logs (§8)

@@ -167,6 +167,44 @@ def test_power_loss_drops_unflushed_pages(sc: CrashScenario, fast_tmp: Path) -> 
     crash_everywhere(sc, fast_tmp, drop=True)
 
 
+def test_power_loss_again_during_the_rerun(fast_tmp: Path) -> None:
+    """Crash, then crash the re-run too (at a few seeded points), then finish: resuming from a
+    resumed state (journal already there, linkage already handed over) must be as safe."""
+    sc = SCENARIOS[1]
+    pristine = fast_tmp / "pristine"
+    built = make_chain(pristine, sc)
+    model = built.models[-1]
+    leaf = Path(built.leaf).name
+    dest = Path(built.paths[-2]).name
+    counting = fast_tmp / "count"
+    copy_folder(pristine, counting)
+    plan = FaultPlan(None)
+    merge(str(counting / leaf), str(counting / dest), storage_wrapper=plan.wrap)
+    K = plan.calls
+    rng = random.Random(5)
+    crashed, work = fast_tmp / "crashed", fast_tmp / "work"
+    failures = []
+    for n1 in range(2, K, 4):
+        copy_folder(pristine, crashed)
+        with pytest.raises((PowerLoss, VhdxError)):
+            merge(str(crashed / leaf), str(crashed / dest), storage_wrapper=FaultPlan(n1).wrap)
+        copy_folder(crashed, counting)
+        again = FaultPlan(None)
+        merge(str(counting / leaf), str(counting / dest), storage_wrapper=again.wrap)
+        for n2 in sorted(rng.sample(range(1, again.calls + 1), min(3, again.calls))):
+            copy_folder(crashed, work)
+            fp = FaultPlan(n2, drop_unflushed=bool(n2 % 2), seed=n1 * 1000 + n2)
+            try:
+                merge(str(work / leaf), str(work / dest), storage_wrapper=fp.wrap)
+                failures.append(f"N1={n1} N2={n2}: the re-run did not fail")
+            except (PowerLoss, VhdxError):
+                pass
+            problems = judge_interrupted(work, leaf, dest, model)
+            if problems:
+                failures.append(f"N1={n1} N2={n2} ({fp.history[-1]}): " + " | ".join(problems))
+    assert not failures, "\n".join(failures[:15])
+
+
 def test_interrupted_merge_resumes_with_the_same_guid(tmp_path: Path) -> None:
     """A re-run after an interruption in the copy phase reuses the journal's DataWriteGuid and says so."""
     built = make_chain(tmp_path, SCENARIOS[0])

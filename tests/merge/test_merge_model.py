@@ -1,7 +1,7 @@
 """Merge against a byte model: random chains, merged from the leaf into a random ancestor.
 
 A chain of 2-5 layers is built with random geometry (base block 1-8 MiB, fixed or dynamic; child
-blocks 1-8 MiB; 512- or 4096-byte sectors; a virtual size that is never a multiple of the block
+blocks 1-8 MiB, sometimes 32 or 256 MiB; 512- or 4096-byte sectors; a virtual size that is never a multiple of the block
 size) and random writes (whole blocks, aligned partial runs, unaligned pieces, block-crossing
 writes; a few blocks of some layers put into ZERO/UNMAPPED/UNDEFINED). The flattened content
 never changes under a merge, so afterwards the destination must read exactly what the leaf read,
@@ -33,6 +33,8 @@ from .mergekit import (MiB, LayerSpec, MergeResult, merge, assert_same, build_ch
 
 MAX_EXAMPLES = int(os.environ.get("VHDX_HYPOTHESIS_MAX", "10"))
 BLOCKS = [1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB]
+# Now and then a block far bigger than the disk (the plan's window grows to hold it).
+CHILD_BLOCKS = BLOCKS * 4 + [32 * MiB, 256 * MiB]
 ZERO_STATES = [C.PAYLOAD_BLOCK_ZERO, C.PAYLOAD_BLOCK_UNMAPPED, C.PAYLOAD_BLOCK_UNDEFINED]
 
 
@@ -63,7 +65,7 @@ class Scenario:
 def scenarios(draw) -> Scenario:
     lss = draw(st.sampled_from([512, 4096]))
     base_block = draw(st.sampled_from(BLOCKS))
-    children = draw(st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=4))
+    children = draw(st.lists(st.sampled_from(CHILD_BLOCKS), min_size=1, max_size=4))
     size = draw(st.integers(2, 6)) * MiB + draw(st.integers(1, MiB // lss - 1)) * lss
     n = 1 + len(children)
     writes = [draw(st.integers(0, 6)) for _ in range(n)]
@@ -305,7 +307,7 @@ def test_merge_across_windows_and_chunks(case: str, tmp_path: Path) -> None:
         blocks = [32 * MiB, 1 * MiB, 8 * MiB]
         layer_writes = [
             [(W - 5 * MiB, rand(rng, 10 * MiB))],
-            [(0, rand(rng, 100 * MiB)), (2 * W - 700, rand(rng, 1500)), (size - 2 * lss, rand(rng, 2 * lss))],
+            [(0, rand(rng, size)), (2 * W - 700, rand(rng, 1500)), (size - 2 * lss, rand(rng, 2 * lss))],
             [(W - 3 * lss, rand(rng, 6 * lss)), (W + 8 * MiB - 1, rand(rng, 9 * MiB)),
              (2 * W, rand(rng, size - 2 * W))],
         ]

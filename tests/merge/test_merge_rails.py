@@ -432,3 +432,54 @@ def test_parent_found_through_search_paths(tmp_path: Path) -> None:
     assert_same(read_disk(moved), built.models[-1], "the moved base after the merge")
     assert check_errors(moved) == []
     assert stat.S_IMODE(os.stat(moved).st_mode) & 0o200
+
+
+# ------------------------------------------------------------------ a leaf whose last session crashed
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_merge_of_a_leaf_with_a_dirty_log(depth: int, tmp_path: Path) -> None:
+    """The leaf's last write session lost power after its log entry was durable: the log must be
+    honoured (replayed in memory for reading, in place when the leaf is rewritten) by the merge."""
+    from vhdx.storage import FileStorage
+    pristine = tmp_path / "pristine"
+    built = small_chain(pristine, children=depth)
+    leaf = Path(built.leaf).name
+    dest = Path(built.base).name
+    rng = np.random.default_rng(8)
+    writes = [(4 * MiB + 512, rand_bytes(rng, 3000)), (MiB - 4096, rand_bytes(rng, 3 * MiB))]
+    model = apply(built.models[-1], writes)
+
+    def session(folder: Path, fail_at: int | None) -> FaultPlan:
+        fp = FaultPlan(fail_at)
+        storage = fp.wrap(FileStorage(str(folder / leaf), writable=True))
+        try:
+            disk = vhdx.open(str(folder / leaf), "r+", storage=storage)
+            for off, data in writes:
+                disk.seek(off)
+                disk.write(data)
+            disk.close()
+        except (PowerLoss, VhdxError):
+            pass
+        return fp
+
+    count = tmp_path / "count"
+    copy_folder(pristine, count)
+    K = session(count, None).calls
+    picked = []
+    work = tmp_path / "work"
+    for n in range(1, K + 1):
+        copy_folder(pristine, work)
+        session(work, n)
+        im = Image.open(str(work / leaf), "r")
+        dirty = im.log_was_dirty
+        im.close()
+        if dirty and read_disk(work / leaf) == model:
+            picked.append(n)
+    assert picked, "no crash point leaves the whole write in a dirty log"
+    for n in sorted({picked[0], picked[len(picked) // 2], picked[-1]}):
+        copy_folder(pristine, work)
+        session(work, n)
+        merge(str(work / leaf), str(work / dest))
+        assert not (work / leaf).exists()
+        assert_same(read_disk(work / dest), model, f"the destination (leaf crashed at call {n} of {K})")
+        assert all_checks_pass(work) == []

@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import os
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from ..errors import DiskExistsError, UsageError
 from . import EXIT_OK, add_chain_options, chain_options, emit_json, parse_size
 from .progress import Progress, human_bytes
 
-CHUNK = 8 << 20
+CHUNK = 2 << 20
 
 
 def register(sub: Any) -> None:
@@ -83,33 +84,57 @@ def _open_layer(args: argparse.Namespace):
 
 
 def stream(disk, sink=None, *, progress=None, hasher=None) -> tuple[int, int]:
-    """Read the whole disk in 8 MiB pieces; hand non-zero pieces to ``sink(view, offset)``.
+    """Read the disk in pieces; hand non-zero pieces to ``sink(view, offset)``.
 
-    Returns (bytes read, bytes written). Zero pieces are skipped (sparse output).
+    Holes that no layer allocates are skipped without reading (and hashed as zeros when a
+    hash is asked for), so the output is sparse. The sink runs on a second thread with its
+    own buffers, so reading the next piece overlaps writing the last one (the system calls
+    release the GIL). Returns (bytes covered, bytes handed to the sink).
     """
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    words = np.frombuffer(buf, dtype=np.uint64)
     size = disk.size
     written = 0
-    offset = 0
-    while offset < size:
-        n = disk.pread_into(view, offset)
-        piece = view[:n]
-        if hasher is not None:
-            hasher.update(piece)
-        if sink is not None:
-            if n == CHUNK:
-                nonzero = bool(words.any())
-            else:
-                nonzero = any(piece.tobytes()) if n < 4096 else bool(np.frombuffer(piece, np.uint8).any())
-            if nonzero:
-                sink(piece, offset)
-                written += n
-        offset += n
-        if progress:
-            progress(offset, size)
-    return offset, written
+    position = 0
+    zeros = memoryview(bytes(CHUNK))
+    buffers = [bytearray(CHUNK) for _ in range(3)]
+    pending: list[Future | None] = [None] * len(buffers)
+    turn = 0
+
+    def hash_zeros(upto: int) -> None:
+        nonlocal position
+        while position < upto:
+            n = min(CHUNK, upto - position)
+            if hasher is not None:
+                hasher.update(zeros[:n])
+            position += n
+            if progress:
+                progress(position, size)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for start, length in disk.data_extents():
+            hash_zeros(start)
+            end = start + length
+            while position < end:
+                slot = turn % len(buffers)
+                turn += 1
+                if pending[slot] is not None:
+                    pending[slot].result()
+                    pending[slot] = None
+                view = memoryview(buffers[slot])
+                n = disk.pread_into(view[:min(CHUNK, end - position)], position)
+                piece = view[:n]
+                if hasher is not None:
+                    hasher.update(piece)
+                if sink is not None and np.frombuffer(piece, np.uint8).any():
+                    pending[slot] = pool.submit(sink, piece, position)
+                    written += n
+                position += n
+                if progress:
+                    progress(position, size)
+        for fut in pending:
+            if fut is not None:
+                fut.result()
+    hash_zeros(size)
+    return position, written
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -138,7 +163,6 @@ def cmd_export(args: argparse.Namespace) -> int:
                         done += os.pwrite(fd, view[done:], offset + done)
                 read, written = stream(target, sink, progress=progress, hasher=hasher)
                 os.ftruncate(fd, target.size)
-                os.fsync(fd)
             finally:
                 os.close(fd)
             buf_size = target.size
