@@ -5,8 +5,8 @@
 
 Builds once (not timed):
 
-* ``parent.vhdx``: dynamic, ``--parent-block`` (default 32 MiB) blocks, every 8th 2 MiB region
-  written;
+* ``parent.vhdx``: dynamic, ``--parent-block`` (default 32 MiB) blocks, the first 2 MiB of every
+  64 MiB written (so with 32 MiB blocks half of the parent's blocks must be allocated by the merge);
 * ``child.avhdx``: a differencing child of ``--size`` with 2 MiB blocks: half of its blocks
   (the even ones) FULLY written, and a tenth (every fifth odd block) PARTIALLY_PRESENT with four
   64 KiB runs each, written into otherwise untouched blocks;
@@ -21,7 +21,7 @@ report says so. Timed, in a rotating order per round:
 
 * ``ours``: ``vhdx.merging.merge(child, parent)`` in a child process; the time is measured
   inside that process around the call (no interpreter start-up) and includes its fdatasyncs;
-  the process's peak RSS comes from ``os.wait4``;
+  the process's peak RSS is its VmHWM (``/proc/self/status``) read at the end;
 * ``cp``: ``cp --reflink=never payload.raw copy.raw`` plus an fsync of the copy (our merge and
   ``qemu-img commit`` both make the destination durable);
 * ``qemu-img commit``: ``qemu-img commit overlay.qcow2`` plus an fsync of ``base.qcow2``.
@@ -73,7 +73,7 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 def layout(size: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
     """(offset, length, pattern index) writes of the parent and of the child."""
     parent = []
-    for k in range(0, -(-size // CHILD_BLOCK), 8):
+    for k in range(0, -(-size // CHILD_BLOCK), 32):   # every 64 MiB: half of 32 MiB parent blocks
         off = k * CHILD_BLOCK
         parent.append((off, min(CHILD_BLOCK, size - off), k % PATTERN_FILES))
     child = []
@@ -127,7 +127,10 @@ def build_qemu(folder: Path, size: int, pattern_paths: list[Path]) -> tuple[Path
             run(["qemu-io", "-f", "qcow2", *cmds, str(image)])
 
     write_all(base, pw)
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay)])
+    # A relative backing path, so that the copy of each round commits into the copy of the base.
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", overlay.name], cwd=folder)
+    info = json.loads(run(["qemu-img", "info", "--output=json", str(overlay)]).stdout)
+    assert info.get("backing-filename") == base.name, info
     write_all(overlay, cw)
     return base, overlay
 
@@ -152,18 +155,44 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def run_with_rusage(cmd: list[str], **kw) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in bytes, stdout) of one child process, reaped with wait4 for its own rusage."""
+def vm_hwm(pid: int) -> int:
+    """Peak resident memory of a live process (VmHWM), 0 when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_measured(cmd: list[str], **kw) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS in bytes, stdout) of one child process.
+
+    The peak is VmHWM polled every 5 ms while the process runs (its last value before exit is
+    the peak, to within the polling interval). ``ru_maxrss`` from wait4 is not used: Linux starts
+    it at the parent's RSS, which would report this script's memory instead of the child's.
+    """
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
-    out = proc.stdout.read()
-    err = proc.stderr.read()
-    _pid, status, usage = os.wait4(proc.pid, 0)
+    peak = 0
+    import threading
+    out_chunks: list[bytes] = []
+    err_chunks: list[bytes] = []
+    readers = [threading.Thread(target=lambda s=s, b=b: b.append(s.read()))
+               for s, b in ((proc.stdout, out_chunks), (proc.stderr, err_chunks))]
+    for t in readers:
+        t.start()
+    while proc.poll() is None:
+        peak = max(peak, vm_hwm(proc.pid))
+        time.sleep(0.005)
+    for t in readers:
+        t.join()
     wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
-        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {err.decode(errors='replace')[-2000:]}")
-    return wall, usage.ru_maxrss * 1024, out.decode()
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {b''.join(err_chunks).decode(errors='replace')[-2000:]}")
+    return wall, peak, b"".join(out_chunks).decode()
 
 
 OURS = """
@@ -173,8 +202,9 @@ from vhdx.merging import merge
 t1 = time.perf_counter()
 r = merge(sys.argv[1], sys.argv[2])
 t2 = time.perf_counter()
+hwm = next((int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")), 0)
 print(json.dumps(dict(import_s=t1 - t0, merge_s=t2 - t1, bytes_copied=r.bytes_copied,
-                      blocks=r.plan.destination_blocks, allocations=r.plan.allocations)))
+                      blocks=r.plan.destination_blocks, allocations=r.plan.allocations, vm_hwm=hwm)))
 """
 
 
@@ -252,12 +282,12 @@ def main() -> int:
                 if cold:
                     try_drop_caches()
                 if what == "ours":
-                    wall, rss, out = run_with_rusage([sys.executable, "-c", OURS, str(rnd / "child.avhdx"),
-                                                      str(rnd / "parent.vhdx")], env=env)
+                    wall, rss, out = run_measured([sys.executable, "-c", OURS, str(rnd / "child.avhdx"),
+                                                   str(rnd / "parent.vhdx")], env=env)
                     d = json.loads(out)
                     assert d["bytes_copied"] == nbytes, d
                     results["ours"].append(d["merge_s"])
-                    peak_rss.append(rss)
+                    peak_rss.append(d["vm_hwm"] or rss)
                     import_s.append(d["import_s"])
                 elif what == "cp":
                     t = time.perf_counter()
@@ -266,7 +296,7 @@ def main() -> int:
                     results["cp"].append(time.perf_counter() - t)
                 else:
                     t = time.perf_counter()
-                    wall, rss, _ = run_with_rusage(["qemu-img", "commit", "-q", str(rnd / "overlay.qcow2")])
+                    wall, rss, _ = run_measured(["qemu-img", "commit", "-q", str(rnd / "overlay.qcow2")])
                     fsync_path(rnd / "base.qcow2")
                     results["qemu-img commit"].append(time.perf_counter() - t)
                     qemu_rss.append(rss)

@@ -54,6 +54,20 @@ def _block_state_name(state: int) -> str:
     return C.PAYLOAD_STATE_NAMES.get(state, str(state))
 
 
+class _PendingBat:
+    """BAT entries changed by a transaction, read through to the live BAT for the rest."""
+
+    def __init__(self, bat: np.ndarray) -> None:
+        self.bat = bat
+        self.changes: dict[int, int] = {}
+
+    def __getitem__(self, idx: int) -> int:
+        return self.changes.get(idx, int(self.bat[idx]))
+
+    def __setitem__(self, idx: int, entry: int) -> None:
+        self.changes[int(idx)] = int(entry)
+
+
 class Image:
     """A parsed VHDX file on a :class:`Storage`. Use :meth:`open` or :meth:`create`."""
 
@@ -233,22 +247,23 @@ class Image:
             raise UnsupportedError(f"BAT of {needed} bytes is over the 513 MiB maximum", path=self.path,
                                    offset=r.file_offset)
         self.bat_region = r
-        raw = self.storage.read(r.file_offset, _align_up(needed, C.LOG_SECTOR_SIZE))
-        self.bat = batmod.decode_bat(raw)
-        self._payload_idx = batmod.payload_indices(g)
+        # Read straight into the array: the BAT is the one allocation that scales with the disk.
+        self.bat = np.empty(_align_up(needed, C.LOG_SECTOR_SIZE) // 8, dtype="<u8")
+        self.storage.readinto(memoryview(self.bat).cast("B"), r.file_offset)
+        self._cr = g.chunk_ratio
         self._validate_bat()
 
     def _validate_bat(self) -> None:
         """Refuse entries that would make reads go outside the file (vhdx-format.md §5.3)."""
         file_size = self.storage.size()
-        entries = self.bat[self._payload_idx]
+        entries = batmod.payload_entries(self.bat, self.geometry)
         st = batmod.states(entries)
         offs = batmod.file_offsets(entries)
         present = (st == C.PAYLOAD_BLOCK_FULLY_PRESENT) | (st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
         bad = present & ((offs < C.HEADER_SECTION_SIZE) | (offs >= file_size))
         if bad.any():
             block = int(np.flatnonzero(bad)[0])
-            bat_index = int(self._payload_idx[block])
+            bat_index = self.bat_index(block)
             raise CorruptError(f"BAT entry {bat_index} (block {block}): data at 0x{int(offs[block]):x}, outside "
                                f"the {file_size}-byte file", path=self.path,
                                offset=self.bat_region.file_offset + 8 * bat_index)
@@ -282,14 +297,14 @@ class Image:
                 k = int(blocks[np.flatnonzero(hit)[0]])
                 raise CorruptError(f"block {k}: data at 0x{int(starts[np.flatnonzero(hit)[0]]):x} overlaps a "
                                    f"structure of the file; refusing to write", path=self.path,
-                                   offset=self.bat_region.file_offset + 8 * int(self._payload_idx[k]))
+                                   offset=self.bat_region.file_offset + 8 * self.bat_index(k))
         order = np.argsort(starts, kind="stable")
         s = starts[order]
         clash = np.flatnonzero(s[1:] < s[:-1] + bs)
         if clash.size:
             k = int(blocks[order[clash[0] + 1]])
             raise CorruptError(f"block {k} shares file space with another block; refusing to write",
-                               path=self.path, offset=self.bat_region.file_offset + 8 * int(self._payload_idx[k]))
+                               path=self.path, offset=self.bat_region.file_offset + 8 * self.bat_index(k))
 
     # ------------------------------------------------------------------ properties
 
@@ -319,12 +334,16 @@ class Image:
             return "differencing"
         return "fixed" if self.metadata.leave_block_allocated else "dynamic"
 
+    def bat_index(self, block: int) -> int:
+        """BAT index of payload block ``block`` (sector-bitmap slots interleaved, §5.2)."""
+        return block + block // self._cr
+
     def payload_states(self) -> np.ndarray:
         """State of every payload block (uint8 array, one per block)."""
-        return batmod.states(self.bat[self._payload_idx])
+        return batmod.states(batmod.payload_entries(self.bat, self.geometry))
 
     def payload_offsets(self) -> np.ndarray:
-        return batmod.file_offsets(self.bat[self._payload_idx])
+        return batmod.file_offsets(batmod.payload_entries(self.bat, self.geometry))
 
     # ------------------------------------------------------------------ reading
 
@@ -348,14 +367,14 @@ class Image:
         ss = self.logical_sector_size
         has_parent = self.has_parent
         bat = self.bat
-        pidx = self._payload_idx
+        cr = self._cr
         total = len(view)
         done = 0
         while done < total:
             pos = offset + done
             block, in_block = divmod(pos, bs)
             n = min(bs - in_block, total - done)
-            entry = int(bat[pidx[block]])
+            entry = int(bat[block + block // cr])
             state = entry & C.BAT_STATE_MASK
             out = view[done:done + n]
             if state == C.PAYLOAD_BLOCK_FULLY_PRESENT or (state == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT
@@ -363,7 +382,7 @@ class Image:
                 file_offset = (entry & C.BAT_FILE_OFFSET_MASK) + in_block
                 # Coalesce following blocks that sit right after this one in the file.
                 while done + n < total and (pos + n) % bs == 0:
-                    nxt = int(bat[pidx[block + 1]])
+                    nxt = int(bat[block + 1 + (block + 1) // cr])
                     if nxt & C.BAT_STATE_MASK != C.PAYLOAD_BLOCK_FULLY_PRESENT or \
                             (nxt & C.BAT_FILE_OFFSET_MASK) != file_offset + n:
                         break
@@ -477,12 +496,16 @@ class Image:
                 self.storage.write(page, target)
             self.storage.flush()
 
-    def _bat_pages(self, bat_indexes: set[int]) -> dict[int, bytes]:
+    def _bat_pages(self, bat_indexes: set[int], changes: dict[int, int] | None = None) -> dict[int, bytes]:
+        """The 4 KiB BAT pages holding ``bat_indexes``, with ``changes`` applied."""
         base = self.bat_region.file_offset
         per_page = C.LOG_SECTOR_SIZE // 8
         pages = {}
         for page in {i // per_page for i in bat_indexes}:
-            entries = self.bat[page * per_page:(page + 1) * per_page]
+            entries = self.bat[page * per_page:(page + 1) * per_page].copy()
+            for idx, entry in (changes or {}).items():
+                if idx // per_page == page:
+                    entries[idx - page * per_page] = entry
             raw = batmod.encode_bat(entries)
             pages[base + page * C.LOG_SECTOR_SIZE] = raw + bytes(C.LOG_SECTOR_SIZE - len(raw))
         return pages
@@ -550,13 +573,13 @@ class Image:
                 per_block.setdefault(block, []).append((in_block, n, source, done))
                 done += n
         blocks = sorted(per_block)
-        pidx = self._payload_idx
-        new_bat = self.bat.copy()
+        bat_index = self.bat_index
+        new_bat = _PendingBat(self.bat)  # changes stay aside until the log has them
         changed_bat: set[int] = set()
         new_blocks: list[tuple[int, int]] = []  # (block, state)
         for block in blocks:
             parts = per_block[block]
-            entry = int(new_bat[pidx[block]])
+            entry = int(new_bat[bat_index(block)])
             state = entry & C.BAT_STATE_MASK
             if state in (C.PAYLOAD_BLOCK_FULLY_PRESENT, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT):
                 continue
@@ -567,8 +590,8 @@ class Image:
             if all_zero and not falls_through:
                 continue  # the block already reads as zeros
             if all_zero and whole:
-                new_bat[pidx[block]] = batmod.make_entry(C.PAYLOAD_BLOCK_ZERO, 0)
-                changed_bat.add(int(pidx[block]))
+                new_bat[bat_index(block)] = batmod.make_entry(C.PAYLOAD_BLOCK_ZERO, 0)
+                changed_bat.add(bat_index(block))
                 continue
             if falls_through and not whole:
                 new_blocks.append((block, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT))
@@ -592,7 +615,7 @@ class Image:
                 changed_bat.add(idx)
                 at += C.SECTOR_BITMAP_BLOCK_SIZE
             for block, st in new_blocks:
-                idx = int(pidx[block])
+                idx = bat_index(block)
                 new_bat[idx] = batmod.make_entry(st, at)
                 changed_bat.add(idx)
                 fresh.add(block)
@@ -600,7 +623,7 @@ class Image:
         # Data first: coalesce copies that are contiguous on both sides.
         copies: list[list[Any]] = []  # [src_storage, src_offset, dst_offset, length]
         for block in blocks:
-            entry = int(new_bat[pidx[block]])
+            entry = int(new_bat[bat_index(block)])
             if entry & C.BAT_STATE_MASK not in (C.PAYLOAD_BLOCK_FULLY_PRESENT, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT):
                 continue
             base = entry & C.BAT_FILE_OFFSET_MASK
@@ -624,7 +647,7 @@ class Image:
         sbm_pages: dict[int, bytearray] = {}
         if has_parent:
             for block in blocks:
-                entry = int(new_bat[pidx[block]])
+                entry = int(new_bat[bat_index(block)])
                 if entry & C.BAT_STATE_MASK != C.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
                     continue
                 chunk = block // g.chunk_ratio
@@ -639,9 +662,10 @@ class Image:
             self.storage.flush()  # data before the metadata that points at it (§7.4)
             pages = {k: bytes(v) for k, v in sbm_pages.items()}
             if changed_bat:
-                self.bat = new_bat
-                pages.update(self._bat_pages(changed_bat))
+                pages.update(self._bat_pages(changed_bat, new_bat.changes))
             self.log_pages(pages)
+            for idx, entry in new_bat.changes.items():
+                self.bat[idx] = entry
 
     def _write_zeros(self, file_offset: int, length: int) -> None:
         done = 0
@@ -690,9 +714,9 @@ class Image:
     def set_block_entries(self, updates: dict[int, int]) -> None:
         """Log a set of BAT entry changes (bat_index -> raw entry) atomically per page group."""
         self.begin_session(data_change=True)
+        self.log_pages(self._bat_pages(set(updates), updates))
         for idx, entry in updates.items():
             self.bat[idx] = entry
-        self.log_pages(self._bat_pages(set(updates)))
 
     def write_metadata_items(self, items: list[MetadataItem], *, data_change: bool = True) -> None:
         """Rewrite the metadata region through the log."""

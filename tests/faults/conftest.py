@@ -53,6 +53,17 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+def mark_unwritten(path) -> tuple[int, int]:
+    """Set mtime to 1 ns so that any later write shows (cheaper than hashing the file)."""
+    os.utime(path, ns=(1, 1))
+    return os.stat(path).st_size, 1
+
+
+def stamp_of(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def read_disk(disk, *, sample_seed: int = 0) -> tuple[str, int]:
     """Read the virtual disk through ``readinto`` into one reused buffer; return (sha256, size).
 

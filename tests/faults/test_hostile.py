@@ -31,7 +31,7 @@ from typing import Callable
 import pytest
 
 import vhdxbits as vb
-from conftest import PARENT_NAME, MiB, CaseTimeout, Guard, read_disk, sha256_file
+from conftest import PARENT_NAME, MiB, CaseTimeout, Guard, mark_unwritten, read_disk, sha256_file, stamp_of
 
 vhdx = pytest.importorskip("vhdx")
 
@@ -150,10 +150,10 @@ def run_case(case: Case, base: str, base_disks, tmp_path: Path, *, with_parent: 
         (tmp_path / PARENT_NAME).write_bytes(base_disks("child:parent")[0])
     path = tmp_path / f"{case.name}.vhdx"
     path.write_bytes(data)
-    before = sha256_file(path)
+    before = mark_unwritten(path)
     ro = exercise(path, "r")
     assert_clean(ro, path)
-    assert sha256_file(path) == before, "a read-only open changed the file"
+    assert stamp_of(path) == before, "a read-only open changed the file (size or mtime)"
 
     outcomes = [ro]
     if case.rw:

@@ -33,6 +33,16 @@ def reserved_bits(entries: np.ndarray) -> np.ndarray:
     return entries & np.uint64(BAT_RESERVED_MASK)
 
 
+def payload_entries(entries: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The payload entries of a BAT in block order, sector-bitmap slots left out (no index array)."""
+    cr, pb = geometry.chunk_ratio, geometry.payload_blocks
+    chunks = -(-pb // cr)
+    need = chunks * (cr + 1)
+    if entries.size < need:
+        entries = np.concatenate([entries, np.zeros(need - entries.size, entries.dtype)])
+    return entries[:need].reshape(chunks, cr + 1)[:, :cr].reshape(-1)[:pb]
+
+
 def payload_indices(geometry: Geometry) -> np.ndarray:
     """BAT indexes of every payload block, sector-bitmap slots skipped."""
     blocks = np.arange(geometry.payload_blocks, dtype=np.int64)
