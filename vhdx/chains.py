@@ -313,6 +313,12 @@ def attach_parents(image: Image, **options: Any) -> Disk:
     """Wrap an opened image in a Disk with its whole chain below it (parents read-only)."""
     resolver = _Resolver(**options)
     images, layers, zeros = resolver.resolve(image)
+    if zeros and image.writable:
+        for im in images[1:]:
+            im.close()
+        raise ChainError("refusing to open for writing while a parent is missing: a write that is not "
+                         "sector aligned would copy zeros over the parent's data; open it read-only, or "
+                         "find the parent (search_paths, parents)", path=image.path)
     disk = _build_disks(images, zeros)
     disk.chain_info = [l.to_dict() for l in layers]
     return disk
@@ -394,8 +400,10 @@ def create_child(path: str | os.PathLike[str], parent: str | os.PathLike[str], *
                  block_size: int | None = None) -> Disk:
     """A new differencing disk over ``parent``; returns the child open for writing (parents read-only)."""
     path, parent = os.fspath(path), os.fspath(parent)
-    pimg = Image.open(parent, "r")
-    try:
+    from .api import open as open_disk
+    # The parent's whole chain must resolve before a child is made on top of it.
+    with open_disk(parent, "r") as pdisk:
+        pimg = pdisk.image
         if pimg.log_was_dirty:
             raise ChainError("the parent's log needs replaying first (open it r+ once)", path=parent)
         locator = locator_for(parent, path, pimg.header.data_write_guid)
@@ -403,12 +411,14 @@ def create_child(path: str | os.PathLike[str], parent: str | os.PathLike[str], *
                              logical_sector_size=pimg.logical_sector_size,
                              physical_sector_size=pimg.physical_sector_size, page83_data=pimg.metadata.page83_data,
                              parent_locator=build_parent_locator(locator))
-    finally:
-        pimg.close()
     try:
         return attach_parents(image, parents=[parent])
     except BaseException:
         image.close()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
         raise
 
 
