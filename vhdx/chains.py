@@ -498,10 +498,11 @@ class Node:
     parent_linkage: str | None = None
     virtual_size: int | None = None
     parent: str | None = None
-    state: str = "base"  # base, ok, missing, mismatch, unreadable
+    state: str = "base"  # base, ok, missing, mismatch, external, unreadable
     children: list[str] = field(default_factory=list)
     error: str | None = None
     interrupted_merge: bool = False
+    external_parent: str | None = None  # state "external": the parent exists outside the folder
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -614,6 +615,12 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
             node.parent, node.state = found, "ok"
         elif mismatch is not None:
             node.parent, node.state = mismatch, "mismatch"
+        else:
+            for _how, cand in candidate_paths(loc, p, []):
+                local = _case_insensitive(cand)
+                if local and os.path.isfile(local) and str(read_data_write_guid(local)) == node.parent_linkage:
+                    node.state, node.external_parent = "external", os.path.abspath(local)
+                    break
     for p, node in nodes.items():
         if node.parent:
             nodes[node.parent].children.append(p)

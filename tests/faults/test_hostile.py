@@ -806,7 +806,10 @@ def _hot_ranges(L: vb.Layout) -> list[tuple[int, int]]:
     md = L.metadata_offset
     return [(H1, H1 + 80), (H2, H2 + 80), (RT1, RT1 + 16 + 32 * len(L.regions)),
             (md, md + 32 + 32 * len(L.metadata)), (md + 0x10000, md + 0x10000 + 64),
-            (L.bat_offset, L.bat_offset + 64), (L.log_offset, L.log_offset + 8192)]
+            (L.bat_offset, L.bat_offset + 64), (L.log_offset, L.log_offset + 8192)] + (
+        [(L.metadata[vb.PARENT_LOCATOR].item_file_offset,
+          L.metadata[vb.PARENT_LOCATOR].item_file_offset + L.metadata[vb.PARENT_LOCATOR].length)]
+        if vb.PARENT_LOCATOR in L.metadata else [])
 
 
 try:
@@ -817,7 +820,7 @@ except ImportError:   # pragma: no cover
 if st is not None:
     _MAX = int(os.environ.get("VHDX_HYPOTHESIS_MAX", "50"))
 
-    @pytest.mark.parametrize("base", ["qemu512-dirty", "ours4k"])
+    @pytest.mark.parametrize("base", ["qemu512-dirty", "ours4k", "child"])
     def test_random_byte_flips_raise_only_vhdx_errors(base, base_disks):
         name = base.split("-")[0]
         file_bytes, virtual = base_disks(name)
@@ -843,6 +846,8 @@ if st is not None:
             with tempfile.TemporaryDirectory() as d:
                 path = Path(d) / "flipped.vhdx"
                 path.write_bytes(buf)
+                if name == "child":
+                    (Path(d) / PARENT_NAME).write_bytes(base_disks("child:parent")[0])
                 out = exercise(path, mode)
                 assert_clean(out, path)
 

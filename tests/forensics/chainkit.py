@@ -88,6 +88,10 @@ class BuiltChain:
     sector_size: int
     layers: list[Layer] = field(default_factory=list)     # base first
     contents: list[bytes] = field(default_factory=list)   # as of each layer
+    fixed: bool = False                                   # the base is a fixed disk
+
+    def disk_type(self, index: int) -> str:
+        return "differencing" if index else ("fixed" if self.fixed else "dynamic")
 
     @property
     def paths(self) -> list[Path]:
@@ -120,6 +124,13 @@ class BuiltChain:
                 out[lo:hi] = np.where(layer.bits[lo:hi], CODE["partial"], CODE["absent"])
         return out
 
+    def own_over_zeros(self, index: int) -> bytes:
+        """What layer ``index`` reads when its parent is missing (``--missing-parent zeros``)."""
+        ss = self.sector_size
+        mask = np.repeat(self.layers[index].wrote, ss)
+        data = np.frombuffer(self.contents[index], np.uint8)
+        return np.where(mask, data, 0).astype(np.uint8).tobytes()
+
     def layer_index_from_leaf(self, n: int) -> int:
         """``--layer n`` of the leaf is ``layers[len - 1 - n]``."""
         return len(self.layers) - 1 - n
@@ -133,7 +144,7 @@ def _apply(chain: BuiltChain, layer: Layer, model: bytearray, disk: Any, op: Op)
         if block >= len(layer.blocks) or layer.blocks[block] != NP:
             return                                    # only NOT_PRESENT blocks are put into a state
         im = disk.image
-        im.set_block_entries({int(im._payload_idx[block]): batmod.make_entry(op.arg, 0)})
+        im.set_block_entries({int(im.bat_index(block)): batmod.make_entry(op.arg, 0)})
         layer.blocks[block] = _STATE_OPS[op.arg]
         lo, hi = block * bs, min(size, (block + 1) * bs)
         model[lo:hi] = bytes(hi - lo)
@@ -184,7 +195,7 @@ def build(folder: str | os.PathLike[str], *, size: int, sector_size: int, layers
     """Create ``layers[0]`` as a dynamic (or fixed) base and each further one as a snapshot."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chain = BuiltChain(folder, size, sector_size)
+    chain = BuiltChain(folder, size, sector_size, fixed=fixed)
     model = bytearray(size)
     nsect = size // sector_size
     for i, spec in enumerate(layers):

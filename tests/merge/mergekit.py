@@ -176,7 +176,7 @@ def _apply_zero_states(path: str, zero_blocks: list[tuple[int, int]], model: byt
         updates = {}
         for block, state in zero_blocks:
             if block < len(states) and states[block] == C.PAYLOAD_BLOCK_NOT_PRESENT:
-                updates[int(im._payload_idx[block])] = batmod.make_entry(state, 0)
+                updates[im.geometry.payload_bat_index(block)] = batmod.make_entry(state, 0)
                 lo, hi = block * bs, min(size, (block + 1) * bs)
                 model[lo:hi] = bytes(hi - lo)
         if updates:

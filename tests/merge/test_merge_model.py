@@ -27,9 +27,10 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 import vhdx
 from vhdx.errors import MergeError
 from vhdx.format import constants as C
-from .mergekit import (MiB, LayerSpec, MergeResult, merge, assert_same, build_chain, chain_paths, check_errors, cli,
-                       data_write_guid, first_difference, folder_hashes, libvhdi_blind_spots, libvhdi_read,
-                       qemu_check_and_convert, qemu_img, read_disk, standard_writes)
+
+from .mergekit import (MiB, LayerSpec, MergeResult, assert_same, build_chain, chain_paths, check_errors, cli,
+                       data_write_guid, first_difference, folder_hashes, libvhdi_blind_spots, libvhdi_read, merge,
+                       qemu_check_and_convert, read_disk, standard_writes)
 
 MAX_EXAMPLES = int(os.environ.get("VHDX_HYPOTHESIS_MAX", "10"))
 BLOCKS = [1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB]

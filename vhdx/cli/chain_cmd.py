@@ -130,6 +130,8 @@ def cmd_orphans(args: argparse.Namespace) -> int:
             print(f"{'    ' * depth}{rel(node.path)}  [unreadable: {node.error}]")
             return
         tags = [node.disk_type]
+        if node.state == "external":
+            tags.append(f"parent outside this folder: {node.external_parent}")
         if node.state in ("missing", "mismatch"):
             tags.append("PARENT MISSING" if node.state == "missing" else "ID MISMATCH with " + rel(node.parent))
         if len(node.children) > 1:

@@ -1,0 +1,213 @@
+"""`vhdx export` and `vhdx hash` against a model of every layer of a chain.
+
+``export --layer N`` must write exactly the disk as of layer N (raw, sparse), ``--sha256`` must
+print the hash of what was written, ``hash --layer N`` the same hash; an existing output is
+refused without ``--force`` (and left untouched); ``-`` streams the whole disk to stdout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .chainkit import (MiB, BuiltChain, LayerSpec, Op, build, run_inprocess, run_subprocess, sha256)
+
+ZERO_STATE, UNMAPPED_STATE = 2, 3
+
+
+def D(offset: int, length: int, seed: int = 0) -> Op:
+    return Op("data", offset, length, seed or (offset * 13 + length))
+
+
+def Z(offset: int, length: int) -> Op:
+    return Op("zero", offset, length)
+
+
+def S(block: int, state: int) -> Op:
+    return Op("state", block, 0, state)
+
+
+def first_difference(got: bytes, want: bytes) -> str:
+    if len(got) != len(want):
+        return f"length {len(got)} != {len(want)}"
+    lo, hi = 0, len(got)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if got[lo:mid] != want[lo:mid]:
+            hi = mid
+        else:
+            lo = mid
+    return f"first difference at byte {lo}: got {got[lo:lo + 8].hex()}, want {want[lo:lo + 8].hex()}"
+
+
+def assert_bytes(got: bytes, want: bytes, what: str) -> None:
+    if got != want:
+        raise AssertionError(f"{what}: {first_difference(got, want)}")
+
+
+def chain_512(folder: Path) -> BuiltChain:
+    """Four layers on a mostly empty 40 MiB disk; later layers zero and unmap earlier data."""
+    size = 40 * MiB
+    return build(folder, size=size, sector_size=512, layers=[
+        LayerSpec(1 * MiB, [D(0, 3 * MiB + 100), D(20 * MiB + 7, 5000), D(size - 512, 512)]),
+        LayerSpec(2 * MiB, [D(1000, 3000), Z(2 * MiB, 2 * MiB),          # zeroes base data (whole block)
+                            D(30 * MiB, 2 * MiB), S(5, UNMAPPED_STATE)]),
+        LayerSpec(4 * MiB, [D(20 * MiB + 4000, 2000), Z(512 * 3, 512 * 2), S(9, ZERO_STATE)]),
+        LayerSpec(1 * MiB, [D(3 * MiB - 1, 2), D(31 * MiB + 333, 777), S(2, UNMAPPED_STATE),
+                            D(2 * MiB + 512 * 9, 512)]),               # data into an UNMAPPED block
+    ])
+
+
+def chain_4096(folder: Path) -> BuiltChain:
+    size = 24 * MiB + 4096 * 3
+    return build(folder, size=size, sector_size=4096, layers=[
+        LayerSpec(4 * MiB, [D(5, 4096 * 5), D(size - 10, 10)]),
+        LayerSpec(1 * MiB, [D(4096 * 2 + 1, 100), Z(0, MiB)]),            # zeros over the base's data
+        LayerSpec(2 * MiB, [D(12 * MiB - 4096, 8192), D(size - 4096 * 3, 4096 * 3)]),
+    ])
+
+
+CHAINS = {"512": chain_512, "4096": chain_4096}
+
+
+@pytest.fixture(params=sorted(CHAINS))
+def chain(request: pytest.FixtureRequest, tmp_path: Path) -> BuiltChain:
+    return CHAINS[request.param](tmp_path / "chain")
+
+
+def _sha_line(stdout: str) -> str:
+    lines = [line for line in stdout.splitlines() if line.startswith("sha256 ")]
+    assert len(lines) == 1, stdout
+    return lines[0].split()[1]
+
+
+def test_export_every_layer_equals_the_model(chain: BuiltChain, tmp_path: Path) -> None:
+    leaf = chain.leaf
+    n = len(chain.layers)
+    for k in range(n):
+        want = chain.contents[chain.layer_index_from_leaf(k)]
+        out = tmp_path / f"layer{k}.raw"
+        result = run_inprocess("export", leaf, out, "--layer", k, "--sha256")
+        assert result.returncode == 0, result.describe()
+        got = out.read_bytes()
+        assert_bytes(got, want, f"export --layer {k}")
+        st = os.stat(out)
+        assert st.st_size == chain.size
+        if chain.size >= 24 * MiB:
+            assert st.st_blocks * 512 < chain.size, \
+                f"export --layer {k} is not sparse: {st.st_blocks * 512} bytes allocated of {chain.size}"
+        printed = _sha_line(result.stdout)
+        assert printed == hashlib.sha256(got).hexdigest() == sha256(want), f"--sha256 of layer {k}"
+
+        hashed = run_inprocess("hash", leaf, "--layer", k)
+        assert hashed.returncode == 0, hashed.describe()
+        assert hashed.stdout.split()[0] == printed, f"hash --layer {k}"
+        as_json = run_inprocess("hash", leaf, "--layer", k, "--json").json()
+        assert as_json["sha256"] == printed and as_json["layer"] == k and as_json["virtual_size"] == chain.size
+
+
+def test_export_of_each_file_on_its_own_equals_its_layer(chain: BuiltChain, tmp_path: Path) -> None:
+    """Opening a middle layer directly gives the same disk as reaching it with --layer."""
+    for i, layer in enumerate(chain.layers):
+        out = tmp_path / f"own{i}.raw"
+        result = run_inprocess("export", layer.path, out, "--json", "--sha256")
+        summary = result.json()
+        assert summary["layer"] == 0 and summary["virtual_size"] == chain.size
+        assert summary["sha256"] == sha256(chain.contents[i])
+        assert summary["bytes_written"] <= chain.size
+        assert_bytes(out.read_bytes(), chain.contents[i], f"export {layer.path.name}")
+
+
+def test_export_is_sparse_on_a_mostly_empty_disk(tmp_path: Path) -> None:
+    size = 256 * MiB
+    chain = build(tmp_path / "chain", size=size, sector_size=512, layers=[
+        LayerSpec(32 * MiB, [D(100 * MiB + 3, 4096)]),
+        LayerSpec(2 * MiB, [D(200 * MiB, 512), Z(100 * MiB, 2 * MiB)]),   # hides the base's data
+        LayerSpec(2 * MiB, [D(7, 7)]),
+    ])
+    out = tmp_path / "out.raw"
+    result = run_inprocess("export", chain.leaf, out, "--json", "--sha256")
+    summary = result.json()
+    st = os.stat(out)
+    assert st.st_size == size
+    assert st.st_blocks * 512 <= 16 * MiB, f"{st.st_blocks * 512} bytes allocated for 2 sectors of data"
+    assert summary["sha256"] == sha256(chain.contents[-1])
+    assert summary["bytes_written"] <= 16 * MiB
+    assert_bytes(out.read_bytes(), chain.contents[-1], "sparse export")
+
+
+def test_export_refuses_an_existing_output_without_force(chain: BuiltChain, tmp_path: Path) -> None:
+    out = tmp_path / "exists.raw"
+    garbage = b"\xa5" * (chain.size + 3 * MiB + 17)       # longer than the disk, and not zeros
+    out.write_bytes(garbage)
+    before = os.stat(out).st_mtime_ns
+    result = run_inprocess("export", chain.leaf, out)
+    assert result.returncode != 0, result.describe()
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("vhdx: error:") and str(out) in lines[0] and "--force" in lines[0], lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert out.read_bytes() == garbage and os.stat(out).st_mtime_ns == before, "the refused output was changed"
+
+    result = run_inprocess("export", chain.leaf, out, "--force", "--sha256")
+    assert result.returncode == 0, result.describe()
+    got = out.read_bytes()
+    assert_bytes(got, chain.contents[-1], "export --force over a longer file of 0xa5")
+    assert _sha_line(result.stdout) == sha256(got)
+
+
+def test_export_of_a_layer_the_chain_lacks_is_an_error_and_writes_nothing(chain: BuiltChain,
+                                                                        tmp_path: Path) -> None:
+    out = tmp_path / "nothing.raw"
+    for verb in (["export", chain.leaf, out], ["hash", chain.leaf]):
+        result = run_inprocess(*verb, "--layer", len(chain.layers))
+        assert result.returncode != 0
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vhdx: error:"), result.stderr
+        assert str(chain.leaf) in lines[0]
+    assert not out.exists()
+
+
+def test_export_to_stdout_streams_the_whole_disk(chain: BuiltChain) -> None:
+    result = run_subprocess("export", chain.leaf, "-", "--sha256", text=False)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert_bytes(result.stdout, chain.contents[-1], "export -")
+    stderr = result.stderr.decode()
+    assert _sha_line(stderr) == sha256(chain.contents[-1]), stderr
+    assert "Traceback" not in stderr
+
+    result = run_subprocess("export", chain.leaf, "-", "--layer", 1, text=False)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert_bytes(result.stdout, chain.contents[-2], "export - --layer 1")
+
+
+def test_export_of_an_orphan_over_zeros(chain: BuiltChain, tmp_path: Path) -> None:
+    """With its parent gone, a checkpoint exports only what it holds (with --missing-parent zeros)."""
+    folder = tmp_path / "orphan"
+    folder.mkdir()
+    leaf = Path(shutil.copy2(chain.leaf, folder / chain.leaf.name))
+    out = tmp_path / "orphan.raw"
+    refused = run_inprocess("export", leaf, out)
+    assert refused.returncode != 0 and not out.exists()
+    assert len(refused.stderr.splitlines()) == 1 and refused.stderr.startswith("vhdx: error:"), refused.stderr
+    result = run_inprocess("export", leaf, out, "--missing-parent", "zeros", "--sha256")
+    assert result.returncode == 0, result.describe()
+    want = chain.own_over_zeros(len(chain.layers) - 1)
+    assert_bytes(out.read_bytes(), want, "orphan over zeros")
+    hashed = run_inprocess("hash", leaf, "--missing-parent", "zeros", "--json").json()
+    assert hashed["sha256"] == _sha_line(result.stdout) == sha256(want)
+
+
+def test_export_with_an_explicit_parent(chain: BuiltChain, tmp_path: Path) -> None:
+    """``--parent`` chains an orphan back to its (moved) parent: the full disk again."""
+    folder = tmp_path / "moved"
+    folder.mkdir()
+    leaf = Path(shutil.copy2(chain.leaf, folder / chain.leaf.name))
+    out = tmp_path / "reunited.raw"
+    result = run_inprocess("export", leaf, out, "--parent", chain.layers[-2].path, "--sha256")
+    assert result.returncode == 0, result.describe()
+    assert_bytes(out.read_bytes(), chain.contents[-1], "export --parent")
