@@ -637,7 +637,8 @@ def check_chain(path: str | os.PathLike[str], **options: Any) -> list[Any]:
     try:
         ch = chain(path, **options)
     except VhdxError as e:
-        return [Finding(ERROR, e.offset, f"chain: {e.detail}", "")]
+        return [Finding(ERROR, e.offset, f"chain: {e.detail}",
+                        "see 'vhdx chain' for every path tried; --search DIR or --parent FILE may help")]
     for layer in ch.layers:
         if layer.interrupted_merge:
             out.append(Finding(WARNING, None, f"{layer.path}: a merge into this disk was interrupted",
@@ -651,7 +652,9 @@ def check_chain(path: str | os.PathLike[str], **options: Any) -> list[Any]:
                                "the parent was modified; reparent with --ignore-id-mismatch only if its data "
                                "is unchanged"))
         elif layer.linkage == "cycle":
-            out.append(Finding(ERROR, None, f"{layer.path}: the chain refers back to itself", ""))
+            out.append(Finding(ERROR, None, f"{layer.path}: the chain refers back to itself",
+                               "use 'vhdx reparent' to point this disk at its real parent"))
         if layer.note:
-            out.append(Finding(WARNING, None, f"{layer.path}: {layer.note}", ""))
+            out.append(Finding(WARNING, None, f"{layer.path}: {layer.note}",
+                               "a child must have its parent's geometry; check that this is the right parent"))
     return out

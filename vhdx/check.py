@@ -101,7 +101,7 @@ def check_image(image: Image) -> list[Finding]:
                         "the other header is used; opening the file r+ rewrites both"))
     if image.headers_identical:
         add(Finding(INFO, C.HEADER1_OFFSET, "both headers are identical (same sequence number), as Disk2VHD "
-                    "writes them"))
+                    "writes them", "harmless; the next write gives them distinct sequence numbers"))
     for i, offset in enumerate(C.REGION_TABLE_OFFSETS):
         if image.region_table_errors[i]:
             add(Finding(WARNING, offset, f"region table {i + 1} is invalid: {image.region_table_errors[i]}",
@@ -143,7 +143,8 @@ def check_image(image: Image) -> list[Finding]:
         report(st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT, ERROR,
                "block {block}: PARTIALLY_PRESENT in a disk without a parent", "read as FULLY_PRESENT")
     if image.metadata.leave_block_allocated and not image.has_parent:
-        report(~present, WARNING, "block {block}: not allocated in a fixed disk", "")
+        report(~present, WARNING, "block {block}: not allocated in a fixed disk",
+               "it reads as zeros; Windows keeps every block of a fixed disk allocated")
     report((~present) & ((st == C.PAYLOAD_BLOCK_ZERO) | (st == C.PAYLOAD_BLOCK_NOT_PRESENT)) & (offs != 0),
            WARNING, "block {block}: file offset 0x{offset:x} on a block that has no data (must be 0)",
            "Hyper-V may refuse such a file")
@@ -204,7 +205,8 @@ def check_image(image: Image) -> list[Finding]:
             add(Finding(ERROR, start, f"{name} at 0x{start:x} overlaps another structure",
                         "two BAT entries share space; data may be lost"))
         if overlap.size > 10:
-            add(Finding(ERROR, None, f"... and {overlap.size - 10} more overlaps", ""))
+            add(Finding(ERROR, None, f"... and {overlap.size - 10} more overlaps",
+                                "two BAT entries share space; data may be lost"))
     tail = image.bat[g.bat_entries:]
     if tail.size and np.any(tail):
         k = int(np.flatnonzero(tail)[0]) + g.bat_entries
