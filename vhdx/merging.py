@@ -229,10 +229,15 @@ def _set_linkage2(path: str, current: uuid.UUID, new: uuid.UUID, wrap: Callable[
         image.close()
 
 
-def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], folders: Sequence[str]) -> list[str]:
-    """Other files whose parent is the destination or an intermediate layer to be deleted."""
+def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], folders: Sequence[str],
+                keep: bool) -> list[str]:
+    """Other files that the merge would break.
+
+    Children of the destination always (its content changes); children of the merged
+    layers, the child itself included, unless ``keep`` (then they still read the same).
+    """
     ours = {os.path.abspath(im.path) for im in chain_images}
-    guids = {im.header.data_write_guid: im for im in sources[1:] + [dest]}
+    guids = {im.header.data_write_guid: im for im in ([dest] if keep else sources + [dest])}
     out = []
     seen: set[str] = set()
     for folder in folders:
@@ -308,7 +313,7 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
         journal = read_journal(dest_ro)
         plan.resuming = journal is not None
         folders = sorted({os.path.dirname(os.path.abspath(im.path)) for im in images[:dest_index + 1]} | set(search))
-        plan.dependents = _dependents(dest_ro, images, sources, folders)
+        plan.dependents = _dependents(dest_ro, images, sources, folders, keep)
         plan_merge(sources, dest_ro, plan)
         if dry_run:
             return plan
@@ -326,7 +331,11 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
         dest_path = dest_ro.path
         for im in images[dest_index:]:
             im.close()
-        result = _run(plan, sources, dest_path, journal, progress, storage_wrapper)
+        try:
+            result = _run(plan, sources, dest_path, journal, progress, storage_wrapper)
+        except OSError as e:
+            raise MergeError(f"the merge stopped: {e.strerror or e}; every file is still consistent, run the "
+                             f"same merge again to finish it", path=dest_path) from e
     finally:
         for im in images:
             im.close()

@@ -1,17 +1,21 @@
 """Hostile inputs: truncated and mutated files may only raise vhdx.VhdxError.
 
 Each case starts from a small valid disk (made by qemu-img or by vhdx.create), changes
-some bytes, and then opens it read-only and read-write and reads every byte of the
-virtual disk. Allowed outcomes: it works, or it raises a ``vhdx.VhdxError`` subclass that
+some bytes, and then opens it read-only and, on a fresh copy, read-write; reads every byte
+of the virtual disk; in read-write mode also writes two probes (in place and into a new
+block) and checks they read back, and that no write landed in the file identifier or the
+metadata region. Allowed outcomes: it works, or it raises a ``vhdx.VhdxError`` subclass that
 names the file. Never IndexError, ValueError, struct.error, OverflowError, MemoryError;
-never more than CASE_SECONDS or CASE_PEAK_BYTES of Python allocations (conftest.Guard).
+never more than CASE_SECONDS or CASE_PEAK_BYTES of Python allocations (conftest.Guard); and
+a read-only open never changes the file.
 
 Mutations of checksummed structures (headers, region tables) come in two forms: raw,
 which only the CRC-32C check has to catch, and re-stamped with a correct CRC-32C, which
 reaches the field validation behind it (vhdx-format.md §1.5). Cases marked ``raise`` break
 a MUST of the format; cases marked ``ok`` are valid files (or recoverable by the rules, such
 as one bad header) and must read as the base disk; ``either`` leaves the choice to the
-library.
+library. Also here: hand-built logs (§8), parent locators (§4.8), random byte flips
+(hypothesis; VHDX_HYPOTHESIS_MAX raises the example count) and the CLI's error output.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from typing import Callable
 import pytest
 
 import vhdxbits as vb
-from conftest import PARENT_NAME, MiB, CaseTimeout, Guard, mark_unwritten, read_disk, sha256_file, stamp_of
+from conftest import (PARENT_NAME, MiB, CaseTimeout, Guard, have, mark_unwritten, read_disk, sha256_file,
+                      stamp_of)
 
 vhdx = pytest.importorskip("vhdx")
 
@@ -689,14 +694,9 @@ def test_handbuilt_dirty_log_is_replayed(base, place, base_disks, tmp_path):
     assert rw.digest == ro.digest
     after = vb.parse_layout(bytearray(path.read_bytes()))
     assert after.header_fields["log_guid"] == uuid.UUID(int=0), "clean close left a non-zero LogGuid"
-    if base.startswith("qemu") and shutil_which("qemu-img"):
+    if base.startswith("qemu") and have("qemu-img"):
         r = subprocess.run(["qemu-img", "check", "-f", "vhdx", str(path)], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
-
-
-def shutil_which(tool):
-    import shutil
-    return shutil.which(tool)
 
 
 def _edit_desc_count(e):

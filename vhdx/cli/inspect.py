@@ -19,7 +19,8 @@ def register(sub: Any) -> None:
     add_chain_options(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("check", help="structural check, like qemu-img check (exit 0 ok, 1 errors, 2 unreadable)")
+    p = sub.add_parser("check", help="structural check, like qemu-img check: exit 0 when no errors (warnings "
+                       "allowed), 1 when errors are found, 2 when the file cannot be opened as a VHDX at all")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_chain_options(p)
@@ -106,4 +107,6 @@ def cmd_check(args: argparse.Namespace) -> int:
                              + (f" ({len(findings)} notes)" if findings else "") + "\n")
         else:
             sys.stdout.write(f"{args.path}: {len(errors)} errors found\n")
+    if not report.opened:
+        return EXIT_UNREADABLE  # the file could not be opened as a VHDX at all
     return EXIT_FINDINGS if errors else EXIT_OK
