@@ -39,7 +39,8 @@ from .storage import FileStorage, Storage
 
 TRANSPARENT = 255
 ZERO = 254
-BATCH_BYTES = 128 << 20  # destination data per transaction
+BATCH_BYTES = 1 << 30  # destination data per transaction: each costs three flushes
+BATCH_EXTENTS = 1 << 16  # ... and at most this many extents, to bound memory
 WINDOW_MIN = 64 << 20
 _ZERO_STATES = (C.PAYLOAD_BLOCK_UNDEFINED, C.PAYLOAD_BLOCK_ZERO, C.PAYLOAD_BLOCK_UNMAPPED,
                 C.PAYLOAD_BLOCK_UNMAPPED_V095)
@@ -398,7 +399,7 @@ def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: dict[st
                 batch_bytes += vlen
                 if src is not None:
                     copied += vlen
-            if batch_bytes >= BATCH_BYTES:
+            if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_EXTENTS:
                 zeros = sum(e[1] for e in batch if e[2] is None)
                 dest.write_extents(batch, progress=tick)
                 tick(zeros)

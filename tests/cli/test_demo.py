@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import vhdx
 import vhdx.demo
 import vhdx.merging
-from forensics.chainkit import REPO, cli_env, run_inprocess
+from forensics.chainkit import cli_env, run_inprocess
 
 
 def test_demo_passes_in_a_real_process(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -210,3 +209,78 @@ def test_export_of_an_orphan_over_zeros(name: str, tmp_path: Path) -> None:
     result = run_inprocess("export", leaf, full, "--parent", gone.with_name(gone.name + ".gone"))
     assert result.returncode == 0, result.describe()
     assert_bytes(full.read_bytes(), chain.contents[-1], "export --parent")
+
+
+@pytest.mark.parametrize("target", ["the-leaf-itself", "a-symlink-to-the-leaf", "a-hardlink-to-the-base",
+                                    "the-parent-layer"])
+def test_export_force_never_overwrites_a_file_of_the_chain(target: str, tmp_path: Path) -> None:
+    """``export CHILD X --force`` where X is (a link to) a file being read must refuse: O_TRUNC
+    would destroy the evidence and the export would read the zeros it just made."""
+    chain = tiny_chain(tmp_path / "chain")
+    leaf, parent, base = chain.layers[-1].path, chain.layers[-2].path, chain.layers[0].path
+    if target == "the-leaf-itself":
+        out = leaf
+    elif target == "a-symlink-to-the-leaf":
+        out = tmp_path / "link.raw"
+        out.symlink_to(leaf)
+    elif target == "a-hardlink-to-the-base":
+        out = tmp_path / "hard.raw"
+        os.link(base, out)
+    else:
+        out = parent
+    before = {p: p.read_bytes() for p in chain.paths}
+    result = run_inprocess("export", leaf, out, "--force")
+    after = {p: p.read_bytes() for p in chain.paths}
+    changed = [p.name for p in chain.paths if before[p] != after[p]]
+    assert not changed, f"export --force to {target} overwrote {changed} (exit {result.returncode})"
+    assert result.returncode != 0, result.describe()
+    assert_one_line = result.stderr.splitlines()
+    assert len(assert_one_line) == 1 and assert_one_line[0].startswith("vhdx: error:"), result.stderr
+
+
+def tiny_chain(folder: Path) -> BuiltChain:
+    return build(folder, size=4 * MiB, sector_size=512, layers=[
+        LayerSpec(1 * MiB, [D(0, 70000)]), LayerSpec(1 * MiB, [D(MiB + 5, 100)]), LayerSpec(2 * MiB, [D(9, 9)])])
+
+
+def test_export_to_dev_null_works_or_names_it(tmp_path: Path) -> None:
+    """/dev/null (a character device: no ftruncate) either takes the export or the one-line error
+    names it; "vhdx: error: Invalid argument" alone does not tell the user what went wrong."""
+    chain = tiny_chain(tmp_path / "chain")
+    result = run_inprocess("export", chain.leaf, "/dev/null", "--force")
+    if result.returncode != 0:
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vhdx: error:"), result.stderr
+        assert "/dev/null" in lines[0], f"the error does not name the output: {lines[0]!r}"
+
+
+def test_export_to_a_fifo_streams_or_names_it(tmp_path: Path) -> None:
+    """A named pipe cannot take pwrite: either the whole disk comes through it in order, or the
+    one-line error names it."""
+    import threading
+
+    chain = tiny_chain(tmp_path / "chain")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = bytearray()
+
+    def reader() -> None:
+        with open(fifo, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                received.extend(chunk)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    result = run_inprocess("export", chain.leaf, fifo, "--force")
+    if result.returncode != 0:
+        try:                                    # release the reader if the export never opened the pipe
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    thread.join(timeout=30)
+    if result.returncode == 0:
+        assert_bytes(bytes(received), chain.contents[-1], "export to a FIFO")
+    else:
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vhdx: error:"), result.stderr
+        assert str(fifo) in lines[0], f"the error does not name the output: {lines[0]!r}"

@@ -346,3 +346,17 @@ def test_map_of_a_64_tib_sparse_disk_is_fast_and_right(tmp_path: Path) -> None:
     diff = run_inprocess("diff", "--json", path).json()
     assert time.monotonic() - start < 20
     assert [(r["start"], r["length"]) for r in diff["ranges"]] == [(first, bs), (size - bs, bs)]
+
+
+@pytest.mark.parametrize("which", ["the-file-mapped", "its-parent"])
+def test_map_png_never_overwrites_a_file_of_the_chain(tmp_path: Path, which: str) -> None:
+    """``map DISK --png DISK`` is a slip of the finger that must not destroy the evidence."""
+    chain = make(tmp_path, "untouched")
+    target = chain.leaf if which == "the-file-mapped" else chain.layers[-2].path
+    before = {p: p.read_bytes() for p in chain.paths}
+    result = run_inprocess("map", chain.leaf, "--png", target)
+    changed = [p.name for p in chain.paths if p.read_bytes() != before[p]]
+    assert not changed, f"map --png {which} overwrote {changed} (exit {result.returncode})"
+    assert result.returncode != 0, result.describe()
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vhdx: error:"), result.stderr
