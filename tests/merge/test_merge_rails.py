@@ -248,6 +248,7 @@ def test_disk_full_from_the_os(tmp_path: Path, monkeypatch) -> None:
     total = _merge_bytes_written(tmp_path / "count", leaf, dest)
     import vhdx.storage as storage_mod
     real_pwrite, real_ftruncate, real_fstat = os.pwrite, os.ftruncate, os.fstat
+    real_copy_file_range = getattr(os, "copy_file_range", None)
     for fraction in (0.0, 0.05, 0.5, 0.95):
         work = tmp_path / "work"
         copy_folder(pristine, work)
@@ -269,8 +270,18 @@ def test_disk_full_from_the_os(tmp_path: Path, monkeypatch) -> None:
             state["left"] -= grow
             return real_ftruncate(fd, size)
 
+        def copy_file_range(src, dst, count, offset_src=None, offset_dst=None):
+            if count > state["left"]:
+                state["hit"] += 1
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            n = real_copy_file_range(src, dst, count, offset_src, offset_dst)
+            state["left"] -= n
+            return n
+
         monkeypatch.setattr(storage_mod.os, "pwrite", pwrite)
         monkeypatch.setattr(storage_mod.os, "ftruncate", ftruncate)
+        if real_copy_file_range is not None:  # the merge copies with it where the OS has it
+            monkeypatch.setattr(storage_mod.os, "copy_file_range", copy_file_range)
         try:
             with pytest.raises(VhdxError):
                 merge(str(work / leaf), str(work / dest))
