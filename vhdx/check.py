@@ -68,7 +68,7 @@ def check_file(path: str | os.PathLike[str], *, storage: Storage | None = None) 
     try:
         try:
             image = Image(storage, owns_storage=False)
-            image._load()
+            image._load(salvage=True)
         except VhdxError as e:
             if storage.size() >= 8 and storage.read(0, 8) != C.SIGNATURE_FILE:
                 raise

@@ -8,6 +8,7 @@ write or flush, and a read-only open can put the in-memory log overlay in betwee
 from __future__ import annotations
 
 import os
+import stat
 from typing import Iterable
 
 from .errors import ReadOnlyError, VhdxError
@@ -68,6 +69,12 @@ class FileStorage(Storage):
             raise DiskExistsError("file exists; refusing to overwrite it", path=self.path) from e
         except OSError as e:
             raise VhdxError(f"cannot open: {e.strerror}", path=self.path) from e
+        mode = os.fstat(self._fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            os.close(self._fd)
+            self._fd = None
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise VhdxError(f"cannot open: {kind}", path=self.path)
 
     def _fd_or_raise(self) -> int:
         if self._fd is None:
@@ -115,7 +122,11 @@ class FileStorage(Storage):
             offset += len(b)
 
     def size(self) -> int:
-        return os.fstat(self._fd_or_raise()).st_size
+        fd = self._fd_or_raise()
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode):
+            return os.lseek(fd, 0, os.SEEK_END)
+        return st.st_size
 
     def truncate(self, size: int) -> None:
         if not self.writable:

@@ -91,7 +91,9 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, disk: Path) -> dict[str,
     noise.write_bytes(bytes(range(256)) * 20)
     files["noise"] = noise
     data = disk.read_bytes()
-    for name, length in (("header-only", 200_000), ("no-bat", 3 * MiB + 12345)):
+    payload = 4 * MiB      # header section, log, metadata, BAT: 1 MiB each; the written block next
+    assert len(data) > payload + MiB // 2
+    for name, length in (("header-only", 200_000), ("no-bat", 3 * MiB + 12345), ("cut-payload", payload + 1000)):
         cut = folder / f"{name}.vhdx"
         cut.write_bytes(data[:length])
         files[name] = cut
@@ -150,6 +152,21 @@ def test_a_nonexistent_file(verb: str, tmp_path: Path) -> None:
     assert_one_line_error(result.stderr, names=missing, what=f"{verb} of a missing file")
 
 
+@pytest.mark.parametrize("argv", [["snapshot", "{m}"], ["merge", "{m}"], ["merge", "{m}", "--dry-run"],
+                                  ["reparent", "{m}", "--parent", "{disk}"], ["orphans", "{missing_dir}"],
+                                  ["create", "{new}", "--parent", "{m}"], ["export", "{m}", "{new}"]],
+                         ids=lambda a: a[0] + ("-dry-run" if "--dry-run" in a else ""))
+def test_other_verbs_on_a_nonexistent_file(argv: list[str], disk: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.avhdx"
+    values = dict(m=missing, disk=disk, missing_dir=tmp_path / "no-such-folder", new=tmp_path / "new.vhdx")
+    args = [a.format(**values) for a in argv]
+    result = run_inprocess(*args)
+    assert result.returncode == 1, result.describe()
+    named = values["missing_dir"] if argv[0] == "orphans" else missing
+    assert_one_line_error(result.stderr, names=named, what=" ".join(argv))
+    assert not (tmp_path / "new.vhdx").exists()
+
+
 def test_a_nonexistent_file_in_a_real_process(tmp_path: Path) -> None:
     missing = tmp_path / "missing.vhdx"
     for verb, code in (("info", 1), ("check", 2)):
@@ -178,21 +195,33 @@ def test_a_file_that_is_not_a_vhdx(kind: str, bad_files: dict[str, Path], tmp_pa
 
 
 @pytest.mark.parametrize("kind", ["header-only", "no-bat"])
-def test_a_truncated_vhdx(kind: str, bad_files: dict[str, Path]) -> None:
-    """check: 1 = errors found (a VHDX cut short is judged, with findings); info: a one-line error."""
+def test_a_vhdx_cut_before_its_bat(kind: str, bad_files: dict[str, Path]) -> None:
+    """check: 2 = the file cannot be opened as a VHDX at all (inspect.py): one line on stderr
+    saying why (--json still prints the report); every other verb: a one-line error naming the file."""
     path = bad_files[kind]
     result = run_inprocess("check", path)
-    assert result.returncode == 1, result.describe()
-    assert "errors found" in result.stdout and result.stderr == ""
+    assert result.returncode == 2, result.describe()
+    assert_one_line_error(result.stderr, names=path, what="check of a truncated file")
+    assert "too short" in result.stderr or "past the end" in result.stderr, result.stderr
     as_json = run_inprocess("check", "--json", path)
-    assert as_json.returncode == 1
+    assert as_json.returncode == 2
     report = json.loads(as_json.stdout)
     assert report["errors"] >= 1 and report["opened"] is False
-    assert all(f["severity"] in ("error", "warning", "info") for f in report["findings"])
-    for verb in ("info", "map", "hash", "chain"):
+    for verb in ("info", "map", "hash", "chain", "diff"):
         result = run_inprocess(verb, path)
         assert result.returncode == 1, result.describe()
         assert_one_line_error(result.stderr, names=path, what=f"{verb} of a truncated file")
+
+
+def test_a_vhdx_cut_inside_a_payload_block(bad_files: dict[str, Path]) -> None:
+    """It opens, so check judges it: exit 1, errors found, the block running past the end named."""
+    path = bad_files["cut-payload"]
+    result = run_inprocess("check", path)
+    assert result.returncode == 1, result.describe()
+    assert "errors found" in result.stdout and result.stderr == ""
+    report = json.loads(run_inprocess("check", "--json", path).stdout)
+    assert report["opened"] is True and report["errors"] >= 1
+    assert any("past the end" in f["message"] for f in report["findings"]), report
 
 
 def test_check_exit_codes_on_a_good_disk(disk: Path) -> None:
@@ -272,9 +301,10 @@ def test_create_options(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv,code", [
     (["12Q"], 2), (["-5M"], 2), (["abc"], 2), (["1.3"], 2), (["M"], 2), ([""], 2),
-    (["0"], 1), (["1000"], 1), (["65T"], 1), (["64M", "--block-size", "3M"], 1),
-    (["64M", "--block-size", "512M"], 1), (["64M", "--block-size", "512K"], 1),
-    ([], 1),                                         # neither a size nor --parent
+    # sizes that parse but make no disk are usage errors too (vhdx.UsageError): exit 2
+    (["0"], 2), (["1000"], 2), (["65T"], 2), (["64M", "--block-size", "3M"], 2),
+    (["64M", "--block-size", "512M"], 2), (["64M", "--block-size", "512K"], 2),
+    ([], 2),                                         # neither a size nor --parent
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
 def test_create_rejects_bad_sizes_and_leaves_no_file(argv: list[str], code: int, tmp_path: Path) -> None:
     path = tmp_path / "bad.vhdx"

@@ -12,7 +12,7 @@ import sys
 import traceback
 from typing import Any, Callable, Sequence
 
-from ..errors import VhdxError
+from ..errors import UsageError, VhdxError
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -95,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except UsageError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"vhdx: error: {e}", file=sys.stderr)
+        return 2
     except VhdxError as e:
         if args.debug:
             traceback.print_exc()

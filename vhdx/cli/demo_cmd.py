@@ -19,6 +19,9 @@ def register(sub: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.dir:
+        if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+            from ..errors import UsageError
+            raise UsageError("--dir must be a folder", path=args.dir)
         os.makedirs(args.dir, exist_ok=True)
         ok = run(args.dir)
     else:

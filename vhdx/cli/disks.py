@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import stat
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import api
-from ..errors import DiskExistsError, UsageError
+from ..errors import DiskExistsError, UsageError, VhdxError
 from . import EXIT_OK, add_chain_options, chain_options, emit_json, parse_size
 from .progress import Progress, human_bytes
 
@@ -72,6 +73,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def _open_layer(args: argparse.Namespace):
+    if args.layer < 0:
+        raise UsageError(f"--layer {args.layer}: layers count from 0 (the file itself)", path=args.path)
     disk = api.open(args.path, **chain_options(args))
     layer = args.layer
     target = disk
@@ -81,6 +84,29 @@ def _open_layer(args: argparse.Namespace):
             raise UsageError(f"the chain has no layer {layer}", path=args.path)
         target = target.parent
     return disk, target
+
+
+def chain_files(disk) -> list[str]:
+    out = []
+    while disk is not None:
+        out.append(disk.path)
+        disk = disk.parent
+    return out
+
+
+def refuse_chain_file(out: str, disk) -> None:
+    """Never write over a file of the chain being read (evidence, or the data being exported)."""
+    try:
+        st = os.stat(out)
+    except OSError:
+        return
+    for path in chain_files(disk):
+        try:
+            pst = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (pst.st_dev, pst.st_ino):
+            raise UsageError(f"refusing to write over {path}, a file of the chain being read", path=out)
 
 
 def stream(disk, sink=None, *, progress=None, hasher=None) -> tuple[int, int]:
@@ -146,25 +172,18 @@ def cmd_export(args: argparse.Namespace) -> int:
             out_fd = sys.stdout.buffer.fileno()
 
             def sink_stdout(view, offset):
-                os.write(out_fd, view)
+                done = 0
+                while done < len(view):
+                    done += os.write(out_fd, view[done:])
             # stdout cannot be sparse: write every piece
             buf_size = target.size
             read, written = _stream_dense(target, sink_stdout, progress, hasher)
         else:
-            flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
+            refuse_chain_file(args.out, disk)
             try:
-                fd = os.open(args.out, flags, 0o644)
-            except FileExistsError:
-                raise DiskExistsError("output exists; pass --force to overwrite it", path=args.out) from None
-            try:
-                def sink(view, offset):
-                    done = 0
-                    while done < len(view):
-                        done += os.pwrite(fd, view[done:], offset + done)
-                read, written = stream(target, sink, progress=progress, hasher=hasher)
-                os.ftruncate(fd, target.size)
-            finally:
-                os.close(fd)
+                written = _export_to(args, target, progress, hasher)
+            except OSError as e:
+                raise VhdxError(f"cannot write the export: {e.strerror or e}", path=args.out) from e
             buf_size = target.size
         progress.finish()
     summary = dict(path=args.path, out=args.out, layer=args.layer, virtual_size=buf_size,
@@ -177,6 +196,89 @@ def cmd_export(args: argparse.Namespace) -> int:
         if hasher:
             print(f"sha256 {hasher.hexdigest()}", file=sys.stderr if args.out == "-" else sys.stdout)
     return EXIT_OK
+
+
+def _export_to(args: argparse.Namespace, target, progress, hasher) -> int:
+    """Write the disk to a regular file (sparse) or to a device or pipe (every byte, in order)."""
+    try:
+        st = os.stat(args.out)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        fd = os.open(args.out, os.O_WRONLY)
+        try:
+            def sink_dense(view, offset):
+                done = 0
+                while done < len(view):
+                    done += os.write(fd, view[done:])
+            return _stream_dense(target, sink_dense, progress, hasher)[1]
+        finally:
+            os.close(fd)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
+    try:
+        fd = os.open(args.out, flags, 0o644)
+    except FileExistsError:
+        raise DiskExistsError("output exists; pass --force to overwrite it", path=args.out) from None
+    try:
+        def sink(view, offset):
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+        if hasher is None and _kernel_copy_possible(target):
+            written = _export_by_kernel_copy(target, fd, progress)
+        else:
+            written = stream(target, sink, progress=progress, hasher=hasher)[1]
+        os.ftruncate(fd, target.size)
+        return written
+    finally:
+        os.close(fd)
+
+
+def _kernel_copy_possible(disk) -> bool:
+    """A single file, read straight from the host file (no parent, no in-memory log overlay)."""
+    return (disk.parent is None and not disk.image.has_parent and disk.image.storage.fileno() is not None
+            and hasattr(os, "copy_file_range"))
+
+
+def _export_by_kernel_copy(disk, out_fd: int, progress) -> int:
+    """Copy the allocated blocks of one file with copy_file_range; holes stay holes.
+
+    Contiguous runs of FULLY_PRESENT blocks that sit back to back in the host file become one
+    call. Blocks that read as zeros are not written at all (the output is sparse).
+    """
+    from ..format import bitmap as bitmapmod
+    from ..format import constants as C
+    im = disk.image
+    bs, size = im.block_size, im.size
+    st = im.payload_states()
+    offs = im.payload_offsets().astype(np.int64)
+    data = (st == C.PAYLOAD_BLOCK_FULLY_PRESENT) | (st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+    # A run continues while the next block is data and sits right after this one in the file.
+    follows = np.zeros(st.size, bool)
+    if st.size > 1:
+        follows[1:] = data[1:] & data[:-1] & (offs[1:] == offs[:-1] + bs)
+    starts = np.flatnonzero(data & ~follows)
+    src_fd = im.storage.fileno()
+    written = 0
+    for block in starts.tolist():
+        end_block = block + 1
+        while end_block < st.size and follows[end_block]:
+            end_block += 1
+        voff = block * bs
+        length = min(end_block * bs, size) - voff
+        src = int(offs[block])
+        done = 0
+        while done < length:
+            n = os.copy_file_range(src_fd, out_fd, length - done, src + done, voff + done)
+            if n <= 0:  # past the end of a short last block: the rest reads as zeros
+                break
+            done += n
+        written += length
+        if progress:
+            progress(voff + length, size)
+    if progress:
+        progress(size, size)
+    return written
 
 
 def _stream_dense(disk, sink, progress, hasher) -> tuple[int, int]:

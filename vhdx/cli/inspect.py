@@ -81,6 +81,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     report = check_file(args.path)
+    if not report.opened and not args.json:
+        # The file cannot be opened as a VHDX at all: one line, like every other error.
+        first = report.findings[0]
+        where = f"at 0x{first.offset:x}: " if first.offset is not None else ""
+        print(f"vhdx: error: {args.path}: {where}{first.message}", file=sys.stderr)
+        return EXIT_UNREADABLE
     findings = list(report.findings)
     opts = chain_options(args)
     chain_report = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -18,6 +19,7 @@ def register(sub: Any) -> None:
     p.add_argument("--layer", type=int, default=None, help="only layer N (0 = the file itself)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--png", metavar="FILE", help="also draw the allocation of every layer into FILE")
+    p.add_argument("--force", action="store_true", help="overwrite the --png FILE if it exists")
     add_chain_options(p)
     p.set_defaults(func=cmd_map)
 
@@ -55,6 +57,11 @@ def cmd_map(args: argparse.Namespace) -> int:
                                ranges=[r.to_dict() for r in ranges]))
             pictures.append((im.path, ranges, im.size))
         if args.png:
+            from .disks import refuse_chain_file
+            refuse_chain_file(args.png, disk)
+            if os.path.exists(args.png) and not args.force:
+                from ..errors import DiskExistsError
+                raise DiskExistsError("the picture file exists; pass --force to overwrite it", path=args.png)
             with open(args.png, "wb") as f:
                 f.write(render_png(pictures))
     if args.json:
