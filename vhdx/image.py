@@ -254,7 +254,7 @@ class Image:
         self.bat_region = r
         # Read straight into the array: the BAT is the one allocation that scales with the disk.
         self.bat = np.empty(_align_up(needed, C.LOG_SECTOR_SIZE) // 8, dtype="<u8")
-        self.storage.readinto(memoryview(self.bat).cast("B"), r.file_offset)
+        self.storage.readinto(self.bat.view(np.uint8).data, r.file_offset)
         self._cr = g.chunk_ratio
         if not salvage:
             self._validate_bat()

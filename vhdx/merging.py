@@ -24,7 +24,7 @@ import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence, overload
 
 import numpy as np
 
@@ -263,6 +263,22 @@ def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], fo
             finally:
                 im.close()
     return out
+
+
+@overload
+def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None, *,
+          progress: Callable[[int, int], None] | None = None, ignore_id_mismatch: bool = False,
+          keep: bool = False, force: bool = False, search_paths: Sequence[str | os.PathLike[str]] = (),
+          dry_run: Literal[False] = False, storage_wrapper: Callable[[Storage], Storage] | None = None
+          ) -> MergeResult: ...
+
+
+@overload
+def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None, *,
+          progress: Callable[[int, int], None] | None = None, ignore_id_mismatch: bool = False,
+          keep: bool = False, force: bool = False, search_paths: Sequence[str | os.PathLike[str]] = (),
+          dry_run: Literal[True], storage_wrapper: Callable[[Storage], Storage] | None = None
+          ) -> MergePlan: ...
 
 
 def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None, *,

@@ -62,8 +62,9 @@ def cmd_create(args: argparse.Namespace) -> int:
                           logical_sector_size=args.logical_sector_size,
                           physical_sector_size=args.physical_sector_size, fixed=args.fixed)
     with disk:
-        info = dict(path=disk.path, type=disk.disk_type, size=disk.size, block_size=disk.block_size,
-                    logical_sector_size=disk.logical_sector_size, data_write_guid=str(disk.data_write_guid))
+        info: dict[str, Any] = dict(path=disk.path, type=disk.disk_type, size=disk.size,
+                                    block_size=disk.block_size, logical_sector_size=disk.logical_sector_size,
+                                    data_write_guid=str(disk.data_write_guid))
     if args.json:
         emit_json(info)
     else:
@@ -142,8 +143,9 @@ def stream(disk, sink=None, *, progress=None, hasher=None) -> tuple[int, int]:
             while position < end:
                 slot = turn % len(buffers)
                 turn += 1
-                if pending[slot] is not None:
-                    pending[slot].result()
+                waiting = pending[slot]
+                if waiting is not None:
+                    waiting.result()
                     pending[slot] = None
                 view = memoryview(buffers[slot])
                 n = disk.pread_into(view[:min(CHUNK, end - position)], position)

@@ -89,15 +89,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_UNREADABLE
     findings = list(report.findings)
     opts = chain_options(args)
-    chain_report = None
     if report.opened:
-        try:
-            from ..chains import check_chain
-        except ImportError:
-            check_chain = None
-        if check_chain is not None:
-            chain_report = check_chain(args.path, **opts)
-            findings.extend(chain_report)
+        from ..chains import check_chain
+        findings.extend(check_chain(args.path, **opts))
     errors = [f for f in findings if f.severity == "error"]
     if args.json:
         d = report.to_dict()
