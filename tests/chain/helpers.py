@@ -41,9 +41,19 @@ def write_all(disk: Any, offset: int, data: bytes) -> None:
 
 
 def read_all(disk: Any) -> bytes:
-    """Every byte of the virtual disk through ``readinto`` (the shared helper of tests/conftest.py)."""
-    from conftest import read_whole_disk
-    return read_whole_disk(disk)
+    """Every byte of the virtual disk through ``readinto`` (short reads allowed)."""
+    size = disk.size
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    disk.seek(0)
+    done = 0
+    while done < size:
+        count = disk.readinto(view[done:])
+        if not count:
+            break
+        done += count
+    assert done == size, f"read {done} bytes from a disk of size {size}"
+    return bytes(buffer)
 
 
 def first_difference(got: bytes, want: bytes) -> int | None:
