@@ -159,8 +159,14 @@ def _layer_for(image: Image, found_by: str) -> Layer:
 
 def merge_in_progress(image: Image) -> bool:
     """Whether an interrupted merge left its journal in this file's metadata."""
-    from .format.constants import METADATA_IS_USER
-    return any(e.item_id == MERGE_JOURNAL_GUID and e.flags & METADATA_IS_USER for e in image.metadata.entries)
+    import json
+    raw = image.metadata.items.get((MERGE_JOURNAL_GUID, True))
+    if raw is None:
+        return False
+    try:
+        return json.loads(raw.decode()).get("state") != "done"
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return True
 
 
 MERGE_JOURNAL_GUID = uuid.UUID("5b1f2a4e-9c0d-4d7e-8a53-7d6c3e9b1a01")  # our user item (vhdx.merge)
@@ -567,6 +573,7 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
     paths.sort()
     nodes: dict[str, Node] = {}
     locators: dict[str, dict[str, str]] = {}
+    accept2: dict[str, str] = {}
     by_guid: dict[str, list[str]] = {}
     for p in paths:
         node = Node(p)
@@ -583,8 +590,10 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
             node.virtual_size = image.size
             node.interrupted_merge = merge_in_progress(image)
             if image.has_parent:
-                l1, _ = _linkage_of(image)
+                l1, l2 = _linkage_of(image)
                 node.parent_linkage = str(l1) if l1 else None
+                if l2 is not None:  # a merge into the parent is under way (§9.5)
+                    accept2[p] = str(l2)
                 locators[p] = dict(image.metadata.parent_locator or {})
                 node.state = "missing"
         finally:
@@ -604,12 +613,12 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
             match = next((q for q in nodes if keys[q] == _file_key(local)), None) if os.path.exists(local) else None
             if match is None or match == p:
                 continue
-            if nodes[match].data_write_guid == node.parent_linkage:
+            if nodes[match].data_write_guid in (node.parent_linkage, accept2.get(p)):
                 found = match
                 break
             mismatch = mismatch or match
         if found is None:
-            same = [q for q in by_guid.get(node.parent_linkage or "", []) if q != p]
+            same = [q for g in (node.parent_linkage, accept2.get(p)) if g for q in by_guid.get(g, []) if q != p]
             found = same[0] if same else None
         if found is not None:
             node.parent, node.state = found, "ok"

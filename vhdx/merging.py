@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence, overload
 import numpy as np
 
 from . import chains
-from .errors import ChainError, MergeError, UsageError, VhdxError
+from .errors import ChainError, MergeError, ParentMismatchError, UsageError, VhdxError
 from .format import bitmap as bitmapmod
 from .format import constants as C
 from .format.locator import build_parent_locator, format_linkage, parse_linkage
@@ -191,10 +191,45 @@ def plan_merge(sources: list[Image], dest: Image, plan: MergePlan) -> MergePlan:
 
 # --------------------------------------------------------------------------- the merge
 
-def _journal_item(plan: MergePlan, new_guid: uuid.UUID) -> MetadataItem:
-    data = json.dumps(dict(tool="vhdx", sources=plan.sources, child=plan.child, new_data_write_guid=str(new_guid),
-                           started=time.time())).encode()
+def _journal_item(plan: MergePlan, new_guid: uuid.UUID, original: uuid.UUID, source_guids: list[str],
+                  state: str = "copying") -> MetadataItem:
+    """Our user metadata item: which merge is under way, and how far it got.
+
+    States: "copying", "copied" (all data is in the destination), "done" (kept as a record).
+    Sources are recorded by DataWriteGuid and by path relative to the destination, so the
+    journal still finds them after the folder was moved or copied.
+    """
+    folder = os.path.dirname(os.path.abspath(plan.destination))
+    sources = [dict(path=p, relative=os.path.relpath(p, folder), data_write_guid=g)
+               for p, g in zip(plan.sources, source_guids)]
+    data = json.dumps(dict(tool="vhdx", state=state, sources=sources, child=plan.child,
+                           new_data_write_guid=str(new_guid), original_data_write_guid=str(original),
+                           started=int(time.time()))).encode()
     return MetadataItem(chains.MERGE_JOURNAL_GUID, data, C.METADATA_IS_USER)
+
+
+def _journal_sources(journal: dict[str, Any], dest_path: str) -> list[str]:
+    """The merged files that still exist, found beside the destination first, by GUID."""
+    folder = os.path.dirname(os.path.abspath(dest_path))
+    found = []
+    for record in journal.get("sources", []):
+        if not isinstance(record, dict):
+            continue
+        for cand in (os.path.join(folder, record.get("relative", "")), record.get("path", "")):
+            if cand and os.path.isfile(cand) and str(chains.read_data_write_guid(cand)) == record.get("data_write_guid"):
+                found.append(os.path.abspath(cand))
+                break
+    return found
+
+
+def _journal_names(journal: dict[str, Any], child: str) -> bool:
+    """Whether the journal lists ``child`` (by DataWriteGuid if it exists, else by file name)."""
+    records = [r for r in journal.get("sources", []) if isinstance(r, dict)]
+    if os.path.exists(child):
+        guid = str(chains.read_data_write_guid(child))
+        return any(r.get("data_write_guid") == guid for r in records)
+    name = os.path.basename(child)
+    return any(os.path.basename(r.get("relative", "")) == name for r in records)
 
 
 def read_journal(image: Image) -> dict[str, Any] | None:
@@ -219,26 +254,54 @@ def _set_linkage2(path: str, current: uuid.UUID, new: uuid.UUID, wrap: Callable[
     image = Image.open(path, "r+", storage=storage)
     try:
         loc = dict(image.metadata.parent_locator or {})
-        if parse_linkage(loc.get("parent_linkage")) == current and parse_linkage(loc.get("parent_linkage2")) == new:
+        l1, l2 = parse_linkage(loc.get("parent_linkage")), parse_linkage(loc.get("parent_linkage2"))
+        if l2 == new and (l1 == current or current == new):
             return
-        loc["parent_linkage"] = format_linkage(current)
+        if current != new:  # on a resumed merge the destination already carries ``new``: keep l1
+            loc["parent_linkage"] = format_linkage(current)
         loc["parent_linkage2"] = format_linkage(new)
-        items = [it if it.item_id != C.PARENT_LOCATOR_GUID else
-                 MetadataItem(it.item_id, build_parent_locator(loc), it.flags) for it in metadata_items(image.metadata)]
-        image.write_metadata_items(items, data_change=False)
+        _rewrite_locator(image, loc)
     finally:
         image.close()
+
+
+def _unlink_merged(path: str, original: uuid.UUID, wrap: Callable[[Storage], Storage] | None) -> None:
+    """After the merge the merged layer is invalid: it links to the destination's old GUID only.
+
+    Reading it over the merged destination would mix old and new data, so it must not open
+    as a chain any more (as with Hyper-V, merged files are invalid afterwards).
+    """
+    storage: Storage = FileStorage(path, writable=True)
+    if wrap:
+        storage = wrap(storage)
+    image = Image.open(path, "r+", storage=storage)
+    try:
+        loc = dict(image.metadata.parent_locator or {})
+        if parse_linkage(loc.get("parent_linkage")) == original and \
+                parse_linkage(loc.get("parent_linkage2")) in (None, C.ZERO_GUID):
+            return
+        loc["parent_linkage"] = format_linkage(original)
+        loc["parent_linkage2"] = format_linkage(C.ZERO_GUID)
+        _rewrite_locator(image, loc)
+    finally:
+        image.close()
+
+
+def _rewrite_locator(image: Image, loc: dict[str, str]) -> None:
+    items = [it if it.item_id != C.PARENT_LOCATOR_GUID else
+             MetadataItem(it.item_id, build_parent_locator(loc), it.flags) for it in metadata_items(image.metadata)]
+    image.write_metadata_items(items, data_change=False)
 
 
 def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], folders: Sequence[str],
                 keep: bool) -> list[str]:
     """Other files that the merge would break.
 
-    Children of the destination always (its content changes); children of the merged
-    layers, the child itself included, unless ``keep`` (then they still read the same).
+    Children of the destination (its content changes) and of the merged layers, the child
+    itself included: merged layers are invalid afterwards, even when ``keep`` leaves them.
     """
     ours = {os.path.abspath(im.path) for im in chain_images}
-    guids = {im.header.data_write_guid: im for im in ([dest] if keep else sources + [dest])}
+    guids = {im.header.data_write_guid: im for im in sources + [dest]}
     out = []
     seen: set[str] = set()
     for folder in folders:
@@ -296,6 +359,10 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
     child = os.path.abspath(os.fspath(child))
     search = [os.fspath(p) for p in search_paths]
     t0 = time.monotonic()
+    if not dry_run:  # a merge that stopped after its copy only needs its last steps
+        finished = _finish_copied(child, into, keep, storage_wrapper, t0)
+        if finished is not None:
+            return finished
     leaf = Image.open(child, "r")
     if not leaf.has_parent:
         leaf.close()
@@ -328,6 +395,8 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
         plan = MergePlan(child=child, destination=dest_ro.path, sources=[im.path for im in sources],
                          destination_type=dest_ro.disk_type, virtual_size=leaf.size)
         journal = read_journal(dest_ro)
+        if journal is not None and journal.get("state") == "done":
+            journal = None  # the record of an earlier, finished merge
         plan.resuming = journal is not None
         folders = sorted({os.path.dirname(os.path.abspath(im.path)) for im in images[:dest_index + 1]} | set(search))
         plan.dependents = _dependents(dest_ro, images, sources, folders, keep)
@@ -356,14 +425,113 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
     finally:
         for im in images:
             im.close()
-    deleted = []
-    if not keep:
-        for p in plan.sources:  # the leaf first: a leftover intermediate is a plain orphan
-            os.unlink(p)
-            deleted.append(p)
-    result.deleted = deleted
+    result.deleted = _complete(dest_path, keep, storage_wrapper)
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _complete(dest_path: str, keep: bool, wrap: Callable[[Storage], Storage] | None) -> list[str]:
+    """The steps after the copy, each safe to repeat: the merged files go (or, with ``keep``,
+    let go of the destination), then the journal records the merge as done."""
+    image = Image.open(dest_path, "r")
+    try:
+        journal = read_journal(image) or {}
+    finally:
+        image.close()
+    records = [r for r in journal.get("sources", []) if isinstance(r, dict)]
+    sources = _journal_sources(journal, dest_path)
+    original = journal.get("original_data_write_guid")
+    deleted = []
+    if keep:
+        # Kept files are invalid now: the layer above lets go of the destination, so neither
+        # it nor anything above it opens over data that no longer matches.
+        above = _journal_sources(dict(sources=records[-1:]), dest_path)
+        if above and original:
+            _unlink_merged(above[0], uuid.UUID(original), wrap)
+    else:
+        # Nearest the destination first: if this stops half way, what is left has a missing
+        # parent (plainly broken), never a stale link to the merged destination.
+        for p in reversed(sources):
+            os.unlink(p)
+            deleted.append(p)
+    storage: Storage = FileStorage(dest_path, writable=True)
+    if wrap:
+        storage = wrap(storage)
+    image = Image.open(dest_path, "r+", storage=storage)
+    try:
+        # The journal stays as a record of the last merge ("done"): a re-run of the same command
+        # after an interruption here can tell that the job is finished.
+        items = [it for it in metadata_items(image.metadata) if it.item_id != chains.MERGE_JOURNAL_GUID]
+        done = dict(journal, state="done", finished=int(time.time()))
+        items.append(MetadataItem(chains.MERGE_JOURNAL_GUID, json.dumps(done).encode(), C.METADATA_IS_USER))
+        image.write_metadata_items(items, data_change=False)
+    finally:
+        image.close()
+    return deleted
+
+
+def _copied_journal(path: str, child: str) -> dict[str, Any] | None:
+    try:
+        image = Image.open(path, "r")
+    except (VhdxError, OSError):
+        return None
+    try:
+        journal = read_journal(image)
+    finally:
+        image.close()
+    if not journal or not _journal_names(journal, child):
+        return None
+    if journal.get("state") == "copied" or (journal.get("state") == "done" and not os.path.exists(child)):
+        return journal
+    return None
+
+
+def _finish_copied(child: str, into: str | os.PathLike[str] | None, keep: bool,
+                   wrap: Callable[[Storage], Storage] | None, t0: float) -> MergeResult | None:
+    """Finish a merge that stopped after its copy, or None if there is none to finish.
+
+    The destination holds a journal in state "copied" that lists this child: the data is all
+    there, and only the steps of :func:`_complete` are left. State "done" with the child gone:
+    the merge finished before, and there is nothing left to do. The destination is ``into``, the
+    file the child's relative path names, or (when the child is already gone) the file of
+    its folder whose journal names it.
+    """
+    candidates: list[str] = []
+    if into is not None:
+        candidates.append(os.path.abspath(os.fspath(into)))
+    elif os.path.exists(child):
+        try:
+            leaf = Image.open(child, "r")
+            try:
+                loc = leaf.metadata.parent_locator or {}
+            finally:
+                leaf.close()
+            candidates += [p for how, p in chains.candidate_paths(loc, child, []) if how == "relative_path"]
+        except VhdxError:
+            return None
+    else:
+        folder = os.path.dirname(child)
+        try:
+            candidates += [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+                           if n.lower().endswith(chains.VHDX_SUFFIXES)]
+        except OSError:
+            return None
+    for dest_path in candidates:
+        journal = _copied_journal(dest_path, child) if os.path.isfile(dest_path) else None
+        if journal is None:
+            continue
+        image = Image.open(dest_path, "r")
+        try:
+            plan = MergePlan(child=child, destination=dest_path,
+                             sources=[r.get("path", "") for r in journal.get("sources", []) if isinstance(r, dict)],
+                             destination_type=image.disk_type, virtual_size=image.size, resuming=True)
+            guid = str(image.header.data_write_guid)
+        finally:
+            image.close()
+        deleted = _complete(dest_path, keep, wrap) if journal.get("state") == "copied" else []
+        return MergeResult(plan=plan, bytes_copied=0, seconds=time.monotonic() - t0, deleted=deleted,
+                           broken_dependents=[], new_data_write_guid=guid)
+    return None
 
 
 def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: dict[str, Any] | None,
@@ -373,10 +541,15 @@ def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: dict[st
         new_guid = uuid.UUID(journal["new_data_write_guid"])
     else:
         new_guid = uuid.uuid4()
+    source_guids = [str(im.header.data_write_guid) for im in sources]
     storage: Storage = FileStorage(dest_path, writable=True)
     if wrap:
         storage = wrap(storage)
     dest = Image.open(dest_path, "r+", storage=storage)
+    if journal and journal.get("original_data_write_guid"):
+        original = uuid.UUID(journal["original_data_write_guid"])
+    else:
+        original = dest.header.data_write_guid
     try:
         # 1. The layer above learns the destination's next GUID before the destination changes.
         _set_linkage2(above.path, dest.header.data_write_guid, new_guid, wrap)
@@ -389,7 +562,7 @@ def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: dict[st
             # 2. Journal and new DataWriteGuid in one go (the first change to the destination).
             dest.begin_session(data_change=True, data_write_guid=new_guid)
             items = [it for it in metadata_items(dest.metadata) if it.item_id != chains.MERGE_JOURNAL_GUID]
-            dest.write_metadata_items(items + [_journal_item(plan, new_guid)])
+            dest.write_metadata_items(items + [_journal_item(plan, new_guid, original, source_guids)])
         else:
             dest.begin_session(data_change=True, data_write_guid=new_guid)
         # 3. Copy, one batch of windows per transaction.
@@ -424,7 +597,7 @@ def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: dict[st
             zeros = sum(e[1] for e in batch if e[2] is None)
             dest.write_extents(batch, progress=tick)
             tick(zeros)
-        # 4. Virtual-disk items come from the child (§4.1); the journal goes.
+        # 4. Virtual-disk items come from the child (§4.1); the journal says "copied".
         child_items = {(it.item_id, bool(it.flags & C.METADATA_IS_USER)): it
                        for it in metadata_items(sources[0].metadata) if it.flags & C.METADATA_IS_VIRTUAL_DISK}
         items = []
@@ -434,7 +607,7 @@ def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: dict[st
             key = (it.item_id, bool(it.flags & C.METADATA_IS_USER))
             items.append(child_items.pop(key, it) if it.flags & C.METADATA_IS_VIRTUAL_DISK else it)
         items.extend(child_items.values())
-        dest.write_metadata_items(items)
+        dest.write_metadata_items(items + [_journal_item(plan, new_guid, original, source_guids, "copied")])
         dest.flush()
     finally:
         dest.close()

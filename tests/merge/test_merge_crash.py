@@ -100,6 +100,13 @@ def judge_interrupted(work: Path, leaf: str, dest: str, model: bytes) -> list[st
             return problems
         if leaf_path.exists():
             problems.append("the re-run left the child behind")
+    else:
+        # The merge got as far as deleting the child: the same command finishes what is left
+        # (the journal goes last, so an interruption here still shows in check and chain).
+        try:
+            merge(str(leaf_path), str(dest_path))
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"re-running the merge after the child was deleted raised {type(e).__name__}: {e}")
     # The merge completed (now or before the interruption): the destination is the model.
     try:
         got = read_disk(dest_path)

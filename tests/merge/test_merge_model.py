@@ -179,7 +179,11 @@ def run_scenario(sc: Scenario, interop_tool) -> None:
         # Round 2: the merged disk is an ordinary parent again.
         dest = paths[dest_index]
         remaining = paths[:dest_index + 1]
-        kept_above = [paths[dest_index + 1]] if sc.keep else []   # still linked (parent_linkage2)
+        if sc.keep:
+            # Kept files are invalid after the merge: the layer above let go of the destination,
+            # so it neither opens over the merged data nor counts as one of its dependents.
+            assert not vhdx.chain(paths[dest_index + 1]).complete
+        kept_above: list[str] = []
         child = vhdx.snapshot(dest, block_size=sc.second_block)
         writes = standard_writes(rng, sc.size, sc.second_block, sc.logical_sector_size, 4)
         model2 = bytearray(model)
