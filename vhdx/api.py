@@ -38,7 +38,7 @@ def create(path: str | os.PathLike[str], size: int | None = None, *, block_size:
     if parent is not None:
         if size is not None or logical_sector_size is not None or physical_sector_size is not None or fixed:
             raise UsageError("a differencing disk takes its size and sector sizes from its parent; "
-                             "pass only block_size", path=path)
+                             "give only a block size (--block-size)", path=path)
         from .chains import create_child
         return create_child(path, parent, block_size=block_size)
     if size is None:

@@ -293,7 +293,7 @@ class _Resolver:
                 return Image.open(local, "r"), how, "mismatch", tried
             raise ParentMismatchError(
                 f"parent {local} has DataWriteGuid {found} but the child's parent_linkage is {l1} "
-                f"(the parent was modified after the child was made; use ignore_id_mismatch to accept it)",
+                f"(the parent was modified after the child was made; accept it with --ignore-id-mismatch / ignore_id_mismatch=True only if its data is unchanged)",
                 path=child.path, expected=l1, found=found)
         if cycle:
             return None, "", "cycle", tried
@@ -476,7 +476,7 @@ def reparent(child: str | os.PathLike[str], new_parent: str | os.PathLike[str], 
             if not ignore_id_mismatch:
                 raise ParentMismatchError(
                     f"new parent {new_parent} has DataWriteGuid {parent_guid}, the child's parent_linkage is "
-                    f"{l1}; pass ignore_id_mismatch only if its contents equal the original parent's",
+                    f"{l1}; use --ignore-id-mismatch only if its contents equal the original parent's",
                     path=child, expected=l1, found=parent_guid)
             linkage_changed = True
         new = locator_for(new_parent, child, parent_guid if linkage_changed else (l1 or parent_guid))

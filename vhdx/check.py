@@ -98,7 +98,7 @@ def check_image(image: Image) -> list[Finding]:
     for i, offset in enumerate(C.HEADER_OFFSETS):
         if image.headers[i] is None:
             add(Finding(WARNING, offset, f"header {i + 1} is invalid: {image.header_errors[i]}",
-                        "the other header is used; opening the file r+ rewrites both"))
+                        "the other header is used; the next write to the disk rewrites both"))
     if image.headers_identical:
         add(Finding(INFO, C.HEADER1_OFFSET, "both headers are identical (same sequence number), as Disk2VHD "
                     "writes them", "harmless; the next write gives them distinct sequence numbers"))
@@ -108,8 +108,8 @@ def check_image(image: Image) -> list[Finding]:
                         "the other copy is used"))
     if image.log_was_dirty:
         add(Finding(WARNING, image.header.log_offset,
-                    f"the log holds {len(image.log_replayed)} entries that were not yet applied "
-                    f"(replayed in memory for this check)",
+                    f"the log is dirty: {len(image.log_replayed)} entries to replay (this check replayed them "
+                    f"in memory)",
                     "open the disk read-write (vhdx check is read-only) to replay it; qemu-img refuses it"))
     g = image.geometry
     file_size = image.storage.size()

@@ -405,7 +405,7 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
             return plan
         if plan.dependents and not force:
             raise MergeError("other disks depend on the destination or on a layer that the merge deletes; "
-                             "their content would change (pass force to merge anyway): "
+                             "their content would change (--force / force=True merges anyway): "
                              + ", ".join(plan.dependents), path=child)
         st = os.stat(dest_ro.path)
         if not st.st_mode & 0o222 or not os.access(dest_ro.path, os.W_OK):

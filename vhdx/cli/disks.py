@@ -184,6 +184,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             refuse_chain_file(args.out, disk)
             try:
                 written = _export_to(args, target, progress, hasher)
+            except VhdxError:
+                raise
             except OSError as e:
                 raise VhdxError(f"cannot write the export: {e.strerror or e}", path=args.out) from e
             buf_size = target.size
