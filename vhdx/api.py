@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import builtins
 import os
 from typing import Any
 
 from .disk import Disk
-from .errors import UsageError, VhdxError
+from .errors import UsageError
 from .format.constants import MiB
 from .image import Image, create_image
 from .storage import Storage

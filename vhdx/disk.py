@@ -8,11 +8,10 @@ never searches for one (that is :mod:`vhdx.chain`'s job). It owns the parents li
 from __future__ import annotations
 
 import io
-import os
 import uuid
 from typing import Any, Callable, Iterable
 
-from .errors import ReadOnlyError, UsageError, VhdxError
+from .errors import ReadOnlyError, UsageError
 from .image import Image, zero_fill
 
 _MAX_CHUNK = 64 << 20
@@ -253,13 +252,3 @@ class Disk(io.RawIOBase):
             self.close()
         except Exception:
             pass
-
-
-def open_disk(path: str | os.PathLike[str], mode: str = "r", **kwargs: Any) -> Disk:
-    """Open a non-differencing disk on its own (chains go through :func:`vhdx.chain.open`)."""
-    image = Image.open(path, mode, **kwargs)
-    try:
-        return Disk(image)
-    except VhdxError:
-        image.close(_failed=True)
-        raise

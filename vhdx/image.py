@@ -22,7 +22,7 @@ from .format import bitmap as bitmapmod
 from .format import constants as C
 from .format.geometry import Geometry
 from .format.records import (Header, Metadata, MetadataItem, RegionEntry, build_file_identifier, build_header,
-                             build_metadata_region, build_region_table, metadata_items, parse_creator,
+                             build_metadata_region, build_region_table, parse_creator,
                              parse_header, parse_metadata_region, parse_region_table, system_items,
                              validate_header_fields)
 from .log import LogEntry, LogWriter, apply_replay, plan_replay
@@ -553,11 +553,8 @@ class Image:
         while done < total:
             pos = offset + done
             n = min(total - done, step - pos % step)
-            self._write_transaction(data[done:done + n], pos)
+            self.write_extents([(pos, n, data[done:done + n])])
             done += n
-
-    def _write_transaction(self, data: memoryview, offset: int) -> None:
-        self.write_extents([(offset, len(data), data)])
 
     def write_extents(self, extents: list[Extent], *, progress: Callable[[int], None] | None = None) -> None:
         """Write a batch of non-overlapping extents as one transaction (vhdx-format.md §7.2 - §7.4).

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence, overload
 import numpy as np
 
 from . import chains
-from .errors import ChainError, MergeError, ParentMismatchError, UsageError, VhdxError
+from .errors import MergeError, VhdxError
 from .format import bitmap as bitmapmod
 from .format import constants as C
 from .format.locator import build_parent_locator, format_linkage, parse_linkage

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Iterable
 
 from .errors import ReadOnlyError, VhdxError
 
@@ -112,14 +111,6 @@ class FileStorage(Storage):
                 done += os.pwrite(fd, view[done:done + _READ_CHUNK], offset + done)
             except OSError as e:
                 raise VhdxError(f"write failed: {e.strerror}", path=self.path, offset=offset + done) from e
-
-    def writev(self, buffers: Iterable[memoryview], offset: int) -> None:
-        """Write several buffers back to back (one ``pwritev`` where possible)."""
-        if not self.writable:
-            raise ReadOnlyError("opened read-only", path=self.path, offset=offset)
-        for b in buffers:
-            self.write(b, offset)
-            offset += len(b)
 
     def size(self) -> int:
         fd = self._fd_or_raise()

@@ -250,7 +250,6 @@ def _export_by_kernel_copy(disk, out_fd: int, progress) -> int:
     Contiguous runs of FULLY_PRESENT blocks that sit back to back in the host file become one
     call. Blocks that read as zeros are not written at all (the output is sparse).
     """
-    from ..format import bitmap as bitmapmod
     from ..format import constants as C
     im = disk.image
     bs, size = im.block_size, im.size
