@@ -108,8 +108,9 @@ def check_image(image: Image) -> list[Finding]:
                         "the other copy is used"))
     if image.log_was_dirty:
         add(Finding(WARNING, image.header.log_offset,
-                    f"the log is dirty: {len(image.log_replayed)} entries to replay (this check replayed them "
-                    f"in memory)",
+                    f"the log is dirty: {len(image.log_replayed)} "
+                    f"{'entry' if len(image.log_replayed) == 1 else 'entries'} to replay (this check replayed "
+                    f"{'it' if len(image.log_replayed) == 1 else 'them'} in memory)",
                     "open the disk read-write (vhdx check is read-only) to replay it; qemu-img refuses it"))
     g = image.geometry
     file_size = image.storage.size()
@@ -155,9 +156,10 @@ def check_image(image: Image) -> list[Finding]:
     is_last = np.zeros_like(past)
     if is_last.size:
         is_last[last_block] = True
-    report(past & ~is_last, ERROR, "block {block}: data at 0x{offset:x} runs past the end of the file",
-           "the file was truncated")
-    report(past & is_last, WARNING, "block {block}: the last block runs past the end of the file (read as zeros)",
+    beyond = present & (offs >= file_size)
+    report((past & ~is_last) | beyond, ERROR, "block {block}: data at 0x{offset:x} runs past the end of the file",
+           "the file was truncated; copy it again from its source")
+    report(past & is_last & ~beyond, WARNING, "block {block}: the last block runs past the end of the file (read as zeros)",
            "an old qemu wrote such files")
     # Overlaps: every allocated structure sorted by offset.
     spans = [(0, C.HEADER_SECTION_SIZE, "header section")]

@@ -687,10 +687,10 @@ class Image:
 
     def _copy_from(self, source: Storage, src: int, dst: int, length: int,
                    progress: Callable[[int], None] | None) -> None:
-        """Copy ``length`` bytes between files through one reused buffer (preadv/pwrite).
+        """Copy ``length`` bytes between files: copy_file_range where both are plain files
+        (the default, measured faster here), else through one reused buffer (preadv/pwrite).
 
-        ``COPY_METHOD = "copy_file_range"`` (or ``VHDX_COPY_METHOD``) lets the kernel copy
-        instead; benchmarks/bench_merge.py measures both.
+        ``VHDX_COPY_METHOD=preadv`` forces the buffer; benchmarks/bench_merge.py measures both.
         """
         src_fd, dst_fd = source.fileno(), self.storage.fileno()
         if COPY_METHOD == "copy_file_range" and src_fd is not None and dst_fd is not None:

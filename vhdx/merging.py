@@ -4,7 +4,7 @@ The plan is computed with numpy over the sources' BATs and sector bitmaps, one w
 of the virtual disk at a time (a window holds whole blocks of every layer), so memory
 stays bounded whatever the disk size. Each window becomes a list of extents (runs of
 sectors owned by one source layer, or zeros) that the destination writes as one
-transaction: blocks allocated in a batch, data copied through a reused 8 MiB buffer,
+transaction: blocks allocated in a batch, data copied with copy_file_range (or a reused buffer),
 flushed, then BAT and bitmap changes through the log (vhdx-format.md §7.4, §9.5).
 
 Crash safety and restart (§9.5): before the destination's DataWriteGuid changes, the new
@@ -359,10 +359,10 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
     child = os.path.abspath(os.fspath(child))
     search = [os.fspath(p) for p in search_paths]
     t0 = time.monotonic()
-    if not dry_run:  # a merge that stopped after its copy only needs its last steps
-        finished = _finish_copied(child, into, keep, storage_wrapper, t0)
-        if finished is not None:
-            return finished
+    # A merge that stopped after its copy only needs its last steps.
+    finished = _finish_copied(child, into, keep, storage_wrapper, t0, dry_run=dry_run)
+    if finished is not None:
+        return finished
     leaf = Image.open(child, "r")
     if not leaf.has_parent:
         leaf.close()
@@ -481,13 +481,17 @@ def _copied_journal(path: str, child: str) -> dict[str, Any] | None:
         image.close()
     if not journal or not _journal_names(journal, child):
         return None
-    if journal.get("state") == "copied" or (journal.get("state") == "done" and not os.path.exists(child)):
+    if journal.get("state") == "done" and os.path.exists(child):
+        raise MergeError(f"this disk was already merged into {path} (and kept with --keep); kept files are "
+                         f"invalid and must not be merged again", path=child)
+    if journal.get("state") in ("copied", "done"):
         return journal
     return None
 
 
 def _finish_copied(child: str, into: str | os.PathLike[str] | None, keep: bool,
-                   wrap: Callable[[Storage], Storage] | None, t0: float) -> MergeResult | None:
+                   wrap: Callable[[Storage], Storage] | None, t0: float, *, dry_run: bool = False
+                   ) -> MergeResult | MergePlan | None:
     """Finish a merge that stopped after its copy, or None if there is none to finish.
 
     The destination holds a journal in state "copied" that lists this child: the data is all
@@ -528,6 +532,8 @@ def _finish_copied(child: str, into: str | os.PathLike[str] | None, keep: bool,
             guid = str(image.header.data_write_guid)
         finally:
             image.close()
+        if dry_run:
+            return plan
         deleted = _complete(dest_path, keep, wrap) if journal.get("state") == "copied" else []
         return MergeResult(plan=plan, bytes_copied=0, seconds=time.monotonic() - t0, deleted=deleted,
                            broken_dependents=[], new_data_write_guid=guid)

@@ -89,7 +89,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_UNREADABLE
     findings = list(report.findings)
     opts = chain_options(args)
-    if report.opened:
+    if report.opened and not report.errors:  # a broken structure would only be reported twice
         from ..chains import check_chain
         findings.extend(check_chain(args.path, **opts))
     errors = [f for f in findings if f.severity == "error"]
@@ -103,10 +103,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         for f in findings:
             sys.stdout.write(f"{f}\n")
         if not errors:
-            sys.stdout.write(f"{args.path}: no errors were found"
-                             + (f" ({len(findings)} notes)" if findings else "") + "\n")
+            notes = f" ({len(findings)} note{'' if len(findings) == 1 else 's'})" if findings else ""
+            sys.stdout.write(f"{args.path}: no errors were found{notes}\n")
         else:
-            sys.stdout.write(f"{args.path}: {len(errors)} errors found\n")
+            sys.stdout.write(f"{args.path}: {len(errors)} error{'' if len(errors) == 1 else 's'} found\n")
     if not report.opened:
         return EXIT_UNREADABLE  # the file could not be opened as a VHDX at all
     return EXIT_FINDINGS if errors else EXIT_OK

@@ -67,6 +67,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
                        blocks=d["plan"]["destination_blocks"], seconds=d["seconds"],
                        throughput_mib_s=d["throughput_mib_s"], deleted=d["deleted"],
                        broken_dependents=d["broken_dependents"], new_data_write_guid=d["new_data_write_guid"]))
+    elif d["plan"]["resuming"] and not d["bytes_copied"]:
+        print(f"finished an interrupted merge into {d['plan']['destination']}: its data had already been copied")
     else:
         print(f"merged {human_bytes(d['bytes_copied'])} into {d['plan']['destination']} in {d['seconds']:.2f} s "
               f"({d['throughput_mib_s']:.0f} MiB/s)")
