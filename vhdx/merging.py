@@ -425,7 +425,11 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
     finally:
         for im in images:
             im.close()
-    result.deleted = _complete(dest_path, keep, storage_wrapper)
+    try:
+        result.deleted = _complete(dest_path, keep, storage_wrapper)
+    except OSError as e:
+        raise MergeError(f"the data is merged but the cleanup stopped: {e.strerror or e}; run the same merge "
+                         f"again to finish it", path=dest_path) from e
     result.seconds = time.monotonic() - t0
     return result
 
