@@ -242,16 +242,19 @@ def read_journal(image: Image) -> dict[str, Any] | None:
         return {}
 
 
+def _open_rw(path: str, wrap: Callable[[Storage], Storage] | None) -> Image:
+    """Open a file of the merge for writing; ``wrap`` is the fault-injection seam of the tests."""
+    storage: Storage = FileStorage(path, writable=True)
+    return Image.open(path, "r+", storage=wrap(storage) if wrap else storage)
+
+
 def _set_linkage2(path: str, current: uuid.UUID, new: uuid.UUID, wrap: Callable[[Storage], Storage] | None) -> None:
     """Make ``path`` accept both its parent's ``current`` and ``new`` DataWriteGuid (§9.5).
 
     parent_linkage takes the GUID that matches now and parent_linkage2 the one that will,
     so the link holds at every moment of the change (through the log; its own GUIDs stay).
     """
-    storage: Storage = FileStorage(path, writable=True)
-    if wrap:
-        storage = wrap(storage)
-    image = Image.open(path, "r+", storage=storage)
+    image = _open_rw(path, wrap)
     try:
         loc = dict(image.metadata.parent_locator or {})
         l1, l2 = parse_linkage(loc.get("parent_linkage")), parse_linkage(loc.get("parent_linkage2"))
@@ -271,10 +274,7 @@ def _unlink_merged(path: str, original: uuid.UUID, wrap: Callable[[Storage], Sto
     Reading it over the merged destination would mix old and new data, so it must not open
     as a chain any more (as with Hyper-V, merged files are invalid afterwards).
     """
-    storage: Storage = FileStorage(path, writable=True)
-    if wrap:
-        storage = wrap(storage)
-    image = Image.open(path, "r+", storage=storage)
+    image = _open_rw(path, wrap)
     try:
         loc = dict(image.metadata.parent_locator or {})
         if parse_linkage(loc.get("parent_linkage")) == original and \
@@ -458,10 +458,7 @@ def _complete(dest_path: str, keep: bool, wrap: Callable[[Storage], Storage] | N
         for p in reversed(sources):
             os.unlink(p)
             deleted.append(p)
-    storage: Storage = FileStorage(dest_path, writable=True)
-    if wrap:
-        storage = wrap(storage)
-    image = Image.open(dest_path, "r+", storage=storage)
+    image = _open_rw(dest_path, wrap)
     try:
         # The journal stays as a record of the last merge ("done"): a re-run of the same command
         # after an interruption here can tell that the job is finished.
@@ -552,10 +549,7 @@ def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: dict[st
     else:
         new_guid = uuid.uuid4()
     source_guids = [str(im.header.data_write_guid) for im in sources]
-    storage: Storage = FileStorage(dest_path, writable=True)
-    if wrap:
-        storage = wrap(storage)
-    dest = Image.open(dest_path, "r+", storage=storage)
+    dest = _open_rw(dest_path, wrap)
     if journal and journal.get("original_data_write_guid"):
         original = uuid.UUID(journal["original_data_write_guid"])
     else:
