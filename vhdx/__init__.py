@@ -1,10 +1,16 @@
 """vhdx: Hyper-V VHDX virtual disks and AVHDX differencing chains, in pure Python.
 
-Public API::
+Public API (see docs/guide.md)::
 
-    disk = vhdx.create("disk.vhdx", 64 << 20)          # dynamic, 32 MiB blocks
-    disk = vhdx.open("disk.vhdx")                       # read-only
-    disk = vhdx.open("child.avhdx", "r+", search_paths=["/backup"])
+    disk = vhdx.create("disk.vhdx", 64 << 20)            # dynamic, 32 MiB blocks; open for writing
+    disk = vhdx.open("disk.vhdx")                         # read-only (O_RDONLY, log replayed in memory)
+    child = vhdx.snapshot("disk.vhdx")                    # disk_<GUID>.avhdx beside it
+    disk = vhdx.open(child, "r+", search_paths=["/backup"])   # parents always read-only
+    vhdx.chain(child).layers                              # how each parent was found
+    vhdx.find_chains("/vms")                              # every chain in a folder
+    vhdx.merge(child)                                     # like Merge-VHD; crash-safe, restartable
+
+Every error is a :class:`VhdxError` with ``.path`` and ``.offset``.
 """
 
 __version__ = "0.1.0"
