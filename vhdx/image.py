@@ -524,6 +524,43 @@ class Image:
             pages[base + page * C.LOG_SECTOR_SIZE] = raw + bytes(C.LOG_SECTOR_SIZE - len(raw))
         return pages
 
+    def trim_unreferenced_tail(self) -> int:
+        """Give back space past the last structure the file references; returns bytes freed.
+
+        An interrupted transaction can leave allocated blocks that no BAT entry points at (data
+        is written before the BAT update). Call only before the session's first log entry,
+        so no log entry can claim a larger durable size.
+        """
+        self._check_writable()
+        if self._log_writer is not None:
+            raise VhdxError("trim only before the first change of a session", path=self.path)
+        h = self.header
+        end = C.HEADER_SECTION_SIZE
+        if h.log_length:
+            end = max(end, h.log_offset + h.log_length)
+        for r in self.region_table:
+            end = max(end, r.file_offset + r.length)
+        payload = batmod.payload_entries(self.bat, self.geometry)
+        pst = batmod.states(payload)
+        poffs = batmod.file_offsets(payload).astype(np.int64)
+        data = (pst == C.PAYLOAD_BLOCK_FULLY_PRESENT) | (pst == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+        if data.any():
+            end = max(end, int(poffs[data].max()) + self.block_size)
+        sbm = batmod.states(self.bat[batmod.sbm_indices(self.geometry)]) == C.SB_BLOCK_PRESENT
+        if sbm.any():
+            soffs = batmod.file_offsets(self.bat[batmod.sbm_indices(self.geometry)]).astype(np.int64)
+            end = max(end, int(soffs[sbm].max()) + C.SECTOR_BITMAP_BLOCK_SIZE)
+        end = _align_up(end)
+        size = self.storage.size()
+        if size <= end:
+            return 0
+        if not self._session_started:  # a new FileWriteGuid before the file changes (§2.3), no log yet
+            self._update_headers(file_write_guid=uuid.uuid4())
+            self._session_started = True
+        self.storage.truncate(end)
+        self.storage.flush()
+        return size - end
+
     def _allocate(self, nbytes: int) -> int:
         """Space at the 1 MiB-aligned end of the file; the file is extended (reads as zeros)."""
         start = _align_up(self.storage.size())

@@ -554,6 +554,13 @@ def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: dict[st
         original = uuid.UUID(journal["original_data_write_guid"])
     else:
         original = dest.header.data_write_guid
+    if journal:
+        # Blocks an interrupted run allocated but never put in the BAT: give them back first.
+        try:
+            dest.trim_unreferenced_tail()
+        except BaseException:
+            dest.close()
+            raise
     try:
         # 1. The layer above learns the destination's next GUID before the destination changes.
         _set_linkage2(above.path, dest.header.data_write_guid, new_guid, wrap)
