@@ -22,7 +22,6 @@ from .errors import (ChainCycleError, ChainError, ParentMismatchError, ParentNot
                      VhdxError)
 from .format import constants as C
 from .format.locator import KEY_ORDER, build_parent_locator, format_linkage, parse_linkage
-from .format.records import metadata_items, MetadataItem
 from .image import Image, create_image
 
 MAX_DEPTH = 256  # OpenVMM's cap (vhdx-format.md §9.3)
@@ -484,10 +483,7 @@ def reparent(child: str | os.PathLike[str], new_parent: str | os.PathLike[str], 
             new["parent_linkage2"] = format_linkage(l2)
         for key, value in old.items():  # keep keys we do not write ourselves
             new.setdefault(key, value)
-        items = [it if it.item_id != C.PARENT_LOCATOR_GUID else
-                 MetadataItem(it.item_id, build_parent_locator(new), it.flags)
-                 for it in metadata_items(image.metadata)]
-        image.write_metadata_items(items, data_change=False)
+        image.write_parent_locator(new)
     finally:
         image.close()
     return dict(child=child, new_parent=new_parent, old_locator=old, new_locator=new,

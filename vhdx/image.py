@@ -21,8 +21,9 @@ from .format import bat as batmod
 from .format import bitmap as bitmapmod
 from .format import constants as C
 from .format.geometry import Geometry
+from .format.locator import build_parent_locator
 from .format.records import (Header, Metadata, MetadataItem, RegionEntry, build_file_identifier, build_header,
-                             build_metadata_region, build_region_table, parse_creator,
+                             build_metadata_region, build_region_table, metadata_items, parse_creator,
                              parse_header, parse_metadata_region, parse_region_table, system_items,
                              validate_header_fields)
 from .log import LogEntry, LogWriter, apply_replay, plan_replay
@@ -799,6 +800,13 @@ class Image:
                 pages[r.file_offset + at] = raw[at:at + C.LOG_SECTOR_SIZE]
         self.log_pages(pages)
         self._load_metadata()
+
+    def write_parent_locator(self, pairs: dict[str, str]) -> None:
+        """Replace the parent locator item (through the log); the DataWriteGuid stays (§9.4)."""
+        items = [it if it.item_id != C.PARENT_LOCATOR_GUID else
+                 MetadataItem(it.item_id, build_parent_locator(pairs), it.flags)
+                 for it in metadata_items(self.metadata)]
+        self.write_metadata_items(items, data_change=False)
 
     def flush(self) -> None:
         if self.writable and not self._closed:

@@ -32,7 +32,7 @@ from . import chains
 from .errors import MergeError, VhdxError
 from .format import bitmap as bitmapmod
 from .format import constants as C
-from .format.locator import build_parent_locator, format_linkage, parse_linkage
+from .format.locator import format_linkage, parse_linkage
 from .format.records import MetadataItem, metadata_items
 from .image import Image
 from .storage import FileStorage, Storage
@@ -263,7 +263,7 @@ def _set_linkage2(path: str, current: uuid.UUID, new: uuid.UUID, wrap: Callable[
         if current != new:  # on a resumed merge the destination already carries ``new``: keep l1
             loc["parent_linkage"] = format_linkage(current)
         loc["parent_linkage2"] = format_linkage(new)
-        _rewrite_locator(image, loc)
+        image.write_parent_locator(loc)
     finally:
         image.close()
 
@@ -282,15 +282,9 @@ def _unlink_merged(path: str, original: uuid.UUID, wrap: Callable[[Storage], Sto
             return
         loc["parent_linkage"] = format_linkage(original)
         loc["parent_linkage2"] = format_linkage(C.ZERO_GUID)
-        _rewrite_locator(image, loc)
+        image.write_parent_locator(loc)
     finally:
         image.close()
-
-
-def _rewrite_locator(image: Image, loc: dict[str, str]) -> None:
-    items = [it if it.item_id != C.PARENT_LOCATOR_GUID else
-             MetadataItem(it.item_id, build_parent_locator(loc), it.flags) for it in metadata_items(image.metadata)]
-    image.write_metadata_items(items, data_change=False)
 
 
 def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], folders: Sequence[str],

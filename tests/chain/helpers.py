@@ -205,17 +205,11 @@ def locator_of(path: Path | str) -> dict[str, str]:
 def set_locator(path: Path | str, pairs: dict[str, str]) -> None:
     """Replace a child's parent locator with ``pairs`` (in that order), as a Hyper-V host would
     have written it. Uses the library's own metadata writer; DataWriteGuid is left alone."""
-    from vhdx.format import constants as C
-    from vhdx.format.locator import build_parent_locator
-    from vhdx.format.records import MetadataItem, metadata_items
     from vhdx.image import Image
 
     image = Image.open(os.fspath(path), "r+")
     try:
-        items = [it if it.item_id != C.PARENT_LOCATOR_GUID else
-                 MetadataItem(it.item_id, build_parent_locator(pairs), it.flags)
-                 for it in metadata_items(image.metadata)]
-        image.write_metadata_items(items, data_change=False)
+        image.write_parent_locator(pairs)
     finally:
         image.close()
 
