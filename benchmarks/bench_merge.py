@@ -19,7 +19,7 @@ Each round starts from fresh copies (``cp --reflink=never``) of those pristine f
 /proc/sys/vm/drop_caches`` before every timed operation); otherwise the cache is warm and the
 report says so. Timed, in a rotating order per round:
 
-* ``ours``: ``vhdx.merging.merge(child, parent)`` in a child process; the time is measured
+* ``ours``: ``vhdx.ops.merge.run.merge(child, parent)`` in a child process; the time is measured
   inside that process around the call (no interpreter start-up) and includes its fdatasyncs;
   the process's peak RSS is its VmHWM (``/proc/self/status``) read at the end;
 * ``cp``: ``cp --reflink=never payload.raw copy.raw`` plus an fsync of the copy (our merge and
@@ -198,7 +198,7 @@ def run_measured(cmd: list[str], **kw) -> tuple[float, int, str]:
 OURS = """
 import json, sys, time
 t0 = time.perf_counter()
-from vhdx.merging import merge
+from vhdx.ops.merge.run import merge
 t1 = time.perf_counter()
 r = merge(sys.argv[1], sys.argv[2])
 t2 = time.perf_counter()
@@ -246,7 +246,7 @@ def main() -> int:
         if have_qemu and not (pristine / "overlay.qcow2").exists():
             log("building the qcow2 chain ...")
             build_qemu(pristine, size, pattern_paths)
-        from vhdx.merging import merge
+        from vhdx.ops.merge.run import merge
         plan = merge(str(pristine / "child.avhdx"), str(pristine / "parent.vhdx"), dry_run=True)
         nbytes = plan.bytes_to_copy
         raw = pristine / "payload.raw"

@@ -10,23 +10,23 @@ Public API (see docs/guide.md)::
     vhdx.find_chains("/vms")                              # every chain in a folder
     vhdx.merge(child)                                     # like Merge-VHD; crash-safe, restartable
 
-Every error is a :class:`VhdxError` with ``.path`` and ``.offset``.
+Every error is a :class:`VhdxError` with ``.path`` and ``.offset``. This module only
+re-exports; the code lives on four floors (docs/architecture.md).
 """
 
-__version__ = "0.1.0"
-
-from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, DiskExistsError,  # noqa: E402
-                     LogReplayError, MergeError, ParentMismatchError, ParentNotFoundError, ReadOnlyError,
-                     TruncatedError, UnsupportedError, UsageError, VhdxError)
-from .disk import Disk  # noqa: E402
-from .api import create, open  # noqa: E402
-from .chains import Chain, Forest, Layer, Node, chain, find_chains, reparent, snapshot  # noqa: E402
-from .merging import MergePlan, MergeResult, merge  # noqa: E402
+from ._version import __version__
+from .chains.disk import Disk
+from .chains.resolve import Chain, Forest, Layer, Node, chain, find_chains, open, reparent, snapshot
+from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, DiskExistsError, LogReplayError,
+                     MergeError, ParentMismatchError, ParentNotFoundError, ReadOnlyError, TruncatedError,
+                     UnsupportedError, UsageError, VhdxError)
+from .ops.create import create
+from .ops.merge.run import MergePlan, MergeResult, merge
 
 __all__ = [
     "__version__", "open", "create", "Disk", "snapshot", "chain", "Chain", "Layer", "reparent",
     "find_chains", "Forest", "Node", "merge", "MergePlan", "MergeResult",
-    "VhdxError", "CorruptError", "ChecksumError", "TruncatedError", "UnsupportedError", "LogReplayError",
-    "ChainError", "ParentNotFoundError", "ParentMismatchError", "ChainCycleError", "ReadOnlyError",
+    "VhdxError", "CorruptError", "ChainCycleError", "ChecksumError", "TruncatedError", "UnsupportedError",
+    "LogReplayError", "ChainError", "ParentNotFoundError", "ParentMismatchError", "ReadOnlyError",
     "MergeError", "UsageError", "DiskExistsError",
 ]

@@ -193,7 +193,7 @@ def disk_bytes(path: Path | str, **options: Any) -> bytes:
 
 def locator_of(path: Path | str) -> dict[str, str]:
     """The parent locator's key/value pairs of one file (its parents are not opened)."""
-    from vhdx.image import Image
+    from vhdx.file.image import Image
 
     image = Image.open(os.fspath(path), "r")
     try:
@@ -205,7 +205,7 @@ def locator_of(path: Path | str) -> dict[str, str]:
 def set_locator(path: Path | str, pairs: dict[str, str]) -> None:
     """Replace a child's parent locator with ``pairs`` (in that order), as a Hyper-V host would
     have written it. Uses the library's own metadata writer; DataWriteGuid is left alone."""
-    from vhdx.image import Image
+    from vhdx.file.image import Image
 
     image = Image.open(os.fspath(path), "r+")
     try:
@@ -215,7 +215,7 @@ def set_locator(path: Path | str, pairs: dict[str, str]) -> None:
 
 
 def data_write_guid(path: Path | str) -> uuid.UUID:
-    from vhdx.chains import read_data_write_guid
+    from vhdx.chains.resolve import read_data_write_guid
     guid = read_data_write_guid(os.fspath(path))
     assert guid is not None, f"{path} is not readable"
     return guid

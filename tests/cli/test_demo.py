@@ -11,8 +11,8 @@ from typing import Any, Iterator
 import pytest
 
 import vhdx
-import vhdx.demo
-import vhdx.merging
+import vhdx.ops.demo
+import vhdx.ops.merge.run
 from forensics.chainkit import cli_env, run_inprocess
 
 
@@ -38,9 +38,9 @@ def test_demo_dir_leaves_a_checked_merged_disk(tmp_path: Path) -> None:
     chain = run_inprocess("chain", "--json", server).json()
     assert len(chain["layers"]) == 1
     # the merged base holds what the demo wrote: its own model, rebuilt here
-    model = bytearray(vhdx.demo.SIZE)
+    model = bytearray(vhdx.ops.demo.SIZE)
     MiB = 1 << 20
-    p = vhdx.demo._pattern
+    p = vhdx.ops.demo._pattern
     for offset, data in ((0, p("BASE-SYSTEM", 8 * MiB)), (20 * MiB, p("BASE-DATA", 4 * MiB)),
                          (1 * MiB, p("CHECKPOINT-1", 512 * 1024)), (30 * MiB, p("CHECKPOINT-1-NEW", 3 * MiB)),
                          (1 * MiB + 4096, p("CHECKPOINT-2", 8192)),
@@ -62,12 +62,12 @@ def test_demo_dir_twice_refuses_to_overwrite(tmp_path: Path) -> None:
 
 def _run_demo(folder: Path) -> tuple[bool, str]:
     lines: list[str] = []
-    ok = vhdx.demo.run(str(folder), say=lines.append)
+    ok = vhdx.ops.demo.run(str(folder), say=lines.append)
     return ok, "\n".join(lines)
 
 
 def test_demo_detects_a_merge_that_drops_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = vhdx.merging._extents
+    real = vhdx.ops.merge.run._extents
     dropped: list[tuple[int, int]] = []
 
     def lossy(sources: Any, start: int, length: int) -> Iterator[tuple[int, int, Any, int]]:
@@ -79,7 +79,7 @@ def test_demo_detects_a_merge_that_drops_data(tmp_path: Path, monkeypatch: pytes
                 continue
             yield extent
 
-    monkeypatch.setattr(vhdx.merging, "_extents", lossy)
+    monkeypatch.setattr(vhdx.ops.merge.run, "_extents", lossy)
     ok, said = _run_demo(tmp_path)
     assert dropped, "the patched merge never ran"
     assert ok is False, said
@@ -90,7 +90,7 @@ def test_demo_detects_a_merge_that_drops_data(tmp_path: Path, monkeypatch: pytes
 
 def test_demo_exits_1_when_a_check_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI turns a failed check into exit 1: here the change map loses its ranges."""
-    monkeypatch.setattr(vhdx.demo, "changed_ranges", lambda image: [])
+    monkeypatch.setattr(vhdx.ops.demo, "changed_ranges", lambda image: [])
     result = run_inprocess("demo", "--dir", tmp_path / "d")
     assert result.returncode == 1, result.describe()
     assert "demo FAILED" in result.stdout
@@ -98,9 +98,9 @@ def test_demo_exits_1_when_a_check_fails(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_demo_detects_a_check_that_finds_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vhdx.check import CheckReport, Finding
+    from vhdx.ops.check import CheckReport, Finding
 
-    monkeypatch.setattr(vhdx.demo, "check_file",
+    monkeypatch.setattr(vhdx.ops.demo, "check_file",
                         lambda path: CheckReport(path, [Finding("error", 0, "injected")], opened=True))
     ok, said = _run_demo(tmp_path)
     assert ok is False

@@ -89,7 +89,7 @@ class DiskModel(RuleBasedStateMachine):
             self.disk.close()
             with vhdx.open(self.path) as d:
                 assert d.read() == bytes(self.model)
-            from vhdx.check import check_file
+            from vhdx.ops.check import check_file
             report = check_file(self.path)
             assert not report.errors, report.errors
         self.dir.cleanup()

@@ -38,7 +38,7 @@ import pytest
 from conftest import MiB, have
 
 vhdx = pytest.importorskip("vhdx")
-from vhdx.storage import FileStorage, Storage  # noqa: E402
+from vhdx.file.storage import FileStorage, Storage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

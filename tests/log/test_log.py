@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from vhdx.log import build_entry, find_active_sequence, read_entry
+from vhdx.file.log import build_entry, find_active_sequence, read_entry
 
 LOG = 64 * 4096
 G = uuid.uuid4()

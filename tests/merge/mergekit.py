@@ -30,14 +30,14 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 import vhdx
-import vhdx.check
+import vhdx.ops.check
 from vhdx.format import bat as batmod
 from vhdx.format import constants as C
-from vhdx.image import Image
-from vhdx.storage import Storage
+from vhdx.file.image import Image
+from vhdx.file.storage import Storage
 
 try:  # the module was renamed so that ``vhdx.merge`` can be the function
-    merging = importlib.import_module("vhdx.merging")
+    merging = importlib.import_module("vhdx.ops.merge.run")
 except ImportError:  # pragma: no cover - older layout
     merging = importlib.import_module("vhdx.merge")
 merge = merging.merge
@@ -114,8 +114,8 @@ def data_write_guid(path: str | os.PathLike[str]) -> str:
 
 
 def check_errors(path: str | os.PathLike[str]) -> list[str]:
-    """The errors ``vhdx.check.check_file`` finds (structure only; logs replayed in memory)."""
-    report = vhdx.check.check_file(os.fspath(path))
+    """The errors ``vhdx.ops.check.check_file`` finds (structure only; logs replayed in memory)."""
+    report = vhdx.ops.check.check_file(os.fspath(path))
     out = [str(f) for f in report.errors]
     if not report.opened:
         out.append("check could not open the file")

@@ -33,9 +33,9 @@ import numpy as np
 import pytest
 
 import vhdx
-from vhdx.chains import merge_in_progress
+from vhdx.chains.resolve import merge_in_progress
 from vhdx.errors import VhdxError
-from vhdx.image import Image
+from vhdx.file.image import Image
 
 from .mergekit import (MiB, FaultPlan, LayerSpec, PowerLoss, all_checks_pass, build_chain, check_errors,
                        copy_folder, first_difference, merge, python_env, python_exe, rand_bytes, read_disk,

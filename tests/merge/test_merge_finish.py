@@ -9,8 +9,8 @@ import pytest
 
 import vhdx
 from vhdx.errors import MergeError
-from vhdx.merging import merge, read_journal
-from vhdx.image import Image
+from vhdx.ops.merge.run import merge, read_journal
+from vhdx.file.image import Image
 
 MiB = 1 << 20
 
@@ -53,7 +53,7 @@ def test_finished_merge_leaves_a_done_record_and_a_rerun_is_a_no_op(tmp_path: Pa
     assert again.bytes_copied == 0 and again.plan.resuming and again.deleted == []
     with vhdx.open(base) as d:
         assert d.read() == model
-    assert not vhdx.chains.merge_in_progress(Image.open(base))
+    assert not vhdx.chains.resolve.merge_in_progress(Image.open(base))
 
 
 def test_a_kept_disk_is_invalid_and_refused_for_a_second_merge(tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ def test_a_kept_disk_is_invalid_and_refused_for_a_second_merge(tmp_path: Path) -
 
 def test_dry_run_sees_a_pending_finish(tmp_path: Path) -> None:
     base, mid, leaf, model = small_chain(tmp_path)
-    import vhdx.merging as merging
+    import vhdx.ops.merge.run as merging
     real = merging._complete
     calls = []
 

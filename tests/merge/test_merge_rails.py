@@ -27,8 +27,8 @@ import pytest
 
 import vhdx
 from vhdx.errors import MergeError, ParentMismatchError, ParentNotFoundError, VhdxError
-from vhdx.image import Image
-from vhdx.storage import Storage
+from vhdx.file.image import Image
+from vhdx.file.storage import Storage
 
 from .mergekit import (MiB, FaultPlan, LayerSpec, PowerLoss, all_checks_pass, assert_same, build_chain,
                        check_errors, cli, copy_folder, data_write_guid, folder_hashes, merge, merging,
@@ -246,7 +246,7 @@ def test_disk_full_from_the_os(tmp_path: Path, monkeypatch) -> None:
     model = built.models[-1]
     copy_folder(pristine, tmp_path / "count")
     total = _merge_bytes_written(tmp_path / "count", leaf, dest)
-    import vhdx.storage as storage_mod
+    import vhdx.file.storage as storage_mod
     real_pwrite, real_ftruncate, real_fstat = os.pwrite, os.ftruncate, os.fstat
     real_copy_file_range = getattr(os, "copy_file_range", None)
     for fraction in (0.0, 0.05, 0.5, 0.95):
@@ -451,7 +451,7 @@ def test_parent_found_through_search_paths(tmp_path: Path) -> None:
 def test_merge_of_a_leaf_with_a_dirty_log(depth: int, tmp_path: Path) -> None:
     """The leaf's last write session lost power after its log entry was durable: the log must be
     honoured (replayed in memory for reading, in place when the leaf is rewritten) by the merge."""
-    from vhdx.storage import FileStorage
+    from vhdx.file.storage import FileStorage
     pristine = tmp_path / "pristine"
     built = small_chain(pristine, children=depth)
     leaf = Path(built.leaf).name

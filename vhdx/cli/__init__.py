@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vhdx", description="Hyper-V VHDX/AVHDX disks: inspect, check, "
                                      "export, create, snapshot, merge.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    from .. import __version__
+    from .._version import __version__
     parser.add_argument("--version", action="version", version=f"vhdx {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True

@@ -7,7 +7,7 @@ import os
 import shlex
 from typing import Any
 
-from .. import chains
+from ..chains import resolve as chains
 from . import EXIT_FINDINGS, EXIT_OK, add_chain_options, chain_options, emit_json
 
 

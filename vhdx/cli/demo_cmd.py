@@ -7,7 +7,7 @@ import os
 import tempfile
 from typing import Any
 
-from ..demo import run
+from ..ops.demo import run
 from . import EXIT_ERROR, EXIT_OK
 
 

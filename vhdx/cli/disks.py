@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import api
+from ..chains.resolve import open as open_disk
+from ..ops.create import create
 from ..errors import DiskExistsError, UsageError, VhdxError
 from . import EXIT_OK, add_chain_options, chain_options, emit_json, parse_size
 from .progress import Progress, human_bytes
@@ -52,13 +53,13 @@ def register(sub: Any) -> None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     if args.parent:
-        disk = api.create(args.path, args.size, parent=args.parent, block_size=args.block_size,
+        disk = create(args.path, args.size, parent=args.parent, block_size=args.block_size,
                           logical_sector_size=args.logical_sector_size,
                           physical_sector_size=args.physical_sector_size, fixed=args.fixed)
     else:
         if args.size is None:
             raise UsageError("give a size (e.g. 64M) or --parent", path=args.path)
-        disk = api.create(args.path, args.size, block_size=args.block_size,
+        disk = create(args.path, args.size, block_size=args.block_size,
                           logical_sector_size=args.logical_sector_size,
                           physical_sector_size=args.physical_sector_size, fixed=args.fixed)
     with disk:
@@ -76,7 +77,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 def _open_layer(args: argparse.Namespace):
     if args.layer < 0:
         raise UsageError(f"--layer {args.layer}: layers count from 0 (the file itself)", path=args.path)
-    disk = api.open(args.path, **chain_options(args))
+    disk = open_disk(args.path, **chain_options(args))
     layer = args.layer
     target = disk
     for _ in range(layer):

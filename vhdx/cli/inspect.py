@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from .. import api
-from ..check import check_file
+from ..chains.resolve import open as open_disk
+from ..ops.check import check_file
 from . import EXIT_FINDINGS, EXIT_OK, EXIT_UNREADABLE, add_chain_options, chain_options, emit_json
 from .progress import human_bytes
 
@@ -29,7 +29,7 @@ def register(sub: Any) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     opts = chain_options(args)
-    with api.open(args.path, **opts) as disk:
+    with open_disk(args.path, **opts) as disk:
         info = disk.info()
     if args.json:
         emit_json(info)
@@ -90,7 +90,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     findings = list(report.findings)
     opts = chain_options(args)
     if report.opened and not report.errors:  # a broken structure would only be reported twice
-        from ..chains import check_chain
+        from ..chains.resolve import check_chain
         findings.extend(check_chain(args.path, **opts))
     errors = [f for f in findings if f.severity == "error"]
     if args.json:

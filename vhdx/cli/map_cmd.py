@@ -6,8 +6,8 @@ import argparse
 import os
 from typing import Any
 
-from .. import api
-from ..maps import changed_ranges, layer_ranges, merged_ranges, render_png, summary
+from ..chains.resolve import open as open_disk
+from ..ops.maps import changed_ranges, layer_ranges, merged_ranges, render_png, summary
 from . import EXIT_OK, add_chain_options, chain_options, emit_json
 from .progress import human_bytes
 
@@ -40,7 +40,7 @@ def _layers(disk) -> list:
 
 def cmd_map(args: argparse.Namespace) -> int:
     opts = chain_options(args)
-    with api.open(args.path, **opts) as disk:
+    with open_disk(args.path, **opts) as disk:
         layers = _layers(disk)
         chosen = range(len(layers)) if args.layer is None else [args.layer]
         result = []
@@ -79,7 +79,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     opts = chain_options(args)
     opts.setdefault("missing_parent", "zeros")
-    with api.open(args.child, **opts) as disk:
+    with open_disk(args.child, **opts) as disk:
         im = disk.image
         ranges = changed_ranges(im)
         ss = im.logical_sector_size

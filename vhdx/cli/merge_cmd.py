@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from ..merging import MergePlan, merge
+from ..ops.merge.run import MergePlan, merge
 from . import EXIT_ERROR, EXIT_OK, emit_json
 from .progress import Progress, human_bytes
 

@@ -12,11 +12,12 @@ import hashlib
 import os
 from typing import Callable
 
-from . import api
-from .chains import chain, find_chains, snapshot
+from ..chains.resolve import open as open_disk
+from .create import create
+from ..chains.resolve import chain, find_chains, snapshot
 from .check import check_file
 from .maps import changed_ranges
-from .merging import merge
+from .merge.run import merge
 
 MiB = 1 << 20
 SIZE = 48 * MiB
@@ -44,21 +45,21 @@ def run(folder: str, say: Callable[[str], None] = print) -> bool:
 
     base = os.path.join(folder, "server.vhdx")
     say(f"1. Create a {SIZE // MiB} MiB dynamic base disk with 2 MiB blocks: {base}")
-    with api.create(base, SIZE, block_size=2 * MiB) as disk:
+    with create(base, SIZE, block_size=2 * MiB) as disk:
         write(disk, 0, _pattern("BASE-SYSTEM", 8 * MiB))
         write(disk, 20 * MiB, _pattern("BASE-DATA", 4 * MiB))
     say("   wrote 'BASE-SYSTEM' at 0-8 MiB and 'BASE-DATA' at 20-24 MiB")
 
     say("2. Take checkpoint 1 (Hyper-V naming) and write into it")
     cp1 = snapshot(base)
-    with api.open(cp1, "r+") as disk:
+    with open_disk(cp1, "r+") as disk:
         write(disk, 1 * MiB, _pattern("CHECKPOINT-1", 512 * 1024))       # inside a block: partial
         write(disk, 30 * MiB, _pattern("CHECKPOINT-1-NEW", 3 * MiB))     # new data
     say(f"   {os.path.basename(cp1)}: 512 KiB over the base at 1 MiB, 3 MiB of new data at 30 MiB")
 
     say("3. Take checkpoint 2 on top of checkpoint 1 and write into it")
     cp2 = snapshot(cp1)
-    with api.open(cp2, "r+") as disk:
+    with open_disk(cp2, "r+") as disk:
         write(disk, 1 * MiB + 4096, _pattern("CHECKPOINT-2", 8192))      # two sectors inside cp1's change
         write(disk, 21 * MiB + 100, b"unaligned write in checkpoint 2")  # not sector aligned
     say(f"   {os.path.basename(cp2)}: 8 KiB at 1 MiB + 4 KiB, 31 unaligned bytes at 21 MiB + 100")
@@ -72,16 +73,16 @@ def run(folder: str, say: Callable[[str], None] = print) -> bool:
 
     say("5. What each checkpoint changed, as `vhdx diff` shows it")
     for path in (cp1, cp2):
-        with api.open(path) as disk:
+        with open_disk(path) as disk:
             ranges = changed_ranges(disk.image)
         total = sum(r.length for r in ranges)
         say(f"   {os.path.basename(path)}: {total // 512} sectors in {len(ranges)} ranges: "
             + ", ".join(f"{r.start // 512}+{r.length // 512}" for r in ranges))
-    with api.open(cp2) as disk:
+    with open_disk(cp2) as disk:
         changed = sum(r.length for r in changed_ranges(disk.image))
     expect(changed == 8192 + 512, "checkpoint 2 holds exactly the 16 sectors + 1 edge sector it wrote")
 
-    with api.open(cp2) as disk:
+    with open_disk(cp2) as disk:
         before = hashlib.sha256(disk.read()).hexdigest()
     expected = hashlib.sha256(model).hexdigest()
     expect(before == expected, f"reading through the chain gives what was written (sha256 {before[:16]}...)")
@@ -99,7 +100,7 @@ def run(folder: str, say: Callable[[str], None] = print) -> bool:
     say("7. Check and hash the merged base")
     report = check_file(base)
     expect(not report.errors, f"`vhdx check` finds no errors ({len(report.findings)} notes)")
-    with api.open(base) as disk:
+    with open_disk(base) as disk:
         after = hashlib.sha256(disk.read()).hexdigest()
     expect(after == before, f"the base now reads exactly as the last checkpoint did (sha256 {after[:16]}...)")
     say("demo passed" if ok else "demo FAILED")

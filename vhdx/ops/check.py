@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import VhdxError
-from .format import bat as batmod
-from .format import constants as C
-from .image import Image
-from .storage import FileStorage, Storage
+from ..errors import VhdxError
+from ..format import bat as batmod
+from ..format import constants as C
+from ..file.image import Image
+from ..file.storage import FileStorage, Storage
 
 ERROR = "error"
 WARNING = "warning"

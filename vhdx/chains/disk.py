@@ -11,8 +11,8 @@ import io
 import uuid
 from typing import Any, Callable, Iterable
 
-from .errors import ReadOnlyError, UsageError
-from .image import Image, zero_fill
+from ..errors import ReadOnlyError, UsageError
+from ..file.image import Image, zero_fill
 
 _MAX_CHUNK = 64 << 20
 
@@ -193,8 +193,8 @@ class Disk(io.RawIOBase):
         states of every layer with numpy; used to skip holes when exporting or hashing.
         """
         import numpy as np
-        from .format import bitmap as bitmapmod
-        from .format import constants as C
+        from ..format import bitmap as bitmapmod
+        from ..format import constants as C
         starts_all, stops_all = [], []
         layer: Disk | None = self
         while layer is not None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from .errors import LogReplayError
-from .format import constants as C
-from .format.checksum import crc32c_zeroed, stored_checksum
-from .format.structs import DataDescriptor, LogEntryHeader, ZeroDescriptor
+from ..errors import LogReplayError
+from ..format import constants as C
+from ..format.checksum import crc32c_zeroed, stored_checksum
+from ..format.structs import DataDescriptor, LogEntryHeader, ZeroDescriptor
 from .storage import Storage
 
 SECTOR = C.LOG_SECTOR_SIZE

@@ -28,14 +28,14 @@ from typing import Any, Callable, Iterator, Literal, Sequence, overload
 
 import numpy as np
 
-from . import chains
-from .errors import MergeError, VhdxError
-from .format import bitmap as bitmapmod
-from .format import constants as C
-from .format.locator import format_linkage, parse_linkage
-from .format.records import MetadataItem, metadata_items
-from .image import Image
-from .storage import FileStorage, Storage
+from ...chains import resolve as chains
+from ...errors import MergeError, VhdxError
+from ...format import bitmap as bitmapmod
+from ...format import constants as C
+from ...format.locator import format_linkage, parse_linkage
+from ...format.records import MetadataItem, metadata_items
+from ...file.image import Image
+from ...file.storage import FileStorage, Storage
 
 TRANSPARENT = 255
 ZERO = 254

@@ -1,29 +1,14 @@
-"""The entry points: open and create (re-exported by the package)."""
+"""Creating disks: a new dynamic or fixed disk, or a differencing child of an existing one."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
-from .disk import Disk
-from .errors import UsageError
-from .format.constants import MiB
-from .image import Image, create_image
-from .storage import Storage
-
-
-def open(path: str | os.PathLike[str], mode: str = "r", *, storage: Storage | None = None,
-         **chain_options: Any) -> Disk:
-    """Open a VHDX or AVHDX file as a :class:`Disk` (``mode`` "r" or "r+")."""
-    image = Image.open(path, mode, storage=storage)
-    try:
-        if image.has_parent or chain_options:
-            from .chains import attach_parents
-            return attach_parents(image, **chain_options)
-        return Disk(image)
-    except BaseException:
-        image.close(_failed=True)
-        raise
+from ..chains.disk import Disk
+from ..chains.resolve import create_child
+from ..errors import UsageError
+from ..file.image import create_image
+from ..format.constants import MiB
 
 
 def create(path: str | os.PathLike[str], size: int | None = None, *, block_size: int | None = None,
@@ -38,7 +23,6 @@ def create(path: str | os.PathLike[str], size: int | None = None, *, block_size:
         if size is not None or logical_sector_size is not None or physical_sector_size is not None or fixed:
             raise UsageError("a differencing disk takes its size and sector sizes from its parent; "
                              "give only a block size (--block-size)", path=path)
-        from .chains import create_child
         return create_child(path, parent, block_size=block_size)
     if size is None:
         raise UsageError("size is required", path=path)
@@ -47,6 +31,3 @@ def create(path: str | os.PathLike[str], size: int | None = None, *, block_size:
                          physical_sector_size=4096 if physical_sector_size is None else physical_sector_size,
                          fixed=fixed)
     return Disk(image)
-
-
-__all__ = ["open", "create"]

@@ -13,9 +13,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .format import bitmap as bitmapmod
-from .format import constants as C
-from .image import Image
+from ..format import bitmap as bitmapmod
+from ..format import constants as C
+from ..file.image import Image
 
 PRESENT = "present"
 PARTIAL = "partial"      # inside a PARTIALLY_PRESENT block: sectors of this file

@@ -15,14 +15,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import __version__
-from .errors import (CorruptError, ReadOnlyError, TruncatedError, UnsupportedError, UsageError, VhdxError)
-from .format import bat as batmod
-from .format import bitmap as bitmapmod
-from .format import constants as C
-from .format.geometry import Geometry
-from .format.locator import build_parent_locator
-from .format.records import (Header, Metadata, MetadataItem, RegionEntry, build_file_identifier, build_header,
+from .._version import __version__
+from ..errors import (CorruptError, ReadOnlyError, TruncatedError, UnsupportedError, UsageError, VhdxError)
+from ..format import bat as batmod
+from ..format import bitmap as bitmapmod
+from ..format import constants as C
+from ..format.geometry import Geometry
+from ..format.locator import build_parent_locator
+from ..format.records import (Header, Metadata, MetadataItem, RegionEntry, build_file_identifier, build_header,
                              build_metadata_region, build_region_table, metadata_items, parse_creator,
                              parse_header, parse_metadata_region, parse_region_table, system_items,
                              validate_header_fields)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 
-from .errors import ReadOnlyError, VhdxError
+from ..errors import ReadOnlyError, VhdxError
 
 _READ_CHUNK = 1 << 30  # preadv is limited to 2 GiB per call on Linux
 
@@ -64,7 +64,7 @@ class FileStorage(Storage):
         try:
             self._fd: int | None = os.open(self.path, flags, 0o644)
         except FileExistsError as e:
-            from .errors import DiskExistsError
+            from ..errors import DiskExistsError
             raise DiskExistsError("file exists; refusing to overwrite it", path=self.path) from e
         except OSError as e:
             raise VhdxError(f"cannot open: {e.strerror}", path=self.path) from e

@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
 from .disk import Disk
-from .errors import (ChainCycleError, ChainError, ParentMismatchError, ParentNotFoundError, UsageError,
+from ..errors import (ChainCycleError, ChainError, ParentMismatchError, ParentNotFoundError, UsageError,
                      VhdxError)
-from .format import constants as C
-from .format.locator import KEY_ORDER, build_parent_locator, format_linkage, parse_linkage
-from .image import Image, create_image
+from ..format import constants as C
+from ..format.locator import KEY_ORDER, build_parent_locator, format_linkage, parse_linkage
+from ..file.image import Image, create_image
+from ..file.storage import Storage
 
 MAX_DEPTH = 256  # OpenVMM's cap (vhdx-format.md §9.3)
 VHDX_SUFFIXES = (".vhdx", ".avhdx")
@@ -329,6 +330,19 @@ def attach_parents(image: Image, **options: Any) -> Disk:
     return disk
 
 
+def open(path: str | os.PathLike[str], mode: str = "r", *, storage: Storage | None = None,
+         **chain_options: Any) -> Disk:
+    """Open a VHDX or AVHDX file as a :class:`Disk` (``mode`` "r" or "r+")."""
+    image = Image.open(path, mode, storage=storage)
+    try:
+        if image.has_parent or chain_options:
+            return attach_parents(image, **chain_options)
+        return Disk(image)
+    except BaseException:
+        image.close(_failed=True)
+        raise
+
+
 def _build_disks(images: list[Image], zeros: bool) -> Disk:
     below: Disk | None = None
     built: list[Disk] = []
@@ -405,9 +419,8 @@ def create_child(path: str | os.PathLike[str], parent: str | os.PathLike[str], *
                  block_size: int | None = None) -> Disk:
     """A new differencing disk over ``parent``; returns the child open for writing (parents read-only)."""
     path, parent = os.fspath(path), os.fspath(parent)
-    from .api import open as open_disk
     # The parent's whole chain must resolve before a child is made on top of it.
-    with open_disk(parent, "r") as pdisk:
+    with open(parent, "r") as pdisk:
         pimg = pdisk.image
         if pimg.log_was_dirty:
             raise ChainError("the parent's log needs replaying first (open it r+ once)", path=parent)
@@ -636,7 +649,7 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
 
 def check_chain(path: str | os.PathLike[str], **options: Any) -> list[Any]:
     """Findings about a file's chain: missing parents, ID mismatches, interrupted merges."""
-    from .check import ERROR, WARNING, Finding
+    from ..ops.check import ERROR, WARNING, Finding
     out = []
     missing_severity = WARNING if options.get("missing_parent") == "zeros" else ERROR
     try:
