@@ -5,6 +5,8 @@
   name and no temporary file; the re-run works without ``--force``. With ``--force`` an
   interrupted export keeps the file it was going to replace.
 * ``vhdx map --png`` failing on a write error leaves nothing behind either.
+
+New disks: test_atomic_create.py.
 """
 
 from __future__ import annotations
