@@ -314,8 +314,9 @@ def test_read_only_verbs_open_specimens_with_o_rdonly(name: str, specimen, file_
     recorder.assert_read_only(name)
     real = os.path.realpath(path)
     assert any(p == real for p, _ in recorder.opens), "os.open of the specimen was never seen"
-    # the wrapper does see writes: the export output was opened O_WRONLY|O_CREAT|O_EXCL
-    exports = [f for p, f in recorder.outside if p.endswith(f"{name}.raw")]
+    # the wrapper does see writes: the export output (a temporary file renamed into place when
+    # complete) was opened O_WRONLY|O_CREAT|O_EXCL
+    exports = [f for p, f in recorder.outside if os.path.basename(p).startswith(f".{name}.raw.")]
     assert exports and all(f & os.O_WRONLY and f & os.O_CREAT for f in exports), recorder.outside
     assert _state(path, file_sha256) == before
 

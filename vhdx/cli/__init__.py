@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -89,9 +91,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanups run (temporary outputs are removed)."""
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    # Only the first signal interrupts: later ones are ignored so the cleanups can finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> dict[int, Any] | None:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # a caller that ignores it (nohup) keeps that
+            previous[signum] = signal.signal(signum, _on_signal)
+    return previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``vhdx`` command; returns the exit status.
+
+    SIGINT and SIGTERM raise an exception in the main thread, so every open file and
+    temporary output is cleaned up; the command then exits 130 or 143 with one line.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = _install_signal_handlers()
+    try:
+        return _run(args)
+    finally:
+        for signum, handler in (previous or {}).items():
+            signal.signal(signum, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
@@ -120,3 +159,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vhdx: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("vhdx: terminated", file=sys.stderr)
+        return 143

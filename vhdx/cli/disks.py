@@ -15,6 +15,7 @@ import numpy as np
 from ..chains.resolve import open as open_disk
 from ..ops.create import create
 from ..errors import DiskExistsError, UsageError, VhdxError
+from ..file.outputs import atomic_output
 from . import EXIT_OK, add_chain_options, chain_options, emit_json, parse_size
 from .progress import Progress, human_bytes
 
@@ -219,24 +220,17 @@ def _export_to(args: argparse.Namespace, target, progress, hasher) -> int:
             return _stream_dense(target, sink_dense, progress, hasher)[1]
         finally:
             os.close(fd)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
-    try:
-        fd = os.open(args.out, flags, 0o644)
-    except FileExistsError:
-        raise DiskExistsError("output exists; pass --force to overwrite it", path=args.out) from None
-    try:
-        def sink(view, offset):
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
+    if not args.force and os.path.lexists(args.out):
+        raise DiskExistsError("output exists; pass --force to overwrite it", path=args.out)
+    # Built under a temporary name and renamed into place when complete: an interrupted or
+    # failed export leaves nothing under OUT (with --force, the file it would have replaced).
+    with atomic_output(args.out, overwrite=args.force) as out:
         if hasher is None and _kernel_copy_possible(target):
-            written = _export_by_kernel_copy(target, fd, progress)
+            written = _export_by_kernel_copy(target, out.fd, progress)
         else:
-            written = stream(target, sink, progress=progress, hasher=hasher)[1]
-        os.ftruncate(fd, target.size)
-        return written
-    finally:
-        os.close(fd)
+            written = stream(target, out.write_at, progress=progress, hasher=hasher)[1]
+        os.ftruncate(out.fd, target.size)
+    return written
 
 
 def _kernel_copy_possible(disk) -> bool:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 from typing import Any
 
 from ..chains.resolve import open as open_disk
+from ..errors import DiskExistsError, VhdxError
+from ..file.outputs import atomic_output
 from ..ops.maps import changed_ranges, layer_ranges, merged_ranges, render_png, summary
 from . import EXIT_OK, add_chain_options, chain_options, emit_json
 from .progress import human_bytes
@@ -58,11 +61,9 @@ def cmd_map(args: argparse.Namespace) -> int:
         if args.png:
             from .disks import refuse_chain_file
             refuse_chain_file(args.png, disk)
-            if os.path.exists(args.png) and not args.force:
-                from ..errors import DiskExistsError
+            if os.path.lexists(args.png) and not args.force:
                 raise DiskExistsError("the picture file exists; pass --force to overwrite it", path=args.png)
-            with open(args.png, "wb") as f:
-                f.write(render_png(pictures))
+            _write_picture(args.png, render_png(pictures), overwrite=args.force)
     if args.json:
         emit_json(dict(path=args.path, layers=result))
         return EXIT_OK
@@ -74,6 +75,21 @@ def cmd_map(args: argparse.Namespace) -> int:
     if args.png:
         print(f"picture written to {args.png}")
     return EXIT_OK
+
+
+def _write_picture(path: str, data: bytes, *, overwrite: bool) -> None:
+    """The picture appears under ``path`` complete, or not at all (a device or pipe is written to)."""
+    try:
+        if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+            with open(path, "wb") as f:
+                f.write(data)
+            return
+        with atomic_output(path, overwrite=overwrite) as out:
+            out.write_at(data, 0)
+    except VhdxError:
+        raise
+    except OSError as e:
+        raise VhdxError(f"cannot write the picture: {e.strerror or e}", path=path) from e
 
 
 def cmd_diff(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from ..format.records import (Header, Metadata, MetadataItem, RegionEntry, build
                              parse_header, parse_metadata_region, parse_region_table, system_items,
                              validate_header_fields)
 from .log import LogEntry, LogWriter, apply_replay, plan_replay
+from .outputs import publish, refuse_existing, remove_quietly, temporary_path
 from .storage import FileStorage, OverlayStorage, Storage
 
 Fallthrough = Callable[[memoryview, int], None]
@@ -930,9 +931,9 @@ def create_image(path: str | os.PathLike[str], size: int, *, block_size: int = 3
     header = Header(sequence_number=1, file_write_guid=uuid.uuid4(), data_write_guid=uuid.uuid4(),
                     log_guid=C.ZERO_GUID, log_version=C.LOG_VERSION, version=C.VERSION,
                     log_length=log_length, log_offset=log_offset)
-    own = storage is None
+    temporary = None
     if storage is None:
-        storage = FileStorage(path, writable=True, create=True)
+        storage, temporary = _create_temporary(path)
     try:
         storage.truncate(file_size)
         storage.write(build_file_identifier(f"vhdx-python {__version__}"), 0)
@@ -949,13 +950,14 @@ def create_image(path: str | os.PathLike[str], size: int, *, block_size: int = 3
         storage.write(build_header(header), C.HEADER1_OFFSET)
         storage.write(build_header(header.replace(sequence_number=2)), C.HEADER2_OFFSET)
         storage.flush()
+        if temporary is not None:
+            # Only a complete file takes the final name, so a killed creation leaves none there.
+            publish(temporary, path)
+            storage.path = path
     except BaseException:
-        if own:
+        if temporary is not None:
             storage.close()
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            remove_quietly(temporary)
         raise
     image = Image(storage, owns_storage=True)
     try:
@@ -964,3 +966,13 @@ def create_image(path: str | os.PathLike[str], size: int, *, block_size: int = 3
         image.close(_failed=True)
         raise
     return image
+
+
+def _create_temporary(path: str) -> tuple[FileStorage, str]:
+    """A new file under a temporary name beside ``path`` (which must not exist yet)."""
+    refuse_existing(path)
+    temporary = temporary_path(path, "creating")
+    try:
+        return FileStorage(temporary, writable=True, create=True), temporary
+    except VhdxError as e:
+        raise VhdxError(e.detail, path=path) from e
