@@ -8,6 +8,7 @@ are handed. Every change to the BAT, sector bitmaps or metadata region goes thro
 
 from __future__ import annotations
 
+import operator
 import os
 import secrets
 import uuid
@@ -53,6 +54,17 @@ def _align_up(value: int, alignment: int = C.ALIGNMENT) -> int:
 
 def _block_state_name(state: int) -> str:
     return C.PAYLOAD_STATE_NAMES.get(state, str(state))
+
+
+def as_offset(value: Any, what: str, path: str) -> int:
+    """``value`` as a non-negative int; anything else is a UsageError naming ``what``."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise UsageError(f"{what} must be an integer, not {type(value).__name__}", path=path) from None
+    if number < 0:
+        raise UsageError(f"negative {what} {number}", path=path)
+    return number
 
 
 class _PendingBat:
@@ -377,7 +389,11 @@ class Image:
         return bitmapmod.unpack(raw)
 
     def readinto_at(self, view: memoryview, offset: int, fallthrough: Fallthrough | None = None) -> None:
-        """Fill ``view`` with virtual bytes from ``offset``; the caller clips to the disk size."""
+        """Fill ``view`` with virtual bytes from ``offset``; the range must lie inside the disk (UsageError)."""
+        offset = as_offset(offset, "offset", self.path)
+        if offset + len(view) > self.size:
+            raise UsageError(f"read of {len(view)} bytes at {offset} runs past the end of the {self.size}-byte disk",
+                             path=self.path)
         bs = self.block_size
         ss = self.logical_sector_size
         has_parent = self.has_parent
@@ -571,10 +587,11 @@ class Image:
     def write_at(self, data: memoryview, offset: int) -> None:
         """Write virtual bytes. In a differencing file, ``offset`` and ``len(data)`` must be sector aligned."""
         self._check_writable()
+        offset = as_offset(offset, "offset", self.path)
         total = len(data)
         if total == 0:
             return
-        if offset < 0 or offset + total > self.size:
+        if offset + total > self.size:
             raise UsageError(f"write of {total} bytes at {offset} is outside the {self.size}-byte disk",
                              path=self.path)
         ss = self.logical_sector_size
@@ -602,14 +619,14 @@ class Image:
         self._check_writable()
         if not extents:
             return
-        self.begin_session(data_change=True)
         g = self.geometry
         bs, ss, size = g.block_size, g.logical_sector_size, self.size
         has_parent = self.has_parent
         # Split extents at block boundaries: per block, a list of (in_block, length, source, source_skip).
         per_block: dict[int, list[tuple[int, int, Any, int]]] = {}
         for offset, length, source in extents:
-            if offset < 0 or length <= 0 or offset + length > size:
+            offset, length = as_offset(offset, "offset", self.path), as_offset(length, "length", self.path)
+            if length == 0 or offset + length > size:
                 raise UsageError(f"extent of {length} bytes at {offset} is outside the {size}-byte disk",
                                  path=self.path)
             if has_parent and (offset % ss or length % ss):
@@ -621,6 +638,7 @@ class Image:
                 n = min(bs - in_block, length - done)
                 per_block.setdefault(block, []).append((in_block, n, source, done))
                 done += n
+        self.begin_session(data_change=True)  # after the checks: a refused call changes nothing
         blocks = sorted(per_block)
         bat_index = self.bat_index
         new_bat = _PendingBat(self.bat)  # changes stay aside until the log has them
