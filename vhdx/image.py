@@ -8,11 +8,12 @@ are handed. Every change to the BAT, sector bitmaps or metadata region goes thro
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import secrets
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from .format.records import (Header, Metadata, MetadataItem, RegionEntry, build_
                              build_metadata_region, build_region_table, metadata_items, parse_creator,
                              parse_header, parse_metadata_region, parse_region_table, system_items,
                              validate_header_fields)
-from .log import LogEntry, LogWriter, apply_replay, plan_replay
+from .log import LogEntry, LogWriter, apply_replay, plan_replay, storage_error
 from .storage import FileStorage, OverlayStorage, Storage
 
 Fallthrough = Callable[[memoryview, int], None]
@@ -67,6 +68,32 @@ def as_offset(value: Any, what: str, path: str) -> int:
     return number
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _changes_file(method: _Method) -> _Method:
+    """Mark an Image method that writes: an error part way through leaves the image failed.
+
+    A failed image refuses further writes, and its close() leaves LogGuid set, so the next
+    open replays the last log entry (whole) instead of trusting metadata that may be torn.
+    An OSError comes out as a VhdxError naming the file.
+    """
+    @functools.wraps(method)
+    def run(self: "Image", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (UsageError, ReadOnlyError):
+            raise  # refused before anything was written
+        except OSError as e:
+            error = storage_error(e, method.__name__.strip("_").replace("_", " "), path=self.path)
+            self._fail(error)
+            raise error from e
+        except BaseException as e:
+            self._fail(e)
+            raise
+    return run  # type: ignore[return-value]
+
+
 class _PendingBat:
     """BAT entries changed by a transaction, read through to the live BAT for the rest."""
 
@@ -102,6 +129,7 @@ class Image:
         self._session_started = False
         self._data_guid_rotated = False
         self._log_writer: LogWriter | None = None
+        self._failure: BaseException | None = None
         self.creator = ""
 
     # ------------------------------------------------------------------ opening
@@ -450,7 +478,40 @@ class Image:
             raise ReadOnlyError("opened read-only", path=self.path)
         if self._closed:
             raise VhdxError("image is closed", path=self.path)
+        if self._failure is not None:
+            e = self._failure
+            why = e.detail if isinstance(e, VhdxError) else (str(e) or type(e).__name__)
+            raise VhdxError(f"an earlier change failed ({why}); no more writes: close the disk and open it "
+                            f"again (the open replays its log)", path=self.path)
 
+    @property
+    def failed(self) -> bool:
+        """True after a write failed part way: the log is left for the next open to replay."""
+        return self._failure is not None
+
+    def _fail(self, error: BaseException) -> None:
+        if self._failure is None:
+            self._failure = error
+
+    def _write(self, data: bytes | memoryview, offset: int) -> None:
+        try:
+            self.storage.write(data, offset)
+        except OSError as e:
+            raise storage_error(e, "write", path=self.path, offset=offset) from e
+
+    def _flush(self) -> None:
+        try:
+            self.storage.flush()
+        except OSError as e:
+            raise storage_error(e, "flush", path=self.path) from e
+
+    def _truncate(self, size: int) -> None:
+        try:
+            self.storage.truncate(size)
+        except OSError as e:
+            raise storage_error(e, f"resize to {size} bytes", path=self.path, offset=size) from e
+
+    @_changes_file
     def _update_headers(self, **changes: Any) -> None:
         """Safe header update (§2.4): write the other slot, flush, then the first slot, flush."""
         current = self.header
@@ -461,14 +522,15 @@ class Image:
         other = 1 - self.current_header_index
         for slot in (other, self.current_header_index):
             raw = build_header(new)
-            self.storage.write(raw, C.HEADER_OFFSETS[slot])
-            self.storage.flush()
+            self._write(raw, C.HEADER_OFFSETS[slot])
+            self._flush()
             self.headers[slot] = new.replace(checksum=int.from_bytes(raw[4:8], "little"))
             self.current_header_index = slot
             self.header_errors[slot] = None
             new = new.replace(sequence_number=new.sequence_number + 1)
         self.headers_identical = False
 
+    @_changes_file
     def begin_session(self, *, data_change: bool, data_write_guid: uuid.UUID | None = None) -> None:
         """Before the first change of this open: new FileWriteGuid, log session, new DataWriteGuid.
 
@@ -507,6 +569,7 @@ class Image:
     def _durable_size(self) -> int:
         return self.storage.size()
 
+    @_changes_file
     def log_pages(self, pages: dict[int, bytes]) -> None:
         """Make metadata page changes durable through the log: entry, flush, apply, flush."""
         if not pages:
@@ -524,8 +587,8 @@ class Image:
             group = items[i:i + per_entry]
             writer.write_entry(group, file_size=self._durable_size())
             for target, page in group:
-                self.storage.write(page, target)
-            self.storage.flush()
+                self._write(page, target)
+            self._flush()
 
     def _bat_pages(self, bat_indexes: set[int], changes: dict[int, int] | None = None) -> dict[int, bytes]:
         """The 4 KiB BAT pages holding ``bat_indexes``, with ``changes`` applied."""
@@ -541,6 +604,7 @@ class Image:
             pages[base + page * C.LOG_SECTOR_SIZE] = raw + bytes(C.LOG_SECTOR_SIZE - len(raw))
         return pages
 
+    @_changes_file
     def trim_unreferenced_tail(self) -> int:
         """Give back space past the last structure the file references; returns bytes freed.
 
@@ -574,14 +638,14 @@ class Image:
         if not self._session_started:  # a new FileWriteGuid before the file changes (§2.3), no log yet
             self._update_headers(file_write_guid=uuid.uuid4())
             self._session_started = True
-        self.storage.truncate(end)
-        self.storage.flush()
+        self._truncate(end)
+        self._flush()
         return size - end
 
     def _allocate(self, nbytes: int) -> int:
         """Space at the 1 MiB-aligned end of the file; the file is extended (reads as zeros)."""
         start = _align_up(self.storage.size())
-        self.storage.truncate(start + nbytes)
+        self._truncate(start + nbytes)
         return start
 
     def write_at(self, data: memoryview, offset: int) -> None:
@@ -608,6 +672,7 @@ class Image:
             self.write_extents([(pos, n, data[done:done + n])])
             done += n
 
+    @_changes_file
     def write_extents(self, extents: list[Extent], *, progress: Callable[[int], None] | None = None) -> None:
         """Write a batch of non-overlapping extents as one transaction (vhdx-format.md §7.2 - §7.4).
 
@@ -707,7 +772,7 @@ class Image:
                     else:
                         copies.append([storage, src + skip, dst, n])
                 else:
-                    self.storage.write(source[skip:skip + n], dst)
+                    self._write(source[skip:skip + n], dst)
         for storage, src, dst, n in copies:
             self._copy_from(storage, src, dst, n, progress)
         # Sector bitmap bits for every partially present block written.
@@ -726,7 +791,7 @@ class Image:
                 for in_block, n, _source, _skip in per_block[block]:
                     self._modify_bitmap(sbm_pages, sbm_base, lo * 8 + in_block // ss, n // ss, True)
         if need or sbm_pages or changed_bat:
-            self.storage.flush()  # data before the metadata that points at it (§7.4)
+            self._flush()  # data before the metadata that points at it (§7.4)
             pages = {k: bytes(v) for k, v in sbm_pages.items()}
             if changed_bat:
                 pages.update(self._bat_pages(changed_bat, new_bat.changes))
@@ -738,7 +803,7 @@ class Image:
         done = 0
         while done < length:
             n = min(len(_ZEROS), length - done)
-            self.storage.write(_ZEROS[:n], file_offset + done)
+            self._write(_ZEROS[:n], file_offset + done)
             done += n
 
     def _copy_from(self, source: Storage, src: int, dst: int, length: int,
@@ -752,7 +817,10 @@ class Image:
         if COPY_METHOD == "copy_file_range" and src_fd is not None and dst_fd is not None:
             done = 0
             while done < length:
-                n = os.copy_file_range(src_fd, dst_fd, min(length - done, 1 << 30), src + done, dst + done)
+                try:
+                    n = os.copy_file_range(src_fd, dst_fd, min(length - done, 1 << 30), src + done, dst + done)
+                except OSError as e:
+                    raise storage_error(e, f"copy from {source.path}", path=self.path, offset=dst + done) from e
                 if n <= 0:
                     break
                 done += n
@@ -770,8 +838,11 @@ class Image:
         done = 0
         while done < length:
             n = min(len(buf), length - done)
-            source.readinto(view[:n], src + done)
-            self.storage.write(view[:n], dst + done)
+            try:
+                source.readinto(view[:n], src + done)
+            except OSError as e:
+                raise storage_error(e, "read", path=source.path, offset=src + done) from e
+            self._write(view[:n], dst + done)
             done += n
             if progress is not None:
                 progress(n)
@@ -799,6 +870,7 @@ class Image:
             bitmapmod.set_bits(arr, bit - page_index * page_bits, stop - bit, value)
             bit = stop
 
+    @_changes_file
     def set_block_entries(self, updates: dict[int, int]) -> None:
         """Log a set of BAT entry changes (bat_index -> raw entry) atomically per page group."""
         self.begin_session(data_change=True)
@@ -806,6 +878,7 @@ class Image:
         for idx, entry in updates.items():
             self.bat[idx] = entry
 
+    @_changes_file
     def write_metadata_items(self, items: list[MetadataItem], *, data_change: bool = True) -> None:
         """Rewrite the metadata region through the log."""
         self.begin_session(data_change=data_change)
@@ -826,20 +899,24 @@ class Image:
                  for it in metadata_items(self.metadata)]
         self.write_metadata_items(items, data_change=False)
 
+    @_changes_file
     def flush(self) -> None:
+        """Make every earlier write durable."""
         if self.writable and not self._closed:
-            self.storage.flush()
+            self._flush()
 
     def close(self, *, _failed: bool = False) -> None:
+        """Flush and mark the log clean (LogGuid zero), unless a write failed part way: then
+        LogGuid stays set and the next open replays the last entry (vhdx-format.md §8.5)."""
         if self._closed:
             return
-        self._closed = True
         try:
-            if self.writable and not _failed and self._log_writer is not None:
-                self.storage.flush()
+            if self.writable and not _failed and self._failure is None and self._log_writer is not None:
+                self.flush()
                 self._update_headers(log_guid=C.ZERO_GUID)
                 self._log_writer = None
         finally:
+            self._closed = True
             if self._owns_storage:
                 self.storage.close()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from .errors import LogReplayError
+from .errors import LogReplayError, VhdxError
 from .format import constants as C
 from .format.checksum import crc32c_zeroed, stored_checksum
 from .format.structs import DataDescriptor, LogEntryHeader, ZeroDescriptor
@@ -19,6 +19,11 @@ from .storage import Storage
 SECTOR = C.LOG_SECTOR_SIZE
 # Targets above this are refused outright: no real file is 128 TiB (hostile-input guard).
 MAX_TARGET = 1 << 47
+
+
+def storage_error(error: OSError, what: str, *, path: str, offset: int | None = None) -> VhdxError:
+    """An OSError from a storage call as a VhdxError naming the file and offset (errno kept)."""
+    return VhdxError(f"{what} failed: {error.strerror or error}", path=path, offset=offset, errno=error.errno)
 
 
 @dataclass
@@ -185,20 +190,32 @@ def plan_replay(storage: Storage, log_offset: int, log_length: int, log_guid: uu
 
 
 def apply_replay(storage: Storage, plan: ReplayPlan) -> None:
-    """Write the replay into the file, extend it to LastFileOffset, flush."""
+    """Write the replay into the file, extend it to LastFileOffset, flush.
+
+    An OSError comes out as a VhdxError naming the file and offset; the header still names
+    the log then, so the next open replays it again (replay is repeatable).
+    """
     zeros = bytes(1 << 20)
-    for target, item in plan.patches:
-        if isinstance(item, int):
-            done = 0
-            while done < item:
-                n = min(len(zeros), item - done)
-                storage.write(zeros[:n], target + done)
-                done += n
-        else:
-            storage.write(item, target)
-    if storage.size() < plan.last_file_offset:
-        storage.truncate(plan.last_file_offset)
-    storage.flush()
+    at: int | None = None
+    try:
+        for target, item in plan.patches:
+            at = target
+            if isinstance(item, int):
+                done = 0
+                while done < item:
+                    n = min(len(zeros), item - done)
+                    at = target + done
+                    storage.write(zeros[:n], at)
+                    done += n
+            else:
+                storage.write(item, target)
+        at = plan.last_file_offset
+        if storage.size() < plan.last_file_offset:
+            storage.truncate(plan.last_file_offset)
+        at = None
+        storage.flush()
+    except OSError as e:
+        raise storage_error(e, "log replay", path=storage.path, offset=at) from e
 
 
 def build_entry(*, log_guid: uuid.UUID, sequence_number: int, tail: int, pages: list[tuple[int, bytes]],
@@ -252,9 +269,14 @@ class LogWriter:
 
     def _write_ring(self, data: bytes) -> None:
         first = min(len(data), self.log_length - self.head)
-        self.storage.write(data[:first], self.log_offset + self.head)
-        if first < len(data):
-            self.storage.write(data[first:], self.log_offset)
+        at = self.log_offset + self.head
+        try:
+            self.storage.write(data[:first], at)
+            if first < len(data):
+                at = self.log_offset
+                self.storage.write(data[first:], at)
+        except OSError as e:
+            raise storage_error(e, "log write", path=self.storage.path, offset=at) from e
         self.head = (self.head + len(data)) % self.log_length
 
     def write_entry(self, pages: list[tuple[int, bytes]], *, file_size: int) -> None:
@@ -270,5 +292,9 @@ class LogWriter:
                             pages=pages, flushed_file_offset=file_size // mib * mib,
                             last_file_offset=-(-file_size // mib) * mib)
         self.sequence_number += 1
+        at = self.log_offset + self.head
         self._write_ring(entry)
-        self.storage.flush()
+        try:
+            self.storage.flush()
+        except OSError as e:
+            raise storage_error(e, "flush of the log entry", path=self.storage.path, offset=at) from e

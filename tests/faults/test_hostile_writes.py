@@ -46,6 +46,7 @@ def test_positional_apis_refuse_bad_offsets(offset, tmp_path: Path) -> None:
             d.image.write_extents([(offset, 512, b"\x01" * 512)])
         with pytest.raises(UsageError):
             d.image.write_extents([(0, offset, None)])
+        assert not d.image.failed
     with vhdx.open(str(path)) as d:
         assert d.pread(0, 4096) == b"\x11" * 4096 and d.pread(8 * MiB - 4096, 4096) == bytes(4096)
 
