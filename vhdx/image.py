@@ -41,6 +41,7 @@ COPY_METHOD = os.environ.get("VHDX_COPY_METHOD", "copy_file_range" if hasattr(os
 
 _ZEROS = bytes(4 << 20)
 _MAX_TX_BLOCKS = 64  # payload blocks allocated per log transaction
+_RESERVED_STATE = 4  # a payload BAT state the format reserves (vhdx-format.md §5.3)
 EAGER_BITMAP_CHUNKS = 64  # differencing disks up to 256 GiB (512-byte sectors) get their bitmaps at creation
 
 
@@ -322,8 +323,6 @@ class Image:
                 raise TruncatedError(f"block {block}: data at 0x{int(offs[block]):x} runs past the end of the "
                                      f"{file_size}-byte file: the file was cut short", path=self.path,
                                      offset=self.bat_region.file_offset + 8 * self.bat_index(block))
-        if self.writable:
-            self._validate_no_overlap(offs[present], np.flatnonzero(present))
         if self.geometry.has_parent:
             sidx = batmod.sbm_indices(self.geometry)
             sst = batmod.states(self.bat[sidx])
@@ -333,33 +332,68 @@ class Image:
                 bat_index = int(sidx[int(np.flatnonzero(bad)[0])])
                 raise CorruptError(f"BAT entry {bat_index}: sector bitmap outside the {file_size}-byte file",
                                    path=self.path, offset=self.bat_region.file_offset + 8 * bat_index)
+        if self.writable:
+            self._validate_for_writing(st, offs, present)
 
-    def _validate_no_overlap(self, offsets: np.ndarray, blocks: np.ndarray) -> None:
-        """Refuse to write a file whose blocks share space with each other or with a structure.
+    def _validate_for_writing(self, st: np.ndarray, offs: np.ndarray, present: np.ndarray) -> None:
+        """Refuse to write a file whose BAT holds an invalid state, or whose blocks or sector
+        bitmaps share space with each other or with a structure.
 
-        Reading such a file is harmless (``vhdx check`` reports it); writing it would spread the damage.
+        Reading such a file is harmless (a reserved payload state reads as zeros, ``vhdx check``
+        reports it); writing it would spread the damage.
         """
-        bs = self.block_size
-        spans = [(0, C.HEADER_SECTION_SIZE)]
+        bat_base = self.bat_region.file_offset
+        reserved = np.flatnonzero(st == _RESERVED_STATE)
+        if reserved.size:
+            k = int(reserved[0])
+            raise CorruptError(f"BAT entry {self.bat_index(k)} (block {k}): reserved state 4; refusing to write",
+                               path=self.path, offset=bat_base + 8 * self.bat_index(k))
+        blocks = np.flatnonzero(present)
+        starts = [offs[present].astype(np.int64)]
+        lengths = [np.full(blocks.size, self.block_size, dtype=np.int64)]
+        indexes = [blocks + blocks // self._cr]
+        if self.geometry.has_parent:
+            sidx = batmod.sbm_indices(self.geometry)
+            sst = batmod.states(self.bat[sidx])
+            bad = np.flatnonzero((sst != C.SB_BLOCK_PRESENT) & (sst != C.SB_BLOCK_NOT_PRESENT))
+            if bad.size:
+                bat_index = int(sidx[int(bad[0])])
+                raise CorruptError(f"BAT entry {bat_index}: sector bitmap in invalid state {int(sst[int(bad[0])])}; "
+                                   f"refusing to write", path=self.path, offset=bat_base + 8 * bat_index)
+            sbm = sst == C.SB_BLOCK_PRESENT
+            starts.append(batmod.file_offsets(self.bat[sidx][sbm]).astype(np.int64))
+            lengths.append(np.full(int(sbm.sum()), C.SECTOR_BITMAP_BLOCK_SIZE, dtype=np.int64))
+            indexes.append(sidx[sbm])
+        self._validate_no_overlap(np.concatenate(starts), np.concatenate(lengths), np.concatenate(indexes))
+
+    def _validate_no_overlap(self, starts: np.ndarray, lengths: np.ndarray, bat_indexes: np.ndarray) -> None:
+        """Refuse allocations (payload blocks and sector bitmaps, given by file offset, length and
+        BAT index) that overlap a structure of the file or each other."""
+        spans = [(0, C.HEADER_SECTION_SIZE, "the header section")]
         h = self.header
         if h.log_length:
-            spans.append((h.log_offset, h.log_offset + h.log_length))
-        spans += [(r.file_offset, r.file_offset + r.length) for r in self.region_table]
-        starts = offsets.astype(np.int64)
-        for lo, hi in spans:
-            hit = (starts < hi) & (starts + bs > lo)
-            if hit.any():
-                k = int(blocks[np.flatnonzero(hit)[0]])
-                raise CorruptError(f"block {k}: data at 0x{int(starts[np.flatnonzero(hit)[0]]):x} overlaps a "
-                                   f"structure of the file; refusing to write", path=self.path,
-                                   offset=self.bat_region.file_offset + 8 * self.bat_index(k))
+            spans.append((h.log_offset, h.log_offset + h.log_length, "the log"))
+        spans += [(r.file_offset, r.file_offset + r.length, f"region {r.name}") for r in self.region_table]
+        ends = starts + lengths
+        for lo, hi, name in spans:
+            hit = np.flatnonzero((starts < hi) & (ends > lo))
+            if hit.size:
+                self._refuse_overlap(int(bat_indexes[hit[0]]), int(starts[hit[0]]), name)
         order = np.argsort(starts, kind="stable")
-        s = starts[order]
-        clash = np.flatnonzero(s[1:] < s[:-1] + bs)
-        if clash.size:
-            k = int(blocks[order[clash[0] + 1]])
-            raise CorruptError(f"block {k} shares file space with another block; refusing to write",
-                               path=self.path, offset=self.bat_region.file_offset + 8 * self.bat_index(k))
+        s, e = starts[order], ends[order]
+        if s.size > 1:
+            clash = np.flatnonzero(s[1:] < np.maximum.accumulate(e[:-1]))
+            if clash.size:
+                k = int(clash[0]) + 1
+                self._refuse_overlap(int(bat_indexes[order[k]]), int(s[k]), "another block or sector bitmap")
+
+    def _refuse_overlap(self, bat_index: int, start: int, other: str) -> None:
+        g = self.geometry
+        is_sbm = self.has_parent and bat_index % (g.chunk_ratio + 1) == g.chunk_ratio
+        what = (f"sector bitmap of chunk {bat_index // (g.chunk_ratio + 1)}" if is_sbm else
+                f"block {bat_index - bat_index // (g.chunk_ratio + 1)}")
+        raise CorruptError(f"BAT entry {bat_index} ({what}): data at 0x{start:x} overlaps {other}; refusing to write",
+                           path=self.path, offset=self.bat_region.file_offset + 8 * bat_index)
 
     # ------------------------------------------------------------------ properties
 

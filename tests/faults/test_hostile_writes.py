@@ -6,6 +6,11 @@
   fail within 1 s and 100 MiB with a ``VhdxError`` and change no byte; the read-only open does
   not allocate the zeros either. A legitimately dirty log that grows the file by a block and
   a sector bitmap (what Windows logs) is still replayed.
+* Sector-bitmap BAT entries are validated like payload entries before a write: one that
+  points at the metadata region, the BAT, a payload block, or that has an invalid state makes
+  "r+" fail with the BAT entry's offset, while a read-only open still reads and ``vhdx check``
+  reports it. A payload entry in the reserved state 4 is refused for writing too (it reads
+  as zeros).
 * Every positional API refuses a negative or non-integer offset or length with UsageError.
 
 While a case runs, the process may not write files past 256 MiB (RLIMIT_FSIZE, SIGXFSZ
@@ -29,6 +34,7 @@ from conftest import Guard
 vhdx = pytest.importorskip("vhdx")
 import vhdx.check  # noqa: E402
 from vhdx.errors import LogReplayError, UsageError  # noqa: E402
+from vhdx.image import Image  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -167,6 +173,67 @@ def test_dirty_log_that_grows_the_file_by_a_block_is_replayed(tmp_path: Path) ->
         assert d.pread(3 * MiB, 8192) == b"\x44" * 4096 + bytes(4096)
         assert d.pread(0, 4096) == b"\x11" * 4096
     assert not vhdx.check.check_file(str(path)).errors
+
+
+# ------------------------------------------------------------------ sector-bitmap and reserved BAT entries
+
+def set_bat_entry(path: Path, bat_index: int, entry: int) -> int:
+    buf = bytearray(path.read_bytes())
+    L = vb.parse_layout(buf)
+    at = L.bat_offset + 8 * bat_index
+    struct.pack_into("<Q", buf, at, entry)
+    path.write_bytes(bytes(buf))
+    return at
+
+
+def _child_block_offset(child: Path, block: int) -> int:
+    im = Image.open(str(child))
+    try:
+        return int(im.payload_offsets()[block])
+    finally:
+        im.close()
+
+
+SB_PRESENT = 6
+SBM_CASES = {
+    "metadata-region": lambda child: 2 * MiB | SB_PRESENT,
+    "bat-region": lambda child: 3 * MiB | SB_PRESENT,
+    "payload-block": lambda child: _child_block_offset(child, 5) | SB_PRESENT,
+    "invalid-state-3": lambda child: _child_block_offset(child, 5) + MiB | 3,
+}
+
+
+@pytest.mark.parametrize("case", list(SBM_CASES))
+def test_bad_sector_bitmap_entry_refuses_writable_open(case: str, tmp_path: Path) -> None:
+    parent, child = make_chain(tmp_path)
+    if case == "invalid-state-3":   # a second MiB after block 5 so that the offset is inside the file
+        with vhdx.open(str(child), "r+") as d:
+            d.pwrite(b"\x55" * MiB, 6 * MiB)
+    L = vb.parse_layout(bytearray(child.read_bytes()))
+    sbm_index = L.sbm_index(0)
+    entry_at = set_bat_entry(child, sbm_index, SBM_CASES[case](child))
+    before = digest(child)
+    with pytest.raises(vhdx.VhdxError) as info:
+        with vhdx.open(str(child), "r+") as d:
+            d.pwrite(b"\x66" * 512, 2 * MiB)             # a new partial block: its bits go to the bitmap
+    assert info.value.offset == entry_at, str(info.value)
+    assert "refusing to write" in str(info.value) and str(child) in str(info.value)
+    assert digest(child) == before, "the refused open changed the file"
+    with vhdx.open(str(child)) as d:                     # read-only still opens (and reads what it can)
+        assert d.pread(0, 4096) == b"\x11" * 4096
+    assert vhdx.check.check_file(str(child)).errors, "vhdx check does not report the bad entry"
+
+
+def test_reserved_payload_state_refuses_writes_and_reads_as_zeros(tmp_path: Path) -> None:
+    path = make_disk(tmp_path / "d.vhdx")
+    entry_at = set_bat_entry(path, 0, 4)     # block 0 (holds data) -> reserved state 4
+    before = digest(path)
+    with pytest.raises(vhdx.VhdxError) as info:
+        vhdx.open(str(path), "r+").close()
+    assert info.value.offset == entry_at and "refusing to write" in str(info.value)
+    assert digest(path) == before
+    with vhdx.open(str(path)) as d:
+        assert d.pread(0, 4096) == bytes(4096) and d.pread(MiB, 4096) == b"\x11" * 4096
 
 
 # ------------------------------------------------------------------ positions
