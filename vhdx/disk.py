@@ -12,7 +12,7 @@ import uuid
 from typing import Any, Callable, Iterable
 
 from .errors import ReadOnlyError, UsageError
-from .image import Image, zero_fill
+from .image import Image, as_offset, zero_fill
 
 _MAX_CHUNK = 64 << 20
 
@@ -116,12 +116,17 @@ class Disk(io.RawIOBase):
 
     def pread_into(self, view: memoryview, offset: int) -> int:
         """Positional read: fill ``view`` from virtual ``offset``, clipped at the disk size."""
+        offset = as_offset(offset, "offset", self.path)
+        view = memoryview(view).cast("B")
         n = max(0, min(len(view), self.size - offset))
         if n:
             self._read_virtual(view[:n], offset)
         return n
 
     def pread(self, offset: int, length: int) -> bytes:
+        """Positional read of up to ``length`` bytes from virtual ``offset`` (fewer at the end)."""
+        offset = as_offset(offset, "offset", self.path)
+        length = as_offset(length, "length", self.path)
         buf = bytearray(max(0, min(length, self.size - offset)))
         self.pread_into(memoryview(buf), offset)
         return bytes(buf)
@@ -163,8 +168,7 @@ class Disk(io.RawIOBase):
         if not self.image.writable:
             raise ReadOnlyError("opened read-only", path=self.path)
         view = memoryview(data).cast("B")
-        if offset < 0:
-            raise UsageError(f"negative offset {offset}", path=self.path)
+        offset = as_offset(offset, "offset", self.path)
         if offset + len(view) > self.size:
             raise UsageError(f"write of {len(view)} bytes at {offset} runs past the end of the "
                              f"{self.size}-byte disk", path=self.path)
