@@ -18,6 +18,7 @@ copy (it is idempotent) and finishes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -31,12 +32,13 @@ import numpy as np
 
 from . import chains
 from .errors import MergeError, VhdxError
+from .format import bat as batmod
 from .format import bitmap as bitmapmod
 from .format import constants as C
 from .format.locator import format_linkage, parse_linkage
 from .format.records import MetadataItem, metadata_items
 from .image import Image
-from .storage import FileStorage, Storage
+from .storage import FileStorage, OverlayStorage, Storage
 
 TRANSPARENT = 255
 ZERO = 254
@@ -64,6 +66,7 @@ class MergePlan:
     per_source_bytes: dict[str, int] = field(default_factory=dict)
     dependents: list[str] = field(default_factory=list)
     resuming: bool = False
+    bytes_needed: int = 0  # free space the merge may use: new blocks, holes it fills, log and metadata
     to_delete: list[str] = field(default_factory=list)  # in the order they go, nearest the destination first
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,18 +163,92 @@ def _window_size(images: list[Image]) -> int:
     return max([WINDOW_MIN] + [im.block_size for im in images])
 
 
+def _fileno(storage: Storage) -> int | None:
+    """The descriptor of the real file under ``storage`` (through a read-only log overlay), if any."""
+    fd = storage.fileno()
+    if fd is None and isinstance(storage, OverlayStorage):
+        fd = storage.base.fileno()
+    return fd
+
+
+def _hole_bytes(fd: int | None, ranges: list[tuple[int, int]]) -> int:
+    """How many bytes of the file ranges ``(offset, length)`` are holes that a write would allocate.
+
+    Uses SEEK_DATA/SEEK_HOLE; without a descriptor or without that support, every byte counts.
+    """
+    total = sum(n for _, n in ranges)
+    if fd is None or not ranges or not hasattr(os, "SEEK_DATA"):
+        return total
+    merged: list[list[int]] = []
+    for start, n in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], start + n)
+        else:
+            merged.append([start, start + n])
+    holes = 0
+    for start, end in merged:
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    return total
+                data = end  # only holes up to the end of the file
+            if data >= end:
+                holes += end - pos
+                break
+            holes += data - pos
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+    return holes
+
+
+def _filled_ranges(voff: int, vlen: int, dest_states: np.ndarray, dest_offsets: np.ndarray,
+                   dbs: int) -> Iterator[tuple[int, int]]:
+    """File ranges ``(offset, length)`` that an extent writes in blocks the destination already has."""
+    for b in range(voff // dbs, (voff + vlen - 1) // dbs + 1):
+        if dest_states[b] in (C.PAYLOAD_BLOCK_FULLY_PRESENT, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT):
+            lo, hi = max(voff, b * dbs), min(voff + vlen, (b + 1) * dbs)
+            yield int(dest_offsets[b]) + lo - b * dbs, hi - lo
+
+
+def _new_space(dest: Image, touched: set[int], plan: MergePlan) -> None:
+    """Blocks to allocate, and sector bitmap blocks for the chunks of a differencing destination
+    that get a new block and have no bitmap block yet."""
+    if not touched:
+        return
+    t = np.fromiter(touched, dtype=np.int64)
+    allocated = np.isin(dest.payload_states()[t], (C.PAYLOAD_BLOCK_FULLY_PRESENT, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT))
+    plan.allocations = int((~allocated).sum())
+    plan.bytes_to_allocate = plan.allocations * dest.block_size
+    if dest.has_parent and plan.allocations:
+        g = dest.geometry
+        chunks = np.unique(t[~allocated] // g.chunk_ratio)
+        entries = dest.bat[[g.sbm_bat_index(int(c)) for c in chunks.tolist()]]
+        lacking = int((batmod.states(entries) != C.SB_BLOCK_PRESENT).sum())
+        plan.bytes_to_allocate += lacking * C.SECTOR_BITMAP_BLOCK_SIZE
+
+
 def plan_merge(sources: list[Image], dest: Image, plan: MergePlan) -> MergePlan:
-    """Fill in the totals of ``plan`` (reads BATs and bitmaps, not data)."""
+    """Fill in the totals of ``plan`` (reads BATs and bitmaps, not data).
+
+    ``bytes_needed`` is the free space the merge may use: new blocks and bitmap blocks, the holes
+    of sparse blocks it writes into, and, when it needs any of those, the holes of the log and a
+    page of BAT and bitmap per block for the metadata.
+    """
     window = _window_size(sources + [dest])
     size = dest.size
-    dstates = dest.payload_states()
+    dstates, doffsets = dest.payload_states(), dest.payload_offsets()
     dbs = dest.block_size
+    fd = _fileno(dest.storage)
     touched: set[int] = set()
+    holes = 0
     for w in _windows(sources, window, size).tolist():
         start = w * window
         length = min(window, size - start)
         if length <= 0:
             continue
+        filled: list[tuple[int, int]] = []
         for voff, vlen, src, v in _extents(sources, start, length):
             if src is None:
                 plan.bytes_of_zeros += vlen
@@ -180,14 +257,14 @@ def plan_merge(sources: list[Image], dest: Image, plan: MergePlan) -> MergePlan:
                 name = sources[v].path
                 plan.per_source_bytes[name] = plan.per_source_bytes.get(name, 0) + vlen
             touched.update(range(voff // dbs, (voff + vlen - 1) // dbs + 1))
+            filled.extend(_filled_ranges(voff, vlen, dstates, doffsets, dbs))
+        holes += _hole_bytes(fd, filled)
     plan.destination_blocks = len(touched)
-    if touched:
-        t = np.fromiter(touched, dtype=np.int64)
-        allocated = np.isin(dstates[t], (C.PAYLOAD_BLOCK_FULLY_PRESENT, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT))
-        plan.allocations = int((~allocated).sum())
-        plan.bytes_to_allocate = plan.allocations * dbs
-        if dest.has_parent:
-            plan.bytes_to_allocate += dest.geometry.sector_bitmap_blocks * C.MiB
+    _new_space(dest, touched, plan)
+    if plan.bytes_to_allocate + holes:
+        log = dest.header
+        margin = _hole_bytes(fd, [(log.log_offset, log.log_length)]) + 2 * C.LOG_SECTOR_SIZE * (len(touched) + 1)
+        plan.bytes_needed = plan.bytes_to_allocate + holes + margin
     return plan
 
 
@@ -587,6 +664,18 @@ def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], fo
     return out
 
 
+def _human(n: int) -> str:
+    """``n`` bytes for people: "512 bytes", "300.0 KiB", "1.2 GiB"."""
+    if n < 1024:
+        return f"{n} bytes"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{value:.1f} {unit}"
+
+
 def _resumable(journal: Journal | None, sources: list[Image], dest_path: str) -> Journal | None:
     """The destination's journal if it records this same merge unfinished (to resume it), else None.
 
@@ -611,6 +700,52 @@ def _plan_deletes(plan: MergePlan, keep: bool, allowed: set[str]) -> list[str]:
             raise MergeError(f"the merge may not delete a file it merges: {problem}; name the file itself, or "
                              f"its folder with --search, or merge with --keep; nothing was changed", path=plan.child)
     return list(reversed(plan.sources))
+
+
+def _check_free_space(plan: MergePlan, dest_path: str) -> None:
+    """Refuse before writing when the file system lacks the space the merge may need."""
+    if plan.bytes_needed <= 0:
+        return  # nothing to allocate: the merge writes only where space is already taken
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(dest_path))).free
+    if plan.bytes_needed > free:
+        raise MergeError(f"not enough free space: the merge needs up to {_human(plan.bytes_needed)}, "
+                         f"{_human(free)} are free", path=dest_path)
+
+
+def _no_space(error: BaseException | None) -> bool:
+    """Whether ENOSPC is behind ``error`` (directly, or as the cause of a VhdxError)."""
+    for _ in range(8):
+        if error is None:
+            return False
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _used_bytes(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _stopped(error: BaseException, plan: MergePlan, dest_path: str, used_before: int) -> MergeError:
+    """The one-line error for an OSError during the copy; for a full disk, with the space still needed."""
+    if not _no_space(error):
+        reason = getattr(error, "strerror", None) or error
+        return MergeError(f"the merge stopped: {reason}; every file is still consistent, run the same merge "
+                          f"again to finish it", path=dest_path)
+    where = getattr(error, "path", None) or getattr(error, "filename", None) or dest_path
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(dest_path))).free
+    except OSError:
+        free = 0
+    still = max(plan.bytes_needed - max(_used_bytes(dest_path) - used_before, 0), 0)
+    need = (f"the merge still needs up to {_human(still)}, {_human(free)} are free" if still else
+            f"the merge needs more space than it estimated, {_human(free)} are free")
+    return MergeError(f"disk full: {need}; nothing merged so far is lost: free some space and run the same "
+                      f"merge again", path=where)
 
 
 def _delete_members(members: list[JournalMember]) -> list[str]:
@@ -727,20 +862,19 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
         st = os.stat(dest_ro.path)
         if not st.st_mode & 0o222 or not os.access(dest_ro.path, os.W_OK):
             raise MergeError("the destination file is read-only", path=dest_ro.path)
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(dest_ro.path))).free
-        if plan.bytes_to_allocate + (2 << 20) > free:
-            raise MergeError(f"not enough free space: the merge needs up to {plan.bytes_to_allocate} bytes, "
-                             f"{free} are free", path=dest_ro.path)
+        _check_free_space(plan, dest_ro.path)
         dest_path = dest_ro.path
         for im in images[dest_index:]:
             im.close()
         if on_plan is not None:
             on_plan(plan)
+        used_before = _used_bytes(dest_path)
         try:
             result = _run(plan, sources, dest_path, journal, progress, storage_wrapper, keep)
-        except OSError as e:
-            raise MergeError(f"the merge stopped: {e.strerror or e}; every file is still consistent, run the "
-                             f"same merge again to finish it", path=dest_path) from e
+        except (OSError, VhdxError) as e:
+            if isinstance(e, VhdxError) and not _no_space(e):
+                raise
+            raise _stopped(e, plan, dest_path, used_before) from e
     finally:
         for im in images:
             im.close()

@@ -35,6 +35,8 @@ def print_plan(plan: MergePlan) -> None:
     print(f"  copy        {human_bytes(plan.bytes_to_copy)} ({plan.bytes_to_copy} bytes), zero "
           f"{human_bytes(plan.bytes_of_zeros)}, {plan.destination_blocks} destination blocks, "
           f"{plan.allocations} to allocate ({human_bytes(plan.bytes_to_allocate)})")
+    if plan.bytes_needed:
+        print(f"  space       needs up to {human_bytes(plan.bytes_needed)} of free space")
     for p in plan.to_delete:
         print(f"  delete      {p}")
     if plan.dependents:
