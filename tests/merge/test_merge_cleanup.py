@@ -129,6 +129,25 @@ def test_deletes_fsync_the_folder(tmp_path: Path, monkeypatch) -> None:
     assert synced.count(str(tmp_path / "vm")) >= 2, synced
 
 
+def test_a_file_another_run_deleted_first_is_not_an_error(tmp_path: Path, monkeypatch) -> None:
+    """Two runs of one merge that reach the cleanup together: the second finds the files gone
+    between its check and its delete, and finishes without a 'cleanup stopped' error."""
+    (base, mid, leaf), model = chain_of(tmp_path / "vm", 2)
+    real = merging.verify_journal
+
+    def the_other_run_was_faster(*args, **kwargs):
+        members = real(*args, **kwargs)
+        for m in members:
+            if m is not None:
+                os.unlink(m.path)
+        return members
+
+    monkeypatch.setattr(merging, "verify_journal", the_other_run_was_faster)
+    result = merge(leaf, base)
+    assert result.deleted == []
+    assert names(tmp_path / "vm") == ["base.vhdx"] and read_all(base) == model
+
+
 def test_a_merged_file_named_through_a_symlink_is_refused_not_half_deleted(tmp_path: Path) -> None:
     (base, leaf), model = chain_of(tmp_path / "vm", 1)
     link = tmp_path / "vm" / "link.avhdx"
