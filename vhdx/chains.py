@@ -164,7 +164,7 @@ def merge_in_progress(image: Image) -> bool:
         return False
     try:
         return json.loads(raw.decode()).get("state") != "done"
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         return True
 
 
@@ -636,7 +636,7 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
 
 def check_chain(path: str | os.PathLike[str], **options: Any) -> list[Any]:
     """Findings about a file's chain: missing parents, ID mismatches, interrupted merges."""
-    from .check import ERROR, WARNING, Finding
+    from .check import ERROR, WARNING, Finding, journal_findings
     out = []
     missing_severity = WARNING if options.get("missing_parent") == "zeros" else ERROR
     try:
@@ -648,6 +648,7 @@ def check_chain(path: str | os.PathLike[str], **options: Any) -> list[Any]:
         if layer.interrupted_merge:
             out.append(Finding(WARNING, None, f"{layer.path}: a merge into this disk was interrupted",
                                "run the same 'vhdx merge' command again to finish it"))
+        out.extend(journal_findings(layer.path, options.get("search_paths", ())))
         if layer.linkage == "missing":
             out.append(Finding(missing_severity, None, f"{layer.path}: parent with DataWriteGuid {layer.parent_linkage} "
                                f"not found", "use --search DIR, or 'vhdx reparent' to point it at its parent"))
