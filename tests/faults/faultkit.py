@@ -254,7 +254,9 @@ def recording_unlinks(plan: FaultPlan) -> Iterator[FaultPlan]:
 
     def unlink(path, *args, **kwargs):
         real(path, *args, **kwargs)
-        plan.ops.append(Op("unlink", os.path.abspath(os.fspath(path))))
+        dir_fd = kwargs.get("dir_fd")
+        folder = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else os.getcwd()
+        plan.ops.append(Op("unlink", os.path.join(folder, os.fspath(path))))
 
     os.unlink = unlink
     try:
