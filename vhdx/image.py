@@ -958,7 +958,10 @@ def create_image(path: str | os.PathLike[str], size: int, *, block_size: int = 3
         rt = build_region_table(regions)
         storage.write(rt, C.REGION_TABLE1_OFFSET)
         storage.write(rt, C.REGION_TABLE2_OFFSET)
-        storage.write(metadata, md_offset)
+        # Only the table and the items packed after it: the rest of the region is zeros, which
+        # the newly sized file reads already, so it stays sparse.
+        used = C.METADATA_TABLE_SIZE + sum(len(it.data) for it in items)
+        storage.write(metadata[:_align_up(used, C.LOG_SECTOR_SIZE)], md_offset)
         raw_bat = batmod.encode_bat(bat)
         nz = np.flatnonzero(bat)
         if nz.size:
