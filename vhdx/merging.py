@@ -288,12 +288,14 @@ def _unlink_merged(path: str, original: uuid.UUID, wrap: Callable[[Storage], Sto
 
 
 def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], folders: Sequence[str],
-                keep: bool) -> list[str]:
+                keep: bool, cache: chains.ScanCache | None = None) -> list[str]:
     """Other files that the merge would break.
 
     Children of the destination (its content changes) and of the merged layers, the child
     itself included: merged layers are invalid afterwards, even when ``keep`` leaves them.
+    Only regular files are read, each once per command (``cache``, from the resolver).
     """
+    cache = cache if cache is not None else chains.ScanCache()
     ours = {os.path.abspath(im.path) for im in chain_images}
     guids = {im.header.data_write_guid: im for im in sources + [dest]}
     out = []
@@ -308,17 +310,9 @@ def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], fo
             if p in ours or p in seen or not name.lower().endswith(chains.VHDX_SUFFIXES):
                 continue
             seen.add(p)
-            try:
-                im = Image.open(p, "r")
-            except (VhdxError, OSError):
-                continue
-            try:
-                if im.has_parent:
-                    l1, l2 = chains._linkage_of(im)
-                    if (l1 in guids) or (l2 in guids):
-                        out.append(p)
-            finally:
-                im.close()
+            peek = cache.peek(p)
+            if not isinstance(peek, str) and peek.linkages & guids.keys():
+                out.append(p)
     return out
 
 
@@ -393,7 +387,7 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
             journal = None  # the record of an earlier, finished merge
         plan.resuming = journal is not None
         folders = sorted({os.path.dirname(os.path.abspath(im.path)) for im in images[:dest_index + 1]} | set(search))
-        plan.dependents = _dependents(dest_ro, images, sources, folders, keep)
+        plan.dependents = _dependents(dest_ro, images, sources, folders, keep, resolver.cache)
         plan_merge(sources, dest_ro, plan)
         if dry_run:
             return plan
