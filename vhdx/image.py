@@ -153,9 +153,27 @@ class Image:
             raise
         return image
 
-    def _load(self, *, salvage: bool = False) -> None:
+    @classmethod
+    def open_headers(cls, storage: Storage) -> "Image":
+        """Only the headers, region table and metadata of a file on ``storage``, read-only.
+
+        Enough for a folder scan to learn the GUIDs and the parent locator without reading
+        the BAT; nothing that reads or writes blocks works on the result. Close it after use.
+        """
+        if storage.writable:
+            raise UsageError("open_headers reads only", path=storage.path)
+        image = cls(storage)
+        try:
+            image._load(header_only=True)
+        except BaseException:
+            image.close(_failed=True)
+            raise
+        return image
+
+    def _load(self, *, salvage: bool = False, header_only: bool = False) -> None:
         """Parse everything; ``salvage`` (for ``vhdx check``) skips the BAT checks that
-        :func:`vhdx.check.check_image` reports as findings instead."""
+        :func:`vhdx.check.check_image` reports as findings instead; ``header_only`` stops
+        before the BAT."""
         path = self.path
         file_size = self.storage.size()
         if file_size < C.HEADER_SECTION_SIZE:
@@ -171,7 +189,8 @@ class Image:
             self._replay_log(header)
         self._load_regions()
         self._load_metadata()
-        self._load_bat(salvage=salvage)
+        if not header_only:
+            self._load_bat(salvage=salvage)
 
     def _select_header(self, head: bytes) -> None:
         """Valid CRC-32C, highest sequence number wins; identical headers are tolerated (§2.2)."""
@@ -1069,7 +1088,10 @@ def create_image(path: str | os.PathLike[str], size: int, *, block_size: int = 3
         rt = build_region_table(regions)
         storage.write(rt, C.REGION_TABLE1_OFFSET)
         storage.write(rt, C.REGION_TABLE2_OFFSET)
-        storage.write(metadata, md_offset)
+        # Only the table and the items packed after it: the rest of the region is zeros, which
+        # the newly sized file reads already, so it stays sparse.
+        used = C.METADATA_TABLE_SIZE + sum(len(it.data) for it in items)
+        storage.write(metadata[:_align_up(used, C.LOG_SECTOR_SIZE)], md_offset)
         raw_bat = batmod.encode_bat(bat)
         nz = np.flatnonzero(bat)
         if nz.size:

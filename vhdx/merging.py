@@ -627,12 +627,14 @@ def _unlink_merged(member: JournalMember, original: uuid.UUID, wrap: Callable[[S
 
 
 def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], folders: Sequence[str],
-                keep: bool) -> list[str]:
+                keep: bool, cache: chains.ScanCache | None = None) -> list[str]:
     """Other files that the merge would break.
 
     Children of the destination (its content changes) and of the merged layers, the child
     itself included: merged layers are invalid afterwards, even when ``keep`` leaves them.
+    Only regular files are read, each once per command (``cache``, from the resolver).
     """
+    cache = cache if cache is not None else chains.ScanCache()
     ours = {chains._file_key(im.path) for im in chain_images}  # by inode: a link to the child is the child
     guids = {im.header.data_write_guid: im for im in sources + [dest]}
     out = []
@@ -649,18 +651,13 @@ def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], fo
             seen.add(p)
             try:
                 st = os.stat(p)
-                if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in ours:
-                    continue  # only regular files (a FIFO would block), and not the chain's own
-                im = Image.open(p, "r")
-            except (VhdxError, OSError):
+            except OSError:
                 continue
-            try:
-                if im.has_parent:
-                    l1, l2 = chains._linkage_of(im)
-                    if (l1 in guids) or (l2 in guids):
-                        out.append(p)
-            finally:
-                im.close()
+            if (st.st_dev, st.st_ino) in ours:
+                continue  # one of the chain's own files, perhaps under another name
+            peek = cache.peek(p)  # only regular files (a FIFO would block), each read once
+            if not isinstance(peek, str) and peek.linkages & guids.keys():
+                out.append(p)
     return out
 
 
@@ -851,7 +848,7 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
         plan.resuming = journal is not None
         plan.to_delete = _plan_deletes(plan, keep, allowed_folders(dest_ro.path, child, folders=search))
         folders = sorted({os.path.dirname(os.path.abspath(im.path)) for im in images[:dest_index + 1]} | set(search))
-        plan.dependents = _dependents(dest_ro, images, sources, folders, keep)
+        plan.dependents = _dependents(dest_ro, images, sources, folders, keep, resolver.cache)
         plan_merge(sources, dest_ro, plan)
         if dry_run:
             return plan
