@@ -1,6 +1,6 @@
 """Power loss at every write and flush: the file must always reopen with each byte old or new.
 
-A :class:`FaultyStorage` wraps the real file and counts its mutating calls (write, truncate,
+A :class:`faultkit.FaultyStorage` wraps the real file and counts its mutating calls (write, truncate,
 flush). A counting run of a workload learns their number K; then, for every N in 1..K, the
 workload runs again on a fresh copy with the power failing at the N-th call. After the
 fault the storage refuses everything, so the Disk cannot close cleanly. The copy is then:
@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -36,134 +35,14 @@ import numpy as np
 import pytest
 
 from conftest import MiB, have
+from faultkit import FaultyStorage, PowerLoss
 
 vhdx = pytest.importorskip("vhdx")
-from vhdx.file.storage import FileStorage, Storage  # noqa: E402
+from vhdx.file.storage import FileStorage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-class PowerLoss(Exception):
-    """The simulated machine lost power: this call and every later one fail."""
-
-
-class FaultyStorage(Storage):
-    """A Storage that fails at its ``fail_at``-th mutating call (write, truncate, flush).
-
-    With ``drop_unflushed``, the failing call is carried out first (it may be torn too) and
-    then every write and truncate since the last successful flush is undone and each of its
-    4 KiB pages independently re-applied or lost, seeded by ``seed``.
-    """
-
-    PAGE = 4096
-
-    def __init__(self, inner: Storage, fail_at: int | None = None, *, drop_unflushed: bool = False,
-                 seed: int = 0) -> None:
-        self.inner = inner
-        self.path = inner.path
-        self.writable = inner.writable
-        self.fail_at = fail_at
-        self.drop_unflushed = drop_unflushed
-        self.rng = random.Random(seed)
-        self.calls = 0
-        self.dead = False
-        self.history: list[str] = []         # one line per mutating call, for messages
-        self._unflushed: list[tuple] = []    # ("w", offset, old, new) / ("t", old_size, old_tail, new_size)
-        self._durable_size = inner.size()
-
-    # -- the fault
-    def _tick(self, what: str) -> bool:
-        """Count a mutating call; True if this is the call that loses power."""
-        if self.dead:
-            raise PowerLoss("storage is gone (power was lost earlier)")
-        self.calls += 1
-        self.history.append(what)
-        return self.fail_at is not None and self.calls >= self.fail_at
-
-    def _lose_power(self, what: str) -> None:
-        self.dead = True
-        if self.drop_unflushed:
-            self._drop_unflushed()
-        self.inner.close()
-        raise PowerLoss(f"power lost at call {self.calls} ({what})")
-
-    def _drop_unflushed(self) -> None:
-        inner = self.inner
-        for op in reversed(self._unflushed):            # back to the last flushed state
-            if op[0] == "w":
-                _, offset, old, _new = op
-                inner.write(old, offset)
-            else:
-                _, old_size, old_tail, _new_size = op
-                inner.truncate(old_size)
-                if old_tail:
-                    inner.write(old_tail, old_size - len(old_tail))
-        inner.truncate(self._durable_size)
-        for op in self._unflushed:                      # then a random subset of pages lands
-            if op[0] == "w":
-                _, offset, _old, new = op
-                pos = offset
-                while pos < offset + len(new):
-                    end = min(offset + len(new), (pos // self.PAGE + 1) * self.PAGE)
-                    if self.rng.random() < 0.5:
-                        inner.write(new[pos - offset:end - offset], pos)
-                    pos = end
-            elif self.rng.random() < 0.5:
-                inner.truncate(op[3])
-
-    # -- Storage interface
-    def readinto(self, buf, offset: int) -> int:
-        if self.dead:
-            raise PowerLoss("storage is gone (power was lost earlier)")
-        return self.inner.readinto(buf, offset)
-
-    def size(self) -> int:
-        if self.dead:
-            raise PowerLoss("storage is gone (power was lost earlier)")
-        return self.inner.size()
-
-    def write(self, data, offset: int) -> None:
-        data = bytes(data)
-        what = f"write {len(data)} bytes at 0x{offset:x}"
-        fail = self._tick(what)
-        if fail and not self.drop_unflushed:
-            self._lose_power(what)
-        if self.drop_unflushed:
-            self._unflushed.append(("w", offset, self.inner.read(offset, len(data)), data))
-        self.inner.write(data, offset)
-        if fail:
-            self._lose_power(what)
-
-    def writev(self, buffers, offset: int) -> None:
-        for b in buffers:
-            self.write(b, offset)
-            offset += len(b)
-
-    def truncate(self, size: int) -> None:
-        what = f"truncate to 0x{size:x}"
-        fail = self._tick(what)
-        if fail and not self.drop_unflushed:
-            self._lose_power(what)
-        if self.drop_unflushed:
-            old_size = self.inner.size()
-            old_tail = self.inner.read(size, old_size - size) if size < old_size else b""
-            self._unflushed.append(("t", old_size, old_tail, size))
-        self.inner.truncate(size)
-        if fail:
-            self._lose_power(what)
-
-    def flush(self) -> None:
-        fail = self._tick("flush")
-        if fail:
-            self._lose_power("flush")
-        self.inner.flush()
-        self._unflushed.clear()
-        self._durable_size = self.inner.size()
-
-    def close(self) -> None:
-        self.inner.close()      # closing a handle persists nothing; always allowed
 
 
 # ------------------------------------------------------------------ scenarios and the model
@@ -477,7 +356,7 @@ def test_faulty_storage_counts_and_refuses_after_power_loss(tmp_path):
     """The wrapper itself: fails exactly at N, then refuses reads and writes alike."""
     p = tmp_path / "f.bin"
     p.write_bytes(bytes(8192))
-    s = FaultyStorage(FileStorage(str(p), writable=True, durable=False), fail_at=3)
+    s = FaultyStorage(FileStorage(str(p), writable=True, durable=False), 3)
     s.write(b"a", 0)
     s.flush()
     with pytest.raises(PowerLoss):
@@ -494,7 +373,7 @@ def test_drop_unflushed_restores_flushed_state_or_new_pages(tmp_path):
     p.write_bytes(b"\x11" * 16384)
     for seed in range(20):
         p.write_bytes(b"\x11" * 16384)
-        s = FaultyStorage(FileStorage(str(p), writable=True, durable=False), fail_at=4,
+        s = FaultyStorage(FileStorage(str(p), writable=True, durable=False), 4,
                           drop_unflushed=True, seed=seed)
         s.write(b"\x22" * 4096, 0)
         s.flush()

@@ -19,7 +19,6 @@ import hashlib
 import importlib
 import io
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,10 @@ from vhdx.format import bat as batmod
 from vhdx.format import constants as C
 from vhdx.file.image import Image
 from vhdx.file.storage import Storage
+
+# The one FaultyStorage of the tests lives in tests/faults (not a package: it is put on the path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
+from faultkit import FaultPlan, FaultyStorage, PowerLoss  # noqa: E402,F401  (re-exported)
 
 try:  # the module was renamed so that ``vhdx.merge`` can be the function
     merging = importlib.import_module("vhdx.ops.merge.run")
@@ -245,144 +248,6 @@ def standard_writes(rng: np.random.Generator, size: int, block_size: int, sector
 
 
 # ------------------------------------------------------------------------------ faults
-
-class PowerLoss(Exception):
-    """The simulated machine lost power: this call and every later one fail."""
-
-
-class FaultPlan:
-    """One simulated machine: a shared count of mutating calls over every wrapped file."""
-
-    PAGE = 4096
-
-    def __init__(self, fail_at: int | None = None, *, drop_unflushed: bool = False, seed: int = 0,
-                 real_flush: bool = False) -> None:
-        self.fail_at = fail_at
-        self.drop_unflushed = drop_unflushed
-        self.rng = random.Random(seed)
-        self.real_flush = real_flush
-        self.calls = 0
-        self.dead = False
-        self.history: list[str] = []
-        self.storages: list[FaultyStorage] = []
-
-    def wrap(self, storage: Storage) -> Storage:
-        s = FaultyStorage(storage, self)
-        self.storages.append(s)
-        return s
-
-    def tick(self, what: str) -> bool:
-        if self.dead:
-            raise PowerLoss(f"storage is gone (power was lost earlier); refused: {what}")
-        self.calls += 1
-        self.history.append(what)
-        return self.fail_at is not None and self.calls >= self.fail_at
-
-    def lose_power(self, what: str) -> None:
-        self.dead = True
-        if self.drop_unflushed:
-            for s in self.storages:
-                s.drop_unflushed(self.rng)
-        raise PowerLoss(f"power lost at call {self.calls} ({what})")
-
-
-class FaultyStorage(Storage):
-    def __init__(self, inner: Storage, plan: FaultPlan) -> None:
-        self.inner = inner
-        self.plan = plan
-        self.path = inner.path
-        self.writable = inner.writable
-        self._unflushed: list[tuple] = []   # ("w", offset, old, new) / ("t", old_size, old_tail, new_size)
-        self._durable_size = inner.size()
-
-    def _alive(self) -> None:
-        if self.plan.dead:
-            raise PowerLoss("storage is gone (power was lost earlier)")
-
-    def readinto(self, buf, offset: int) -> int:
-        self._alive()
-        return self.inner.readinto(buf, offset)
-
-    def size(self) -> int:
-        self._alive()
-        return self.inner.size()
-
-    def fileno(self):
-        return None  # no fast paths around the wrapper
-
-    def write(self, data, offset: int) -> None:
-        data = bytes(data)
-        what = f"{os.path.basename(self.path)}: write {len(data)} bytes at 0x{offset:x}"
-        fail = self.plan.tick(what)
-        if fail and not self.plan.drop_unflushed:
-            self.plan.lose_power(what)
-        if self.plan.drop_unflushed:
-            self._unflushed.append(("w", offset, self.inner.read(offset, len(data)), data))
-        self.inner.write(data, offset)
-        if fail:   # the write may have landed (or been torn) before the power went
-            self.plan.lose_power(what)
-
-    def writev(self, buffers, offset: int) -> None:
-        for b in buffers:
-            self.write(b, offset)
-            offset += len(b)
-
-    def truncate(self, size: int) -> None:
-        what = f"{os.path.basename(self.path)}: truncate to 0x{size:x}"
-        fail = self.plan.tick(what)
-        if fail and not self.plan.drop_unflushed:
-            self.plan.lose_power(what)
-        if self.plan.drop_unflushed:
-            old_size = self.inner.size()
-            old_tail = self.inner.read(size, old_size - size) if size < old_size else b""
-            self._unflushed.append(("t", old_size, old_tail, size))
-        self.inner.truncate(size)
-        if fail:
-            self.plan.lose_power(what)
-
-    def flush(self) -> None:
-        what = f"{os.path.basename(self.path)}: flush"
-        if self.plan.tick(what):
-            self.plan.lose_power(what)
-        if self.plan.real_flush:
-            self.inner.flush()
-        self._unflushed.clear()
-        self._durable_size = self.inner.size()
-
-    def close(self) -> None:
-        self.inner.close()      # closing persists nothing; always allowed
-
-    def drop_unflushed(self, rng: random.Random) -> None:
-        """Back to the last flushed state, then a random subset of the later pages lands."""
-        if not self._unflushed:
-            return
-        fd = os.open(self.path, os.O_RDWR)
-        try:
-            for op in reversed(self._unflushed):
-                if op[0] == "w":
-                    _, offset, old, _new = op
-                    os.pwrite(fd, old, offset)
-                else:
-                    _, old_size, old_tail, _new = op
-                    os.ftruncate(fd, old_size)
-                    if old_tail:
-                        os.pwrite(fd, old_tail, old_size - len(old_tail))
-            os.ftruncate(fd, self._durable_size)
-            for op in self._unflushed:
-                if op[0] == "w":
-                    _, offset, _old, new = op
-                    pos = offset
-                    while pos < offset + len(new):
-                        end = min(offset + len(new), (pos // FaultPlan.PAGE + 1) * FaultPlan.PAGE)
-                        if rng.random() < 0.5:
-                            os.pwrite(fd, new[pos - offset:end - offset], pos)
-                        pos = end
-                elif rng.random() < 0.5:
-                    os.ftruncate(fd, op[3])
-        finally:
-            os.close(fd)
-        self._unflushed.clear()
-
 
 # ------------------------------------------------------------------------------ interop judges
 

@@ -73,7 +73,7 @@ def test_dry_run_sees_a_pending_finish(tmp_path: Path) -> None:
     real = merging._complete
     calls = []
 
-    def stop_before_cleanup(dest_path, keep, wrap):
+    def stop_before_cleanup(dest_path, keep, wrap, *args):
         calls.append(dest_path)
         raise OSError(5, "simulated crash before the cleanup")
 

@@ -12,7 +12,7 @@ import uuid
 from typing import Any, Callable, Iterable
 
 from ..errors import ReadOnlyError, UsageError
-from ..file.image import Image, zero_fill
+from ..file.image import Image, as_offset, zero_fill
 
 _MAX_CHUNK = 64 << 20
 
@@ -116,40 +116,57 @@ class Disk(io.RawIOBase):
 
     def pread_into(self, view: memoryview, offset: int) -> int:
         """Positional read: fill ``view`` from virtual ``offset``, clipped at the disk size."""
+        offset = as_offset(offset, "offset", self.path)
+        view = memoryview(view).cast("B")
         n = max(0, min(len(view), self.size - offset))
         if n:
             self._read_virtual(view[:n], offset)
         return n
 
     def pread(self, offset: int, length: int) -> bytes:
+        """Positional read of up to ``length`` bytes from virtual ``offset`` (fewer at the end)."""
+        offset = as_offset(offset, "offset", self.path)
+        length = as_offset(length, "length", self.path)
         buf = bytearray(max(0, min(length, self.size - offset)))
         self.pread_into(memoryview(buf), offset)
         return bytes(buf)
 
-    def _fallthrough(self) -> Callable[[memoryview, int], None] | None:
-        parent = self.parent
-        if parent is not None:
-            return parent._read_parent
-        if self._parent_zeros:
-            return lambda view, offset: zero_fill(view)
-        return None
-
-    def _read_parent(self, view: memoryview, offset: int) -> None:
-        """A child's read of this disk: bytes past this disk's size read as zeros (§6)."""
-        n = max(0, min(len(view), self.size - offset))
-        if n:
-            self._read_virtual(view[:n], offset)
-        if n < len(view):
-            zero_fill(view[n:])
-
     def _read_virtual(self, view: memoryview, offset: int) -> None:
-        fall = self._fallthrough()
         done = 0
         total = len(view)
         while done < total:
             n = min(_MAX_CHUNK, total - done)
-            self.image.readinto_at(view[done:done + n], offset + done, fall)
+            self._read_through_chain(view[done:done + n], offset + done)
             done += n
+
+    def _read_through_chain(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` layer by layer, without recursion (a chain may be a thousand deep).
+
+        What a layer does not define is handed down as holes (slices of ``view``) to its
+        parent, which reads zeros past its own size (§6); below the base, holes read zeros
+        (``parent_zeros``) or were already zero-filled by the image.
+        """
+        holes: list[tuple[memoryview, int]] = [(view, offset)]
+        disk: Disk | None = self
+        while holes and disk is not None:
+            below: list[tuple[memoryview, int]] = []
+            parent = disk.parent
+            fall: Callable[[memoryview, int], None] | None = None
+            if parent is not None:
+                fall = lambda hole, at: below.append((hole, at))  # noqa: E731
+            elif disk._parent_zeros:
+                fall = lambda hole, at: zero_fill(hole)  # noqa: E731
+            for hole, at in holes:
+                disk.image.readinto_at(hole, at, fall)
+            holes = []
+            if parent is not None:
+                for hole, at in below:
+                    n = max(0, min(len(hole), parent.size - at))
+                    if n < len(hole):
+                        zero_fill(hole[n:])
+                    if n:
+                        holes.append((hole[:n], at))
+            disk = parent
 
     def write(self, data: Any) -> int:
         self._check_open()
@@ -163,8 +180,7 @@ class Disk(io.RawIOBase):
         if not self.image.writable:
             raise ReadOnlyError("opened read-only", path=self.path)
         view = memoryview(data).cast("B")
-        if offset < 0:
-            raise UsageError(f"negative offset {offset}", path=self.path)
+        offset = as_offset(offset, "offset", self.path)
         if offset + len(view) > self.size:
             raise UsageError(f"write of {len(view)} bytes at {offset} runs past the end of the "
                              f"{self.size}-byte disk", path=self.path)

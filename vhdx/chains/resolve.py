@@ -5,11 +5,14 @@ the absolute Win32 path (each mapped to this machine), then scans the search pat
 file whose DataWriteGuid equals the child's ``parent_linkage`` (vhdx-format.md §9.3).
 Every path tried is recorded, so a missing parent can be reported in full. Parents are
 always opened read-only: opening a parent for writing would rotate its GUIDs and orphan
-every child it has (§2.3).
+every child it has (§2.3). Only regular files are opened while resolving or scanning (a
+FIFO would block the open for ever); a scan reads each file's headers once per command
+(:class:`ScanCache`), and every walk along a chain is a loop bounded by ``MAX_DEPTH``.
 """
 
 from __future__ import annotations
 
+import errno
 import ntpath
 import os
 import re
@@ -23,9 +26,9 @@ from ..errors import (ChainCycleError, ChainError, ParentMismatchError, ParentNo
 from ..format import constants as C
 from ..format.locator import KEY_ORDER, build_parent_locator, format_linkage, parse_linkage
 from ..file.image import Image, create_image
-from ..file.storage import Storage
+from ..file.storage import FileStorage, Storage, not_regular_reason
 
-MAX_DEPTH = 256  # OpenVMM's cap (vhdx-format.md §9.3)
+MAX_DEPTH = 1024  # layers of one chain; deeper is refused (a loop of files, or a crafted chain)
 VHDX_SUFFIXES = (".vhdx", ".avhdx")
 _CHECKPOINT_NAME = re.compile(r"^(?P<stem>.+)_[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-"
                               r"[0-9A-Fa-f]{12}\.avhdx$")
@@ -118,6 +121,130 @@ def _file_key(path: str) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
 
+# --------------------------------------------------------------------------- scanning
+
+def regular_file_problem(path: str, *, allow_block: bool = False) -> str | None:
+    """Why a file met while scanning or resolving must be skipped, or None if it may be opened.
+
+    Symlinks are followed, so a dangling link or a loop of links is a problem too. FIFOs,
+    sockets and devices are never opened: opening a FIFO for reading waits for a writer.
+    """
+    return _stat_regular(path, allow_block)[1]
+
+
+def _stat_regular(path: str, allow_block: bool) -> tuple[os.stat_result | None, str | None]:
+    """(the file's stat, None) for a file that may be opened, else (None, why not)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None, "a loop of symbolic links"
+        if os.path.islink(path):
+            return None, "a dangling symbolic link"
+        return None, e.strerror or str(e)
+    problem = not_regular_reason(st.st_mode, allow_block=allow_block)
+    return (None, problem) if problem else (st, None)
+
+
+def open_found(path: str, *, allow_block: bool = False) -> Image:
+    """Open, read-only, a file that resolution or a scan found: a regular file only."""
+    return Image.open(path, "r", storage=FileStorage(path, regular_only=not allow_block))
+
+
+@dataclass(frozen=True)
+class Peek:
+    """What a scan learns from a file's headers and metadata (its BAT is not read)."""
+
+    data_write_guid: uuid.UUID
+    has_parent: bool
+    parent_linkage: uuid.UUID | None = None
+    parent_linkage2: uuid.UUID | None = None  # None when absent or zero
+
+    @property
+    def linkages(self) -> set[uuid.UUID]:
+        return {g for g in (self.parent_linkage, self.parent_linkage2) if g is not None}
+
+
+def read_peek(path: str, *, allow_block: bool = False) -> Peek | str:
+    """The GUIDs of one file from its headers and metadata, or why it could not be read."""
+    try:
+        image = Image.open_headers(FileStorage(path, regular_only=not allow_block))
+    except (VhdxError, OSError) as e:
+        return f"unreadable: {e.detail if isinstance(e, VhdxError) else e}"
+    try:
+        return _peek_of(image)
+    finally:
+        image.close()
+
+
+def _peek_of(image: Image) -> Peek:
+    l1, l2 = _linkage_of(image) if image.has_parent else (None, None)
+    return Peek(image.header.data_write_guid, image.has_parent, l1, l2)
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class ScanCache:
+    """The header peeks of one command, so that a scanned folder is read once.
+
+    Peeks are kept under the file's (st_dev, st_ino, st_size, st_mtime_ns): a file changed
+    since is read again. Files change between commands, so each command (a resolver,
+    ``find_chains``, a merge) owns its own cache; none outlives the command.
+    """
+
+    def __init__(self) -> None:
+        self._peeks: dict[tuple[int, int, int, int], Peek | str] = {}
+        self._folders: dict[str, tuple[dict[uuid.UUID, list[str]], list[tuple[str, str]]]] = {}
+
+    def scan(self, folder: str) -> tuple[dict[uuid.UUID, list[str]], list[tuple[str, str]]]:
+        """The .vhdx/.avhdx files of ``folder`` by DataWriteGuid, and (path, why) for those skipped.
+
+        Listed once per command (raises OSError if the folder cannot be listed). A file found
+        here is only a candidate: whoever opens it checks its GUID again.
+        """
+        key = os.path.abspath(folder)
+        if key not in self._folders:
+            by_guid: dict[uuid.UUID, list[str]] = {}
+            skipped: list[tuple[str, str]] = []
+            for name in sorted(os.listdir(folder)):
+                if not name.lower().endswith(VHDX_SUFFIXES):
+                    continue
+                path = os.path.join(folder, name)
+                peek = self.peek(path)
+                if isinstance(peek, str):
+                    skipped.append((path, peek))
+                else:
+                    by_guid.setdefault(peek.data_write_guid, []).append(path)
+            self._folders[key] = (by_guid, skipped)
+        return self._folders[key]
+
+    def peek(self, path: str, *, allow_block: bool = False) -> Peek | str:
+        """The file's :class:`Peek`, or why it is skipped ("not a regular file (a FIFO)", ...)."""
+        st, problem = _stat_regular(path, allow_block)
+        if st is None:
+            return problem or "cannot be read"
+        key = _stat_key(st)
+        found = self._peeks.get(key)
+        if found is None:
+            found = self._peeks[key] = read_peek(path, allow_block=allow_block)
+        return found
+
+    def open(self, path: str, *, allow_block: bool = False) -> Image | str:
+        """Open a file that resolution found (read-only, a regular file only) and remember its
+        peek; or say why it cannot be opened."""
+        st, problem = _stat_regular(path, allow_block)
+        if st is None:
+            return problem or "cannot be read"
+        try:
+            image = open_found(path, allow_block=allow_block)
+        except VhdxError as e:
+            return f"unreadable: {e.detail}"
+        self._peeks[_stat_key(st)] = _peek_of(image)
+        return image
+
+
 # --------------------------------------------------------------------------- layers
 
 @dataclass
@@ -165,7 +292,7 @@ def merge_in_progress(image: Image) -> bool:
         return False
     try:
         return json.loads(raw.decode()).get("state") != "done"
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         return True
 
 
@@ -173,11 +300,15 @@ MERGE_JOURNAL_GUID = uuid.UUID("5b1f2a4e-9c0d-4d7e-8a53-7d6c3e9b1a01")  # our us
 
 
 class _Resolver:
-    """Finds and opens the parents of one image, strictly (open) or leniently (describe)."""
+    """Finds and opens the parents of one image, strictly (open) or leniently (describe).
+
+    Only regular files are opened (a file the user names with ``parents`` may also be a block
+    device). ``cache`` holds the header peeks of the command; by default the resolver has its own.
+    """
 
     def __init__(self, *, search_paths: Iterable[str | os.PathLike[str]] = (),
                  parents: Sequence[str | os.PathLike[str]] | None = None, ignore_id_mismatch: bool = False,
-                 missing_parent: str = "error", strict: bool = True) -> None:
+                 missing_parent: str = "error", strict: bool = True, cache: ScanCache | None = None) -> None:
         if missing_parent not in ("error", "zeros"):
             raise UsageError(f"missing_parent={missing_parent!r}: 'error' or 'zeros'")
         self.search_paths = [os.fspath(p) for p in search_paths]
@@ -185,6 +316,7 @@ class _Resolver:
         self.ignore = ignore_id_mismatch
         self.missing = missing_parent
         self.strict = strict
+        self.cache = cache if cache is not None else ScanCache()
 
     def resolve(self, leaf: Image) -> tuple[list[Image], list[Layer], bool]:
         """Images leaf..base (the leaf included), their layers, and whether the base reads zeros."""
@@ -195,7 +327,7 @@ class _Resolver:
         try:
             while images[-1].has_parent:
                 child = images[-1]
-                if len(images) > MAX_DEPTH:
+                if len(images) >= MAX_DEPTH:
                     raise ChainCycleError(f"the chain is deeper than {MAX_DEPTH} layers", path=leaf.path)
                 parent, how, state, tried = self._find_parent(child, len(images) - 1, seen)
                 layers[-1].linkage = state
@@ -228,13 +360,18 @@ class _Resolver:
             raise ChainError("the parent locator has no valid parent_linkage", path=child.path)
         accept = {g for g in (l1, l2) if g is not None}
         tried: list[str] = []
-        mismatches: list[tuple[str, str, uuid.UUID]] = []
+        mismatches: list[tuple[str, str, uuid.UUID, bool]] = []
         cycle: list[str] = []
 
         def consider(how: str, path: str) -> Image | None:
             local = _case_insensitive(path)
             tried.append(f"{how}: {path}")
-            if local is None or not os.path.isfile(local):
+            if local is None:
+                return None
+            allow_block = how == "given"  # a file the user names may be a block device
+            problem = regular_file_problem(local, allow_block=allow_block)
+            if problem is not None:
+                tried[-1] += f" ({problem})"
                 return None
             if _file_key(local) in seen:
                 if self.strict:
@@ -242,15 +379,14 @@ class _Resolver:
                 tried[-1] += " (already in the chain: a cycle)"
                 cycle.append(local)
                 return None
-            try:
-                image = Image.open(local, "r")
-            except VhdxError as e:
-                tried[-1] += f" (unreadable: {e.detail})"
+            image = self.cache.open(local, allow_block=allow_block)
+            if isinstance(image, str):
+                tried[-1] += f" ({image})"
                 return None
             if image.header.data_write_guid in accept:
                 return image
             tried[-1] += f" (DataWriteGuid {image.header.data_write_guid})"
-            mismatches.append((how, local, image.header.data_write_guid))
+            mismatches.append((how, local, image.header.data_write_guid, allow_block))
             image.close()
             return None
 
@@ -269,28 +405,25 @@ class _Resolver:
                     return image, how, "ok", tried
             for d in self.search_paths + [os.path.dirname(os.path.abspath(child.path))]:
                 try:
-                    names = sorted(os.listdir(d))
+                    by_guid, skipped = self.cache.scan(d)
                 except OSError:
                     tried.append(f"search {d}: not a readable folder")
                     continue
                 tried.append(f"DataWriteGuid scan of {d}")
-                for name in names:
-                    if not name.lower().endswith(VHDX_SUFFIXES):
+                tried += [f"  skipped {p}: {why}" for p, why in skipped]
+                skip = {m[1] for m in mismatches} | {os.path.abspath(child.path)}
+                for p in sorted(p for g in accept for p in by_guid.get(g, ())):
+                    if p in skip or os.path.abspath(p) in skip:
                         continue
-                    p = os.path.join(d, name)
-                    if any(p == m[1] for m in mismatches) or os.path.abspath(p) == os.path.abspath(child.path):
-                        continue
-                    guid = read_data_write_guid(p)
-                    if guid in accept:
-                        image = consider(f"DataWriteGuid scan of {d}", p)
-                        if image is not None:
-                            return image, f"DataWriteGuid scan of {d}", "ok", tried
+                    image = consider(f"DataWriteGuid scan of {d}", p)
+                    if image is not None:
+                        return image, f"DataWriteGuid scan of {d}", "ok", tried
         if mismatches:
-            how, local, found = mismatches[0]
+            how, local, found, allow_block = mismatches[0]
             if self.ignore or not self.strict:
                 if _file_key(local) in seen:
                     return None, how, "cycle", tried
-                return Image.open(local, "r"), how, "mismatch", tried
+                return open_found(local, allow_block=allow_block), how, "mismatch", tried
             raise ParentMismatchError(
                 f"parent {local} has DataWriteGuid {found} but the child's parent_linkage is {l1} "
                 f"(the parent was modified after the child was made; accept it with --ignore-id-mismatch / ignore_id_mismatch=True only if its data is unchanged)",
@@ -303,16 +436,10 @@ class _Resolver:
         return None, "", "missing", tried
 
 
-def read_data_write_guid(path: str) -> uuid.UUID | None:
-    """The current header's DataWriteGuid of a file, or None if it is not a readable VHDX."""
-    try:
-        image = Image.open(path, "r")
-    except (VhdxError, OSError):
-        return None
-    try:
-        return image.header.data_write_guid
-    finally:
-        image.close()
+def read_data_write_guid(path: str, cache: ScanCache | None = None) -> uuid.UUID | None:
+    """The current header's DataWriteGuid of a regular file, or None if it is not a readable VHDX."""
+    peek = (cache or ScanCache()).peek(path)
+    return None if isinstance(peek, str) else peek.data_write_guid
 
 
 def attach_parents(image: Image, **options: Any) -> Disk:
@@ -571,27 +698,43 @@ class Forest:
 
 
 def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Forest:
-    """Read every .vhdx/.avhdx in ``folder`` and rebuild the forest of chains."""
+    """Read every .vhdx/.avhdx in ``folder`` and rebuild the forest of chains.
+
+    Only regular files are read: a FIFO, socket, device or broken symlink named like a disk is
+    listed as unreadable, with the reason. ``recursive`` does not follow symlinked folders.
+    """
     folder = os.path.abspath(os.fspath(folder))
     paths: list[str] = []
     if recursive:
-        for root, _dirs, files in os.walk(folder):
+        for root, _dirs, files in os.walk(folder):  # followlinks=False: no loops through symlinks
             paths += [os.path.join(root, f) for f in files if f.lower().endswith(VHDX_SUFFIXES)]
     else:
         paths = [os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(VHDX_SUFFIXES)]
     paths.sort()
+    nodes, locators, accept2 = _read_nodes(paths)
+    _link_nodes(folder, nodes, locators, accept2)
+    for p, node in nodes.items():
+        if node.parent:
+            nodes[node.parent].children.append(p)
+    return Forest(folder, nodes)
+
+
+def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, str]], dict[str, str]]:
+    """A node for each file; the parent locators of the children; their parent_linkage2 if set."""
     nodes: dict[str, Node] = {}
     locators: dict[str, dict[str, str]] = {}
     accept2: dict[str, str] = {}
-    by_guid: dict[str, list[str]] = {}
     for p in paths:
-        node = Node(p)
-        try:
-            image = Image.open(p, "r")
-        except (VhdxError, OSError) as e:
-            node.error = str(e)
-            node.state = "unreadable"
-            nodes[p] = node
+        node = nodes[p] = Node(p)
+        problem = regular_file_problem(p)
+        image = None
+        if problem is None:
+            try:
+                image = open_found(p)
+            except (VhdxError, OSError) as e:
+                problem = str(e)
+        if image is None:
+            node.error, node.state = problem, "unreadable"
             continue
         try:
             node.disk_type = image.disk_type
@@ -607,27 +750,45 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
                 node.state = "missing"
         finally:
             image.close()
-        nodes[p] = node
-        by_guid.setdefault(node.data_write_guid, []).append(p)
-    keys = {p: _file_key(p) for p in nodes}
+    return nodes, locators, accept2
+
+
+def _key_or_none(path: str) -> tuple[int, int] | None:
+    try:
+        return _file_key(path)
+    except OSError:
+        return None
+
+
+def _link_nodes(folder: str, nodes: dict[str, Node], locators: dict[str, dict[str, str]],
+                accept2: dict[str, str]) -> None:
+    """Set each child's parent and state: by its locator's paths, else by DataWriteGuid."""
+    readable = [p for p, n in nodes.items() if n.state != "unreadable"]
+    by_key: dict[tuple[int, int], str] = {}
+    by_guid: dict[str, list[str]] = {}
+    for p in readable:
+        key = _key_or_none(p)
+        if key is not None:
+            by_key.setdefault(key, p)
+        by_guid.setdefault(str(nodes[p].data_write_guid), []).append(p)
+    cache = ScanCache()
     for p, loc in locators.items():
         node = nodes[p]
+        wanted = (node.parent_linkage, accept2.get(p))
         found: str | None = None
         mismatch: str | None = None
         for _how, cand in candidate_paths(loc, p, [folder]):
             local = _case_insensitive(cand)
-            if local is None:
-                continue
-            local = os.path.abspath(local)
-            match = next((q for q in nodes if keys[q] == _file_key(local)), None) if os.path.exists(local) else None
+            key = _key_or_none(local) if local is not None else None
+            match = by_key.get(key) if key is not None else None
             if match is None or match == p:
                 continue
-            if nodes[match].data_write_guid in (node.parent_linkage, accept2.get(p)):
+            if nodes[match].data_write_guid in wanted:
                 found = match
                 break
             mismatch = mismatch or match
         if found is None:
-            same = [q for g in (node.parent_linkage, accept2.get(p)) if g for q in by_guid.get(g, []) if q != p]
+            same = [q for g in wanted if g for q in by_guid.get(g, []) if q != p]
             found = same[0] if same else None
         if found is not None:
             node.parent, node.state = found, "ok"
@@ -636,20 +797,16 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
         else:
             for _how, cand in candidate_paths(loc, p, []):
                 local = _case_insensitive(cand)
-                if local and os.path.isfile(local) and str(read_data_write_guid(local)) == node.parent_linkage:
+                if local and str(read_data_write_guid(local, cache)) == node.parent_linkage:
                     node.state, node.external_parent = "external", os.path.abspath(local)
                     break
-    for p, node in nodes.items():
-        if node.parent:
-            nodes[node.parent].children.append(p)
-    return Forest(folder, nodes)
 
 
 # --------------------------------------------------------------------------- check
 
 def check_chain(path: str | os.PathLike[str], **options: Any) -> list[Any]:
     """Findings about a file's chain: missing parents, ID mismatches, interrupted merges."""
-    from ..ops.check import ERROR, WARNING, Finding
+    from ..ops.check import ERROR, WARNING, Finding, journal_findings
     out = []
     missing_severity = WARNING if options.get("missing_parent") == "zeros" else ERROR
     try:
@@ -661,6 +818,7 @@ def check_chain(path: str | os.PathLike[str], **options: Any) -> list[Any]:
         if layer.interrupted_merge:
             out.append(Finding(WARNING, None, f"{layer.path}: a merge into this disk was interrupted",
                                "run the same 'vhdx merge' command again to finish it"))
+        out.extend(journal_findings(layer.path, options.get("search_paths", ())))
         if layer.linkage == "missing":
             out.append(Finding(missing_severity, None, f"{layer.path}: parent with DataWriteGuid {layer.parent_linkage} "
                                f"not found", "use --search DIR, or 'vhdx reparent' to point it at its parent"))

@@ -41,13 +41,23 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_orphans)
 
 
+MAX_INDENT = 32  # deeper levels of a tree are drawn at this indent, with their level number
+
+
+def indent(depth: int, unit: str) -> str:
+    """The indent of a tree line: ``unit`` per level, capped so that deep chains stay readable."""
+    if depth <= MAX_INDENT:
+        return unit * depth
+    return unit * MAX_INDENT + f"(level {depth}) "
+
+
 def cmd_chain(args: argparse.Namespace) -> int:
     ch = chains.chain(args.path, **chain_options(args))
     if args.json:
         emit_json(ch.to_dict())
     else:
         for depth, layer in enumerate(ch.layers):
-            pad = "  " * depth
+            pad = indent(depth, "  ")
             flags = []
             if layer.interrupted_merge:
                 flags.append("INTERRUPTED MERGE")
@@ -114,6 +124,43 @@ def mergeable_chains(forest: chains.Forest) -> list[list[chains.Node]]:
     return out
 
 
+def _node_tags(forest: chains.Forest, node: chains.Node) -> list[str]:
+    tags = [node.disk_type]
+    if node.state == "external":
+        tags.append(f"parent outside this folder: {node.external_parent}")
+    if node.state in ("missing", "mismatch"):
+        tags.append("PARENT MISSING" if node.state == "missing"
+                    else "ID MISMATCH with " + os.path.relpath(node.parent or "", forest.folder))
+    if len(node.children) > 1:
+        tags.append(f"branch: {len(node.children)} children")
+    if not node.children:
+        tags.append("leaf")
+    if node.interrupted_merge:
+        tags.append("INTERRUPTED MERGE")
+    return tags
+
+
+def print_forest(forest: chains.Forest) -> None:
+    """Each tree from its root down (without recursion: chains may be a thousand deep), then the
+    disks that no root leads to (their parents form a loop) and the unreadable files."""
+    rel = lambda p: os.path.relpath(p, forest.folder)  # noqa: E731
+    shown: set[str] = set()
+    stack = [(root, 0) for root in sorted(forest.roots, key=lambda n: n.path, reverse=True)]
+    while stack:
+        node, depth = stack.pop()
+        if node.path in shown:
+            continue
+        shown.add(node.path)
+        print(f"{indent(depth, '    ')}{'└── ' if depth else ''}{rel(node.path)}  "
+              f"[{', '.join(_node_tags(forest, node))}]")
+        stack += [(forest.nodes[c], depth + 1) for c in sorted(node.children, reverse=True)]
+    for n in sorted(forest.nodes.values(), key=lambda n: n.path):
+        if n.path not in shown and n.state != "unreadable":
+            print(f"{rel(n.path)}  [{n.disk_type}, in a loop of parents: no base]")
+    for n in forest.unreadable:
+        print(f"{rel(n.path)}  [unreadable: {n.error}]")
+
+
 def cmd_orphans(args: argparse.Namespace) -> int:
     forest = chains.find_chains(args.folder, recursive=args.recursive)
     plans = mergeable_chains(forest)
@@ -122,32 +169,7 @@ def cmd_orphans(args: argparse.Namespace) -> int:
         d["merge_commands"] = [_merge_command(c) for c in plans]
         emit_json(d)
         return EXIT_OK
-    rel = lambda p: os.path.relpath(p, forest.folder)  # noqa: E731
-
-    def show(node: chains.Node, depth: int) -> None:
-        if node.state == "unreadable":
-            print(f"{'    ' * depth}{rel(node.path)}  [unreadable: {node.error}]")
-            return
-        tags = [node.disk_type]
-        if node.state == "external":
-            tags.append(f"parent outside this folder: {node.external_parent}")
-        if node.state in ("missing", "mismatch"):
-            tags.append("PARENT MISSING" if node.state == "missing" else "ID MISMATCH with " + rel(node.parent))
-        if len(node.children) > 1:
-            tags.append(f"branch: {len(node.children)} children")
-        if not node.children:
-            tags.append("leaf")
-        if node.interrupted_merge:
-            tags.append("INTERRUPTED MERGE")
-        print(f"{'    ' * depth}{'└── ' if depth else ''}{rel(node.path)}  [{', '.join(tags)}]")
-        for c in sorted(node.children):
-            show(forest.nodes[c], depth + 1)
-
-    roots = sorted(forest.roots, key=lambda n: n.path)
-    for r in roots:
-        show(r, 0)
-    for n in forest.unreadable:
-        print(f"{rel(n.path)}  [unreadable: {n.error}]")
+    print_forest(forest)
     if not forest.nodes:
         print(f"no .vhdx or .avhdx files in {forest.folder}")
     if plans:

@@ -35,17 +35,30 @@ def print_plan(plan: MergePlan) -> None:
     print(f"  copy        {human_bytes(plan.bytes_to_copy)} ({plan.bytes_to_copy} bytes), zero "
           f"{human_bytes(plan.bytes_of_zeros)}, {plan.destination_blocks} destination blocks, "
           f"{plan.allocations} to allocate ({human_bytes(plan.bytes_to_allocate)})")
+    if plan.bytes_needed:
+        print(f"  space       needs up to {human_bytes(plan.bytes_needed)} of free space")
+    for p in plan.to_delete:
+        print(f"  delete      {p}")
     if plan.dependents:
         print("  WARNING: these disks depend on the destination or on a layer the merge deletes:")
         for d in plan.dependents:
             print(f"    {d}")
 
 
+def _announce(args: argparse.Namespace) -> Any:
+    """Print every file the merge will delete, before it starts (not with --json)."""
+    def show(plan: MergePlan) -> None:
+        if not getattr(args, "json", False):
+            for p in plan.to_delete:
+                print(f"will delete {p}", flush=True)
+    return show
+
+
 def _run_one(args: argparse.Namespace, child: str, into: str | None) -> dict[str, Any]:
     progress = Progress(f"merge {os.path.basename(child)}", enabled=getattr(args, "progress", None))
     result = merge(child, into, progress=progress, ignore_id_mismatch=getattr(args, "ignore_id_mismatch", False),
                    keep=getattr(args, "keep", False), force=getattr(args, "force", False),
-                   search_paths=getattr(args, "search", []))
+                   search_paths=getattr(args, "search", []), on_plan=_announce(args))
     progress.finish()
     d = result.to_dict()
     return d
@@ -54,7 +67,7 @@ def _run_one(args: argparse.Namespace, child: str, into: str | None) -> dict[str
 def cmd_merge(args: argparse.Namespace) -> int:
     if args.dry_run:
         plan = merge(args.child, args.into, ignore_id_mismatch=args.ignore_id_mismatch, search_paths=args.search,
-                     dry_run=True)
+                     keep=args.keep, dry_run=True)
         if args.json:
             emit_json(plan.to_dict())
         else:
@@ -65,10 +78,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(dict(child=args.child, destination=d["plan"]["destination"], bytes_copied=d["bytes_copied"],
                        blocks=d["plan"]["destination_blocks"], seconds=d["seconds"],
-                       throughput_mib_s=d["throughput_mib_s"], deleted=d["deleted"],
+                       throughput_mib_s=d["throughput_mib_s"], to_delete=d["plan"]["to_delete"], deleted=d["deleted"],
                        broken_dependents=d["broken_dependents"], new_data_write_guid=d["new_data_write_guid"]))
     elif d["plan"]["resuming"] and not d["bytes_copied"]:
         print(f"finished an interrupted merge into {d['plan']['destination']}: its data had already been copied")
+        for p in d["deleted"]:
+            print(f"  deleted {p}")
     else:
         print(f"merged {human_bytes(d['bytes_copied'])} into {d['plan']['destination']} in {d['seconds']:.2f} s "
               f"({d['throughput_mib_s']:.0f} MiB/s)")

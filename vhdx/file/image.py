@@ -8,10 +8,12 @@ are handed. Every change to the BAT, sector bitmaps or metadata region goes thro
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import secrets
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -26,7 +28,7 @@ from ..format.records import (Header, Metadata, MetadataItem, RegionEntry, build
                              build_metadata_region, build_region_table, metadata_items, parse_creator,
                              parse_header, parse_metadata_region, parse_region_table, system_items,
                              validate_header_fields)
-from .log import LogEntry, LogWriter, apply_replay, plan_replay
+from .log import LogEntry, LogWriter, apply_replay, plan_replay, storage_error
 from .outputs import publish, refuse_existing, remove_quietly, temporary_path
 from .storage import FileStorage, OverlayStorage, Storage
 
@@ -40,6 +42,7 @@ COPY_METHOD = os.environ.get("VHDX_COPY_METHOD", "copy_file_range" if hasattr(os
 
 _ZEROS = bytes(4 << 20)
 _MAX_TX_BLOCKS = 64  # payload blocks allocated per log transaction
+_RESERVED_STATE = 4  # a payload BAT state the format reserves (vhdx-format.md §5.3)
 EAGER_BITMAP_CHUNKS = 64  # differencing disks up to 256 GiB (512-byte sectors) get their bitmaps at creation
 
 
@@ -54,6 +57,43 @@ def _align_up(value: int, alignment: int = C.ALIGNMENT) -> int:
 
 def _block_state_name(state: int) -> str:
     return C.PAYLOAD_STATE_NAMES.get(state, str(state))
+
+
+def as_offset(value: Any, what: str, path: str) -> int:
+    """``value`` as a non-negative int; anything else is a UsageError naming ``what``."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise UsageError(f"{what} must be an integer, not {type(value).__name__}", path=path) from None
+    if number < 0:
+        raise UsageError(f"negative {what} {number}", path=path)
+    return number
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _changes_file(method: _Method) -> _Method:
+    """Mark an Image method that writes: an error part way through leaves the image failed.
+
+    A failed image refuses further writes, and its close() leaves LogGuid set, so the next
+    open replays the last log entry (whole) instead of trusting metadata that may be torn.
+    An OSError comes out as a VhdxError naming the file.
+    """
+    @functools.wraps(method)
+    def run(self: "Image", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (UsageError, ReadOnlyError):
+            raise  # refused before anything was written
+        except OSError as e:
+            error = storage_error(e, method.__name__.strip("_").replace("_", " "), path=self.path)
+            self._fail(error)
+            raise error from e
+        except BaseException as e:
+            self._fail(e)
+            raise
+    return run  # type: ignore[return-value]
 
 
 class _PendingBat:
@@ -91,6 +131,7 @@ class Image:
         self._session_started = False
         self._data_guid_rotated = False
         self._log_writer: LogWriter | None = None
+        self._failure: BaseException | None = None
         self.creator = ""
 
     # ------------------------------------------------------------------ opening
@@ -112,9 +153,27 @@ class Image:
             raise
         return image
 
-    def _load(self, *, salvage: bool = False) -> None:
+    @classmethod
+    def open_headers(cls, storage: Storage) -> "Image":
+        """Only the headers, region table and metadata of a file on ``storage``, read-only.
+
+        Enough for a folder scan to learn the GUIDs and the parent locator without reading
+        the BAT; nothing that reads or writes blocks works on the result. Close it after use.
+        """
+        if storage.writable:
+            raise UsageError("open_headers reads only", path=storage.path)
+        image = cls(storage)
+        try:
+            image._load(header_only=True)
+        except BaseException:
+            image.close(_failed=True)
+            raise
+        return image
+
+    def _load(self, *, salvage: bool = False, header_only: bool = False) -> None:
         """Parse everything; ``salvage`` (for ``vhdx check``) skips the BAT checks that
-        :func:`vhdx.check.check_image` reports as findings instead."""
+        :func:`vhdx.check.check_image` reports as findings instead; ``header_only`` stops
+        before the BAT."""
         path = self.path
         file_size = self.storage.size()
         if file_size < C.HEADER_SECTION_SIZE:
@@ -130,7 +189,8 @@ class Image:
             self._replay_log(header)
         self._load_regions()
         self._load_metadata()
-        self._load_bat(salvage=salvage)
+        if not header_only:
+            self._load_bat(salvage=salvage)
 
     def _select_header(self, head: bytes) -> None:
         """Valid CRC-32C, highest sequence number wins; identical headers are tolerated (§2.2)."""
@@ -283,8 +343,6 @@ class Image:
                 raise TruncatedError(f"block {block}: data at 0x{int(offs[block]):x} runs past the end of the "
                                      f"{file_size}-byte file: the file was cut short", path=self.path,
                                      offset=self.bat_region.file_offset + 8 * self.bat_index(block))
-        if self.writable:
-            self._validate_no_overlap(offs[present], np.flatnonzero(present))
         if self.geometry.has_parent:
             sidx = batmod.sbm_indices(self.geometry)
             sst = batmod.states(self.bat[sidx])
@@ -294,33 +352,68 @@ class Image:
                 bat_index = int(sidx[int(np.flatnonzero(bad)[0])])
                 raise CorruptError(f"BAT entry {bat_index}: sector bitmap outside the {file_size}-byte file",
                                    path=self.path, offset=self.bat_region.file_offset + 8 * bat_index)
+        if self.writable:
+            self._validate_for_writing(st, offs, present)
 
-    def _validate_no_overlap(self, offsets: np.ndarray, blocks: np.ndarray) -> None:
-        """Refuse to write a file whose blocks share space with each other or with a structure.
+    def _validate_for_writing(self, st: np.ndarray, offs: np.ndarray, present: np.ndarray) -> None:
+        """Refuse to write a file whose BAT holds an invalid state, or whose blocks or sector
+        bitmaps share space with each other or with a structure.
 
-        Reading such a file is harmless (``vhdx check`` reports it); writing it would spread the damage.
+        Reading such a file is harmless (a reserved payload state reads as zeros, ``vhdx check``
+        reports it); writing it would spread the damage.
         """
-        bs = self.block_size
-        spans = [(0, C.HEADER_SECTION_SIZE)]
+        bat_base = self.bat_region.file_offset
+        reserved = np.flatnonzero(st == _RESERVED_STATE)
+        if reserved.size:
+            k = int(reserved[0])
+            raise CorruptError(f"BAT entry {self.bat_index(k)} (block {k}): reserved state 4; refusing to write",
+                               path=self.path, offset=bat_base + 8 * self.bat_index(k))
+        blocks = np.flatnonzero(present)
+        starts = [offs[present].astype(np.int64)]
+        lengths = [np.full(blocks.size, self.block_size, dtype=np.int64)]
+        indexes = [blocks + blocks // self._cr]
+        if self.geometry.has_parent:
+            sidx = batmod.sbm_indices(self.geometry)
+            sst = batmod.states(self.bat[sidx])
+            bad = np.flatnonzero((sst != C.SB_BLOCK_PRESENT) & (sst != C.SB_BLOCK_NOT_PRESENT))
+            if bad.size:
+                bat_index = int(sidx[int(bad[0])])
+                raise CorruptError(f"BAT entry {bat_index}: sector bitmap in invalid state {int(sst[int(bad[0])])}; "
+                                   f"refusing to write", path=self.path, offset=bat_base + 8 * bat_index)
+            sbm = sst == C.SB_BLOCK_PRESENT
+            starts.append(batmod.file_offsets(self.bat[sidx][sbm]).astype(np.int64))
+            lengths.append(np.full(int(sbm.sum()), C.SECTOR_BITMAP_BLOCK_SIZE, dtype=np.int64))
+            indexes.append(sidx[sbm])
+        self._validate_no_overlap(np.concatenate(starts), np.concatenate(lengths), np.concatenate(indexes))
+
+    def _validate_no_overlap(self, starts: np.ndarray, lengths: np.ndarray, bat_indexes: np.ndarray) -> None:
+        """Refuse allocations (payload blocks and sector bitmaps, given by file offset, length and
+        BAT index) that overlap a structure of the file or each other."""
+        spans = [(0, C.HEADER_SECTION_SIZE, "the header section")]
         h = self.header
         if h.log_length:
-            spans.append((h.log_offset, h.log_offset + h.log_length))
-        spans += [(r.file_offset, r.file_offset + r.length) for r in self.region_table]
-        starts = offsets.astype(np.int64)
-        for lo, hi in spans:
-            hit = (starts < hi) & (starts + bs > lo)
-            if hit.any():
-                k = int(blocks[np.flatnonzero(hit)[0]])
-                raise CorruptError(f"block {k}: data at 0x{int(starts[np.flatnonzero(hit)[0]]):x} overlaps a "
-                                   f"structure of the file; refusing to write", path=self.path,
-                                   offset=self.bat_region.file_offset + 8 * self.bat_index(k))
+            spans.append((h.log_offset, h.log_offset + h.log_length, "the log"))
+        spans += [(r.file_offset, r.file_offset + r.length, f"region {r.name}") for r in self.region_table]
+        ends = starts + lengths
+        for lo, hi, name in spans:
+            hit = np.flatnonzero((starts < hi) & (ends > lo))
+            if hit.size:
+                self._refuse_overlap(int(bat_indexes[hit[0]]), int(starts[hit[0]]), name)
         order = np.argsort(starts, kind="stable")
-        s = starts[order]
-        clash = np.flatnonzero(s[1:] < s[:-1] + bs)
-        if clash.size:
-            k = int(blocks[order[clash[0] + 1]])
-            raise CorruptError(f"block {k} shares file space with another block; refusing to write",
-                               path=self.path, offset=self.bat_region.file_offset + 8 * self.bat_index(k))
+        s, e = starts[order], ends[order]
+        if s.size > 1:
+            clash = np.flatnonzero(s[1:] < np.maximum.accumulate(e[:-1]))
+            if clash.size:
+                k = int(clash[0]) + 1
+                self._refuse_overlap(int(bat_indexes[order[k]]), int(s[k]), "another block or sector bitmap")
+
+    def _refuse_overlap(self, bat_index: int, start: int, other: str) -> None:
+        g = self.geometry
+        is_sbm = self.has_parent and bat_index % (g.chunk_ratio + 1) == g.chunk_ratio
+        what = (f"sector bitmap of chunk {bat_index // (g.chunk_ratio + 1)}" if is_sbm else
+                f"block {bat_index - bat_index // (g.chunk_ratio + 1)}")
+        raise CorruptError(f"BAT entry {bat_index} ({what}): data at 0x{start:x} overlaps {other}; refusing to write",
+                           path=self.path, offset=self.bat_region.file_offset + 8 * bat_index)
 
     # ------------------------------------------------------------------ properties
 
@@ -378,7 +471,11 @@ class Image:
         return bitmapmod.unpack(raw)
 
     def readinto_at(self, view: memoryview, offset: int, fallthrough: Fallthrough | None = None) -> None:
-        """Fill ``view`` with virtual bytes from ``offset``; the caller clips to the disk size."""
+        """Fill ``view`` with virtual bytes from ``offset``; the range must lie inside the disk (UsageError)."""
+        offset = as_offset(offset, "offset", self.path)
+        if offset + len(view) > self.size:
+            raise UsageError(f"read of {len(view)} bytes at {offset} runs past the end of the {self.size}-byte disk",
+                             path=self.path)
         bs = self.block_size
         ss = self.logical_sector_size
         has_parent = self.has_parent
@@ -435,7 +532,40 @@ class Image:
             raise ReadOnlyError("opened read-only", path=self.path)
         if self._closed:
             raise VhdxError("image is closed", path=self.path)
+        if self._failure is not None:
+            e = self._failure
+            why = e.detail if isinstance(e, VhdxError) else (str(e) or type(e).__name__)
+            raise VhdxError(f"an earlier change failed ({why}); no more writes: close the disk and open it "
+                            f"again (the open replays its log)", path=self.path)
 
+    @property
+    def failed(self) -> bool:
+        """True after a write failed part way: the log is left for the next open to replay."""
+        return self._failure is not None
+
+    def _fail(self, error: BaseException) -> None:
+        if self._failure is None:
+            self._failure = error
+
+    def _write(self, data: bytes | memoryview, offset: int) -> None:
+        try:
+            self.storage.write(data, offset)
+        except OSError as e:
+            raise storage_error(e, "write", path=self.path, offset=offset) from e
+
+    def _flush(self) -> None:
+        try:
+            self.storage.flush()
+        except OSError as e:
+            raise storage_error(e, "flush", path=self.path) from e
+
+    def _truncate(self, size: int) -> None:
+        try:
+            self.storage.truncate(size)
+        except OSError as e:
+            raise storage_error(e, f"resize to {size} bytes", path=self.path, offset=size) from e
+
+    @_changes_file
     def _update_headers(self, **changes: Any) -> None:
         """Safe header update (§2.4): write the other slot, flush, then the first slot, flush."""
         current = self.header
@@ -446,14 +576,15 @@ class Image:
         other = 1 - self.current_header_index
         for slot in (other, self.current_header_index):
             raw = build_header(new)
-            self.storage.write(raw, C.HEADER_OFFSETS[slot])
-            self.storage.flush()
+            self._write(raw, C.HEADER_OFFSETS[slot])
+            self._flush()
             self.headers[slot] = new.replace(checksum=int.from_bytes(raw[4:8], "little"))
             self.current_header_index = slot
             self.header_errors[slot] = None
             new = new.replace(sequence_number=new.sequence_number + 1)
         self.headers_identical = False
 
+    @_changes_file
     def begin_session(self, *, data_change: bool, data_write_guid: uuid.UUID | None = None) -> None:
         """Before the first change of this open: new FileWriteGuid, log session, new DataWriteGuid.
 
@@ -492,6 +623,7 @@ class Image:
     def _durable_size(self) -> int:
         return self.storage.size()
 
+    @_changes_file
     def log_pages(self, pages: dict[int, bytes]) -> None:
         """Make metadata page changes durable through the log: entry, flush, apply, flush."""
         if not pages:
@@ -509,8 +641,8 @@ class Image:
             group = items[i:i + per_entry]
             writer.write_entry(group, file_size=self._durable_size())
             for target, page in group:
-                self.storage.write(page, target)
-            self.storage.flush()
+                self._write(page, target)
+            self._flush()
 
     def _bat_pages(self, bat_indexes: set[int], changes: dict[int, int] | None = None) -> dict[int, bytes]:
         """The 4 KiB BAT pages holding ``bat_indexes``, with ``changes`` applied."""
@@ -526,6 +658,7 @@ class Image:
             pages[base + page * C.LOG_SECTOR_SIZE] = raw + bytes(C.LOG_SECTOR_SIZE - len(raw))
         return pages
 
+    @_changes_file
     def trim_unreferenced_tail(self) -> int:
         """Give back space past the last structure the file references; returns bytes freed.
 
@@ -559,23 +692,24 @@ class Image:
         if not self._session_started:  # a new FileWriteGuid before the file changes (§2.3), no log yet
             self._update_headers(file_write_guid=uuid.uuid4())
             self._session_started = True
-        self.storage.truncate(end)
-        self.storage.flush()
+        self._truncate(end)
+        self._flush()
         return size - end
 
     def _allocate(self, nbytes: int) -> int:
         """Space at the 1 MiB-aligned end of the file; the file is extended (reads as zeros)."""
         start = _align_up(self.storage.size())
-        self.storage.truncate(start + nbytes)
+        self._truncate(start + nbytes)
         return start
 
     def write_at(self, data: memoryview, offset: int) -> None:
         """Write virtual bytes. In a differencing file, ``offset`` and ``len(data)`` must be sector aligned."""
         self._check_writable()
+        offset = as_offset(offset, "offset", self.path)
         total = len(data)
         if total == 0:
             return
-        if offset < 0 or offset + total > self.size:
+        if offset + total > self.size:
             raise UsageError(f"write of {total} bytes at {offset} is outside the {self.size}-byte disk",
                              path=self.path)
         ss = self.logical_sector_size
@@ -592,6 +726,7 @@ class Image:
             self.write_extents([(pos, n, data[done:done + n])])
             done += n
 
+    @_changes_file
     def write_extents(self, extents: list[Extent], *, progress: Callable[[int], None] | None = None) -> None:
         """Write a batch of non-overlapping extents as one transaction (vhdx-format.md §7.2 - §7.4).
 
@@ -603,14 +738,14 @@ class Image:
         self._check_writable()
         if not extents:
             return
-        self.begin_session(data_change=True)
         g = self.geometry
         bs, ss, size = g.block_size, g.logical_sector_size, self.size
         has_parent = self.has_parent
         # Split extents at block boundaries: per block, a list of (in_block, length, source, source_skip).
         per_block: dict[int, list[tuple[int, int, Any, int]]] = {}
         for offset, length, source in extents:
-            if offset < 0 or length <= 0 or offset + length > size:
+            offset, length = as_offset(offset, "offset", self.path), as_offset(length, "length", self.path)
+            if length == 0 or offset + length > size:
                 raise UsageError(f"extent of {length} bytes at {offset} is outside the {size}-byte disk",
                                  path=self.path)
             if has_parent and (offset % ss or length % ss):
@@ -622,6 +757,7 @@ class Image:
                 n = min(bs - in_block, length - done)
                 per_block.setdefault(block, []).append((in_block, n, source, done))
                 done += n
+        self.begin_session(data_change=True)  # after the checks: a refused call changes nothing
         blocks = sorted(per_block)
         bat_index = self.bat_index
         new_bat = _PendingBat(self.bat)  # changes stay aside until the log has them
@@ -690,7 +826,7 @@ class Image:
                     else:
                         copies.append([storage, src + skip, dst, n])
                 else:
-                    self.storage.write(source[skip:skip + n], dst)
+                    self._write(source[skip:skip + n], dst)
         for storage, src, dst, n in copies:
             self._copy_from(storage, src, dst, n, progress)
         # Sector bitmap bits for every partially present block written.
@@ -709,7 +845,7 @@ class Image:
                 for in_block, n, _source, _skip in per_block[block]:
                     self._modify_bitmap(sbm_pages, sbm_base, lo * 8 + in_block // ss, n // ss, True)
         if need or sbm_pages or changed_bat:
-            self.storage.flush()  # data before the metadata that points at it (§7.4)
+            self._flush()  # data before the metadata that points at it (§7.4)
             pages = {k: bytes(v) for k, v in sbm_pages.items()}
             if changed_bat:
                 pages.update(self._bat_pages(changed_bat, new_bat.changes))
@@ -721,7 +857,7 @@ class Image:
         done = 0
         while done < length:
             n = min(len(_ZEROS), length - done)
-            self.storage.write(_ZEROS[:n], file_offset + done)
+            self._write(_ZEROS[:n], file_offset + done)
             done += n
 
     def _copy_from(self, source: Storage, src: int, dst: int, length: int,
@@ -735,7 +871,10 @@ class Image:
         if COPY_METHOD == "copy_file_range" and src_fd is not None and dst_fd is not None:
             done = 0
             while done < length:
-                n = os.copy_file_range(src_fd, dst_fd, min(length - done, 1 << 30), src + done, dst + done)
+                try:
+                    n = os.copy_file_range(src_fd, dst_fd, min(length - done, 1 << 30), src + done, dst + done)
+                except OSError as e:
+                    raise storage_error(e, f"copy from {source.path}", path=self.path, offset=dst + done) from e
                 if n <= 0:
                     break
                 done += n
@@ -753,8 +892,11 @@ class Image:
         done = 0
         while done < length:
             n = min(len(buf), length - done)
-            source.readinto(view[:n], src + done)
-            self.storage.write(view[:n], dst + done)
+            try:
+                source.readinto(view[:n], src + done)
+            except OSError as e:
+                raise storage_error(e, "read", path=source.path, offset=src + done) from e
+            self._write(view[:n], dst + done)
             done += n
             if progress is not None:
                 progress(n)
@@ -782,6 +924,7 @@ class Image:
             bitmapmod.set_bits(arr, bit - page_index * page_bits, stop - bit, value)
             bit = stop
 
+    @_changes_file
     def set_block_entries(self, updates: dict[int, int]) -> None:
         """Log a set of BAT entry changes (bat_index -> raw entry) atomically per page group."""
         self.begin_session(data_change=True)
@@ -789,6 +932,7 @@ class Image:
         for idx, entry in updates.items():
             self.bat[idx] = entry
 
+    @_changes_file
     def write_metadata_items(self, items: list[MetadataItem], *, data_change: bool = True) -> None:
         """Rewrite the metadata region through the log."""
         self.begin_session(data_change=data_change)
@@ -809,20 +953,24 @@ class Image:
                  for it in metadata_items(self.metadata)]
         self.write_metadata_items(items, data_change=False)
 
+    @_changes_file
     def flush(self) -> None:
+        """Make every earlier write durable."""
         if self.writable and not self._closed:
-            self.storage.flush()
+            self._flush()
 
     def close(self, *, _failed: bool = False) -> None:
+        """Flush and mark the log clean (LogGuid zero), unless a write failed part way: then
+        LogGuid stays set and the next open replays the last entry (vhdx-format.md §8.5)."""
         if self._closed:
             return
-        self._closed = True
         try:
-            if self.writable and not _failed and self._log_writer is not None:
-                self.storage.flush()
+            if self.writable and not _failed and self._failure is None and self._log_writer is not None:
+                self.flush()
                 self._update_headers(log_guid=C.ZERO_GUID)
                 self._log_writer = None
         finally:
+            self._closed = True
             if self._owns_storage:
                 self.storage.close()
 
@@ -940,7 +1088,10 @@ def create_image(path: str | os.PathLike[str], size: int, *, block_size: int = 3
         rt = build_region_table(regions)
         storage.write(rt, C.REGION_TABLE1_OFFSET)
         storage.write(rt, C.REGION_TABLE2_OFFSET)
-        storage.write(metadata, md_offset)
+        # Only the table and the items packed after it: the rest of the region is zeros, which
+        # the newly sized file reads already, so it stays sparse.
+        used = C.METADATA_TABLE_SIZE + sum(len(it.data) for it in items)
+        storage.write(metadata[:_align_up(used, C.LOG_SECTOR_SIZE)], md_offset)
         raw_bat = batmod.encode_bat(bat)
         nz = np.flatnonzero(bat)
         if nz.size:

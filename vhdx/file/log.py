@@ -3,6 +3,19 @@
 Never parses the BAT or the metadata region; never decides which header is current.
 Replay produces a list of patches; the caller applies them to the file (writable open)
 or lays them over it in memory (read-only open, :class:`vhdx.storage.OverlayStorage`).
+
+Bounds on a log we did not write (checked by :func:`plan_replay` before anything is written
+or allocated; a log that breaks one is refused with ``LogReplayError``):
+
+* every target is 4 KiB aligned, starts at or after 192 KiB (never the file identifier or a
+  header) and does not overlap the log region (:func:`read_entry`);
+* an entry's LastFileOffset is at most the file size rounded up to 1 MiB plus
+  ``MAX_REPLAY_GROWTH`` (1 GiB): a writer logs an entry only after extending the file for the
+  blocks it allocates, and Windows's LastFileOffset runs ahead of the durable size by one block
+  (256 MiB at most) and a 1 MiB sector bitmap;
+* every data or zero descriptor ends inside the entry's extent, max(file size, LastFileOffset);
+* the zero descriptors of the replay add up to no more than that extent, so a 32-byte
+  descriptor cannot make a replay write more zeros than the file can hold.
 """
 
 from __future__ import annotations
@@ -10,7 +23,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from ..errors import LogReplayError
+from ..errors import LogReplayError, VhdxError
 from ..format import constants as C
 from ..format.checksum import crc32c_zeroed, stored_checksum
 from ..format.structs import DataDescriptor, LogEntryHeader, ZeroDescriptor
@@ -19,6 +32,13 @@ from .storage import Storage
 SECTOR = C.LOG_SECTOR_SIZE
 # Targets above this are refused outright: no real file is 128 TiB (hostile-input guard).
 MAX_TARGET = 1 << 47
+# How far past its current end (rounded up to 1 MiB) a replay may grow the file (see above).
+MAX_REPLAY_GROWTH = C.GiB
+
+
+def storage_error(error: OSError, what: str, *, path: str, offset: int | None = None) -> VhdxError:
+    """An OSError from a storage call as a VhdxError naming the file and offset (errno kept)."""
+    return VhdxError(f"{what} failed: {error.strerror or error}", path=path, offset=offset, errno=error.errno)
 
 
 @dataclass
@@ -180,25 +200,65 @@ def plan_replay(storage: Storage, log_offset: int, log_length: int, log_guid: uu
         raise LogReplayError(f"file is {file_size} bytes but the log says {head.flushed_file_offset} "
                              f"were durable: the file was truncated", path=storage.path,
                              offset=log_offset + head.position)
+    check_replay_bounds(entries, file_size, path=storage.path, log_offset=log_offset)
     patches = [w for e in entries for w in e.writes]
     return ReplayPlan(entries, patches, head.flushed_file_offset, head.last_file_offset)
 
 
+def check_replay_bounds(entries: list[LogEntry], file_size: int, *, path: str, log_offset: int) -> None:
+    """Refuse a replay that would grow the file or write zeros past the bounds of the module
+    docstring; nothing has been written or allocated when this raises."""
+    mib = C.ALIGNMENT
+    limit = -(-file_size // mib) * mib + MAX_REPLAY_GROWTH
+    zero_budget = max([file_size] + [e.last_file_offset for e in entries])
+    zeros = 0
+    for e in entries:
+        where = log_offset + e.position
+        if e.last_file_offset > limit:
+            raise LogReplayError(f"log entry {e.sequence_number} claims structures up to 0x{e.last_file_offset:x}, "
+                                 f"over 1 GiB past the end of the {file_size}-byte file; refusing to replay it",
+                                 path=path, offset=where)
+        extent = max(file_size, e.last_file_offset)
+        for target, item in e.writes:
+            length = item if isinstance(item, int) else len(item)
+            if target + length > extent:
+                raise LogReplayError(f"log entry {e.sequence_number} writes {length} bytes at 0x{target:x}, past "
+                                     f"0x{extent:x} (the larger of the file size and the entry's LastFileOffset); "
+                                     f"refusing to replay it", path=path, offset=where)
+            if isinstance(item, int):
+                zeros += length
+        if zeros > zero_budget:
+            raise LogReplayError(f"the log's zero descriptors add up to {zeros} bytes, more than the "
+                                 f"{zero_budget}-byte file can hold; refusing to replay it", path=path, offset=where)
+
+
 def apply_replay(storage: Storage, plan: ReplayPlan) -> None:
-    """Write the replay into the file, extend it to LastFileOffset, flush."""
+    """Write the replay into the file, extend it to LastFileOffset, flush.
+
+    An OSError comes out as a VhdxError naming the file and offset; the header still names
+    the log then, so the next open replays it again (replay is repeatable).
+    """
     zeros = bytes(1 << 20)
-    for target, item in plan.patches:
-        if isinstance(item, int):
-            done = 0
-            while done < item:
-                n = min(len(zeros), item - done)
-                storage.write(zeros[:n], target + done)
-                done += n
-        else:
-            storage.write(item, target)
-    if storage.size() < plan.last_file_offset:
-        storage.truncate(plan.last_file_offset)
-    storage.flush()
+    at: int | None = None
+    try:
+        for target, item in plan.patches:
+            at = target
+            if isinstance(item, int):
+                done = 0
+                while done < item:
+                    n = min(len(zeros), item - done)
+                    at = target + done
+                    storage.write(zeros[:n], at)
+                    done += n
+            else:
+                storage.write(item, target)
+        at = plan.last_file_offset
+        if storage.size() < plan.last_file_offset:
+            storage.truncate(plan.last_file_offset)
+        at = None
+        storage.flush()
+    except OSError as e:
+        raise storage_error(e, "log replay", path=storage.path, offset=at) from e
 
 
 def build_entry(*, log_guid: uuid.UUID, sequence_number: int, tail: int, pages: list[tuple[int, bytes]],
@@ -252,9 +312,14 @@ class LogWriter:
 
     def _write_ring(self, data: bytes) -> None:
         first = min(len(data), self.log_length - self.head)
-        self.storage.write(data[:first], self.log_offset + self.head)
-        if first < len(data):
-            self.storage.write(data[first:], self.log_offset)
+        at = self.log_offset + self.head
+        try:
+            self.storage.write(data[:first], at)
+            if first < len(data):
+                at = self.log_offset
+                self.storage.write(data[first:], at)
+        except OSError as e:
+            raise storage_error(e, "log write", path=self.storage.path, offset=at) from e
         self.head = (self.head + len(data)) % self.log_length
 
     def write_entry(self, pages: list[tuple[int, bytes]], *, file_size: int) -> None:
@@ -270,5 +335,9 @@ class LogWriter:
                             pages=pages, flushed_file_offset=file_size // mib * mib,
                             last_file_offset=-(-file_size // mib) * mib)
         self.sequence_number += 1
+        at = self.log_offset + self.head
         self._write_ring(entry)
-        self.storage.flush()
+        try:
+            self.storage.flush()
+        except OSError as e:
+            raise storage_error(e, "flush of the log entry", path=self.storage.path, offset=at) from e

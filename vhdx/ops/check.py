@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from ..errors import VhdxError
 from ..format import bat as batmod
 from ..format import constants as C
 from ..file.image import Image
+from ..ops.merge.run import audit_journal
 from ..file.storage import FileStorage, Storage
 
 ERROR = "error"
@@ -225,3 +226,16 @@ def check_image(image: Image) -> list[Finding]:
                                 f"metadata item {e.name}: IsVirtualDisk flag is {e.is_virtual_disk}",
                                 "other tools may refuse this file"))
     return out
+
+
+def journal_findings(path: str | os.PathLike[str], search_paths: Sequence[str] = ()) -> list[Finding]:
+    """An error when ``path`` holds a merge journal that names files outside its own chain."""
+    try:
+        problem = audit_journal(path, search_paths)
+    except VhdxError:
+        return []  # the file itself is reported elsewhere
+    if problem is None:
+        return []
+    return [Finding(ERROR, None, f"{os.fspath(path)}: untrusted merge journal: {problem}",
+                    "a merge will refuse it and delete nothing; if the files are yours and in another folder, "
+                    "pass --search FOLDER")]

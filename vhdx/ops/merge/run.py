@@ -18,9 +18,11 @@ copy (it is idempotent) and finishes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -30,12 +32,13 @@ import numpy as np
 
 from ...chains import resolve as chains
 from ...errors import MergeError, VhdxError
+from ...format import bat as batmod
 from ...format import bitmap as bitmapmod
 from ...format import constants as C
 from ...format.locator import format_linkage, parse_linkage
 from ...format.records import MetadataItem, metadata_items
 from ...file.image import Image
-from ...file.storage import FileStorage, Storage
+from ...file.storage import FileStorage, OverlayStorage, Storage
 
 TRANSPARENT = 255
 ZERO = 254
@@ -63,6 +66,8 @@ class MergePlan:
     per_source_bytes: dict[str, int] = field(default_factory=dict)
     dependents: list[str] = field(default_factory=list)
     resuming: bool = False
+    bytes_needed: int = 0  # free space the merge may use: new blocks, holes it fills, log and metadata
+    to_delete: list[str] = field(default_factory=list)  # in the order they go, nearest the destination first
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,18 +163,92 @@ def _window_size(images: list[Image]) -> int:
     return max([WINDOW_MIN] + [im.block_size for im in images])
 
 
+def _fileno(storage: Storage) -> int | None:
+    """The descriptor of the real file under ``storage`` (through a read-only log overlay), if any."""
+    fd = storage.fileno()
+    if fd is None and isinstance(storage, OverlayStorage):
+        fd = storage.base.fileno()
+    return fd
+
+
+def _hole_bytes(fd: int | None, ranges: list[tuple[int, int]]) -> int:
+    """How many bytes of the file ranges ``(offset, length)`` are holes that a write would allocate.
+
+    Uses SEEK_DATA/SEEK_HOLE; without a descriptor or without that support, every byte counts.
+    """
+    total = sum(n for _, n in ranges)
+    if fd is None or not ranges or not hasattr(os, "SEEK_DATA"):
+        return total
+    merged: list[list[int]] = []
+    for start, n in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], start + n)
+        else:
+            merged.append([start, start + n])
+    holes = 0
+    for start, end in merged:
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    return total
+                data = end  # only holes up to the end of the file
+            if data >= end:
+                holes += end - pos
+                break
+            holes += data - pos
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+    return holes
+
+
+def _filled_ranges(voff: int, vlen: int, dest_states: np.ndarray, dest_offsets: np.ndarray,
+                   dbs: int) -> Iterator[tuple[int, int]]:
+    """File ranges ``(offset, length)`` that an extent writes in blocks the destination already has."""
+    for b in range(voff // dbs, (voff + vlen - 1) // dbs + 1):
+        if dest_states[b] in (C.PAYLOAD_BLOCK_FULLY_PRESENT, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT):
+            lo, hi = max(voff, b * dbs), min(voff + vlen, (b + 1) * dbs)
+            yield int(dest_offsets[b]) + lo - b * dbs, hi - lo
+
+
+def _new_space(dest: Image, touched: set[int], plan: MergePlan) -> None:
+    """Blocks to allocate, and sector bitmap blocks for the chunks of a differencing destination
+    that get a new block and have no bitmap block yet."""
+    if not touched:
+        return
+    t = np.fromiter(touched, dtype=np.int64)
+    allocated = np.isin(dest.payload_states()[t], (C.PAYLOAD_BLOCK_FULLY_PRESENT, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT))
+    plan.allocations = int((~allocated).sum())
+    plan.bytes_to_allocate = plan.allocations * dest.block_size
+    if dest.has_parent and plan.allocations:
+        g = dest.geometry
+        chunks = np.unique(t[~allocated] // g.chunk_ratio)
+        entries = dest.bat[[g.sbm_bat_index(int(c)) for c in chunks.tolist()]]
+        lacking = int((batmod.states(entries) != C.SB_BLOCK_PRESENT).sum())
+        plan.bytes_to_allocate += lacking * C.SECTOR_BITMAP_BLOCK_SIZE
+
+
 def plan_merge(sources: list[Image], dest: Image, plan: MergePlan) -> MergePlan:
-    """Fill in the totals of ``plan`` (reads BATs and bitmaps, not data)."""
+    """Fill in the totals of ``plan`` (reads BATs and bitmaps, not data).
+
+    ``bytes_needed`` is the free space the merge may use: new blocks and bitmap blocks, the holes
+    of sparse blocks it writes into, and, when it needs any of those, the holes of the log and a
+    page of BAT and bitmap per block for the metadata.
+    """
     window = _window_size(sources + [dest])
     size = dest.size
-    dstates = dest.payload_states()
+    dstates, doffsets = dest.payload_states(), dest.payload_offsets()
     dbs = dest.block_size
+    fd = _fileno(dest.storage)
     touched: set[int] = set()
+    holes = 0
     for w in _windows(sources, window, size).tolist():
         start = w * window
         length = min(window, size - start)
         if length <= 0:
             continue
+        filled: list[tuple[int, int]] = []
         for voff, vlen, src, v in _extents(sources, start, length):
             if src is None:
                 plan.bytes_of_zeros += vlen
@@ -178,69 +257,326 @@ def plan_merge(sources: list[Image], dest: Image, plan: MergePlan) -> MergePlan:
                 name = sources[v].path
                 plan.per_source_bytes[name] = plan.per_source_bytes.get(name, 0) + vlen
             touched.update(range(voff // dbs, (voff + vlen - 1) // dbs + 1))
+            filled.extend(_filled_ranges(voff, vlen, dstates, doffsets, dbs))
+        holes += _hole_bytes(fd, filled)
     plan.destination_blocks = len(touched)
-    if touched:
-        t = np.fromiter(touched, dtype=np.int64)
-        allocated = np.isin(dstates[t], (C.PAYLOAD_BLOCK_FULLY_PRESENT, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT))
-        plan.allocations = int((~allocated).sum())
-        plan.bytes_to_allocate = plan.allocations * dbs
-        if dest.has_parent:
-            plan.bytes_to_allocate += dest.geometry.sector_bitmap_blocks * C.MiB
+    _new_space(dest, touched, plan)
+    if plan.bytes_to_allocate + holes:
+        log = dest.header
+        margin = _hole_bytes(fd, [(log.log_offset, log.log_length)]) + 2 * C.LOG_SECTOR_SIZE * (len(touched) + 1)
+        plan.bytes_needed = plan.bytes_to_allocate + holes + margin
     return plan
 
 
-# --------------------------------------------------------------------------- the merge
+# --------------------------------------------------------------------------- the journal
+
+JOURNAL_STATES = ("copying", "copied", "done")
+JOURNAL_MAX_BYTES = 1 << 20  # a metadata item holds at most 1 MiB (§4.1)
+JOURNAL_MAX_SOURCES = 1024
+JOURNAL_MAX_PATH = 4096
+_JOURNAL_KEYS = {"tool", "state", "sources", "child", "new_data_write_guid", "original_data_write_guid",
+                 "started", "finished", "keep"}
+_SOURCE_KEYS = {"path", "relative", "data_write_guid"}
+
+
+@dataclass(frozen=True)
+class JournalSource:
+    """One merged file as the journal records it (leaf first)."""
+
+    path: str
+    relative: str
+    data_write_guid: uuid.UUID
+
+
+@dataclass(frozen=True)
+class Journal:
+    """A merge journal that passed the schema check; ``body`` is the decoded JSON."""
+
+    state: str
+    sources: tuple[JournalSource, ...]
+    new_data_write_guid: uuid.UUID
+    original_data_write_guid: uuid.UUID
+    keep: bool | None
+    body: dict[str, Any]
+
 
 def _journal_item(plan: MergePlan, new_guid: uuid.UUID, original: uuid.UUID, source_guids: list[str],
-                  state: str = "copying") -> MetadataItem:
+                  state: str = "copying", keep: bool = False) -> MetadataItem:
     """Our user metadata item: which merge is under way, and how far it got.
 
     States: "copying", "copied" (all data is in the destination), "done" (kept as a record).
     Sources are recorded by DataWriteGuid and by path relative to the destination, so the
-    journal still finds them after the folder was moved or copied.
+    journal still finds them after the folder was moved or copied. ``keep`` tells a kept
+    (deliberately unlinked) file from one that a power loss brought back.
     """
     folder = os.path.dirname(os.path.abspath(plan.destination))
     sources = [dict(path=p, relative=os.path.relpath(p, folder), data_write_guid=g)
                for p, g in zip(plan.sources, source_guids)]
     data = json.dumps(dict(tool="vhdx", state=state, sources=sources, child=plan.child,
                            new_data_write_guid=str(new_guid), original_data_write_guid=str(original),
-                           started=int(time.time()))).encode()
+                           started=int(time.time()), keep=keep)).encode()
     return MetadataItem(chains.MERGE_JOURNAL_GUID, data, C.METADATA_IS_USER)
 
 
-def _journal_sources(journal: dict[str, Any], dest_path: str) -> list[str]:
-    """The merged files that still exist, found beside the destination first, by GUID."""
-    folder = os.path.dirname(os.path.abspath(dest_path))
-    found = []
-    for record in journal.get("sources", []):
-        if not isinstance(record, dict):
-            continue
-        for cand in (os.path.join(folder, record.get("relative", "")), record.get("path", "")):
-            if cand and os.path.isfile(cand) and str(chains.read_data_write_guid(cand)) == record.get("data_write_guid"):
-                found.append(os.path.abspath(cand))
-                break
-    return found
+def _guid_field(value: Any, what: str) -> uuid.UUID:
+    if not isinstance(value, str) or len(value) != 36:
+        raise ValueError(f"{what} is not a GUID string")
+    try:
+        guid = uuid.UUID(value)
+    except ValueError:
+        raise ValueError(f"{what} {value!r} is not a GUID") from None
+    if str(guid) != value.lower() or guid == C.ZERO_GUID:
+        raise ValueError(f"{what} {value!r} is not a GUID")
+    return guid
 
 
-def _journal_names(journal: dict[str, Any], child: str) -> bool:
-    """Whether the journal lists ``child`` (by DataWriteGuid if it exists, else by file name)."""
-    records = [r for r in journal.get("sources", []) if isinstance(r, dict)]
-    if os.path.exists(child):
-        guid = str(chains.read_data_write_guid(child))
-        return any(r.get("data_write_guid") == guid for r in records)
-    name = os.path.basename(child)
-    return any(os.path.basename(r.get("relative", "")) == name for r in records)
+def _path_field(value: Any, what: str, *, absolute: bool) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= JOURNAL_MAX_PATH or "\0" in value:
+        raise ValueError(f"{what} is not a path of 1 to {JOURNAL_MAX_PATH} characters")
+    if os.path.isabs(value) != absolute:
+        raise ValueError(f"{what} {value[:200]!r} must be {'an absolute' if absolute else 'a relative'} path")
+    return value
+
+
+def _journal_source(value: Any, i: int) -> JournalSource:
+    if not isinstance(value, dict) or set(value) != _SOURCE_KEYS:
+        raise ValueError(f"source {i} is not an object with exactly the keys {sorted(_SOURCE_KEYS)}")
+    return JournalSource(_path_field(value["path"], f"source {i} path", absolute=True),
+                         _path_field(value["relative"], f"source {i} relative path", absolute=False),
+                         _guid_field(value["data_write_guid"], f"source {i} data_write_guid"))
+
+
+def _journal_from(body: Any) -> Journal:
+    """Check the decoded JSON against the one shape we write; ValueError says what is wrong."""
+    if not isinstance(body, dict):
+        raise ValueError("it is not a JSON object")
+    unknown = sorted(set(body) - _JOURNAL_KEYS)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown[:5]}")
+    if body.get("tool") != "vhdx" or body.get("state") not in JOURNAL_STATES:
+        raise ValueError(f"tool must be 'vhdx' and state one of {list(JOURNAL_STATES)}")
+    raw_sources = body.get("sources")
+    if not isinstance(raw_sources, list) or not 0 < len(raw_sources) <= JOURNAL_MAX_SOURCES:
+        raise ValueError(f"sources must be a list of 1 to {JOURNAL_MAX_SOURCES} files")
+    sources = tuple(_journal_source(s, i) for i, s in enumerate(raw_sources))
+    new = _guid_field(body.get("new_data_write_guid"), "new_data_write_guid")
+    original = _guid_field(body.get("original_data_write_guid"), "original_data_write_guid")
+    guids = [s.data_write_guid for s in sources] + [new, original]
+    if len(set(guids)) != len(guids):
+        raise ValueError("a DataWriteGuid appears twice")
+    if not isinstance(body.get("child", ""), str) or len(body.get("child", "")) > JOURNAL_MAX_PATH:
+        raise ValueError("child is not a path")
+    for key in ("started", "finished"):
+        if key in body and (type(body[key]) is not int or not 0 <= body[key] < 1 << 63):
+            raise ValueError(f"{key} is not a time")
+    if "keep" in body and not isinstance(body["keep"], bool):
+        raise ValueError("keep is not true or false")
+    return Journal(body["state"], sources, new, original, body.get("keep"), body)
+
+
+def parse_journal(raw: bytes, path: str) -> Journal:
+    """A journal read from ``path``'s metadata, validated; MergeError when it is not one we wrote."""
+    try:
+        if len(raw) > JOURNAL_MAX_BYTES:
+            raise ValueError(f"{len(raw)} bytes, over {JOURNAL_MAX_BYTES}")
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):
+            raise ValueError("it is not JSON") from None
+        return _journal_from(body)
+    except ValueError as e:
+        raise MergeError(f"untrusted merge journal: {e}; nothing was deleted", path=path) from None
 
 
 def read_journal(image: Image) -> dict[str, Any] | None:
+    """The decoded JSON of ``image``'s merge journal as stored (unvalidated; {} if not JSON)."""
     raw = image.metadata.items.get((chains.MERGE_JOURNAL_GUID, True))
     if raw is None:
         return None
     try:
-        return json.loads(raw.decode())
-    except (ValueError, UnicodeDecodeError):
+        body = json.loads(raw.decode())
+    except (ValueError, RecursionError):
         return {}
+    return body if isinstance(body, dict) else {}
 
+
+def load_journal(image: Image) -> Journal | None:
+    """``image``'s merge journal, validated (MergeError if it fails), or None if there is none."""
+    raw = image.metadata.items.get((chains.MERGE_JOURNAL_GUID, True))
+    return None if raw is None else parse_journal(bytes(raw), image.path)
+
+
+# --------------------------------------------------------------------------- whom a journal may name
+
+@dataclass
+class JournalMember:
+    """A file that holds one journal record: checked, with what it links to."""
+
+    index: int
+    path: str
+    key: tuple[int, int]  # (st_dev, st_ino): the file deleted must be the file checked
+    linkage: tuple[uuid.UUID | None, uuid.UUID | None]
+    parent_paths: list[str]
+    status: str = ""  # for the record next to the destination: "linked" or "unlinked"
+
+
+def _places(record: JournalSource, dest_folder: str) -> list[str]:
+    """Where a record's file may be: beside the destination by relative path, then its old path."""
+    out = []
+    for p in (os.path.join(dest_folder, record.relative), record.path):
+        p = os.path.normpath(p)
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def deletable_problem(path: str, allowed: set[str]) -> str | None:
+    """Why the merge may not delete ``path`` (None if it may): regular files in allowed folders only."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return f"{path} cannot be examined: {e.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if os.path.realpath(os.path.dirname(path)) not in allowed:
+        return f"{path} is outside the destination's folder and the folders named with --search"
+    return None
+
+
+def _member_at(path: str, index: int, record: JournalSource, allowed: set[str]) -> JournalMember | None:
+    """The checked member at ``path``, None if another disk is there; ValueError if it may not be one."""
+    problem = deletable_problem(path, allowed)
+    if problem:
+        raise ValueError(problem)
+    st = os.lstat(path)
+    try:
+        image = Image.open(path, "r")
+    except (VhdxError, OSError):
+        raise ValueError(f"{path} is not a VHDX file") from None
+    try:
+        fd = image.storage.fileno()
+        if fd is not None and (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != (st.st_dev, st.st_ino):
+            raise ValueError(f"{path} changed while it was examined")
+        if image.header.data_write_guid != record.data_write_guid:
+            return None
+        if not image.has_parent:
+            raise ValueError(f"{path} is not a differencing disk")
+        loc = image.metadata.parent_locator or {}
+        parents = [p for how, p in chains.candidate_paths(loc, path, [])
+                   if how in ("relative_path", "volume_path", "absolute_win32_path")]
+        return JournalMember(index, path, (st.st_dev, st.st_ino), chains._linkage_of(image), parents)
+    finally:
+        image.close()
+
+
+def _locate(index: int, record: JournalSource, dest_folder: str, allowed: set[str]) -> JournalMember | None:
+    """The file holding ``record`` in an allowed folder, or None.
+
+    Places outside the allowed folders are never acted on (a folder copied elsewhere keeps
+    its files there); what sits at a place inside them must pass :func:`_member_at`.
+    """
+    for place in _places(record, dest_folder):
+        if not os.path.lexists(place) or os.path.realpath(os.path.dirname(place)) not in allowed:
+            continue
+        member = _member_at(place, index, record, allowed)
+        if member is not None:
+            return member
+    return None
+
+
+def _check_links(journal: Journal, members: list[JournalMember | None], dest_folder: str) -> None:
+    """The records must be one chain down to the destination: each file links to the next record.
+
+    A file whose next record is gone must name, as its parent's, a place of that record where
+    nothing is (a deleted parent, not one merely left out). The file next to the destination
+    must link to its new DataWriteGuid (``linked``), or, after ``keep``, be let go of
+    (``unlinked``: parent_linkage back to the original, parent_linkage2 zero).
+    """
+    last = len(journal.sources) - 1
+    for i, m in enumerate(members):
+        if m is None:
+            continue
+        l1, l2 = m.linkage
+        if i < last:
+            if journal.sources[i + 1].data_write_guid not in (l1, l2):
+                raise ValueError(f"{m.path} is not a child of the next file the journal lists")
+            if members[i + 1] is None and not any(
+                    not os.path.lexists(p) for p in set(m.parent_paths) & set(_places(journal.sources[i + 1],
+                                                                                      dest_folder))):
+                raise ValueError(f"{m.path} does not name the journal's next file, deleted, as its parent")
+        elif l2 == journal.new_data_write_guid:
+            m.status = "linked"
+        elif l1 == journal.original_data_write_guid and l2 is None and journal.keep is not False:
+            m.status = "unlinked"
+        else:
+            raise ValueError(f"{m.path} does not link to the destination")
+
+
+def verify_journal(journal: Journal, dest_path: str, allowed: set[str]) -> list[JournalMember | None]:
+    """The files a journal may act on, one per record (None: gone); MergeError if it names others.
+
+    Only allowed folders are looked in (real paths). There, every record's file must be a
+    regular file (never a symbolic link), open as a VHDX with the recorded DataWriteGuid, and be
+    tied to the destination through the others by parent linkage (:func:`_check_links`).
+    """
+    dest_folder = os.path.dirname(os.path.abspath(dest_path))
+    dest_key = chains._file_key(dest_path)
+    members: list[JournalMember | None] = []
+    try:
+        for i, record in enumerate(journal.sources):
+            m = _locate(i, record, dest_folder, allowed)
+            if m is not None and m.key == dest_key:
+                raise ValueError(f"{m.path} is the destination itself")
+            members.append(m)
+        _check_links(journal, members, dest_folder)
+    except ValueError as e:
+        raise MergeError(f"untrusted merge journal: {e}; nothing was deleted", path=dest_path) from None
+    return members
+
+
+def allowed_folders(*paths: str, folders: Sequence[str] = ()) -> set[str]:
+    """The real folders a merge may delete in: those of ``paths`` (files) and ``folders``."""
+    out = {os.path.realpath(os.path.dirname(os.path.abspath(p))) for p in paths}
+    return out | {os.path.realpath(f) for f in folders}
+
+
+def _journal_names(journal: Journal, child: str) -> bool:
+    """Whether the journal lists ``child`` (by DataWriteGuid if it exists, else by file name)."""
+    if os.path.exists(child):
+        guid = chains.read_data_write_guid(child)
+        return any(r.data_write_guid == guid for r in journal.sources)
+    name = os.path.basename(child)
+    return any(os.path.basename(r.relative) == name for r in journal.sources)
+
+
+def audit_journal(path: str | os.PathLike[str], search_paths: Sequence[str] = ()) -> str | None:
+    """What is wrong with ``path``'s merge journal (None if nothing, or if it has none); reads only.
+
+    A journal in progress must pass :func:`verify_journal`; a "done" one is a record that a
+    merge acts on only while the destination still carries its new DataWriteGuid.
+    """
+    path = os.fspath(path)
+    image = Image.open(path, "r")
+    try:
+        raw = image.metadata.items.get((chains.MERGE_JOURNAL_GUID, True))
+        guid = image.header.data_write_guid
+    finally:
+        image.close()
+    if raw is None:
+        return None
+    try:
+        journal = parse_journal(bytes(raw), path)
+        if journal.state == "done" and guid != journal.new_data_write_guid:
+            return None
+        verify_journal(journal, path, allowed_folders(path, journal.sources[0].path, folders=search_paths))
+    except MergeError as e:
+        return e.detail.replace("untrusted merge journal: ", "").replace("; nothing was deleted", "")
+    return None
+
+
+# --------------------------------------------------------------------------- the merge
 
 def _open_rw(path: str, wrap: Callable[[Storage], Storage] | None) -> Image:
     """Open a file of the merge for writing; ``wrap`` is the fault-injection seam of the tests."""
@@ -268,14 +604,17 @@ def _set_linkage2(path: str, current: uuid.UUID, new: uuid.UUID, wrap: Callable[
         image.close()
 
 
-def _unlink_merged(path: str, original: uuid.UUID, wrap: Callable[[Storage], Storage] | None) -> None:
+def _unlink_merged(member: JournalMember, original: uuid.UUID, wrap: Callable[[Storage], Storage] | None) -> None:
     """After the merge the merged layer is invalid: it links to the destination's old GUID only.
 
     Reading it over the merged destination would mix old and new data, so it must not open
     as a chain any more (as with Hyper-V, merged files are invalid afterwards).
     """
-    image = _open_rw(path, wrap)
+    image = _open_rw(member.path, wrap)
     try:
+        fd = image.storage.fileno()
+        if fd is not None and (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != member.key:
+            raise MergeError("the file changed while the merge checked it; it was left alone", path=member.path)
         loc = dict(image.metadata.parent_locator or {})
         if parse_linkage(loc.get("parent_linkage")) == original and \
                 parse_linkage(loc.get("parent_linkage2")) in (None, C.ZERO_GUID):
@@ -288,13 +627,15 @@ def _unlink_merged(path: str, original: uuid.UUID, wrap: Callable[[Storage], Sto
 
 
 def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], folders: Sequence[str],
-                keep: bool) -> list[str]:
+                keep: bool, cache: chains.ScanCache | None = None) -> list[str]:
     """Other files that the merge would break.
 
     Children of the destination (its content changes) and of the merged layers, the child
     itself included: merged layers are invalid afterwards, even when ``keep`` leaves them.
+    Only regular files are read, each once per command (``cache``, from the resolver).
     """
-    ours = {os.path.abspath(im.path) for im in chain_images}
+    cache = cache if cache is not None else chains.ScanCache()
+    ours = {chains._file_key(im.path) for im in chain_images}  # by inode: a link to the child is the child
     guids = {im.header.data_write_guid: im for im in sources + [dest]}
     out = []
     seen: set[str] = set()
@@ -305,56 +646,171 @@ def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], fo
             continue
         for name in names:
             p = os.path.abspath(os.path.join(folder, name))
-            if p in ours or p in seen or not name.lower().endswith(chains.VHDX_SUFFIXES):
+            if p in seen or not name.lower().endswith(chains.VHDX_SUFFIXES):
                 continue
             seen.add(p)
             try:
-                im = Image.open(p, "r")
-            except (VhdxError, OSError):
+                st = os.stat(p)
+            except OSError:
                 continue
-            try:
-                if im.has_parent:
-                    l1, l2 = chains._linkage_of(im)
-                    if (l1 in guids) or (l2 in guids):
-                        out.append(p)
-            finally:
-                im.close()
+            if (st.st_dev, st.st_ino) in ours:
+                continue  # one of the chain's own files, perhaps under another name
+            peek = cache.peek(p)  # only regular files (a FIFO would block), each read once
+            if not isinstance(peek, str) and peek.linkages & guids.keys():
+                out.append(p)
     return out
 
 
-@overload
-def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None, *,
-          progress: Callable[[int, int], None] | None = None, ignore_id_mismatch: bool = False,
-          keep: bool = False, force: bool = False, search_paths: Sequence[str | os.PathLike[str]] = (),
-          dry_run: Literal[False] = False, storage_wrapper: Callable[[Storage], Storage] | None = None
-          ) -> MergeResult: ...
+def _human(n: int) -> str:
+    """``n`` bytes for people: "512 bytes", "300.0 KiB", "1.2 GiB"."""
+    if n < 1024:
+        return f"{n} bytes"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _resumable(journal: Journal | None, sources: list[Image], dest_path: str) -> Journal | None:
+    """The destination's journal if it records this same merge unfinished (to resume it), else None.
+
+    A finished merge's record ("done") is ignored; an unfinished merge of other files is refused.
+    """
+    if journal is None or journal.state == "done":
+        return None
+    if [s.data_write_guid for s in journal.sources] != [im.header.data_write_guid for im in sources]:
+        names = ", ".join(os.path.basename(s.path) for s in journal.sources[:4])
+        raise MergeError(f"the merge journal records an unfinished merge of other files into this disk "
+                         f"({names}); run that merge again to finish it; nothing was changed", path=dest_path)
+    return journal
+
+
+def _plan_deletes(plan: MergePlan, keep: bool, allowed: set[str]) -> list[str]:
+    """The files the merge will delete, nearest the destination first; refused if one may not be."""
+    if keep:
+        return []
+    for path in plan.sources:
+        problem = deletable_problem(path, allowed)
+        if problem:
+            raise MergeError(f"the merge may not delete a file it merges: {problem}; name the file itself, or "
+                             f"its folder with --search, or merge with --keep; nothing was changed", path=plan.child)
+    return list(reversed(plan.sources))
+
+
+def _check_free_space(plan: MergePlan, dest_path: str) -> None:
+    """Refuse before writing when the file system lacks the space the merge may need."""
+    if plan.bytes_needed <= 0:
+        return  # nothing to allocate: the merge writes only where space is already taken
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(dest_path))).free
+    if plan.bytes_needed > free:
+        raise MergeError(f"not enough free space: the merge needs up to {_human(plan.bytes_needed)}, "
+                         f"{_human(free)} are free", path=dest_path)
+
+
+def _no_space(error: BaseException | None) -> bool:
+    """Whether ENOSPC is behind ``error`` (directly, or as the cause of a VhdxError)."""
+    for _ in range(8):
+        if error is None:
+            return False
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _used_bytes(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _stopped(error: BaseException, plan: MergePlan, dest_path: str, used_before: int) -> MergeError:
+    """The one-line error for an OSError during the copy; for a full disk, with the space still needed."""
+    if not _no_space(error):
+        reason = getattr(error, "strerror", None) or error
+        return MergeError(f"the merge stopped: {reason}; every file is still consistent, run the same merge "
+                          f"again to finish it", path=dest_path)
+    where = getattr(error, "path", None) or getattr(error, "filename", None) or dest_path
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(dest_path))).free
+    except OSError:
+        free = 0
+    still = max(plan.bytes_needed - max(_used_bytes(dest_path) - used_before, 0), 0)
+    need = (f"the merge still needs up to {_human(still)}, {_human(free)} are free" if still else
+            f"the merge needs more space than it estimated, {_human(free)} are free")
+    return MergeError(f"disk full: {need}; nothing merged so far is lost: free some space and run the same "
+                      f"merge again", path=where)
+
+
+def _delete_members(members: list[JournalMember]) -> list[str]:
+    """Delete checked files in the order given; each delete is made durable (folder fsync) before
+    the next, so a power loss never brings back a file nearer the destination than one it kept away.
+    A file already gone is skipped; a file replaced since it was checked stops the cleanup."""
+    deleted = []
+    for m in members:
+        folder, name = os.path.split(m.path)
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # deleted already (by another run of the same merge)
+            if (st.st_dev, st.st_ino) != m.key:
+                raise MergeError("the file changed while the merge checked it; it was not deleted", path=m.path)
+            os.unlink(name, dir_fd=dfd)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        deleted.append(m.path)
+    return deleted
+
+
+def _refuse_kept(members: list[JournalMember | None], dest_path: str, child: str) -> None:
+    """Kept files (``--keep``) let go of the destination: they are invalid, never merged or deleted."""
+    if any(m is not None and m.status == "unlinked" for m in members):
+        raise MergeError(f"this disk was already merged into {dest_path} (and kept with --keep); kept files "
+                         f"are invalid and must not be merged again", path=child)
 
 
 @overload
 def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None, *,
           progress: Callable[[int, int], None] | None = None, ignore_id_mismatch: bool = False,
           keep: bool = False, force: bool = False, search_paths: Sequence[str | os.PathLike[str]] = (),
-          dry_run: Literal[True], storage_wrapper: Callable[[Storage], Storage] | None = None
-          ) -> MergePlan: ...
+          dry_run: Literal[False] = False, storage_wrapper: Callable[[Storage], Storage] | None = None,
+          on_plan: Callable[[MergePlan], None] | None = None) -> MergeResult: ...
+
+
+@overload
+def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None, *,
+          progress: Callable[[int, int], None] | None = None, ignore_id_mismatch: bool = False,
+          keep: bool = False, force: bool = False, search_paths: Sequence[str | os.PathLike[str]] = (),
+          dry_run: Literal[True], storage_wrapper: Callable[[Storage], Storage] | None = None,
+          on_plan: Callable[[MergePlan], None] | None = None) -> MergePlan: ...
 
 
 def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None, *,
           progress: Callable[[int, int], None] | None = None, ignore_id_mismatch: bool = False,
           keep: bool = False, force: bool = False, search_paths: Sequence[str | os.PathLike[str]] = (),
-          dry_run: bool = False, storage_wrapper: Callable[[Storage], Storage] | None = None
-          ) -> MergeResult | MergePlan:
+          dry_run: bool = False, storage_wrapper: Callable[[Storage], Storage] | None = None,
+          on_plan: Callable[[MergePlan], None] | None = None) -> MergeResult | MergePlan:
     """Merge ``child`` into its parent, or every layer down to the ancestor ``into``.
 
     Afterwards the destination reads exactly as the child did and has a new DataWriteGuid;
     the merged files are deleted unless ``keep``. Refuses (listing them) when other disks
     depend on the destination unless ``force``. ``dry_run`` returns the plan and writes nothing.
-    ``storage_wrapper`` wraps every file opened for writing (fault-injection tests).
+    ``on_plan`` is called with the plan (its ``to_delete`` lists every file that will be deleted)
+    before anything is written. Files are deleted only in the destination's folder, the child's
+    and the ``search_paths``. ``storage_wrapper`` wraps every file opened for writing (fault-injection tests).
     """
     child = os.path.abspath(os.fspath(child))
     search = [os.fspath(p) for p in search_paths]
     t0 = time.monotonic()
     # A merge that stopped after its copy only needs its last steps.
-    finished = _finish_copied(child, into, keep, storage_wrapper, t0, dry_run=dry_run)
+    finished = _finish_copied(child, into, keep, storage_wrapper, t0, dry_run=dry_run,
+                              folders=search, on_plan=on_plan)
     if finished is not None:
         return finished
     leaf = Image.open(child, "r")
@@ -388,12 +844,11 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
                 raise MergeError(f"{layer.path}: parent ID mismatch", path=child)
         plan = MergePlan(child=child, destination=dest_ro.path, sources=[im.path for im in sources],
                          destination_type=dest_ro.disk_type, virtual_size=leaf.size)
-        journal = read_journal(dest_ro)
-        if journal is not None and journal.get("state") == "done":
-            journal = None  # the record of an earlier, finished merge
+        journal = _resumable(load_journal(dest_ro), sources, dest_ro.path)
         plan.resuming = journal is not None
+        plan.to_delete = _plan_deletes(plan, keep, allowed_folders(dest_ro.path, child, folders=search))
         folders = sorted({os.path.dirname(os.path.abspath(im.path)) for im in images[:dest_index + 1]} | set(search))
-        plan.dependents = _dependents(dest_ro, images, sources, folders, keep)
+        plan.dependents = _dependents(dest_ro, images, sources, folders, keep, resolver.cache)
         plan_merge(sources, dest_ro, plan)
         if dry_run:
             return plan
@@ -404,23 +859,25 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
         st = os.stat(dest_ro.path)
         if not st.st_mode & 0o222 or not os.access(dest_ro.path, os.W_OK):
             raise MergeError("the destination file is read-only", path=dest_ro.path)
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(dest_ro.path))).free
-        if plan.bytes_to_allocate + (2 << 20) > free:
-            raise MergeError(f"not enough free space: the merge needs up to {plan.bytes_to_allocate} bytes, "
-                             f"{free} are free", path=dest_ro.path)
+        _check_free_space(plan, dest_ro.path)
         dest_path = dest_ro.path
         for im in images[dest_index:]:
             im.close()
+        if on_plan is not None:
+            on_plan(plan)
+        used_before = _used_bytes(dest_path)
         try:
-            result = _run(plan, sources, dest_path, journal, progress, storage_wrapper)
-        except OSError as e:
-            raise MergeError(f"the merge stopped: {e.strerror or e}; every file is still consistent, run the "
-                             f"same merge again to finish it", path=dest_path) from e
+            result = _run(plan, sources, dest_path, journal, progress, storage_wrapper, keep)
+        except (OSError, VhdxError) as e:
+            if isinstance(e, VhdxError) and not _no_space(e):
+                raise
+            raise _stopped(e, plan, dest_path, used_before) from e
     finally:
         for im in images:
             im.close()
     try:
-        result.deleted = _complete(dest_path, keep, storage_wrapper)
+        result.deleted = _complete(dest_path, keep, storage_wrapper,
+                                   allowed_folders(dest_path, child, folders=search), child)
     except OSError as e:
         raise MergeError(f"the data is merged but the cleanup stopped: {e.strerror or e}; run the same merge "
                          f"again to finish it", path=dest_path) from e
@@ -428,126 +885,172 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
     return result
 
 
-def _complete(dest_path: str, keep: bool, wrap: Callable[[Storage], Storage] | None) -> list[str]:
+def _complete(dest_path: str, keep: bool, wrap: Callable[[Storage], Storage] | None, allowed: set[str],
+              child: str = "") -> list[str]:
     """The steps after the copy, each safe to repeat: the merged files go (or, with ``keep``,
-    let go of the destination), then the journal records the merge as done."""
+    let go of the destination), then the journal records the merge as done.
+
+    Only files that :func:`verify_journal` ties to the destination are touched."""
     image = Image.open(dest_path, "r")
     try:
-        journal = read_journal(image) or {}
+        journal = load_journal(image)
     finally:
         image.close()
-    records = [r for r in journal.get("sources", []) if isinstance(r, dict)]
-    sources = _journal_sources(journal, dest_path)
-    original = journal.get("original_data_write_guid")
+    if journal is None:
+        return []
+    members = verify_journal(journal, dest_path, allowed)
     deleted = []
     if keep:
         # Kept files are invalid now: the layer above lets go of the destination, so neither
         # it nor anything above it opens over data that no longer matches.
-        above = _journal_sources(dict(sources=records[-1:]), dest_path)
-        if above and original:
-            _unlink_merged(above[0], uuid.UUID(original), wrap)
+        if members[-1] is not None and members[-1].status == "linked":
+            _unlink_merged(members[-1], journal.original_data_write_guid, wrap)
     else:
+        _refuse_kept(members, dest_path, child or dest_path)
         # Nearest the destination first: if this stops half way, what is left has a missing
         # parent (plainly broken), never a stale link to the merged destination.
-        for p in reversed(sources):
-            os.unlink(p)
-            deleted.append(p)
+        deleted = _delete_members([m for m in reversed(members) if m is not None])
+    if journal.state != "done":
+        _write_done(dest_path, journal, keep, wrap)
+    return deleted
+
+
+def _write_done(dest_path: str, journal: Journal, keep: bool, wrap: Callable[[Storage], Storage] | None) -> None:
+    """The journal stays as a record of the last merge ("done"): a re-run of the same command
+    after an interruption can tell that the job is finished."""
     image = _open_rw(dest_path, wrap)
     try:
-        # The journal stays as a record of the last merge ("done"): a re-run of the same command
-        # after an interruption here can tell that the job is finished.
         items = [it for it in metadata_items(image.metadata) if it.item_id != chains.MERGE_JOURNAL_GUID]
-        done = dict(journal, state="done", finished=int(time.time()))
+        done = dict(journal.body, state="done", finished=int(time.time()), keep=keep)
         items.append(MetadataItem(chains.MERGE_JOURNAL_GUID, json.dumps(done).encode(), C.METADATA_IS_USER))
         image.write_metadata_items(items, data_change=False)
     finally:
         image.close()
-    return deleted
 
 
-def _copied_journal(path: str, child: str) -> dict[str, Any] | None:
+@dataclass
+class _Peek:
+    """What the search for a merge to finish needs from one file."""
+
+    path: str
+    raw_journal: bytes | None
+    data_write_guid: uuid.UUID
+    disk_type: str
+    size: int
+    parent: str | None
+
+
+def _peek(path: str) -> _Peek | None:
+    """Read-only look at a regular VHDX file; None if it is not one."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         image = Image.open(path, "r")
     except (VhdxError, OSError):
         return None
     try:
-        journal = read_journal(image)
+        raw = image.metadata.items.get((chains.MERGE_JOURNAL_GUID, True))
+        loc = image.metadata.parent_locator or {} if image.has_parent else {}
+        parent = next((p for how, p in chains.candidate_paths(loc, path, []) if how == "relative_path"), None)
+        return _Peek(path, None if raw is None else bytes(raw), image.header.data_write_guid, image.disk_type,
+                     image.size, parent)
     finally:
         image.close()
-    if not journal or not _journal_names(journal, child):
-        return None
-    if journal.get("state") == "done" and os.path.exists(child):
-        raise MergeError(f"this disk was already merged into {path} (and kept with --keep); kept files are "
-                         f"invalid and must not be merged again", path=child)
-    if journal.get("state") in ("copied", "done"):
-        return journal
-    return None
+
+
+def _finish_candidates(child: str, into: str | os.PathLike[str] | None) -> Iterator[_Peek]:
+    """Files that may hold the journal of a merge of ``child`` to finish: ``into``; else the files
+    below the child by relative path (a restored file may sit above a layer that is back too);
+    else, when the child is gone, every regular VHDX file of its folder."""
+    if into is not None:
+        paths = [os.path.abspath(os.fspath(into))]
+    elif not os.path.exists(child):
+        folder = os.path.dirname(child)
+        try:
+            paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+                     if n.lower().endswith(chains.VHDX_SUFFIXES)]
+        except OSError:
+            paths = []
+    else:
+        here = _peek(child)
+        for _ in range(JOURNAL_MAX_SOURCES):
+            here = _peek(here.parent) if here is not None and here.parent else None
+            if here is None:
+                return
+            yield here
+        return
+    for p in paths:
+        found = _peek(p)
+        if found is not None:
+            yield found
+
+
+def _finish_plan(journal: Journal, members: list[JournalMember | None], peek: _Peek, child: str,
+                 keep: bool) -> MergePlan:
+    """The plan of a finish: nothing to copy; ``to_delete`` the files that are still there."""
+    existing = [m for m in reversed(members) if m is not None]
+    if journal.state == "done" or not keep:
+        _refuse_kept(members, peek.path, child)
+    if journal.state == "done" and os.path.exists(child) and \
+            chains._file_key(child) not in {m.key for m in existing}:
+        raise MergeError(f"this disk was already merged into {peek.path}, and this copy of it is not a file "
+                         f"that merge left behind; it is not deleted", path=child)
+    return MergePlan(child=child, destination=peek.path, sources=[s.path for s in journal.sources],
+                     destination_type=peek.disk_type, virtual_size=peek.size, resuming=True,
+                     to_delete=[] if keep and journal.state != "done" else [m.path for m in existing])
 
 
 def _finish_copied(child: str, into: str | os.PathLike[str] | None, keep: bool,
-                   wrap: Callable[[Storage], Storage] | None, t0: float, *, dry_run: bool = False
+                   wrap: Callable[[Storage], Storage] | None, t0: float, *, dry_run: bool = False,
+                   folders: Sequence[str] = (), on_plan: Callable[[MergePlan], None] | None = None
                    ) -> MergeResult | MergePlan | None:
     """Finish a merge that stopped after its copy, or None if there is none to finish.
 
     The destination holds a journal in state "copied" that lists this child: the data is all
-    there, and only the steps of :func:`_complete` are left. State "done" with the child gone:
-    the merge finished before, and there is nothing left to do. The destination is ``into``, the
-    file the child's relative path names, or (when the child is already gone) the file of
-    its folder whose journal names it.
+    there, and only the steps of :func:`_complete` are left. State "done": the merge finished
+    before; files of it that are still there (a power loss undid their deletion) are deleted.
+    Either way only files that :func:`verify_journal` ties to the destination are touched.
     """
-    candidates: list[str] = []
-    if into is not None:
-        candidates.append(os.path.abspath(os.fspath(into)))
-    elif os.path.exists(child):
-        try:
-            leaf = Image.open(child, "r")
-            try:
-                loc = leaf.metadata.parent_locator or {}
-            finally:
-                leaf.close()
-            candidates += [p for how, p in chains.candidate_paths(loc, child, []) if how == "relative_path"]
-        except VhdxError:
-            return None
-    else:
-        folder = os.path.dirname(child)
-        try:
-            candidates += [os.path.join(folder, n) for n in sorted(os.listdir(folder))
-                           if n.lower().endswith(chains.VHDX_SUFFIXES)]
-        except OSError:
-            return None
-    for dest_path in candidates:
-        journal = _copied_journal(dest_path, child) if os.path.isfile(dest_path) else None
-        if journal is None:
+    for peek in _finish_candidates(child, into):
+        if peek.raw_journal is None:
             continue
-        image = Image.open(dest_path, "r")
         try:
-            plan = MergePlan(child=child, destination=dest_path,
-                             sources=[r.get("path", "") for r in journal.get("sources", []) if isinstance(r, dict)],
-                             destination_type=image.disk_type, virtual_size=image.size, resuming=True)
-            guid = str(image.header.data_write_guid)
-        finally:
-            image.close()
+            journal = parse_journal(peek.raw_journal, peek.path)
+        except MergeError:
+            continue  # refused by the merge itself if this is its destination
+        if journal.state == "copying" or not _journal_names(journal, child):
+            continue
+        done = journal.state == "done"
+        allowed = allowed_folders(peek.path, child, folders=folders)
+        if done and peek.data_write_guid != journal.new_data_write_guid:
+            if os.path.exists(child):
+                raise MergeError(f"this disk was already merged into {peek.path}, which has changed since; "
+                                 f"it is invalid and must not be merged again", path=child)
+            members: list[JournalMember | None] = []
+        else:
+            members = verify_journal(journal, peek.path, allowed)
+        plan = _finish_plan(journal, members, peek, child, keep)
         if dry_run:
             return plan
-        deleted = _complete(dest_path, keep, wrap) if journal.get("state") == "copied" else []
+        if on_plan is not None:
+            on_plan(plan)
+        if not done:
+            deleted = _complete(peek.path, keep, wrap, allowed, child)
+        else:
+            deleted = _delete_members([m for m in reversed(members) if m is not None])
         return MergeResult(plan=plan, bytes_copied=0, seconds=time.monotonic() - t0, deleted=deleted,
-                           broken_dependents=[], new_data_write_guid=guid)
+                           broken_dependents=[], new_data_write_guid=str(peek.data_write_guid))
     return None
 
 
-def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: dict[str, Any] | None,
-         progress: Callable[[int, int], None] | None, wrap: Callable[[Storage], Storage] | None) -> MergeResult:
+def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: Journal | None,
+         progress: Callable[[int, int], None] | None, wrap: Callable[[Storage], Storage] | None,
+         keep: bool = False) -> MergeResult:
     above = sources[-1]  # the layer whose parent is the destination
-    if journal and journal.get("new_data_write_guid"):
-        new_guid = uuid.UUID(journal["new_data_write_guid"])
-    else:
-        new_guid = uuid.uuid4()
+    new_guid = journal.new_data_write_guid if journal else uuid.uuid4()
     source_guids = [str(im.header.data_write_guid) for im in sources]
     dest = _open_rw(dest_path, wrap)
-    if journal and journal.get("original_data_write_guid"):
-        original = uuid.UUID(journal["original_data_write_guid"])
-    else:
-        original = dest.header.data_write_guid
+    original = journal.original_data_write_guid if journal else dest.header.data_write_guid
     if journal:
         # Blocks an interrupted run allocated but never put in the BAT: give them back first.
         try:
@@ -567,7 +1070,7 @@ def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: dict[st
             # 2. Journal and new DataWriteGuid in one go (the first change to the destination).
             dest.begin_session(data_change=True, data_write_guid=new_guid)
             items = [it for it in metadata_items(dest.metadata) if it.item_id != chains.MERGE_JOURNAL_GUID]
-            dest.write_metadata_items(items + [_journal_item(plan, new_guid, original, source_guids)])
+            dest.write_metadata_items(items + [_journal_item(plan, new_guid, original, source_guids, keep=keep)])
         else:
             dest.begin_session(data_change=True, data_write_guid=new_guid)
         # 3. Copy, one batch of windows per transaction.
@@ -612,7 +1115,7 @@ def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: dict[st
             key = (it.item_id, bool(it.flags & C.METADATA_IS_USER))
             items.append(child_items.pop(key, it) if it.flags & C.METADATA_IS_VIRTUAL_DISK else it)
         items.extend(child_items.values())
-        dest.write_metadata_items(items + [_journal_item(plan, new_guid, original, source_guids, "copied")])
+        dest.write_metadata_items(items + [_journal_item(plan, new_guid, original, source_guids, "copied", keep)])
         dest.flush()
     finally:
         dest.close()
