@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
 from .disk import Disk
-from .errors import (ChainCycleError, ChainError, ParentMismatchError, ParentNotFoundError, UsageError,
-                     VhdxError)
+from .errors import (ChainCycleError, ChainError, LockedError, ParentMismatchError, ParentNotFoundError,
+                     UsageError, VhdxError)
 from .format import constants as C
 from .format.locator import KEY_ORDER, build_parent_locator, format_linkage, parse_linkage
 from .image import Image, create_image
@@ -176,7 +176,7 @@ class _Resolver:
 
     def __init__(self, *, search_paths: Iterable[str | os.PathLike[str]] = (),
                  parents: Sequence[str | os.PathLike[str]] | None = None, ignore_id_mismatch: bool = False,
-                 missing_parent: str = "error", strict: bool = True) -> None:
+                 missing_parent: str = "error", strict: bool = True, share: bool = False) -> None:
         if missing_parent not in ("error", "zeros"):
             raise UsageError(f"missing_parent={missing_parent!r}: 'error' or 'zeros'")
         self.search_paths = [os.fspath(p) for p in search_paths]
@@ -184,6 +184,7 @@ class _Resolver:
         self.ignore = ignore_id_mismatch
         self.missing = missing_parent
         self.strict = strict
+        self.share = share  # parents are read without locks (--force-share)
 
     def resolve(self, leaf: Image) -> tuple[list[Image], list[Layer], bool]:
         """Images leaf..base (the leaf included), their layers, and whether the base reads zeros."""
@@ -242,7 +243,9 @@ class _Resolver:
                 cycle.append(local)
                 return None
             try:
-                image = Image.open(local, "r")
+                image = Image.open(local, "r", share=self.share)
+            except LockedError:
+                raise  # a parent another process writes: the chain cannot be read safely
             except VhdxError as e:
                 tried[-1] += f" (unreadable: {e.detail})"
                 return None
@@ -289,7 +292,7 @@ class _Resolver:
             if self.ignore or not self.strict:
                 if _file_key(local) in seen:
                     return None, how, "cycle", tried
-                return Image.open(local, "r"), how, "mismatch", tried
+                return Image.open(local, "r", share=self.share), how, "mismatch", tried
             raise ParentMismatchError(
                 f"parent {local} has DataWriteGuid {found} but the child's parent_linkage is {l1} "
                 f"(the parent was modified after the child was made; accept it with --ignore-id-mismatch / ignore_id_mismatch=True only if its data is unchanged)",
@@ -302,10 +305,26 @@ class _Resolver:
         return None, "", "missing", tried
 
 
-def read_data_write_guid(path: str) -> uuid.UUID | None:
-    """The current header's DataWriteGuid of a file, or None if it is not a readable VHDX."""
+def open_peek(path: str) -> tuple[Image, bool]:
+    """Open ``path`` read-only for a look at its headers and metadata, as folder scans do.
+
+    A scan must not fail because another process writes one of the files (a running VM's
+    disk): such a file is read without a lock instead, and the second value is True ("in
+    use"; what it shows may be changing). Other errors are raised as usual.
+    """
     try:
-        image = Image.open(path, "r")
+        return Image.open(path, "r"), False
+    except LockedError:
+        return Image.open(path, "r", share=True), True
+
+
+def read_data_write_guid(path: str) -> uuid.UUID | None:
+    """The current header's DataWriteGuid of a file, or None if it is not a readable VHDX.
+
+    A file in use by another process is read without a lock (see :func:`open_peek`).
+    """
+    try:
+        image, _in_use = open_peek(path)
     except (VhdxError, OSError):
         return None
     try:
@@ -375,7 +394,7 @@ def chain(path: str | os.PathLike[str], **options: Any) -> Chain:
     """Describe the chain of ``path`` without raising on broken links (they show in each layer)."""
     options.setdefault("missing_parent", "zeros")
     resolver = _Resolver(strict=False, **options)
-    leaf = Image.open(path, "r")
+    leaf = Image.open(path, "r", share=resolver.share)
     try:
         images, layers, _ = resolver.resolve(leaf)
     except BaseException:
@@ -505,6 +524,7 @@ class Node:
     error: str | None = None
     interrupted_merge: bool = False
     external_parent: str | None = None  # state "external": the parent exists outside the folder
+    in_use: bool = False  # another process has it open for writing; read without a lock
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -558,7 +578,11 @@ class Forest:
 
 
 def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Forest:
-    """Read every .vhdx/.avhdx in ``folder`` and rebuild the forest of chains."""
+    """Read every .vhdx/.avhdx in ``folder`` and rebuild the forest of chains.
+
+    Each file is read under a shared lock; a file another process writes is read without
+    one and marked ``in_use`` (see :func:`open_peek`) rather than failing the scan.
+    """
     folder = os.path.abspath(os.fspath(folder))
     paths: list[str] = []
     if recursive:
@@ -574,7 +598,7 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
     for p in paths:
         node = Node(p)
         try:
-            image = Image.open(p, "r")
+            image, node.in_use = open_peek(p)
         except (VhdxError, OSError) as e:
             node.error = str(e)
             node.state = "unreadable"
