@@ -309,7 +309,7 @@ def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], fo
                 continue
             seen.add(p)
             try:
-                im = Image.open(p, "r")
+                im, _in_use = chains.open_peek(p)  # a running VM's disk depends all the same
             except (VhdxError, OSError):
                 continue
             try:
@@ -349,12 +349,42 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
     the merged files are deleted unless ``keep``. Refuses (listing them) when other disks
     depend on the destination unless ``force``. ``dry_run`` returns the plan and writes nothing.
     ``storage_wrapper`` wraps every file opened for writing (fault-injection tests).
+
+    Every file the merge writes or deletes (the sources and the destination) is locked
+    exclusively before the plan is made and until the merge returns, the child first, before
+    anything else is read: a second merge of the same chain, a writer, or a reader (qemu's or
+    ours) is refused with :class:`LockedError`. A dry run takes shared locks only.
     """
+    held: list[Storage] = []
+    try:
+        path = os.path.abspath(os.fspath(child))
+        if not dry_run and os.path.isfile(path):
+            _hold_exclusive([path], held)
+        return _merge(child, into, progress=progress, ignore_id_mismatch=ignore_id_mismatch, keep=keep,
+                      force=force, search_paths=search_paths, dry_run=dry_run, storage_wrapper=storage_wrapper,
+                      held=held)
+    finally:
+        for storage in reversed(held):
+            storage.close()
+
+
+def _hold_exclusive(paths: Sequence[str], held: list[Storage]) -> None:
+    """Lock each file exclusively (this process's later opens of it share the lock), into ``held``."""
+    for p in paths:
+        held.append(FileStorage(p, lock="exclusive"))
+
+
+def _merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None, *,
+           progress: Callable[[int, int], None] | None, ignore_id_mismatch: bool, keep: bool, force: bool,
+           search_paths: Sequence[str | os.PathLike[str]], dry_run: bool,
+           storage_wrapper: Callable[[Storage], Storage] | None, held: list[Storage]
+           ) -> MergeResult | MergePlan:
+    """The body of :func:`merge`; the locks it takes go into ``held``, which the caller releases."""
     child = os.path.abspath(os.fspath(child))
     search = [os.fspath(p) for p in search_paths]
     t0 = time.monotonic()
     # A merge that stopped after its copy only needs its last steps.
-    finished = _finish_copied(child, into, keep, storage_wrapper, t0, dry_run=dry_run)
+    finished = _finish_copied(child, into, keep, storage_wrapper, t0, dry_run=dry_run, held=held)
     if finished is not None:
         return finished
     leaf = Image.open(child, "r")
@@ -379,6 +409,8 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
             dest_index = keys.index(chains._file_key(target))
         sources = images[:dest_index]
         dest_ro = images[dest_index]
+        if not dry_run:  # every file the merge writes or deletes is ours alone before planning
+            _hold_exclusive([im.path for im in sources + [dest_ro]], held)
         for im in sources + [dest_ro]:
             if im.size != leaf.size or im.logical_sector_size != leaf.logical_sector_size:
                 raise MergeError(f"{im.path}: virtual size or sector size differs from the child's; "
@@ -485,8 +517,8 @@ def _copied_journal(path: str, child: str) -> dict[str, Any] | None:
 
 
 def _finish_copied(child: str, into: str | os.PathLike[str] | None, keep: bool,
-                   wrap: Callable[[Storage], Storage] | None, t0: float, *, dry_run: bool = False
-                   ) -> MergeResult | MergePlan | None:
+                   wrap: Callable[[Storage], Storage] | None, t0: float, *, dry_run: bool = False,
+                   held: list[Storage] | None = None) -> MergeResult | MergePlan | None:
     """Finish a merge that stopped after its copy, or None if there is none to finish.
 
     The destination holds a journal in state "copied" that lists this child: the data is all
@@ -529,6 +561,8 @@ def _finish_copied(child: str, into: str | os.PathLike[str] | None, keep: bool,
             image.close()
         if dry_run:
             return plan
+        if held is not None and journal.get("state") == "copied":
+            _hold_exclusive([dest_path] + _journal_sources(journal, dest_path), held)
         deleted = _complete(dest_path, keep, wrap) if journal.get("state") == "copied" else []
         return MergeResult(plan=plan, bytes_copied=0, seconds=time.monotonic() - t0, deleted=deleted,
                            broken_dependents=[], new_data_write_guid=guid)
