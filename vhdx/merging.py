@@ -499,7 +499,9 @@ def _complete(dest_path: str, keep: bool, wrap: Callable[[Storage], Storage] | N
 
 def _copied_journal(path: str, child: str) -> dict[str, Any] | None:
     try:
-        image = Image.open(path, "r")
+        # A file in use is read without a lock: if its journal names the child, the exclusive
+        # lock taken before the cleanup refuses to go on while the other process holds it.
+        image, _in_use = chains.open_peek(path)
     except (VhdxError, OSError):
         return None
     try:
@@ -551,6 +553,9 @@ def _finish_copied(child: str, into: str | os.PathLike[str] | None, keep: bool,
         journal = _copied_journal(dest_path, child) if os.path.isfile(dest_path) else None
         if journal is None:
             continue
+        if held is not None and not dry_run and journal.get("state") == "copied":
+            # _complete reads the journal again under these locks
+            _hold_exclusive([dest_path] + _journal_sources(journal, dest_path), held)
         image = Image.open(dest_path, "r")
         try:
             plan = MergePlan(child=child, destination=dest_path,
@@ -561,8 +566,6 @@ def _finish_copied(child: str, into: str | os.PathLike[str] | None, keep: bool,
             image.close()
         if dry_run:
             return plan
-        if held is not None and journal.get("state") == "copied":
-            _hold_exclusive([dest_path] + _journal_sources(journal, dest_path), held)
         deleted = _complete(dest_path, keep, wrap) if journal.get("state") == "copied" else []
         return MergeResult(plan=plan, bytes_copied=0, seconds=time.monotonic() - t0, deleted=deleted,
                            broken_dependents=[], new_data_write_guid=guid)
