@@ -334,3 +334,27 @@ def test_orphans_reads_a_disk_in_use_without_failing(tmp_path: Path) -> None:
         finish(writer)
     finally:
         stop(writer)
+
+
+def test_two_merges_started_at_the_same_moment(tmp_path: Path) -> None:
+    ref_base, ref_child = make_chain(tmp_path / "ref")
+    vhdx.merge(ref_child)
+    outcomes = []
+    for round_ in range(3):
+        base, child = make_chain(tmp_path / str(round_))
+        cmd = [sys.executable, "-m", "vhdx", "merge", os.fspath(child)]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=python_env()) for _ in range(2)]
+        results = [(p.wait(120), *p.communicate()) for p in procs]
+        for rc, out, err in results:
+            assert "Traceback" not in err and "cleanup stopped" not in err, err
+            assert rc == 0 or "locked" in err, err
+        merged = sum(1 for rc, out, _ in results if rc == 0 and out.startswith("merged"))
+        outcomes.append(merged)
+        assert merged <= 1, results
+        if merged:
+            assert not child.exists()
+            assert os.path.getsize(base) == os.path.getsize(ref_base), "the payload was copied twice"
+        with vhdx.open(child if child.exists() else base) as a, vhdx.open(ref_base) as b:
+            assert a.read() == b.read()
+    print("merges that ran per round:", outcomes)
