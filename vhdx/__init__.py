@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, DiskExistsError,  # noqa: E402
                      LogReplayError, MergeError, ParentMismatchError, ParentNotFoundError, ReadOnlyError,
                      TruncatedError, UnsupportedError, UsageError, VhdxError)
+from .errors import LockedError  # noqa: E402
 from .disk import Disk  # noqa: E402
 from .api import create, open  # noqa: E402
 from .chains import Chain, Forest, Layer, Node, chain, find_chains, reparent, snapshot  # noqa: E402
@@ -28,5 +29,5 @@ __all__ = [
     "find_chains", "Forest", "Node", "merge", "MergePlan", "MergeResult",
     "VhdxError", "CorruptError", "ChecksumError", "TruncatedError", "UnsupportedError", "LogReplayError",
     "ChainError", "ParentNotFoundError", "ParentMismatchError", "ChainCycleError", "ReadOnlyError",
-    "MergeError", "UsageError", "DiskExistsError",
+    "MergeError", "UsageError", "DiskExistsError", "LockedError",
 ]

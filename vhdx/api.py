@@ -13,12 +13,21 @@ from .storage import Storage
 
 
 def open(path: str | os.PathLike[str], mode: str = "r", *, storage: Storage | None = None,
-         **chain_options: Any) -> Disk:
-    """Open a VHDX or AVHDX file as a :class:`Disk` (``mode`` "r" or "r+")."""
-    image = Image.open(path, mode, storage=storage)
+         share: bool = False, **chain_options: Any) -> Disk:
+    """Open a VHDX or AVHDX file as a :class:`Disk` (``mode`` "r" or "r+").
+
+    Every file of the chain is locked as QEMU locks images: shared for reading (the file
+    and its parents), exclusive for writing (the file itself; its parents stay shared).
+    A file another process writes raises :class:`LockedError`. ``share=True`` (read-only)
+    takes no locks and ignores others': for inspecting a disk a running VM holds, whose
+    content may be changing under you.
+    """
+    image = Image.open(path, mode, storage=storage, share=share)
     try:
         if image.has_parent or chain_options:
             from .chains import attach_parents
+            if share:
+                chain_options["share"] = True
             return attach_parents(image, **chain_options)
         return Disk(image)
     except BaseException:

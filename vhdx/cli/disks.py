@@ -15,7 +15,7 @@ import numpy as np
 from .. import api
 from ..errors import DiskExistsError, UsageError, VhdxError
 from ..outputs import atomic_output
-from . import EXIT_OK, add_chain_options, chain_options, emit_json, parse_size
+from . import EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json, parse_size
 from .progress import Progress, human_bytes
 
 CHUNK = 2 << 20
@@ -48,6 +48,7 @@ def register(sub: Any) -> None:
         p.add_argument("--progress", dest="progress", action="store_true", default=None)
         p.add_argument("--no-progress", dest="progress", action="store_false")
         add_chain_options(p)
+        add_share_option(p)
         p.set_defaults(func=cmd_export if verb == "export" else cmd_hash)
 
 
