@@ -17,16 +17,16 @@ re-exports; the code lives on four floors (docs/architecture.md).
 from ._version import __version__
 from .chains.disk import Disk
 from .chains.resolve import Chain, Forest, Layer, Node, chain, find_chains, open, reparent, snapshot
-from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, DiskExistsError, LogReplayError,
-                     MergeError, ParentMismatchError, ParentNotFoundError, ReadOnlyError, TruncatedError,
-                     UnsupportedError, UsageError, VhdxError)
+from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, DiskExistsError, LockedError,
+                     LogReplayError, MergeError, ParentMismatchError, ParentNotFoundError, ReadOnlyError,
+                     TruncatedError, UnsupportedError, UsageError, VhdxError)
 from .ops.create import create
 from .ops.merge.run import MergePlan, MergeResult, merge
 
 __all__ = [
     "__version__", "open", "create", "Disk", "snapshot", "chain", "Chain", "Layer", "reparent",
     "find_chains", "Forest", "Node", "merge", "MergePlan", "MergeResult",
-    "VhdxError", "CorruptError", "ChainCycleError", "ChecksumError", "TruncatedError", "UnsupportedError",
-    "LogReplayError", "ChainError", "ParentNotFoundError", "ParentMismatchError", "ReadOnlyError",
-    "MergeError", "UsageError", "DiskExistsError",
+    "VhdxError", "CorruptError", "ChecksumError", "TruncatedError", "UnsupportedError", "LogReplayError",
+    "ChainError", "ParentNotFoundError", "ParentMismatchError", "ChainCycleError", "ReadOnlyError",
+    "MergeError", "UsageError", "DiskExistsError", "LockedError",
 ]

@@ -86,6 +86,10 @@ class ReadOnlyError(VhdxError, io.UnsupportedOperation):
         return self._message()
 
 
+class LockedError(VhdxError):
+    """Another process holds the file in a way that excludes this open (QEMU-compatible locks)."""
+
+
 class MergeError(VhdxError):
     """A merge cannot start or go on; the message says how to resume."""
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 import vhdx
-from vhdx.chains import resolve as chains
+from vhdx.chains.resolve import resolve as chains
 from vhdx.format.locator import build_parent_locator
 from vhdx.file.image import Image, create_image
 from vhdx.file.storage import FileStorage

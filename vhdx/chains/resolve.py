@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
 from .disk import Disk
-from ..errors import (ChainCycleError, ChainError, ParentMismatchError, ParentNotFoundError, UsageError,
-                     VhdxError)
+from ..errors import (ChainCycleError, ChainError, LockedError, ParentMismatchError, ParentNotFoundError,
+                     UsageError, VhdxError)
 from ..format import constants as C
 from ..format.locator import KEY_ORDER, build_parent_locator, format_linkage, parse_linkage
 from ..file.image import Image, create_image
@@ -146,9 +146,12 @@ def _stat_regular(path: str, allow_block: bool) -> tuple[os.stat_result | None, 
     return (None, problem) if problem else (st, None)
 
 
-def open_found(path: str, *, allow_block: bool = False) -> Image:
-    """Open, read-only, a file that resolution or a scan found: a regular file only."""
-    return Image.open(path, "r", storage=FileStorage(path, regular_only=not allow_block))
+def open_found(path: str, *, allow_block: bool = False, share: bool = False) -> Image:
+    """Open, read-only, a file that resolution or a scan found: a regular file only.
+
+    A shared lock is taken unless ``share`` (--force-share)."""
+    return Image.open(path, "r", storage=FileStorage(path, regular_only=not allow_block,
+                                                     lock=None if share else "shared"))
 
 
 @dataclass(frozen=True)
@@ -159,27 +162,36 @@ class Peek:
     has_parent: bool
     parent_linkage: uuid.UUID | None = None
     parent_linkage2: uuid.UUID | None = None  # None when absent or zero
+    in_use: bool = False  # another process has it open for writing: read without a lock
 
     @property
     def linkages(self) -> set[uuid.UUID]:
         return {g for g in (self.parent_linkage, self.parent_linkage2) if g is not None}
 
 
-def read_peek(path: str, *, allow_block: bool = False) -> Peek | str:
-    """The GUIDs of one file from its headers and metadata, or why it could not be read."""
+def read_peek(path: str, *, allow_block: bool = False, share: bool = False) -> Peek | str:
+    """The GUIDs of one file from its headers and metadata, or why it could not be read.
+
+    A scan must not fail because another process writes one of the files (a running VM's
+    disk): such a file is read without a lock, and its peek says ``in_use``."""
+    in_use = False
     try:
-        image = Image.open_headers(FileStorage(path, regular_only=not allow_block))
+        try:
+            storage = FileStorage(path, regular_only=not allow_block, lock=None if share else "shared")
+        except LockedError:
+            storage, in_use = FileStorage(path, regular_only=not allow_block, lock=None), True
+        image = Image.open_headers(storage)
     except (VhdxError, OSError) as e:
         return f"unreadable: {e.detail if isinstance(e, VhdxError) else e}"
     try:
-        return _peek_of(image)
+        return _peek_of(image, in_use)
     finally:
         image.close()
 
 
-def _peek_of(image: Image) -> Peek:
+def _peek_of(image: Image, in_use: bool = False) -> Peek:
     l1, l2 = _linkage_of(image) if image.has_parent else (None, None)
-    return Peek(image.header.data_write_guid, image.has_parent, l1, l2)
+    return Peek(image.header.data_write_guid, image.has_parent, l1, l2, in_use)
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -194,7 +206,8 @@ class ScanCache:
     ``find_chains``, a merge) owns its own cache; none outlives the command.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, share: bool = False) -> None:
+        self.share = share  # --force-share: read every file without locks
         self._peeks: dict[tuple[int, int, int, int], Peek | str] = {}
         self._folders: dict[str, tuple[dict[uuid.UUID, list[str]], list[tuple[str, str]]]] = {}
 
@@ -228,7 +241,7 @@ class ScanCache:
         key = _stat_key(st)
         found = self._peeks.get(key)
         if found is None:
-            found = self._peeks[key] = read_peek(path, allow_block=allow_block)
+            found = self._peeks[key] = read_peek(path, allow_block=allow_block, share=self.share)
         return found
 
     def open(self, path: str, *, allow_block: bool = False) -> Image | str:
@@ -238,7 +251,9 @@ class ScanCache:
         if st is None:
             return problem or "cannot be read"
         try:
-            image = open_found(path, allow_block=allow_block)
+            image = open_found(path, allow_block=allow_block, share=self.share)
+        except LockedError:
+            raise  # a parent another process writes: the chain cannot be read safely
         except VhdxError as e:
             return f"unreadable: {e.detail}"
         self._peeks[_stat_key(st)] = _peek_of(image)
@@ -308,7 +323,8 @@ class _Resolver:
 
     def __init__(self, *, search_paths: Iterable[str | os.PathLike[str]] = (),
                  parents: Sequence[str | os.PathLike[str]] | None = None, ignore_id_mismatch: bool = False,
-                 missing_parent: str = "error", strict: bool = True, cache: ScanCache | None = None) -> None:
+                 missing_parent: str = "error", strict: bool = True, cache: ScanCache | None = None,
+                 share: bool = False) -> None:
         if missing_parent not in ("error", "zeros"):
             raise UsageError(f"missing_parent={missing_parent!r}: 'error' or 'zeros'")
         self.search_paths = [os.fspath(p) for p in search_paths]
@@ -316,7 +332,8 @@ class _Resolver:
         self.ignore = ignore_id_mismatch
         self.missing = missing_parent
         self.strict = strict
-        self.cache = cache if cache is not None else ScanCache()
+        self.share = share  # parents are read without locks (--force-share)
+        self.cache = cache if cache is not None else ScanCache(share=share)
 
     def resolve(self, leaf: Image) -> tuple[list[Image], list[Layer], bool]:
         """Images leaf..base (the leaf included), their layers, and whether the base reads zeros."""
@@ -423,7 +440,7 @@ class _Resolver:
             if self.ignore or not self.strict:
                 if _file_key(local) in seen:
                     return None, how, "cycle", tried
-                return open_found(local, allow_block=allow_block), how, "mismatch", tried
+                return open_found(local, allow_block=allow_block, share=self.share), how, "mismatch", tried
             raise ParentMismatchError(
                 f"parent {local} has DataWriteGuid {found} but the child's parent_linkage is {l1} "
                 f"(the parent was modified after the child was made; accept it with --ignore-id-mismatch / ignore_id_mismatch=True only if its data is unchanged)",
@@ -436,8 +453,24 @@ class _Resolver:
         return None, "", "missing", tried
 
 
+def open_peek(path: str) -> tuple[Image, bool]:
+    """Open ``path`` (a regular file) read-only, as folder scans do.
+
+    A scan must not fail because another process writes one of the files (a running VM's
+    disk): such a file is read without a lock instead, and the second value is True ("in
+    use"; what it shows may be changing). Other errors are raised as usual.
+    """
+    try:
+        return open_found(path), False
+    except LockedError:
+        return open_found(path, share=True), True
+
+
 def read_data_write_guid(path: str, cache: ScanCache | None = None) -> uuid.UUID | None:
-    """The current header's DataWriteGuid of a regular file, or None if it is not a readable VHDX."""
+    """The current header's DataWriteGuid of a regular file, or None if it is not a readable VHDX.
+
+    A file in use by another process is read without a lock (see :func:`read_peek`).
+    """
     peek = (cache or ScanCache()).peek(path)
     return None if isinstance(peek, str) else peek.data_write_guid
 
@@ -458,11 +491,20 @@ def attach_parents(image: Image, **options: Any) -> Disk:
 
 
 def open(path: str | os.PathLike[str], mode: str = "r", *, storage: Storage | None = None,
-         **chain_options: Any) -> Disk:
-    """Open a VHDX or AVHDX file as a :class:`Disk` (``mode`` "r" or "r+")."""
-    image = Image.open(path, mode, storage=storage)
+         share: bool = False, **chain_options: Any) -> Disk:
+    """Open a VHDX or AVHDX file as a :class:`Disk` (``mode`` "r" or "r+").
+
+    Every file of the chain is locked as QEMU locks images: shared for reading (the file
+    and its parents), exclusive for writing (the file itself; its parents stay shared).
+    A file another process writes raises :class:`LockedError`. ``share=True`` (read-only)
+    takes no locks and ignores others': for inspecting a disk a running VM holds, whose
+    content may be changing under you.
+    """
+    image = Image.open(path, mode, storage=storage, share=share)
     try:
         if image.has_parent or chain_options:
+            if share:
+                chain_options["share"] = True
             return attach_parents(image, **chain_options)
         return Disk(image)
     except BaseException:
@@ -516,7 +558,7 @@ def chain(path: str | os.PathLike[str], **options: Any) -> Chain:
     """Describe the chain of ``path`` without raising on broken links (they show in each layer)."""
     options.setdefault("missing_parent", "zeros")
     resolver = _Resolver(strict=False, **options)
-    leaf = Image.open(path, "r")
+    leaf = Image.open(path, "r", share=resolver.share)
     try:
         images, layers, _ = resolver.resolve(leaf)
     except BaseException:
@@ -645,6 +687,7 @@ class Node:
     error: str | None = None
     interrupted_merge: bool = False
     external_parent: str | None = None  # state "external": the parent exists outside the folder
+    in_use: bool = False  # another process has it open for writing; read without a lock
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -702,6 +745,8 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
 
     Only regular files are read: a FIFO, socket, device or broken symlink named like a disk is
     listed as unreadable, with the reason. ``recursive`` does not follow symlinked folders.
+    Each file is read under a shared lock; a file another process writes is read without
+    one and marked ``in_use`` rather than failing the scan.
     """
     folder = os.path.abspath(os.fspath(folder))
     paths: list[str] = []
@@ -730,7 +775,7 @@ def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, 
         image = None
         if problem is None:
             try:
-                image = open_found(p)
+                image, node.in_use = open_peek(p)
             except (VhdxError, OSError) as e:
                 problem = str(e)
         if image is None:

@@ -58,8 +58,19 @@ def add_chain_options(p: argparse.ArgumentParser) -> None:
                    help="what to read where a parent cannot be found (default: error)")
 
 
+FORCE_SHARE_HELP = ("read without taking or honouring locks, like qemu's -U: for inspecting a disk a "
+                    "running VM holds; the content may be changing under you")
+
+
+def add_share_option(p: argparse.ArgumentParser) -> None:
+    """``--force-share``/``-U`` for a read-only verb (see FORCE_SHARE_HELP)."""
+    p.add_argument("-U", "--force-share", action="store_true", help=FORCE_SHARE_HELP)
+
+
 def chain_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
+    if getattr(args, "force_share", False):
+        opts["share"] = True
     if getattr(args, "search", None):
         opts["search_paths"] = args.search
     if getattr(args, "parents", None):
@@ -74,7 +85,11 @@ def chain_options(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     from . import disks, inspect
     parser = argparse.ArgumentParser(prog="vhdx", description="Hyper-V VHDX/AVHDX disks: inspect, check, "
-                                     "export, create, snapshot, merge.")
+                                     "export, create, snapshot, merge.",
+                                     epilog="Files are locked as QEMU locks images: shared while read, exclusive "
+                                     "while written or merged. A disk that another process (a VM, qemu, another "
+                                     "vhdx) writes is refused; the read-only verbs read it anyway with "
+                                     "--force-share (-U), but its content may be changing under you.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     from .._version import __version__
     parser.add_argument("--version", action="version", version=f"vhdx {__version__}")

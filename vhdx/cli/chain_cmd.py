@@ -8,7 +8,7 @@ import shlex
 from typing import Any
 
 from ..chains import resolve as chains
-from . import EXIT_FINDINGS, EXIT_OK, add_chain_options, chain_options, emit_json
+from . import EXIT_FINDINGS, EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json
 
 
 def register(sub: Any) -> None:
@@ -16,6 +16,7 @@ def register(sub: Any) -> None:
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     add_chain_options(p)
+    add_share_option(p)
     p.set_defaults(func=cmd_chain)
 
     p = sub.add_parser("snapshot", help="make a Hyper-V style checkpoint child <stem>_<GUID>.avhdx beside DISK")
@@ -110,13 +111,14 @@ def _merge_command(chain_nodes: list[chains.Node]) -> str:
 
 
 def mergeable_chains(forest: chains.Forest) -> list[list[chains.Node]]:
-    """Chains leaf..base that can be merged without touching anything else: no branch, no broken link."""
+    """Chains leaf..base that can be merged without touching anything else: no branch, no broken
+    link, no file in use by another process."""
     out = []
     for leaf in forest.leaves:
         nodes = forest.chain_of(leaf.path)
         if len(nodes) < 2 or nodes[-1].state != "base":
             continue
-        if any(n.state not in ("ok", "base") for n in nodes):
+        if any(n.state not in ("ok", "base") or n.in_use for n in nodes):
             continue
         if any(len(n.children) > 1 for n in nodes[1:]):
             continue
@@ -137,6 +139,8 @@ def _node_tags(forest: chains.Forest, node: chains.Node) -> list[str]:
         tags.append("leaf")
     if node.interrupted_merge:
         tags.append("INTERRUPTED MERGE")
+    if node.in_use:
+        tags.append("IN USE by another process")
     return tags
 
 

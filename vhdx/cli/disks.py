@@ -16,7 +16,7 @@ from ..chains.resolve import open as open_disk
 from ..ops.create import create
 from ..errors import DiskExistsError, UsageError, VhdxError
 from ..file.outputs import atomic_output
-from . import EXIT_OK, add_chain_options, chain_options, emit_json, parse_size
+from . import EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json, parse_size
 from .progress import Progress, human_bytes
 
 CHUNK = 2 << 20
@@ -49,6 +49,7 @@ def register(sub: Any) -> None:
         p.add_argument("--progress", dest="progress", action="store_true", default=None)
         p.add_argument("--no-progress", dest="progress", action="store_false")
         add_chain_options(p)
+        add_share_option(p)
         p.set_defaults(func=cmd_export if verb == "export" else cmd_hash)
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from ..chains.resolve import open as open_disk
 from ..ops.check import check_file
-from . import EXIT_FINDINGS, EXIT_OK, EXIT_UNREADABLE, add_chain_options, chain_options, emit_json
+from . import (EXIT_FINDINGS, EXIT_OK, EXIT_UNREADABLE, add_chain_options, add_share_option, chain_options,
+               emit_json)
 from .progress import human_bytes
 
 
@@ -17,6 +18,7 @@ def register(sub: Any) -> None:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_chain_options(p)
+    add_share_option(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("check", help="structural check, like qemu-img check: exit 0 when no errors (warnings "
@@ -24,6 +26,7 @@ def register(sub: Any) -> None:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_chain_options(p)
+    add_share_option(p)
     p.set_defaults(func=cmd_check, error_exit=EXIT_UNREADABLE)
 
 
@@ -80,7 +83,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    report = check_file(args.path)
+    report = check_file(args.path, share=args.force_share)
     if not report.opened and not args.json:
         # The file cannot be opened as a VHDX at all: one line, like every other error.
         first = report.findings[0]

@@ -9,9 +9,9 @@ from typing import Any
 
 from ..chains.resolve import open as open_disk
 from ..errors import DiskExistsError, VhdxError
-from ..file.outputs import atomic_output
 from ..ops.maps import changed_ranges, layer_ranges, merged_ranges, render_png, summary
-from . import EXIT_OK, add_chain_options, chain_options, emit_json
+from ..file.outputs import atomic_output
+from . import EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json
 from .progress import human_bytes
 
 
@@ -23,12 +23,14 @@ def register(sub: Any) -> None:
     p.add_argument("--png", metavar="FILE", help="also draw the allocation of every layer into FILE")
     p.add_argument("--force", action="store_true", help="overwrite the --png FILE if it exists")
     add_chain_options(p)
+    add_share_option(p)
     p.set_defaults(func=cmd_map)
 
     p = sub.add_parser("diff", help="the sectors a checkpoint changed against its parent")
     p.add_argument("child")
     p.add_argument("--json", action="store_true")
     add_chain_options(p)
+    add_share_option(p)
     p.set_defaults(func=cmd_diff)
 
 

@@ -137,12 +137,18 @@ class Image:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], mode: str = "r", *, storage: Storage | None = None) -> "Image":
+    def open(cls, path: str | os.PathLike[str], mode: str = "r", *, storage: Storage | None = None,
+             share: bool = False) -> "Image":
+        """Open one file: "r" takes a shared lock, "r+" an exclusive one; ``share`` (read-only)
+        takes no lock and ignores other processes' locks (see :mod:`vhdx.storage`)."""
         if mode not in ("r", "r+"):
             raise UsageError(f"mode {mode!r}: use 'r' or 'r+'", path=path)
         writable = mode == "r+"
+        if share and writable:
+            raise UsageError("share=True (--force-share) is for reading only; a writer needs the "
+                             "file to itself", path=path)
         if storage is None:
-            storage = FileStorage(path, writable=writable)
+            storage = FileStorage(path, writable=writable, lock=None if share else "auto")
         elif writable and not storage.writable:
             raise ReadOnlyError("storage is read-only but mode is 'r+'", path=path)
         image = cls(storage)

@@ -59,12 +59,17 @@ class CheckReport:
                     findings=[f.to_dict() for f in self.findings])
 
 
-def check_file(path: str | os.PathLike[str], *, storage: Storage | None = None) -> CheckReport:
-    """Check one file's structure. Raises VhdxError only when the file cannot be read at all."""
+def check_file(path: str | os.PathLike[str], *, storage: Storage | None = None,
+               share: bool = False) -> CheckReport:
+    """Check one file's structure. Raises VhdxError only when the file cannot be read at all.
+
+    The file is read under a shared lock (:class:`LockedError` while another process writes
+    it); ``share`` takes no lock, for a disk a running VM holds (the content may be changing).
+    """
     path = os.fspath(path)
     own = storage is None
     if storage is None:
-        storage = FileStorage(path)  # raises when the file cannot be opened
+        storage = FileStorage(path, lock=None if share else "shared")  # raises when it cannot be opened
     findings: list[Finding] = []
     try:
         try:

@@ -804,13 +804,43 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
     ``on_plan`` is called with the plan (its ``to_delete`` lists every file that will be deleted)
     before anything is written. Files are deleted only in the destination's folder, the child's
     and the ``search_paths``. ``storage_wrapper`` wraps every file opened for writing (fault-injection tests).
+
+    Every file the merge writes or deletes (the sources and the destination) is locked
+    exclusively before the plan is made and until the merge returns, the child first, before
+    anything else is read: a second merge of the same chain, a writer, or a reader (qemu's or
+    ours) is refused with :class:`LockedError`. A dry run takes shared locks only.
     """
+    held: list[Storage] = []
+    try:
+        path = os.path.abspath(os.fspath(child))
+        if not dry_run and os.path.isfile(path):
+            _hold_exclusive([path], held)
+        return _merge(child, into, progress=progress, ignore_id_mismatch=ignore_id_mismatch, keep=keep,
+                      force=force, search_paths=search_paths, dry_run=dry_run, storage_wrapper=storage_wrapper,
+                      held=held, on_plan=on_plan)
+    finally:
+        for storage in reversed(held):
+            storage.close()
+
+
+def _hold_exclusive(paths: Sequence[str], held: list[Storage]) -> None:
+    """Lock each file exclusively (this process's later opens of it share the lock), into ``held``."""
+    for p in paths:
+        held.append(FileStorage(p, lock="exclusive"))
+
+
+def _merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None, *,
+           progress: Callable[[int, int], None] | None, ignore_id_mismatch: bool, keep: bool, force: bool,
+           search_paths: Sequence[str | os.PathLike[str]], dry_run: bool,
+           storage_wrapper: Callable[[Storage], Storage] | None, held: list[Storage],
+           on_plan: Callable[[MergePlan], None] | None = None) -> MergeResult | MergePlan:
+    """The body of :func:`merge`; the locks it takes go into ``held``, which the caller releases."""
     child = os.path.abspath(os.fspath(child))
     search = [os.fspath(p) for p in search_paths]
     t0 = time.monotonic()
     # A merge that stopped after its copy only needs its last steps.
     finished = _finish_copied(child, into, keep, storage_wrapper, t0, dry_run=dry_run,
-                              folders=search, on_plan=on_plan)
+                              folders=search, on_plan=on_plan, held=held)
     if finished is not None:
         return finished
     leaf = Image.open(child, "r")
@@ -835,6 +865,8 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
             dest_index = keys.index(chains._file_key(target))
         sources = images[:dest_index]
         dest_ro = images[dest_index]
+        if not dry_run:  # every file the merge writes or deletes is ours alone before planning
+            _hold_exclusive([im.path for im in sources + [dest_ro]], held)
         for im in sources + [dest_ro]:
             if im.size != leaf.size or im.logical_sector_size != leaf.logical_sector_size:
                 raise MergeError(f"{im.path}: virtual size or sector size differs from the child's; "
@@ -943,9 +975,9 @@ class _Peek:
 def _peek(path: str) -> _Peek | None:
     """Read-only look at a regular VHDX file; None if it is not one."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return None
-        image = Image.open(path, "r")
+        # A file in use is read without a lock: if its journal names the child, the exclusive
+        # lock taken before the cleanup refuses to go on while the other process holds it.
+        image, _in_use = chains.open_peek(path)
     except (VhdxError, OSError):
         return None
     try:
@@ -1002,8 +1034,8 @@ def _finish_plan(journal: Journal, members: list[JournalMember | None], peek: _P
 
 def _finish_copied(child: str, into: str | os.PathLike[str] | None, keep: bool,
                    wrap: Callable[[Storage], Storage] | None, t0: float, *, dry_run: bool = False,
-                   folders: Sequence[str] = (), on_plan: Callable[[MergePlan], None] | None = None
-                   ) -> MergeResult | MergePlan | None:
+                   folders: Sequence[str] = (), on_plan: Callable[[MergePlan], None] | None = None,
+                   held: list[Storage] | None = None) -> MergeResult | MergePlan | None:
     """Finish a merge that stopped after its copy, or None if there is none to finish.
 
     The destination holds a journal in state "copied" that lists this child: the data is all
@@ -1032,6 +1064,9 @@ def _finish_copied(child: str, into: str | os.PathLike[str] | None, keep: bool,
         plan = _finish_plan(journal, members, peek, child, keep)
         if dry_run:
             return plan
+        if held is not None:
+            # Lock the destination and the files to delete; _complete reads the journal again.
+            _hold_exclusive([peek.path] + [m.path for m in members if m is not None], held)
         if on_plan is not None:
             on_plan(plan)
         if not done:
