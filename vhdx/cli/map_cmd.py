@@ -10,6 +10,7 @@ from typing import Any
 from ..chains.resolve import open as open_disk
 from ..errors import DiskExistsError, VhdxError
 from ..file.outputs import atomic_output
+from ..ops.export import refuse_chain_file
 from ..ops.maps import changed_ranges, layer_ranges, merged_ranges, render_png, summary
 from . import EXIT_OK, add_chain_options, chain_options, emit_json
 from .progress import human_bytes
@@ -59,7 +60,6 @@ def cmd_map(args: argparse.Namespace) -> int:
                                ranges=[r.to_dict() for r in ranges]))
             pictures.append((im.path, ranges, im.size))
         if args.png:
-            from .disks import refuse_chain_file
             refuse_chain_file(args.png, disk)
             if os.path.lexists(args.png) and not args.force:
                 raise DiskExistsError("the picture file exists; pass --force to overwrite it", path=args.png)
