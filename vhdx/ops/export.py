@@ -21,7 +21,7 @@ import stat
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -37,8 +37,8 @@ STREAM = "stream"
 
 ProgressCallback = Callable[[int, int], None]
 Sink = Callable[[memoryview, int], None]
-Source = Union[str, "os.PathLike[str]", Disk]
-Output = Union[str, "os.PathLike[str]", int]
+Source = str | os.PathLike | Disk          # a path, or an open Disk
+Destination = str | os.PathLike | int      # a path, or an open file descriptor
 
 
 @dataclass(frozen=True)
@@ -113,12 +113,12 @@ def chain_files(disk: Disk) -> list[str]:
     return out
 
 
-def output_name(out: Output) -> str:
+def output_name(out: Destination) -> str:
     """How errors name an output: its path, or ``file descriptor N``."""
     return f"file descriptor {out}" if isinstance(out, int) else os.fspath(out)
 
 
-def refuse_chain_file(out: Output, disk: Disk) -> None:
+def refuse_chain_file(out: Destination, disk: Disk) -> None:
     """Raise :class:`UsageError` if ``out`` is a file of ``disk``'s chain.
 
     ``out`` is a path (links are followed; a hard link is the same file) or a file
@@ -151,6 +151,7 @@ class _Walk:
         self.zeros: memoryview | None = None
 
     def advance(self, piece: memoryview) -> None:
+        """``piece`` was read at the current position."""
         if self.hasher is not None:
             self.hasher.update(piece)
         self.position += len(piece)
@@ -172,6 +173,7 @@ class _Walk:
             self.report()
 
     def report(self) -> None:
+        """Tell the progress callback, if any, where the pass is."""
         if self.progress is not None:
             self.progress(self.position, self.size)
 
@@ -314,6 +316,7 @@ def write_all_to(fd: int) -> Sink:
 
 
 def _export_dense(target: Disk, fd: int, progress: ProgressCallback | None, hasher: Any) -> tuple[int, int, str]:
+    """Every byte to ``fd``, in order: (bytes written, bytes of data, method)."""
     _, handed, data = stream(target, write_all_to(fd), dense=True, progress=progress, hasher=hasher)
     return handed, data, STREAM
 
@@ -350,7 +353,7 @@ def _export_path(target: Disk, out: str, overwrite: bool, progress: ProgressCall
         os.close(fd)
 
 
-def export(source: Source, out: Output, *, layer: int | None = None, sha256: bool = False,
+def export(source: Source, out: Destination, *, layer: int | None = None, sha256: bool = False,
            overwrite: bool = False, progress: ProgressCallback | None = None,
            **chain_options: Any) -> ExportResult:
     """Write the virtual disk ``source`` (a path, or an open :class:`Disk`) as a raw image.
