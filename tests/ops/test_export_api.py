@@ -100,9 +100,11 @@ def test_export_refuses_an_existing_output_unless_overwrite(chain: list[Path], t
     out = tmp_path / "exists.raw"
     garbage = b"\xa5" * (SIZE + MiB + 17)                # longer than the disk, and not zeros
     out.write_bytes(garbage)
+    calls: list[int] = []
     with pytest.raises(vhdx.DiskExistsError) as info:
-        vhdx.export(chain[0], out)
+        vhdx.export(chain[0], out, progress=lambda done, total: calls.append(done))
     assert info.value.path == str(out) and isinstance(info.value, FileExistsError)
+    assert calls == [], "the disk was read before the existing output was refused"
     assert out.read_bytes() == garbage, "the refused output was changed"
     dangling = tmp_path / "dangling.raw"
     dangling.symlink_to(tmp_path / "nowhere")
