@@ -9,6 +9,8 @@ Public API (see docs/guide.md)::
     vhdx.chain(child).layers                              # how each parent was found
     vhdx.find_chains("/vms")                              # every chain in a folder
     vhdx.merge(child)                                     # like Merge-VHD; crash-safe, restartable
+    vhdx.export(child, "disk.raw")                        # the virtual disk as a sparse raw file
+    vhdx.hash(child, layer=1)                             # SHA-256 of the disk as of its parent
 
 Every error is a :class:`VhdxError` with ``.path`` and ``.offset``. This module only
 re-exports; the code lives on four floors (docs/architecture.md).
@@ -21,11 +23,12 @@ from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, D
                      LogReplayError, MergeError, ParentMismatchError, ParentNotFoundError, ReadOnlyError,
                      TruncatedError, UnsupportedError, UsageError, VhdxError)
 from .ops.create import create
+from .ops.export import ExportResult, export, hash
 from .ops.merge.run import MergePlan, MergeResult, merge
 
 __all__ = [
     "__version__", "open", "create", "Disk", "snapshot", "chain", "Chain", "Layer", "reparent",
-    "find_chains", "Forest", "Node", "merge", "MergePlan", "MergeResult",
+    "find_chains", "Forest", "Node", "merge", "MergePlan", "MergeResult", "export", "hash", "ExportResult",
     "VhdxError", "CorruptError", "ChecksumError", "TruncatedError", "UnsupportedError", "LogReplayError",
     "ChainError", "ParentNotFoundError", "ParentMismatchError", "ChainCycleError", "ReadOnlyError",
     "MergeError", "UsageError", "DiskExistsError", "LockedError",

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import stat
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-
-from ..chains.resolve import open as open_disk
 from ..ops.create import create
-from ..errors import DiskExistsError, UsageError, VhdxError
-from ..file.outputs import atomic_output
+from ..errors import DiskExistsError, UsageError
+from ..ops.export import export, open_layer
+from ..ops.export import hash as hash_disk
 from . import EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json, parse_size
 from .progress import Progress, human_bytes
-
-CHUNK = 2 << 20
 
 
 def register(sub: Any) -> None:
@@ -76,235 +69,41 @@ def cmd_create(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open_layer(args: argparse.Namespace):
-    if args.layer < 0:
-        raise UsageError(f"--layer {args.layer}: layers count from 0 (the file itself)", path=args.path)
-    disk = open_disk(args.path, **chain_options(args))
-    layer = args.layer
-    target = disk
-    for _ in range(layer):
-        if target.parent is None:
-            disk.close()
-            raise UsageError(f"the chain has no layer {layer}", path=args.path)
-        target = target.parent
-    return disk, target
-
-
-def chain_files(disk) -> list[str]:
-    out = []
-    while disk is not None:
-        out.append(disk.path)
-        disk = disk.parent
-    return out
-
-
-def refuse_chain_file(out: str, disk) -> None:
-    """Never write over a file of the chain being read (evidence, or the data being exported)."""
-    try:
-        st = os.stat(out)
-    except OSError:
-        return
-    for path in chain_files(disk):
-        try:
-            pst = os.stat(path)
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) == (pst.st_dev, pst.st_ino):
-            raise UsageError(f"refusing to write over {path}, a file of the chain being read", path=out)
-
-
-def stream(disk, sink=None, *, progress=None, hasher=None) -> tuple[int, int]:
-    """Read the disk in pieces; hand non-zero pieces to ``sink(view, offset)``.
-
-    Holes that no layer allocates are skipped without reading (and hashed as zeros when a
-    hash is asked for), so the output is sparse. The sink runs on a second thread with its
-    own buffers, so reading the next piece overlaps writing the last one (the system calls
-    release the GIL). Returns (bytes covered, bytes handed to the sink).
-    """
-    size = disk.size
-    written = 0
-    position = 0
-    zeros = memoryview(bytes(CHUNK))
-    buffers = [bytearray(CHUNK) for _ in range(3)]
-    pending: list[Future | None] = [None] * len(buffers)
-    turn = 0
-
-    def hash_zeros(upto: int) -> None:
-        nonlocal position
-        while position < upto:
-            n = min(CHUNK, upto - position)
-            if hasher is not None:
-                hasher.update(zeros[:n])
-            position += n
-            if progress:
-                progress(position, size)
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        for start, length in disk.data_extents():
-            hash_zeros(start)
-            end = start + length
-            while position < end:
-                slot = turn % len(buffers)
-                turn += 1
-                waiting = pending[slot]
-                if waiting is not None:
-                    waiting.result()
-                    pending[slot] = None
-                view = memoryview(buffers[slot])
-                n = disk.pread_into(view[:min(CHUNK, end - position)], position)
-                piece = view[:n]
-                if hasher is not None:
-                    hasher.update(piece)
-                if sink is not None and np.frombuffer(piece, np.uint8).any():
-                    pending[slot] = pool.submit(sink, piece, position)
-                    written += n
-                position += n
-                if progress:
-                    progress(position, size)
-        for fut in pending:
-            if fut is not None:
-                fut.result()
-    hash_zeros(size)
-    return position, written
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    disk, target = _open_layer(args)
-    with disk:
-        hasher = hashlib.sha256() if args.sha256 else None
-        progress = Progress(f"export {os.path.basename(args.path)}", enabled=args.progress)
-        if args.out == "-":
-            out_fd = sys.stdout.buffer.fileno()
-
-            def sink_stdout(view, offset):
-                done = 0
-                while done < len(view):
-                    done += os.write(out_fd, view[done:])
-            # stdout cannot be sparse: write every piece
-            buf_size = target.size
-            read, written = _stream_dense(target, sink_stdout, progress, hasher)
-        else:
-            refuse_chain_file(args.out, disk)
-            try:
-                written = _export_to(args, target, progress, hasher)
-            except VhdxError:
-                raise
-            except OSError as e:
-                raise VhdxError(f"cannot write the export: {e.strerror or e}", path=args.out) from e
-            buf_size = target.size
+    """``vhdx export``: write the disk (as of ``--layer``) to OUT, or to stdout for ``-``."""
+    out = sys.stdout.buffer.fileno() if args.out == "-" else args.out
+    progress = Progress(f"export {os.path.basename(args.path)}", enabled=args.progress)
+    try:
+        result = export(args.path, out, layer=args.layer, sha256=args.sha256, overwrite=args.force,
+                        progress=progress, **chain_options(args))
+    except DiskExistsError as e:
+        raise DiskExistsError("output exists; pass --force to overwrite it", path=e.path) from e
+    finally:
         progress.finish()
-    summary = dict(path=args.path, out=args.out, layer=args.layer, virtual_size=buf_size,
-                   bytes_written=written, sha256=hasher.hexdigest() if hasher else None)
     if args.json:
-        emit_json(summary)
-    else:
-        msg = f"exported {human_bytes(buf_size)} to {args.out} ({human_bytes(written)} of data)"
-        print(msg, file=sys.stderr if args.out == "-" else sys.stdout)
-        if hasher:
-            print(f"sha256 {hasher.hexdigest()}", file=sys.stderr if args.out == "-" else sys.stdout)
+        emit_json(dict(path=args.path, out=args.out, layer=args.layer, virtual_size=result.size,
+                       bytes_written=result.bytes_written, data_bytes=result.data_bytes, method=result.method,
+                       sha256=result.sha256))
+        return EXIT_OK
+    where = sys.stderr if args.out == "-" else sys.stdout
+    print(f"exported {human_bytes(result.size)} to {args.out} ({human_bytes(result.data_bytes)} of data)",
+          file=where)
+    if result.sha256:
+        print(f"sha256 {result.sha256}", file=where)
     return EXIT_OK
 
 
-def _export_to(args: argparse.Namespace, target, progress, hasher) -> int:
-    """Write the disk to a regular file (sparse) or to a device or pipe (every byte, in order)."""
-    try:
-        st = os.stat(args.out)
-    except FileNotFoundError:
-        st = None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        fd = os.open(args.out, os.O_WRONLY)
-        try:
-            def sink_dense(view, offset):
-                done = 0
-                while done < len(view):
-                    done += os.write(fd, view[done:])
-            return _stream_dense(target, sink_dense, progress, hasher)[1]
-        finally:
-            os.close(fd)
-    if not args.force and os.path.lexists(args.out):
-        raise DiskExistsError("output exists; pass --force to overwrite it", path=args.out)
-    # Built under a temporary name and renamed into place when complete: an interrupted or
-    # failed export leaves nothing under OUT (with --force, the file it would have replaced).
-    with atomic_output(args.out, overwrite=args.force) as out:
-        if hasher is None and _kernel_copy_possible(target):
-            written = _export_by_kernel_copy(target, out.fd, progress)
-        else:
-            written = stream(target, out.write_at, progress=progress, hasher=hasher)[1]
-        os.ftruncate(out.fd, target.size)
-    return written
-
-
-def _kernel_copy_possible(disk) -> bool:
-    """A single file, read straight from the host file (no parent, no in-memory log overlay)."""
-    return (disk.parent is None and not disk.image.has_parent and disk.image.storage.fileno() is not None
-            and hasattr(os, "copy_file_range"))
-
-
-def _export_by_kernel_copy(disk, out_fd: int, progress) -> int:
-    """Copy the allocated blocks of one file with copy_file_range; holes stay holes.
-
-    Contiguous runs of FULLY_PRESENT blocks that sit back to back in the host file become one
-    call. Blocks that read as zeros are not written at all (the output is sparse).
-    """
-    from ..format import constants as C
-    im = disk.image
-    bs, size = im.block_size, im.size
-    st = im.payload_states()
-    offs = im.payload_offsets().astype(np.int64)
-    data = (st == C.PAYLOAD_BLOCK_FULLY_PRESENT) | (st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
-    # A run continues while the next block is data and sits right after this one in the file.
-    follows = np.zeros(st.size, bool)
-    if st.size > 1:
-        follows[1:] = data[1:] & data[:-1] & (offs[1:] == offs[:-1] + bs)
-    starts = np.flatnonzero(data & ~follows)
-    src_fd = im.storage.fileno()
-    written = 0
-    for block in starts.tolist():
-        end_block = block + 1
-        while end_block < st.size and follows[end_block]:
-            end_block += 1
-        voff = block * bs
-        length = min(end_block * bs, size) - voff
-        src = int(offs[block])
-        done = 0
-        while done < length:
-            n = os.copy_file_range(src_fd, out_fd, length - done, src + done, voff + done)
-            if n <= 0:  # past the end of a short last block: the rest reads as zeros
-                break
-            done += n
-        written += length
-        if progress:
-            progress(voff + length, size)
-    if progress:
-        progress(size, size)
-    return written
-
-
-def _stream_dense(disk, sink, progress, hasher) -> tuple[int, int]:
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    offset = 0
-    while offset < disk.size:
-        n = disk.pread_into(view, offset)
-        if hasher is not None:
-            hasher.update(view[:n])
-        sink(view[:n], offset)
-        offset += n
-        if progress:
-            progress(offset, disk.size)
-    return offset, offset
-
-
 def cmd_hash(args: argparse.Namespace) -> int:
-    disk, target = _open_layer(args)
-    with disk:
-        hasher = hashlib.sha256()
-        progress = Progress(f"hash {os.path.basename(args.path)}", enabled=args.progress)
-        stream(target, None, progress=progress, hasher=hasher)
+    """``vhdx hash``: the SHA-256 of the disk (as of ``--layer``)."""
+    progress = Progress(f"hash {os.path.basename(args.path)}", enabled=args.progress)
+    try:
+        with open_layer(args.path, args.layer, **chain_options(args)) as (_, target):
+            digest = hash_disk(target, progress=progress)
+            size = target.size
+    finally:
         progress.finish()
-        size = target.size
     if args.json:
-        emit_json(dict(path=args.path, layer=args.layer, virtual_size=size, sha256=hasher.hexdigest()))
+        emit_json(dict(path=args.path, layer=args.layer, virtual_size=size, sha256=digest))
     else:
-        print(f"{hasher.hexdigest()}  {args.path}" + (f" (layer {args.layer})" if args.layer else ""))
+        print(f"{digest}  {args.path}" + (f" (layer {args.layer})" if args.layer else ""))
     return EXIT_OK

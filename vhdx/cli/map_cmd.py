@@ -9,6 +9,7 @@ from typing import Any
 
 from ..chains.resolve import open as open_disk
 from ..errors import DiskExistsError, VhdxError
+from ..ops.export import refuse_chain_file
 from ..ops.maps import changed_ranges, layer_ranges, merged_ranges, render_png, summary
 from ..file.outputs import atomic_output
 from . import EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json
@@ -61,7 +62,6 @@ def cmd_map(args: argparse.Namespace) -> int:
                                ranges=[r.to_dict() for r in ranges]))
             pictures.append((im.path, ranges, im.size))
         if args.png:
-            from .disks import refuse_chain_file
             refuse_chain_file(args.png, disk)
             if os.path.lexists(args.png) and not args.force:
                 raise DiskExistsError("the picture file exists; pass --force to overwrite it", path=args.png)

@@ -1,0 +1,1 @@
+"""Tests of the ops floor (vhdx/ops): what you do, as library calls."""
