@@ -18,13 +18,15 @@ re-exports; the code lives on four floors (docs/architecture.md).
 
 from ._version import __version__
 from .chains.disk import Disk
-from .chains.resolve import Chain, Forest, Layer, Node, chain, find_chains, open, reparent, snapshot
+from .chains.resolve import Chain, Layer, chain, open
 from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, DiskExistsError, LockedError,
                      LogReplayError, MergeError, ParentMismatchError, ParentNotFoundError, ReadOnlyError,
                      TruncatedError, UnsupportedError, UsageError, VhdxError)
-from .ops.create import create
+from .ops.create import create, snapshot
 from .ops.export import ExportResult, export, hash
 from .ops.merge.run import MergePlan, MergeResult, merge
+from .ops.orphans import Forest, Node, find_chains
+from .ops.reparent import reparent
 
 __all__ = [
     "__version__", "open", "create", "Disk", "snapshot", "chain", "Chain", "Layer", "reparent",

@@ -215,7 +215,7 @@ def set_locator(path: Path | str, pairs: dict[str, str]) -> None:
 
 
 def data_write_guid(path: Path | str) -> uuid.UUID:
-    from vhdx.chains.resolve import read_data_write_guid
+    from vhdx.chains.scan import read_data_write_guid
     guid = read_data_write_guid(os.fspath(path))
     assert guid is not None, f"{path} is not readable"
     return guid

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 import vhdx
-from vhdx.chains.resolve import resolve as chains
+from vhdx.chains import scan as chains
+from vhdx.ops.create import locator_for
 from vhdx.format.locator import build_parent_locator
 from vhdx.file.image import Image, create_image
 from vhdx.file.storage import FileStorage
@@ -186,7 +187,7 @@ def test_symlink_loops_and_dangling_links_are_skipped(tmp_path: Path) -> None:
 def test_a_loop_of_parents_is_shown_and_refused(tmp_path: Path) -> None:
     folder = tmp_path / "vms"
     (base, middle, leaf), _ = renamed_chain(folder)
-    pairs = chains.locator_for(leaf, middle, chains.read_data_write_guid(os.fspath(leaf)))
+    pairs = locator_for(leaf, middle, chains.read_data_write_guid(os.fspath(leaf)))
     image = Image.open(os.fspath(middle), "r+")
     try:
         image.write_parent_locator(pairs)  # middle's parent is now the leaf: a loop
@@ -212,7 +213,7 @@ def build_deep_chain(folder: Path, depth: int) -> tuple[list[Path], dict[int, tu
     guid = chains.read_data_write_guid(os.fspath(base))
     for i in range(1, depth + 1):
         child = folder / f"base_{i:08X}-0000-0000-0000-000000000000.avhdx"
-        locator = build_parent_locator(chains.locator_for(os.fspath(paths[-1]), os.fspath(child), guid))
+        locator = build_parent_locator(locator_for(os.fspath(paths[-1]), os.fspath(child), guid))
         storage = FileStorage(child, writable=True, create=True, durable=False)
         image = create_image(child, MiB, block_size=MiB, parent_locator=locator, storage=storage)
         try:

@@ -1,6 +1,6 @@
 """Finding parents: relative paths, Windows-only paths, search folders, DataWriteGuid scans,
 ID mismatches, missing parents, cycles, deep chains, explicit parents, read-only parents and
-reparenting (vhdx-format.md §4.8, §4.9, §9.3, §9.4)."""
+reparenting (docs/format.md §4.8, §4.9, §9.3, §9.4)."""
 
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def test_windows_only_paths_found_by_file_name_in_a_search_path(windows_child) -
         assert same_file(layer["path"], store / "base.vhdx")
         assert "file name" in layer["found_by"] and str(store) in layer["found_by"], layer["found_by"]
         assert_same(read_all(disk), bytes(cm.model), "child over a parent found by name")
-    # a reader must not rewrite the stale locator (vhdx-format.md §9.3, step 6)
+    # a reader must not rewrite the stale locator (docs/format.md §9.3, step 6)
     assert file_state(child) == before
     described = vhdx.chain(child, search_paths=[store])
     assert described.complete and "file name" in described.base.found_by

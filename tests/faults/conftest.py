@@ -23,7 +23,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 MiB = 1 << 20
-# Per-case limits (vhdx-format.md §1.3 bounds every structure; nothing should need more).
+# Per-case limits (docs/format.md §1.3 bounds every structure; nothing should need more).
 CASE_SECONDS = float(os.environ.get("VHDX_FAULT_CASE_SECONDS", "2.0"))
 CASE_PEAK_BYTES = int(os.environ.get("VHDX_FAULT_PEAK_MB", "64")) * MiB
 WHOLE_READ_LIMIT = 64 * MiB     # read every byte of disks up to this size, sample larger ones

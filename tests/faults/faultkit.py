@@ -8,7 +8,7 @@ truncate, flush). At the ``fail_at``-th call:
 * by default the power is lost: that call fails with :class:`PowerLoss`, and so does every
   later call on any file. With ``drop_unflushed`` the failing call is carried out first (it may
   be torn) and then each file loses a random half of the 4 KiB pages it received since its last
-  flush (a volatile disk cache; vhdx-format.md §7.4, §8.7);
+  flush (a volatile disk cache; docs/format.md §7.4, §8.7);
 * with ``error=errno.EIO`` (or ``ENOSPC``) that one call raises ``OSError(error)`` and the
   machine lives on: a write larger than 4 KiB lands torn (its first half, whole pages), and
   every later call works, as after a transient error of a real disk.

@@ -16,7 +16,7 @@ fault the storage refuses everything, so the Disk cannot close cleanly. The copy
 
 In the drop-unflushed variant, the power loss also loses a random subset of the 4 KiB
 pages written since the last flush (each page independently), which is what a volatile
-disk cache may do (vhdx-format.md §7.4, §8.7: data is flushed before the log entry that
+disk cache may do (docs/format.md §7.4, §8.7: data is flushed before the log entry that
 points at it, the log entry before it is applied).
 """
 
@@ -55,7 +55,7 @@ class Scenario:
     maker: str = "ours"           # "ours" (vhdx.create), "qemu" (qemu-img/qemu-io) or "child" (a
                                   # differencing child of an ours-made parent.vhdx beside it)
     unaligned_tail: bool = False  # cut the file 4 KiB short, inside its last payload block: a
-                                  # tolerated quirk of old QEMU files (vhdx-format.md §6, pitfall 9)
+                                  # tolerated quirk of old QEMU files (docs/format.md §6, pitfall 9)
     size: int = 8 * MiB
     block_size: int = MiB
 
@@ -290,7 +290,7 @@ SCENARIOS = [
     Scenario("qemu-dynamic-512-short-tail", maker="qemu", unaligned_tail=True),
     # Partial writes to NOT_PRESENT blocks make PARTIALLY_PRESENT blocks: one log entry then
     # carries the payload BAT page, the sector-bitmap BAT page (index 4096: another page) and
-    # the bitmap page itself (vhdx-format.md §7.3, §7.4).
+    # the bitmap page itself (docs/format.md §7.3, §7.4).
     Scenario("child-512", maker="child"),
     Scenario("child-4096", maker="child", logical_sector_size=4096),
 ]

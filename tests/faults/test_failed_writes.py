@@ -1,4 +1,4 @@
-"""An I/O error during a write never leaves torn metadata marked clean (vhdx-format.md §8.5, §8.7).
+"""An I/O error during a write never leaves torn metadata marked clean (docs/format.md §8.5, §8.7).
 
 A transient ``EIO`` or ``ENOSPC`` (an ``OSError`` raised by the storage at its k-th write,
 truncate or flush; the machine lives on, so every later call works) is injected at every index

@@ -11,7 +11,7 @@ a read-only open never changes the file.
 
 Mutations of checksummed structures (headers, region tables) come in two forms: raw,
 which only the CRC-32C check has to catch, and re-stamped with a correct CRC-32C, which
-reaches the field validation behind it (vhdx-format.md §1.5). Cases marked ``raise`` break
+reaches the field validation behind it (docs/format.md §1.5). Cases marked ``raise`` break
 a MUST of the format; cases marked ``ok`` are valid files (or recoverable by the rules, such
 as one bad header) and must read as the base disk; ``either`` leaves the choice to the
 library. Also here: hand-built logs (§8), parent locators (§4.8), random byte flips
@@ -778,7 +778,7 @@ def test_hostile_log_raises_only_vhdx_errors(name, expect, kw, base, base_disks,
 @pytest.mark.parametrize("base", ["qemu512", "ours4k"])
 @pytest.mark.parametrize("log_fill", ["garbage", "zeros", "loge-signatures"])
 def test_dirty_log_guid_with_unusable_log_is_refused(log_fill, base, base_disks, tmp_path):
-    """LogGuid != 0 but no valid entry: the file is corrupt (vhdx-format.md §8.5)."""
+    """LogGuid != 0 but no valid entry: the file is corrupt (docs/format.md §8.5)."""
     file_bytes, virtual = base_disks(base)
     buf = bytearray(file_bytes)
     L = vb.parse_layout(buf)

@@ -4,7 +4,7 @@ Deliberately does not import ``vhdx``: the hostile-input tests must be able to b
 mutated files without trusting the code under test. Only what the mutations need is
 here: find the current header, the region table, the metadata table and items, the BAT;
 re-stamp the CRC-32C of headers and region tables after an edit; build log entries
-(vhdx-format.md §2, §3, §4, §5, §8).
+(docs/format.md §2, §3, §4, §5, §8).
 """
 
 from __future__ import annotations

@@ -296,7 +296,7 @@ def libvhdi_read(pyvhdi: Any, paths_leaf_first: Sequence[str], size: int) -> byt
 def libvhdi_blind_spots(paths_leaf_first: Sequence[str], size: int) -> np.ndarray:
     """Bytes libvhdi reads differently by design or by known limitation, in differencing layers:
 
-    * ZERO/UNMAPPED/UNDEFINED blocks: it falls through to the parent (vhdx-format.md §6, §11);
+    * ZERO/UNMAPPED/UNDEFINED blocks: it falls through to the parent (docs/format.md §6, §11);
     * blocks that are not FULLY_PRESENT in a chunk whose sector bitmap is SB_BLOCK_NOT_PRESENT:
       it reads the bitmap at file offset 0 anyway (see tests/chain/test_libvhdi_chains.py).
     """

@@ -4,7 +4,7 @@ Power loss at call N: a :class:`~tests.merge.mergekit.FaultPlan` counts the muta
 (write, truncate, flush) of every file the merge opens for writing, through
 ``merge(storage_wrapper=...)``. A counting run learns their total K; then for every N in 1..K a
 fresh copy of the chain is merged with the power failing at the N-th call (that call fails, and
-every later call on any file). Afterwards (vhdx-format.md §9.5, "an interrupted merge leaves the
+every later call on any file). Afterwards (docs/format.md §9.5, "an interrupted merge leaves the
 child still usable, and the merge can be run again"):
 
 * every file still present passes ``check_file`` (read-only: logs replayed in memory) with no error;
@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 
 import vhdx
-from vhdx.chains.resolve import merge_in_progress
+from vhdx.ops.merge.journal import merge_in_progress
 from vhdx.errors import VhdxError
 from vhdx.file.image import Image
 

@@ -53,7 +53,7 @@ def test_finished_merge_leaves_a_done_record_and_a_rerun_is_a_no_op(tmp_path: Pa
     assert again.bytes_copied == 0 and again.plan.resuming and again.deleted == []
     with vhdx.open(base) as d:
         assert d.read() == model
-    assert not vhdx.chains.resolve.merge_in_progress(Image.open(base))
+    assert not vhdx.ops.merge.journal.merge_in_progress(Image.open(base))
 
 
 def test_a_kept_disk_is_invalid_and_refused_for_a_second_merge(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from vhdx.file.image import Image
 
 from .mergekit import MiB, cli, data_write_guid, merge, sha256_file
 
-JOURNAL_GUID = vhdx.chains.resolve.MERGE_JOURNAL_GUID
+JOURNAL_GUID = vhdx.ops.merge.journal.MERGE_JOURNAL_GUID
 
 
 def one_level(folder: Path) -> tuple[str, str]:

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import vhdx
+from vhdx.ops.merge.journal import interrupted_merge_at
 from vhdx.errors import MergeError, ParentMismatchError, ParentNotFoundError, VhdxError
 from vhdx.file.image import Image
 from vhdx.file.storage import Storage
@@ -113,7 +114,7 @@ def test_cli_force_reports_broken_sibling(tmp_path: Path) -> None:
 
 def test_merging_a_middle_layer_lists_its_child_as_dependent(tmp_path: Path) -> None:
     """base <- mid <- leaf: merging ``mid`` (and deleting it) orphans ``leaf``, so ``leaf`` is a
-    dependent: refused without force, like a sibling (vhdx-format.md §9.5, "merging a non-leaf
+    dependent: refused without force, like a sibling (docs/format.md §9.5, "merging a non-leaf
     disk: the caller must re-point that disk's children")."""
     built = small_chain(tmp_path, children=2)
     mid, leaf = built.paths[1], built.paths[2]
@@ -405,7 +406,8 @@ def test_interrupted_merge_is_a_warning_and_rerun_finishes_it(tmp_path: Path) ->
     d = json.loads(text[text.index("{"):])
     flagged = [os.path.basename(l["path"]) for l in d["layers"] if l["interrupted_merge"]]
     assert flagged == [os.path.basename(base)], d
-    assert vhdx.chain(leaf).layers[-1].interrupted_merge
+    assert interrupted_merge_at(vhdx.chain(leaf).layers[-1].path)
+    assert not hasattr(vhdx.chain(leaf).layers[-1], "interrupted_merge")  # Layer knows nothing of merging
     assert_same(read_disk(leaf), built.models[-1], "the child after the interruption")
 
     rc, text = cli("merge", leaf, "--into", base, "--dry-run")

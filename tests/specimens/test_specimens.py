@@ -101,7 +101,7 @@ WINDOWS_DIRTY = "discutils-win10-dirtylog-dynamic-1G.vhdx.zip"
 
 
 # --------------------------------------------------------------------------------------------
-# Independent parsing of headers and the BAT (vhdx-format.md §1.5, §2, §3, §5)
+# Independent parsing of headers and the BAT (docs/format.md §1.5, §2, §3, §5)
 # --------------------------------------------------------------------------------------------
 
 _crc32c = crcmod.predefined.mkCrcFun("crc-32c")
@@ -157,7 +157,7 @@ def _payload_states(path: Path, entry: dict[str, Any]) -> list[int]:
     states = []
     for bat_index in range(entry["bat_entries"]):
         if bat_index % (chunk_ratio + 1) == chunk_ratio:
-            continue  # a sector-bitmap slot (vhdx-format.md §5.2)
+            continue  # a sector-bitmap slot (docs/format.md §5.2)
         states.append(int.from_bytes(bat[8 * bat_index: 8 * bat_index + 8], "little") & 7)
     return states[: entry["payload_blocks"]]
 
@@ -432,7 +432,7 @@ def test_rw_open_replays_the_log_and_clears_log_guid(name, specimen_copy, manife
     header = _current_header(path)
     assert header["log_guid"] == ZERO_GUID
     # Replay is not a change a reader can see: DataWriteGuid (what children link to) stays;
-    # FileWriteGuid is renewed before anything in the file changes (vhdx-format.md §2.3).
+    # FileWriteGuid is renewed before anything in the file changes (docs/format.md §2.3).
     assert header["data_write_guid"] == uuid.UUID(entry["current_header"]["data_write_guid"])
     assert header["file_write_guid"] != uuid.UUID(entry["current_header"]["file_write_guid"])
     assert header["sequence_number"] > entry["current_header"]["sequence_number"]

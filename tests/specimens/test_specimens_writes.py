@@ -130,7 +130,7 @@ def test_our_writes_into_a_specimen_copy_pass_qemu_img_check_and_read_back(
     header = _current_header(path)
     assert header["log_guid"] == uuid.UUID(int=0)
     assert header["data_write_guid"] != uuid.UUID(entry["current_header"]["data_write_guid"]), \
-        "a write a reader can see must renew DataWriteGuid (vhdx-format.md §2.3)"
+        "a write a reader can see must renew DataWriteGuid (docs/format.md §2.3)"
     result = _run([qemu_img, "check", "-f", "vhdx", path])
     assert result.returncode == 0, _describe(result)
 
@@ -145,7 +145,7 @@ def test_our_writes_into_a_specimen_copy_pass_qemu_img_check_and_read_back(
 def test_rw_open_and_close_without_writes_keeps_data_write_guid_and_content(
         name, specimen_copy, manifest_entry, interop_tool, sha256_of_disk):
     # Opening a parent "r+" by mistake must not orphan its children: DataWriteGuid changes only
-    # with a change a reader can see (vhdx-format.md §2.3).
+    # with a change a reader can see (docs/format.md §2.3).
     entry = manifest_entry(name)
     path = specimen_copy(name)
     with vhdx.open(path, "r+"):

@@ -7,7 +7,11 @@ import os
 import shlex
 from typing import Any
 
-from ..chains import resolve as chains
+from ..chains.resolve import chain
+from ..ops.create import snapshot
+from ..ops.orphans import Forest, Node, find_chains
+from ..ops.reparent import reparent
+from ..ops.merge.journal import interrupted_merge_at
 from . import EXIT_FINDINGS, EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json
 
 
@@ -53,14 +57,20 @@ def indent(depth: int, unit: str) -> str:
 
 
 def cmd_chain(args: argparse.Namespace) -> int:
-    ch = chains.chain(args.path, **chain_options(args))
+    options = chain_options(args)
+    ch = chain(args.path, **options)
+    interrupted = {layer.path: interrupted_merge_at(layer.path, share=bool(options.get("share")))
+                   for layer in ch.layers}
     if args.json:
-        emit_json(ch.to_dict())
+        d = ch.to_dict()
+        for layer in d["layers"]:
+            layer["interrupted_merge"] = interrupted[layer["path"]]
+        emit_json(d)
     else:
         for depth, layer in enumerate(ch.layers):
             pad = indent(depth, "  ")
             flags = []
-            if layer.interrupted_merge:
+            if interrupted[layer.path]:
                 flags.append("INTERRUPTED MERGE")
             if layer.note:
                 flags.append(layer.note)
@@ -84,7 +94,7 @@ def cmd_chain(args: argparse.Namespace) -> int:
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from . import parse_size
     bs = parse_size(args.block_size) if args.block_size else None
-    path = chains.snapshot(args.disk, block_size=bs)
+    path = snapshot(args.disk, block_size=bs)
     if args.json:
         emit_json(dict(disk=args.disk, checkpoint=path))
     else:
@@ -94,7 +104,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_reparent(args: argparse.Namespace) -> int:
-    result = chains.reparent(args.child, args.parent, ignore_id_mismatch=args.ignore_id_mismatch)
+    result = reparent(args.child, args.parent, ignore_id_mismatch=args.ignore_id_mismatch)
     if args.json:
         emit_json(result)
     else:
@@ -103,14 +113,14 @@ def cmd_reparent(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _merge_command(chain_nodes: list[chains.Node]) -> str:
+def _merge_command(chain_nodes: list[Node]) -> str:
     leaf, base = chain_nodes[0], chain_nodes[-1]
     if len(chain_nodes) == 2:
         return f"vhdx merge {shlex.quote(leaf.path)}"
     return f"vhdx merge {shlex.quote(leaf.path)} --into {shlex.quote(base.path)}"
 
 
-def mergeable_chains(forest: chains.Forest) -> list[list[chains.Node]]:
+def mergeable_chains(forest: Forest) -> list[list[Node]]:
     """Chains leaf..base that can be merged without touching anything else: no branch, no broken
     link, no file in use by another process."""
     out = []
@@ -126,7 +136,7 @@ def mergeable_chains(forest: chains.Forest) -> list[list[chains.Node]]:
     return out
 
 
-def _node_tags(forest: chains.Forest, node: chains.Node) -> list[str]:
+def _node_tags(forest: Forest, node: Node) -> list[str]:
     tags = [node.disk_type]
     if node.state == "external":
         tags.append(f"parent outside this folder: {node.external_parent}")
@@ -144,7 +154,7 @@ def _node_tags(forest: chains.Forest, node: chains.Node) -> list[str]:
     return tags
 
 
-def print_forest(forest: chains.Forest) -> None:
+def print_forest(forest: Forest) -> None:
     """Each tree from its root down (without recursion: chains may be a thousand deep), then the
     disks that no root leads to (their parents form a loop) and the unreadable files."""
     rel = lambda p: os.path.relpath(p, forest.folder)  # noqa: E731
@@ -166,7 +176,7 @@ def print_forest(forest: chains.Forest) -> None:
 
 
 def cmd_orphans(args: argparse.Namespace) -> int:
-    forest = chains.find_chains(args.folder, recursive=args.recursive)
+    forest = find_chains(args.folder, recursive=args.recursive)
     plans = mergeable_chains(forest)
     if args.json and not args.merge:
         d = forest.to_dict()

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from ..chains.resolve import open as open_disk
-from ..ops.check import check_file
+from ..ops.check import check_chain, check_file
 from . import (EXIT_FINDINGS, EXIT_OK, EXIT_UNREADABLE, add_chain_options, add_share_option, chain_options,
                emit_json)
 from .progress import human_bytes
@@ -93,7 +93,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     findings = list(report.findings)
     opts = chain_options(args)
     if report.opened and not report.errors:  # a broken structure would only be reported twice
-        from ..chains.resolve import check_chain
         findings.extend(check_chain(args.path, **opts))
     errors = [f for f in findings if f.severity == "error"]
     if args.json:

@@ -42,7 +42,7 @@ COPY_METHOD = os.environ.get("VHDX_COPY_METHOD", "copy_file_range" if hasattr(os
 
 _ZEROS = bytes(4 << 20)
 _MAX_TX_BLOCKS = 64  # payload blocks allocated per log transaction
-_RESERVED_STATE = 4  # a payload BAT state the format reserves (vhdx-format.md §5.3)
+_RESERVED_STATE = 4  # a payload BAT state the format reserves (docs/format.md §5.3)
 EAGER_BITMAP_CHUNKS = 64  # differencing disks up to 256 GiB (512-byte sectors) get their bitmaps at creation
 
 
@@ -153,7 +153,7 @@ class Image:
             raise ReadOnlyError("storage is read-only but mode is 'r+'", path=path)
         image = cls(storage)
         try:
-            image._load()
+            image.load()
         except BaseException:
             image.close(_failed=True)
             raise
@@ -170,13 +170,13 @@ class Image:
             raise UsageError("open_headers reads only", path=storage.path)
         image = cls(storage)
         try:
-            image._load(header_only=True)
+            image.load(header_only=True)
         except BaseException:
             image.close(_failed=True)
             raise
         return image
 
-    def _load(self, *, salvage: bool = False, header_only: bool = False) -> None:
+    def load(self, *, salvage: bool = False, header_only: bool = False) -> None:
         """Parse everything; ``salvage`` (for ``vhdx check``) skips the BAT checks that
         :func:`vhdx.check.check_image` reports as findings instead; ``header_only`` stops
         before the BAT."""
@@ -325,7 +325,7 @@ class Image:
             self._validate_bat()
 
     def _validate_bat(self) -> None:
-        """Refuse entries that would make reads go outside the file (vhdx-format.md §5.3)."""
+        """Refuse entries that would make reads go outside the file (docs/format.md §5.3)."""
         file_size = self.storage.size()
         entries = batmod.payload_entries(self.bat, self.geometry)
         st = batmod.states(entries)
@@ -462,7 +462,7 @@ class Image:
 
     # ------------------------------------------------------------------ reading
 
-    def _read_bitmap(self, block: int) -> np.ndarray:
+    def read_bitmap(self, block: int) -> np.ndarray:
         """Block ``block``'s sector bitmap bits (one uint8 0/1 per sector)."""
         g = self.geometry
         chunk = block // g.chunk_ratio
@@ -513,7 +513,7 @@ class Image:
                 file_base = entry & C.BAT_FILE_OFFSET_MASK
                 first_sector = in_block // ss
                 last_sector = -(-(in_block + n) // ss)
-                bits = self._read_bitmap(block)[first_sector:last_sector]
+                bits = self.read_bitmap(block)[first_sector:last_sector]
                 starts, stops, values = bitmapmod.runs(bits)
                 for s0, s1, v in zip(starts.tolist(), stops.tolist(), values.tolist()):
                     a = max(in_block, (first_sector + s0) * ss)
@@ -734,7 +734,7 @@ class Image:
 
     @_changes_file
     def write_extents(self, extents: list[Extent], *, progress: Callable[[int], None] | None = None) -> None:
-        """Write a batch of non-overlapping extents as one transaction (vhdx-format.md §7.2 - §7.4).
+        """Write a batch of non-overlapping extents as one transaction (docs/format.md §7.2 - §7.4).
 
         Each extent is ``(virtual_offset, length, source)``; ``source`` is a buffer holding
         the bytes, ``(storage, file_offset)`` to copy from another file, or None for zeros.
@@ -967,7 +967,7 @@ class Image:
 
     def close(self, *, _failed: bool = False) -> None:
         """Flush and mark the log clean (LogGuid zero), unless a write failed part way: then
-        LogGuid stays set and the next open replays the last entry (vhdx-format.md §8.5)."""
+        LogGuid stays set and the next open replays the last entry (docs/format.md §8.5)."""
         if self._closed:
             return
         try:
@@ -1039,7 +1039,7 @@ def create_image(path: str | os.PathLike[str], size: int, *, block_size: int = 3
     """Write a new, empty VHDX file and return it open for writing.
 
     Layout as Windows writes it: log at 1 MiB (1 MiB), metadata at 2 MiB (1 MiB),
-    BAT at 3 MiB, payload after (vhdx-format.md §1.1).
+    BAT at 3 MiB, payload after (docs/format.md §1.1).
     """
     path = os.fspath(path)
     has_parent = parent_locator is not None
@@ -1118,7 +1118,7 @@ def create_image(path: str | os.PathLike[str], size: int, *, block_size: int = 3
         raise
     image = Image(storage, owns_storage=True)
     try:
-        image._load()
+        image.load()
     except BaseException:
         image.close(_failed=True)
         raise

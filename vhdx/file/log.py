@@ -1,4 +1,4 @@
-"""The VHDX log: find the active sequence, replay it, write new entries (vhdx-format.md §8).
+"""The VHDX log: find the active sequence, replay it, write new entries (docs/format.md §8).
 
 Never parses the BAT or the metadata region; never decides which header is current.
 Replay produces a list of patches; the caller applies them to the file (writable open)

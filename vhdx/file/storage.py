@@ -480,7 +480,7 @@ class MemoryStorage(Storage):
 
 
 class OverlayStorage(Storage):
-    """Read-only view of a storage with replayed log pages laid over it (vhdx-format.md §8.6).
+    """Read-only view of a storage with replayed log pages laid over it (docs/format.md §8.6).
 
     ``patches`` are ``(file_offset, data)`` pairs, ``data`` being bytes or an int
     length of zeros, applied in order. ``logical_size`` is the size the file would have

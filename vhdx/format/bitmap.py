@@ -1,4 +1,4 @@
-"""Sector bitmaps: LSB-first bits, one per logical sector (vhdx-format.md §5.6)."""
+"""Sector bitmaps: LSB-first bits, one per logical sector (docs/format.md §5.6)."""
 
 from __future__ import annotations
 

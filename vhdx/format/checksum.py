@@ -1,4 +1,4 @@
-"""CRC-32C (Castagnoli) with the checksum field read as zero (vhdx-format.md §1.5)."""
+"""CRC-32C (Castagnoli) with the checksum field read as zero (docs/format.md §1.5)."""
 
 from __future__ import annotations
 

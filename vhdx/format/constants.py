@@ -1,4 +1,4 @@
-"""Constants of the VHDX format, named as in MS-VHDX (vhdx-format.md Appendix A)."""
+"""Constants of the VHDX format, named as in MS-VHDX (docs/format.md Appendix A)."""
 
 from __future__ import annotations
 

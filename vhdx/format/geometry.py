@@ -1,4 +1,4 @@
-"""Block geometry: chunk ratio, BAT indexes and entry counts (vhdx-format.md §5.1, §5.2)."""
+"""Block geometry: chunk ratio, BAT indexes and entry counts (docs/format.md §5.1, §5.2)."""
 
 from __future__ import annotations
 

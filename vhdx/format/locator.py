@@ -1,4 +1,4 @@
-"""Parent locator: a typed list of UTF-16LE key/value pairs (vhdx-format.md §4.8, §4.9)."""
+"""Parent locator: a typed list of UTF-16LE key/value pairs (docs/format.md §4.8, §4.9)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .structs import ParentLocatorEntry, ParentLocatorHeader
 
 LOCATOR_HEADER_SIZE = 20
 LOCATOR_ENTRY_SIZE = 12
-# The order Hyper-V writes (vhdx-format.md §4.8).
+# The order Hyper-V writes (docs/format.md §4.8).
 KEY_ORDER = ("parent_linkage", "absolute_win32_path", "relative_path", "volume_path", "parent_linkage2")
 
 

@@ -12,7 +12,7 @@ import construct as cs
 
 
 class GuidAdapter(cs.Adapter):
-    """16 bytes in Microsoft's mixed-endian layout <-> uuid.UUID (vhdx-format.md §1.4)."""
+    """16 bytes in Microsoft's mixed-endian layout <-> uuid.UUID (docs/format.md §1.4)."""
 
     def _decode(self, obj, context, path):
         return uuid.UUID(bytes_le=bytes(obj))

@@ -15,7 +15,9 @@ import numpy as np
 from ..errors import VhdxError
 from ..format import bat as batmod
 from ..format import constants as C
+from ..chains.resolve import chain
 from ..file.image import Image
+from .merge.journal import interrupted_merge_at
 from ..ops.merge.run import audit_journal
 from ..file.storage import FileStorage, Storage
 
@@ -74,7 +76,7 @@ def check_file(path: str | os.PathLike[str], *, storage: Storage | None = None,
     try:
         try:
             image = Image(storage, owns_storage=False)
-            image._load(salvage=True)
+            image.load(salvage=True)
         except VhdxError as e:
             if storage.size() >= 8 and storage.read(0, 8) != C.SIGNATURE_FILE:
                 raise
@@ -244,3 +246,34 @@ def journal_findings(path: str | os.PathLike[str], search_paths: Sequence[str] =
     return [Finding(ERROR, None, f"{os.fspath(path)}: untrusted merge journal: {problem}",
                     "a merge will refuse it and delete nothing; if the files are yours and in another folder, "
                     "pass --search FOLDER")]
+
+
+def check_chain(path: str | os.PathLike[str], **options: Any) -> list[Any]:
+    """Findings about a file's chain: missing parents, ID mismatches, interrupted merges."""
+    out = []
+    missing_severity = WARNING if options.get("missing_parent") == "zeros" else ERROR
+    try:
+        ch = chain(path, **options)
+    except VhdxError as e:
+        return [Finding(ERROR, e.offset, f"chain: {e.detail}",
+                        "see 'vhdx chain' for every path tried; --search DIR or --parent FILE may help")]
+    for layer in ch.layers:
+        if interrupted_merge_at(layer.path, share=bool(options.get("share"))):
+            out.append(Finding(WARNING, None, f"{layer.path}: a merge into this disk was interrupted",
+                               "run the same 'vhdx merge' command again to finish it"))
+        out.extend(journal_findings(layer.path, options.get("search_paths", ())))
+        if layer.linkage == "missing":
+            out.append(Finding(missing_severity, None, f"{layer.path}: parent with DataWriteGuid {layer.parent_linkage} "
+                               f"not found", "use --search DIR, or 'vhdx reparent' to point it at its parent"))
+        elif layer.linkage == "mismatch":
+            out.append(Finding(ERROR, None, f"{layer.path}: parent found but its DataWriteGuid does not match "
+                               f"parent_linkage {layer.parent_linkage}",
+                               "the parent was modified; reparent with --ignore-id-mismatch only if its data "
+                               "is unchanged"))
+        elif layer.linkage == "cycle":
+            out.append(Finding(ERROR, None, f"{layer.path}: the chain refers back to itself",
+                               "use 'vhdx reparent' to point this disk at its real parent"))
+        if layer.note:
+            out.append(Finding(WARNING, None, f"{layer.path}: {layer.note}",
+                               "a child must have its parent's geometry; check that this is the right parent"))
+    return out

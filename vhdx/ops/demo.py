@@ -12,12 +12,13 @@ import hashlib
 import os
 from typing import Callable
 
+from ..chains.resolve import chain
 from ..chains.resolve import open as open_disk
-from .create import create
-from ..chains.resolve import chain, find_chains, snapshot
 from .check import check_file
+from .create import create, snapshot
 from .maps import changed_ranges
 from .merge.run import merge
+from .orphans import find_chains
 
 MiB = 1 << 20
 SIZE = 48 * MiB

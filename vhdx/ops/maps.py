@@ -74,7 +74,7 @@ def layer_ranges(image: Image) -> Iterator[Range]:
             continue
         pending: Range | None = None
         for block in range(b0, b1):
-            bits = image._read_bitmap(block)
+            bits = image.read_bitmap(block)
             limit = min(bs, size - block * bs) // ss
             s0s, s1s, vals = bitmapmod.runs(bits[:limit])
             for s0, s1, bit in zip(s0s.tolist(), s1s.tolist(), vals.tolist()):

@@ -5,7 +5,7 @@ of the virtual disk at a time (a window holds whole blocks of every layer), so m
 stays bounded whatever the disk size. Each window becomes a list of extents (runs of
 sectors owned by one source layer, or zeros) that the destination writes as one
 transaction: blocks allocated in a batch, data copied with copy_file_range (or a reused buffer),
-flushed, then BAT and bitmap changes through the log (vhdx-format.md §7.4, §9.5).
+flushed, then BAT and bitmap changes through the log (docs/format.md §7.4, §9.5).
 
 Crash safety and restart (§9.5): before the destination's DataWriteGuid changes, the new
 GUID is stored as ``parent_linkage2`` in the layer right above it, so at every moment one
@@ -30,7 +30,9 @@ from typing import Any, Callable, Iterator, Literal, Sequence, overload
 
 import numpy as np
 
-from ...chains import resolve as chains
+from ...chains.paths import candidate_paths, file_key
+from ...chains.resolve import Resolver
+from ...chains.scan import VHDX_SUFFIXES, ScanCache, linkage_of, open_peek, read_data_write_guid
 from ...errors import MergeError, VhdxError
 from ...format import bat as batmod
 from ...format import bitmap as bitmapmod
@@ -38,6 +40,7 @@ from ...format import constants as C
 from ...format.locator import format_linkage, parse_linkage
 from ...format.records import MetadataItem, metadata_items
 from ...file.image import Image
+from .journal import MERGE_JOURNAL_GUID
 from ...file.storage import FileStorage, OverlayStorage, Storage
 
 TRANSPARENT = 255
@@ -124,7 +127,7 @@ def _owners(sources: list[Image], start: int, length: int) -> np.ndarray:
         vals = np.repeat(value, spb)
         if im.has_parent:
             for k in np.flatnonzero(states == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT).tolist():
-                bits = im._read_bitmap(first_block + k)
+                bits = im.read_bitmap(first_block + k)
                 mask[k * spb:(k + 1) * spb] = bits.astype(bool)
                 vals[k * spb:(k + 1) * spb] = i
         lo = -offset_sectors
@@ -315,7 +318,7 @@ def _journal_item(plan: MergePlan, new_guid: uuid.UUID, original: uuid.UUID, sou
     data = json.dumps(dict(tool="vhdx", state=state, sources=sources, child=plan.child,
                            new_data_write_guid=str(new_guid), original_data_write_guid=str(original),
                            started=int(time.time()), keep=keep)).encode()
-    return MetadataItem(chains.MERGE_JOURNAL_GUID, data, C.METADATA_IS_USER)
+    return MetadataItem(MERGE_JOURNAL_GUID, data, C.METADATA_IS_USER)
 
 
 def _guid_field(value: Any, what: str) -> uuid.UUID:
@@ -390,7 +393,7 @@ def parse_journal(raw: bytes, path: str) -> Journal:
 
 def read_journal(image: Image) -> dict[str, Any] | None:
     """The decoded JSON of ``image``'s merge journal as stored (unvalidated; {} if not JSON)."""
-    raw = image.metadata.items.get((chains.MERGE_JOURNAL_GUID, True))
+    raw = image.metadata.items.get((MERGE_JOURNAL_GUID, True))
     if raw is None:
         return None
     try:
@@ -402,7 +405,7 @@ def read_journal(image: Image) -> dict[str, Any] | None:
 
 def load_journal(image: Image) -> Journal | None:
     """``image``'s merge journal, validated (MergeError if it fails), or None if there is none."""
-    raw = image.metadata.items.get((chains.MERGE_JOURNAL_GUID, True))
+    raw = image.metadata.items.get((MERGE_JOURNAL_GUID, True))
     return None if raw is None else parse_journal(bytes(raw), image.path)
 
 
@@ -464,9 +467,9 @@ def _member_at(path: str, index: int, record: JournalSource, allowed: set[str]) 
         if not image.has_parent:
             raise ValueError(f"{path} is not a differencing disk")
         loc = image.metadata.parent_locator or {}
-        parents = [p for how, p in chains.candidate_paths(loc, path, [])
+        parents = [p for how, p in candidate_paths(loc, path, [])
                    if how in ("relative_path", "volume_path", "absolute_win32_path")]
-        return JournalMember(index, path, (st.st_dev, st.st_ino), chains._linkage_of(image), parents)
+        return JournalMember(index, path, (st.st_dev, st.st_ino), linkage_of(image), parents)
     finally:
         image.close()
 
@@ -522,7 +525,7 @@ def verify_journal(journal: Journal, dest_path: str, allowed: set[str]) -> list[
     tied to the destination through the others by parent linkage (:func:`_check_links`).
     """
     dest_folder = os.path.dirname(os.path.abspath(dest_path))
-    dest_key = chains._file_key(dest_path)
+    dest_key = file_key(dest_path)
     members: list[JournalMember | None] = []
     try:
         for i, record in enumerate(journal.sources):
@@ -545,7 +548,7 @@ def allowed_folders(*paths: str, folders: Sequence[str] = ()) -> set[str]:
 def _journal_names(journal: Journal, child: str) -> bool:
     """Whether the journal lists ``child`` (by DataWriteGuid if it exists, else by file name)."""
     if os.path.exists(child):
-        guid = chains.read_data_write_guid(child)
+        guid = read_data_write_guid(child)
         return any(r.data_write_guid == guid for r in journal.sources)
     name = os.path.basename(child)
     return any(os.path.basename(r.relative) == name for r in journal.sources)
@@ -560,7 +563,7 @@ def audit_journal(path: str | os.PathLike[str], search_paths: Sequence[str] = ()
     path = os.fspath(path)
     image = Image.open(path, "r")
     try:
-        raw = image.metadata.items.get((chains.MERGE_JOURNAL_GUID, True))
+        raw = image.metadata.items.get((MERGE_JOURNAL_GUID, True))
         guid = image.header.data_write_guid
     finally:
         image.close()
@@ -627,15 +630,15 @@ def _unlink_merged(member: JournalMember, original: uuid.UUID, wrap: Callable[[S
 
 
 def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], folders: Sequence[str],
-                keep: bool, cache: chains.ScanCache | None = None) -> list[str]:
+                keep: bool, cache: ScanCache | None = None) -> list[str]:
     """Other files that the merge would break.
 
     Children of the destination (its content changes) and of the merged layers, the child
     itself included: merged layers are invalid afterwards, even when ``keep`` leaves them.
     Only regular files are read, each once per command (``cache``, from the resolver).
     """
-    cache = cache if cache is not None else chains.ScanCache()
-    ours = {chains._file_key(im.path) for im in chain_images}  # by inode: a link to the child is the child
+    cache = cache if cache is not None else ScanCache()
+    ours = {file_key(im.path) for im in chain_images}  # by inode: a link to the child is the child
     guids = {im.header.data_write_guid: im for im in sources + [dest]}
     out = []
     seen: set[str] = set()
@@ -646,7 +649,7 @@ def _dependents(dest: Image, chain_images: list[Image], sources: list[Image], fo
             continue
         for name in names:
             p = os.path.abspath(os.path.join(folder, name))
-            if p in seen or not name.lower().endswith(chains.VHDX_SUFFIXES):
+            if p in seen or not name.lower().endswith(VHDX_SUFFIXES):
                 continue
             seen.add(p)
             try:
@@ -847,7 +850,7 @@ def _merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None, *
     if not leaf.has_parent:
         leaf.close()
         raise MergeError("not a differencing disk: nothing to merge", path=child)
-    resolver = chains._Resolver(search_paths=search, ignore_id_mismatch=ignore_id_mismatch)
+    resolver = Resolver(search_paths=search, ignore_id_mismatch=ignore_id_mismatch)
     try:
         images, layers, _ = resolver.resolve(leaf)
     except BaseException:
@@ -858,11 +861,11 @@ def _merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None, *
             dest_index = 1
         else:
             target = os.fspath(into)
-            keys = [chains._file_key(im.path) for im in images]
-            if not os.path.exists(target) or chains._file_key(target) not in keys[1:]:
+            keys = [file_key(im.path) for im in images]
+            if not os.path.exists(target) or file_key(target) not in keys[1:]:
                 raise MergeError(f"{target} is not an ancestor of the child; the chain is: "
                                  + " <- ".join(im.path for im in reversed(images)), path=child)
-            dest_index = keys.index(chains._file_key(target))
+            dest_index = keys.index(file_key(target))
         sources = images[:dest_index]
         dest_ro = images[dest_index]
         if not dry_run:  # every file the merge writes or deletes is ours alone before planning
@@ -952,9 +955,9 @@ def _write_done(dest_path: str, journal: Journal, keep: bool, wrap: Callable[[St
     after an interruption can tell that the job is finished."""
     image = _open_rw(dest_path, wrap)
     try:
-        items = [it for it in metadata_items(image.metadata) if it.item_id != chains.MERGE_JOURNAL_GUID]
+        items = [it for it in metadata_items(image.metadata) if it.item_id != MERGE_JOURNAL_GUID]
         done = dict(journal.body, state="done", finished=int(time.time()), keep=keep)
-        items.append(MetadataItem(chains.MERGE_JOURNAL_GUID, json.dumps(done).encode(), C.METADATA_IS_USER))
+        items.append(MetadataItem(MERGE_JOURNAL_GUID, json.dumps(done).encode(), C.METADATA_IS_USER))
         image.write_metadata_items(items, data_change=False)
     finally:
         image.close()
@@ -977,13 +980,13 @@ def _peek(path: str) -> _Peek | None:
     try:
         # A file in use is read without a lock: if its journal names the child, the exclusive
         # lock taken before the cleanup refuses to go on while the other process holds it.
-        image, _in_use = chains.open_peek(path)
+        image, _in_use = open_peek(path)
     except (VhdxError, OSError):
         return None
     try:
-        raw = image.metadata.items.get((chains.MERGE_JOURNAL_GUID, True))
+        raw = image.metadata.items.get((MERGE_JOURNAL_GUID, True))
         loc = image.metadata.parent_locator or {} if image.has_parent else {}
-        parent = next((p for how, p in chains.candidate_paths(loc, path, []) if how == "relative_path"), None)
+        parent = next((p for how, p in candidate_paths(loc, path, []) if how == "relative_path"), None)
         return _Peek(path, None if raw is None else bytes(raw), image.header.data_write_guid, image.disk_type,
                      image.size, parent)
     finally:
@@ -1000,7 +1003,7 @@ def _finish_candidates(child: str, into: str | os.PathLike[str] | None) -> Itera
         folder = os.path.dirname(child)
         try:
             paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder))
-                     if n.lower().endswith(chains.VHDX_SUFFIXES)]
+                     if n.lower().endswith(VHDX_SUFFIXES)]
         except OSError:
             paths = []
     else:
@@ -1024,7 +1027,7 @@ def _finish_plan(journal: Journal, members: list[JournalMember | None], peek: _P
     if journal.state == "done" or not keep:
         _refuse_kept(members, peek.path, child)
     if journal.state == "done" and os.path.exists(child) and \
-            chains._file_key(child) not in {m.key for m in existing}:
+            file_key(child) not in {m.key for m in existing}:
         raise MergeError(f"this disk was already merged into {peek.path}, and this copy of it is not a file "
                          f"that merge left behind; it is not deleted", path=child)
     return MergePlan(child=child, destination=peek.path, sources=[s.path for s in journal.sources],
@@ -1104,7 +1107,7 @@ def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: Journal
         if dest.header.data_write_guid != new_guid:
             # 2. Journal and new DataWriteGuid in one go (the first change to the destination).
             dest.begin_session(data_change=True, data_write_guid=new_guid)
-            items = [it for it in metadata_items(dest.metadata) if it.item_id != chains.MERGE_JOURNAL_GUID]
+            items = [it for it in metadata_items(dest.metadata) if it.item_id != MERGE_JOURNAL_GUID]
             dest.write_metadata_items(items + [_journal_item(plan, new_guid, original, source_guids, keep=keep)])
         else:
             dest.begin_session(data_change=True, data_write_guid=new_guid)
@@ -1145,7 +1148,7 @@ def _run(plan: MergePlan, sources: list[Image], dest_path: str, journal: Journal
                        for it in metadata_items(sources[0].metadata) if it.flags & C.METADATA_IS_VIRTUAL_DISK}
         items = []
         for it in metadata_items(dest.metadata):
-            if it.item_id == chains.MERGE_JOURNAL_GUID:
+            if it.item_id == MERGE_JOURNAL_GUID:
                 continue
             key = (it.item_id, bool(it.flags & C.METADATA_IS_USER))
             items.append(child_items.pop(key, it) if it.flags & C.METADATA_IS_VIRTUAL_DISK else it)

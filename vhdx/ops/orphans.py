@@ -1,0 +1,190 @@
+"""Orphans: every disk of a folder, how they link, and which chains can be merged.
+
+Rebuilds the forest of chains from the files alone (as after a Hyper-V host is gone):
+bases, children, branches, missing parents, ID mismatches, parents outside the folder,
+files in use and unreadable files, each with its reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..chains.paths import candidate_paths, case_insensitive, file_key
+from ..chains.scan import VHDX_SUFFIXES, ScanCache, linkage_of, open_peek, read_data_write_guid, regular_file_problem
+from ..errors import VhdxError
+from .merge.journal import merge_in_progress
+
+
+@dataclass
+class Node:
+    path: str
+    disk_type: str = "unreadable"
+    data_write_guid: str | None = None
+    parent_linkage: str | None = None
+    virtual_size: int | None = None
+    parent: str | None = None
+    state: str = "base"  # base, ok, missing, mismatch, external, unreadable
+    children: list[str] = field(default_factory=list)
+    error: str | None = None
+    interrupted_merge: bool = False
+    external_parent: str | None = None  # state "external": the parent exists outside the folder
+    in_use: bool = False  # another process has it open for writing; read without a lock
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Forest:
+    """Every disk of a folder and how they link: bases, children, branches, broken links, leaves."""
+
+    folder: str
+    nodes: dict[str, Node]
+
+    @property
+    def roots(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.parent is None and n.state != "unreadable"]
+
+    @property
+    def bases(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.state == "base"]
+
+    @property
+    def leaves(self) -> list[Node]:
+        return [n for n in self.nodes.values() if not n.children and n.state != "unreadable"]
+
+    @property
+    def branches(self) -> list[Node]:
+        return [n for n in self.nodes.values() if len(n.children) > 1]
+
+    @property
+    def broken(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.state in ("missing", "mismatch")]
+
+    @property
+    def unreadable(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.state == "unreadable"]
+
+    def chain_of(self, path: str) -> list[Node]:
+        out, seen = [], set()
+        node: Node | None = self.nodes[path]
+        while node is not None and node.path not in seen:
+            seen.add(node.path)
+            out.append(node)
+            node = self.nodes.get(node.parent) if node.parent else None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(folder=self.folder, nodes=[n.to_dict() for n in self.nodes.values()],
+                    roots=[n.path for n in self.roots], leaves=[n.path for n in self.leaves],
+                    branches=[n.path for n in self.branches], broken=[n.path for n in self.broken],
+                    unreadable=[n.path for n in self.unreadable])
+
+
+def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Forest:
+    """Read every .vhdx/.avhdx in ``folder`` and rebuild the forest of chains.
+
+    Only regular files are read: a FIFO, socket, device or broken symlink named like a disk is
+    listed as unreadable, with the reason. ``recursive`` does not follow symlinked folders.
+    Each file is read under a shared lock; a file another process writes is read without
+    one and marked ``in_use`` rather than failing the scan.
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    paths: list[str] = []
+    if recursive:
+        for root, _dirs, files in os.walk(folder):  # followlinks=False: no loops through symlinks
+            paths += [os.path.join(root, f) for f in files if f.lower().endswith(VHDX_SUFFIXES)]
+    else:
+        paths = [os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(VHDX_SUFFIXES)]
+    paths.sort()
+    nodes, locators, accept2 = _read_nodes(paths)
+    _link_nodes(folder, nodes, locators, accept2)
+    for p, node in nodes.items():
+        if node.parent:
+            nodes[node.parent].children.append(p)
+    return Forest(folder, nodes)
+
+
+def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, str]], dict[str, str]]:
+    """A node for each file; the parent locators of the children; their parent_linkage2 if set."""
+    nodes: dict[str, Node] = {}
+    locators: dict[str, dict[str, str]] = {}
+    accept2: dict[str, str] = {}
+    for p in paths:
+        node = nodes[p] = Node(p)
+        problem = regular_file_problem(p)
+        image = None
+        if problem is None:
+            try:
+                image, node.in_use = open_peek(p)
+            except (VhdxError, OSError) as e:
+                problem = str(e)
+        if image is None:
+            node.error, node.state = problem, "unreadable"
+            continue
+        try:
+            node.disk_type = image.disk_type
+            node.data_write_guid = str(image.header.data_write_guid)
+            node.virtual_size = image.size
+            node.interrupted_merge = merge_in_progress(image)
+            if image.has_parent:
+                l1, l2 = linkage_of(image)
+                node.parent_linkage = str(l1) if l1 else None
+                if l2 is not None:  # a merge into the parent is under way (§9.5)
+                    accept2[p] = str(l2)
+                locators[p] = dict(image.metadata.parent_locator or {})
+                node.state = "missing"
+        finally:
+            image.close()
+    return nodes, locators, accept2
+
+
+def _key_or_none(path: str) -> tuple[int, int] | None:
+    try:
+        return file_key(path)
+    except OSError:
+        return None
+
+
+def _link_nodes(folder: str, nodes: dict[str, Node], locators: dict[str, dict[str, str]],
+                accept2: dict[str, str]) -> None:
+    """Set each child's parent and state: by its locator's paths, else by DataWriteGuid."""
+    readable = [p for p, n in nodes.items() if n.state != "unreadable"]
+    by_key: dict[tuple[int, int], str] = {}
+    by_guid: dict[str, list[str]] = {}
+    for p in readable:
+        key = _key_or_none(p)
+        if key is not None:
+            by_key.setdefault(key, p)
+        by_guid.setdefault(str(nodes[p].data_write_guid), []).append(p)
+    cache = ScanCache()
+    for p, loc in locators.items():
+        node = nodes[p]
+        wanted = (node.parent_linkage, accept2.get(p))
+        found: str | None = None
+        mismatch: str | None = None
+        for _how, cand in candidate_paths(loc, p, [folder]):
+            local = case_insensitive(cand)
+            key = _key_or_none(local) if local is not None else None
+            match = by_key.get(key) if key is not None else None
+            if match is None or match == p:
+                continue
+            if nodes[match].data_write_guid in wanted:
+                found = match
+                break
+            mismatch = mismatch or match
+        if found is None:
+            same = [q for g in wanted if g for q in by_guid.get(g, []) if q != p]
+            found = same[0] if same else None
+        if found is not None:
+            node.parent, node.state = found, "ok"
+        elif mismatch is not None:
+            node.parent, node.state = mismatch, "mismatch"
+        else:
+            for _how, cand in candidate_paths(loc, p, []):
+                local = case_insensitive(cand)
+                if local and str(read_data_write_guid(local, cache)) == node.parent_linkage:
+                    node.state, node.external_parent = "external", os.path.abspath(local)
+                    break
