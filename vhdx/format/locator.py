@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import struct
 import uuid
 
 from ..errors import CorruptError, UnsupportedError
 from .constants import VHDX_PARENT_LOCATOR_TYPE
 from .structs import ParentLocatorEntry, ParentLocatorHeader
+
+# ParentLocatorEntry's layout for the parse loop: struct is ~50 x faster than construct per entry,
+# which matters for a crafted locator with thousands of entries (§4.8).
+_ENTRY = struct.Struct("<IIHH")
+assert _ENTRY.size == ParentLocatorEntry.sizeof()
 
 LOCATOR_HEADER_SIZE = 20
 LOCATOR_ENTRY_SIZE = 12
@@ -30,15 +36,15 @@ def parse_parent_locator(item: bytes, *, path: str | None = None, offset: int | 
     pairs: dict[str, str] = {}
     for i in range(count):
         at = LOCATOR_HEADER_SIZE + i * LOCATOR_ENTRY_SIZE
-        e = ParentLocatorEntry.parse(item[at:at + LOCATOR_ENTRY_SIZE])
+        key_offset, value_offset, key_length, value_length = _ENTRY.unpack_from(item, at)
         where = None if offset is None else offset + at
-        for what, off, length in (("key", e.key_offset, e.key_length), ("value", e.value_offset, e.value_length)):
+        for what, off, length in (("key", key_offset, key_length), ("value", value_offset, value_length)):
             if length == 0 or length % 2 or off < LOCATOR_HEADER_SIZE or off + length > len(item):
                 raise CorruptError(f"parent locator entry {i}: {what} at {off}, {length} bytes, "
                                    f"outside the {len(item)}-byte item", path=path, offset=where)
         try:
-            key = item[e.key_offset:e.key_offset + e.key_length].decode("utf-16-le")
-            value = item[e.value_offset:e.value_offset + e.value_length].decode("utf-16-le")
+            key = item[key_offset:key_offset + key_length].decode("utf-16-le")
+            value = item[value_offset:value_offset + value_length].decode("utf-16-le")
         except UnicodeDecodeError as exc:
             raise CorruptError(f"parent locator entry {i}: not UTF-16LE", path=path, offset=where) from exc
         if key in pairs:
