@@ -40,7 +40,7 @@ def test_demo_dir_leaves_a_checked_merged_disk(tmp_path: Path) -> None:
     # the merged base holds what the demo wrote: its own model, rebuilt here
     model = bytearray(vhdx.ops.demo.SIZE)
     MiB = 1 << 20
-    p = vhdx.ops.demo._pattern
+    p = vhdx.ops.demo.pattern
     for offset, data in ((0, p("BASE-SYSTEM", 8 * MiB)), (20 * MiB, p("BASE-DATA", 4 * MiB)),
                          (1 * MiB, p("CHECKPOINT-1", 512 * 1024)), (30 * MiB, p("CHECKPOINT-1-NEW", 3 * MiB)),
                          (1 * MiB + 4096, p("CHECKPOINT-2", 8192)),
