@@ -14,6 +14,7 @@ import vhdx
 import vhdx.ops.demo
 import vhdx.ops.merge.run
 from forensics.chainkit import cli_env, run_inprocess
+from vhdx.ops.check import CheckReport, Finding
 
 
 def test_demo_passes_in_a_real_process(tmp_path: Path) -> None:
@@ -98,8 +99,6 @@ def test_demo_exits_1_when_a_check_fails(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_demo_detects_a_check_that_finds_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vhdx.ops.check import CheckReport, Finding
-
     monkeypatch.setattr(vhdx.ops.demo, "check_file",
                         lambda path: CheckReport(path, [Finding("error", 0, "injected")], opened=True))
     ok, said = _run_demo(tmp_path)
