@@ -1,19 +1,35 @@
 """vhdx: Hyper-V VHDX virtual disks and AVHDX differencing chains, in pure Python.
 
-Public API (see docs/guide.md)::
+Public API only (see docs/guide.md). A disk, a checkpoint, a merge back (this runs as a
+doctest: tests/ops/test_public_api.py)::
 
-    disk = vhdx.create("disk.vhdx", 64 << 20)            # dynamic, 32 MiB blocks; open for writing
-    disk = vhdx.open("disk.vhdx")                         # read-only (O_RDONLY, log replayed in memory)
-    child = vhdx.snapshot("disk.vhdx")                    # disk_<GUID>.avhdx beside it
-    disk = vhdx.open(child, "r+", search_paths=["/backup"])   # parents always read-only
-    vhdx.chain(child).layers                              # how each parent was found
-    vhdx.find_chains("/vms")                              # every chain in a folder
-    vhdx.merge(child)                                     # like Merge-VHD; crash-safe, restartable
-    vhdx.export(child, "disk.raw")                        # the virtual disk as a sparse raw file
-    vhdx.hash(child, layer=1)                             # SHA-256 of the disk as of its parent
+    >>> import os, tempfile, vhdx
+    >>> base = os.path.join(tempfile.mkdtemp(), "disk.vhdx")
+    >>> with vhdx.create(base, 64 << 20) as disk:        # dynamic, 32 MiB blocks; open for writing
+    ...     disk.write(b"hello")
+    5
+    >>> child = vhdx.snapshot(base)                       # disk_<GUID>.avhdx beside it
+    >>> with vhdx.open(child, "r+") as disk:              # parents are always opened read-only
+    ...     _ = disk.seek(4096)
+    ...     disk.write(b"changed in the checkpoint")
+    25
+    >>> with vhdx.open(child) as disk:                    # read-only; an io.RawIOBase
+    ...     disk.read(5), disk.size
+    (b'hello', 67108864)
+    >>> [layer.found_by for layer in vhdx.chain(child).layers]   # how each parent was found
+    ['given', 'relative_path']
+    >>> before = vhdx.hash(child)                         # SHA-256 of the virtual disk
+    >>> vhdx.export(child, base[:-5] + ".raw").size       # a sparse raw image of it
+    67108864
+    >>> vhdx.merge(child).deleted == [child]              # like Merge-VHD; crash-safe, restartable
+    True
+    >>> vhdx.hash(base) == before
+    True
 
-Every error is a :class:`VhdxError` with ``.path`` and ``.offset``. This module only
-re-exports; the code lives on four floors (docs/architecture.md).
+Also ``vhdx.find_chains(folder)`` (every chain in a folder), ``vhdx.reparent(child,
+parent)``, ``vhdx.open(path, search_paths=[...])``. Every error is a :class:`VhdxError`
+with ``.path`` and ``.offset``. This module only re-exports; the code lives on four floors
+(docs/architecture.md).
 """
 
 from ._version import __version__

@@ -14,6 +14,7 @@ import vhdx
 import vhdx.ops.demo
 import vhdx.ops.merge.run
 from forensics.chainkit import cli_env, run_inprocess
+from vhdx.ops.check import CheckReport, Finding
 
 
 def test_demo_passes_in_a_real_process(tmp_path: Path) -> None:
@@ -40,7 +41,7 @@ def test_demo_dir_leaves_a_checked_merged_disk(tmp_path: Path) -> None:
     # the merged base holds what the demo wrote: its own model, rebuilt here
     model = bytearray(vhdx.ops.demo.SIZE)
     MiB = 1 << 20
-    p = vhdx.ops.demo._pattern
+    p = vhdx.ops.demo.pattern
     for offset, data in ((0, p("BASE-SYSTEM", 8 * MiB)), (20 * MiB, p("BASE-DATA", 4 * MiB)),
                          (1 * MiB, p("CHECKPOINT-1", 512 * 1024)), (30 * MiB, p("CHECKPOINT-1-NEW", 3 * MiB)),
                          (1 * MiB + 4096, p("CHECKPOINT-2", 8192)),
@@ -98,8 +99,6 @@ def test_demo_exits_1_when_a_check_fails(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_demo_detects_a_check_that_finds_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vhdx.ops.check import CheckReport, Finding
-
     monkeypatch.setattr(vhdx.ops.demo, "check_file",
                         lambda path: CheckReport(path, [Finding("error", 0, "injected")], opened=True))
     ok, said = _run_demo(tmp_path)

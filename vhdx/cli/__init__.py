@@ -1,12 +1,13 @@
-"""The ``vhdx`` command: argument parsing, one-line errors, exit codes.
+"""cli/ is argparse and printing only: every action is a call into ops/ (or chains/ for open).
 
-Verbs live in sibling modules; nothing below this package prints.
+This module builds the ``vhdx`` parser from the verb modules beside it and runs a command:
+signals, ``--debug``, one-line errors and exit codes. The helpers the verbs share are in
+:mod:`vhdx.cli.common`; nothing below this package prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -14,95 +15,31 @@ import threading
 import traceback
 from typing import Any, Callable, Sequence
 
+from .._version import __version__
 from ..errors import UsageError, VhdxError
+from . import chain_cmd, demo_cmd, disks, inspect, map_cmd, merge_cmd
+from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
 
-EXIT_OK = 0
-EXIT_FINDINGS = 1
-EXIT_ERROR = 1
-EXIT_UNREADABLE = 2
+__all__ = ["build_parser", "main"]
 
-_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
-             "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40,
-             "TIB": 1 << 40}
+# Every verb module, in the order of ``vhdx --help``; each adds its parsers with ``register(sub)``.
+VERB_MODULES = (inspect, disks, chain_cmd, merge_cmd, map_cmd, demo_cmd)
 
-
-def parse_size(text: str) -> int:
-    """'64M', '1GiB', '4096' -> bytes (binary units)."""
-    s = text.strip().upper().replace(" ", "")
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
-    if unit not in _SUFFIXES or not num:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64M, 10G, 1T)")
-    try:
-        value = float(num) * _SUFFIXES[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value != int(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}")
-    return int(value)
-
-
-def emit_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
-
-
-def add_chain_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--search", action="append", default=[], metavar="DIR",
-                   help="also look for parent disks in DIR (repeatable)")
-    p.add_argument("--parent", dest="parents", action="append", default=None, metavar="FILE",
-                   help="use FILE as the next parent (repeatable, nearest first)")
-    p.add_argument("--ignore-id-mismatch", action="store_true",
-                   help="accept a parent whose DataWriteGuid differs from the child's parent_linkage")
-    p.add_argument("--missing-parent", choices=("error", "zeros"), default="error",
-                   help="what to read where a parent cannot be found (default: error)")
-
-
-FORCE_SHARE_HELP = ("read without taking or honouring locks, like qemu's -U: for inspecting a disk a "
-                    "running VM holds; the content may be changing under you")
-
-
-def add_share_option(p: argparse.ArgumentParser) -> None:
-    """``--force-share``/``-U`` for a read-only verb (see FORCE_SHARE_HELP)."""
-    p.add_argument("-U", "--force-share", action="store_true", help=FORCE_SHARE_HELP)
-
-
-def chain_options(args: argparse.Namespace) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    if getattr(args, "force_share", False):
-        opts["share"] = True
-    if getattr(args, "search", None):
-        opts["search_paths"] = args.search
-    if getattr(args, "parents", None):
-        opts["parents"] = args.parents
-    if getattr(args, "ignore_id_mismatch", False):
-        opts["ignore_id_mismatch"] = True
-    if getattr(args, "missing_parent", "error") != "error":
-        opts["missing_parent"] = args.missing_parent
-    return opts
+DESCRIPTION = "Hyper-V VHDX/AVHDX disks: inspect, check, export, create, snapshot, merge."
+EPILOG = ("Files are locked as QEMU locks images: shared while read, exclusive while written or merged. A "
+          "disk that another process (a VM, qemu, another vhdx) writes is refused; the read-only verbs read "
+          "it anyway with --force-share (-U), but its content may be changing under you.")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import disks, inspect
-    parser = argparse.ArgumentParser(prog="vhdx", description="Hyper-V VHDX/AVHDX disks: inspect, check, "
-                                     "export, create, snapshot, merge.",
-                                     epilog="Files are locked as QEMU locks images: shared while read, exclusive "
-                                     "while written or merged. A disk that another process (a VM, qemu, another "
-                                     "vhdx) writes is refused; the read-only verbs read it anyway with "
-                                     "--force-share (-U), but its content may be changing under you.")
+    """The ``vhdx`` parser, with a sub-parser for every verb of every verb module."""
+    parser = argparse.ArgumentParser(prog="vhdx", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    from .._version import __version__
     parser.add_argument("--version", action="version", version=f"vhdx {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
-    inspect.register(sub)
-    disks.register(sub)
-    for name in ("chain", "merge", "map", "demo"):
-        try:
-            mod = __import__(f"vhdx.cli.{name}_cmd", fromlist=["register"])
-        except ImportError:
-            continue
-        mod.register(sub)
+    for module in VERB_MODULES:
+        module.register(sub)
     return parser
 
 
@@ -145,35 +82,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signum, handler)
 
 
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    """Print ``vhdx: error: message`` (and the traceback with --debug); return ``code``."""
+    if args.debug:
+        traceback.print_exc()
+    print(f"vhdx: error: {message}", file=sys.stderr)
+    return code
+
+
 def _run(args: argparse.Namespace) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except UsageError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"vhdx: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args, str(e), EXIT_USAGE)
     except VhdxError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"vhdx: error: {e}", file=sys.stderr)
-        return getattr(args, "error_exit", EXIT_ERROR)
+        return _fail(args, str(e), getattr(args, "error_exit", EXIT_ERROR))
     except BrokenPipeError:
         try:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
-        return 1
+        return EXIT_ERROR
     except OSError as e:
-        if args.debug:
-            traceback.print_exc()
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"vhdx: error: {where}{e.strerror or e}", file=sys.stderr)
-        return getattr(args, "error_exit", EXIT_ERROR)
+        return _fail(args, f"{where}{e.strerror or e}", getattr(args, "error_exit", EXIT_ERROR))
     except KeyboardInterrupt:
         print("vhdx: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Terminated:
         print("vhdx: terminated", file=sys.stderr)
-        return 143
+        return EXIT_TERMINATED

@@ -12,7 +12,7 @@ from ..ops.create import snapshot
 from ..ops.orphans import Forest, Node, find_chains
 from ..ops.reparent import reparent
 from ..ops.merge.journal import interrupted_merge_at
-from . import EXIT_FINDINGS, EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json
+from .common import EXIT_FINDINGS, EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json
 
 
 def register(sub: Any) -> None:
@@ -92,7 +92,7 @@ def cmd_chain(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from . import parse_size
+    from .common import parse_size
     bs = parse_size(args.block_size) if args.block_size else None
     path = snapshot(args.disk, block_size=bs)
     if args.json:

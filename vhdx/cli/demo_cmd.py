@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from typing import Any
 
-from ..ops.demo import run
-from . import EXIT_ERROR, EXIT_OK
+from ..errors import UsageError
+from ..ops.demo import run_in
+from .common import EXIT_ERROR, EXIT_OK
 
 
 def register(sub: Any) -> None:
+    """Add the ``demo`` verb to the sub-parsers ``sub``."""
     p = sub.add_parser("demo", help="build a disk, take two checkpoints, merge them back, check the result")
     p.add_argument("--dir", help="work in DIR (kept afterwards) instead of a temporary folder")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    if args.dir:
-        if os.path.exists(args.dir) and not os.path.isdir(args.dir):
-            from ..errors import UsageError
-            raise UsageError("--dir must be a folder", path=args.dir)
-        os.makedirs(args.dir, exist_ok=True)
-        ok = run(args.dir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="vhdx-demo-") as folder:
-            ok = run(folder)
-    return EXIT_OK if ok else EXIT_ERROR
+    """``vhdx demo``: exit 0 when every check of the demo passed, 1 when one failed."""
+    if args.dir and os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise UsageError("--dir must be a folder", path=args.dir)
+    return EXIT_OK if run_in(args.dir or None) else EXIT_ERROR

@@ -7,15 +7,17 @@ import os
 import sys
 from typing import Any
 
-from ..ops.create import create
 from ..errors import DiskExistsError, UsageError
+from ..ops.create import create
 from ..ops.export import export, open_layer
 from ..ops.export import hash as hash_disk
-from . import EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json, parse_size
+from .common import (EXIT_OK, add_chain_options, add_progress_options, add_share_option, chain_options, emit_json,
+                     parse_size)
 from .progress import Progress, human_bytes
 
 
 def register(sub: Any) -> None:
+    """Add the ``create``, ``export`` and ``hash`` verbs to the sub-parsers ``sub``."""
     p = sub.add_parser("create", help="create a dynamic, fixed or differencing disk")
     p.add_argument("path")
     p.add_argument("size", nargs="?", type=parse_size, help="virtual size, e.g. 64M, 10G (not with --parent)")
@@ -27,37 +29,38 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_create)
 
-    for verb, helptext in (("export", "write the virtual disk to a sparse raw file"),
-                           ("hash", "SHA-256 of the virtual disk")):
-        p = sub.add_parser(verb, help=helptext)
-        p.add_argument("path")
-        if verb == "export":
-            p.add_argument("out", help="output file ('-' for stdout)")
-            p.add_argument("--format", choices=("raw",), default="raw")
-            p.add_argument("--sha256", action="store_true", help="print the SHA-256 of the data as it streams")
-            p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-        p.add_argument("--layer", type=int, default=0, help="export the disk as of layer N of its chain "
-                       "(0 = the file itself, 1 = its parent, ...)")
-        p.add_argument("--json", action="store_true")
-        p.add_argument("--progress", dest="progress", action="store_true", default=None)
-        p.add_argument("--no-progress", dest="progress", action="store_false")
-        add_chain_options(p)
-        add_share_option(p)
-        p.set_defaults(func=cmd_export if verb == "export" else cmd_hash)
+    p = sub.add_parser("export", help="write the virtual disk to a sparse raw file")
+    p.add_argument("path")
+    p.add_argument("out", help="output file ('-' for stdout)")
+    p.add_argument("--format", choices=("raw",), default="raw")
+    p.add_argument("--sha256", action="store_true", help="print the SHA-256 of the data as it streams")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    _add_reading_options(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("hash", help="SHA-256 of the virtual disk")
+    p.add_argument("path")
+    _add_reading_options(p)
+    p.set_defaults(func=cmd_hash)
+
+
+def _add_reading_options(p: argparse.ArgumentParser) -> None:
+    """What export and hash share: --layer, --json, the progress bar and the chain options."""
+    p.add_argument("--layer", type=int, default=0, help="export the disk as of layer N of its chain "
+                   "(0 = the file itself, 1 = its parent, ...)")
+    p.add_argument("--json", action="store_true")
+    add_progress_options(p)
+    add_chain_options(p)
+    add_share_option(p)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    if args.parent:
-        disk = create(args.path, args.size, parent=args.parent, block_size=args.block_size,
-                          logical_sector_size=args.logical_sector_size,
-                          physical_sector_size=args.physical_sector_size, fixed=args.fixed)
-    else:
-        if args.size is None:
-            raise UsageError("give a size (e.g. 64M) or --parent", path=args.path)
-        disk = create(args.path, args.size, block_size=args.block_size,
-                          logical_sector_size=args.logical_sector_size,
-                          physical_sector_size=args.physical_sector_size, fixed=args.fixed)
-    with disk:
+    """``vhdx create``: a new dynamic, fixed or (with ``--parent``) differencing disk."""
+    if not args.parent and args.size is None:
+        raise UsageError("give a size (e.g. 64M) or --parent", path=args.path)
+    with create(args.path, args.size, parent=args.parent or None, block_size=args.block_size,
+                logical_sector_size=args.logical_sector_size, physical_sector_size=args.physical_sector_size,
+                fixed=args.fixed) as disk:
         info: dict[str, Any] = dict(path=disk.path, type=disk.disk_type, size=disk.size,
                                     block_size=disk.block_size, logical_sector_size=disk.logical_sector_size,
                                     data_write_guid=str(disk.data_write_guid))

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from ..chains.resolve import open as open_disk
-from ..ops.check import check_chain, check_file
-from . import (EXIT_FINDINGS, EXIT_OK, EXIT_UNREADABLE, add_chain_options, add_share_option, chain_options,
-               emit_json)
+from ..ops.check import CheckReport, Finding, check_chain, check_file
+from .common import (EXIT_FINDINGS, EXIT_OK, EXIT_UNREADABLE, add_chain_options, add_share_option, chain_options,
+                     emit_json, plural)
 from .progress import human_bytes
+
+Write = Callable[[str], Any]
 
 
 def register(sub: Any) -> None:
+    """Add the ``info`` and ``check`` verbs to the sub-parsers ``sub``."""
     p = sub.add_parser("info", help="every header, region, metadata field, BAT and log state")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -30,14 +33,27 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_check, error_exit=EXIT_UNREADABLE)
 
 
+# --------------------------------------------------------------------------- info
+
 def cmd_info(args: argparse.Namespace) -> int:
-    opts = chain_options(args)
-    with open_disk(args.path, **opts) as disk:
+    """``vhdx info``: every header, region, metadata item, BAT count and the log state of a disk."""
+    with open_disk(args.path, **chain_options(args)) as disk:
         info = disk.info()
     if args.json:
         emit_json(info)
         return EXIT_OK
     out = sys.stdout.write
+    _print_identity(info, out)
+    _print_headers(info, out)
+    _print_metadata(info, out)
+    _print_bat(info["bat"], out)
+    _print_log(info["log"], out)
+    for layer in info.get("chain", [])[1:]:
+        out(f"  parent             {layer['path']} ({layer['found_by']}, linkage {layer['linkage']})\n")
+    return EXIT_OK
+
+
+def _print_identity(info: dict[str, Any], out: Write) -> None:
     out(f"{info['path']}\n")
     out(f"  type               {info['disk_type']}\n")
     out(f"  virtual size       {info['virtual_size']} bytes ({human_bytes(info['virtual_size'])})\n")
@@ -48,6 +64,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     out(f"  data write guid    {info['data_write_guid']}\n")
     out(f"  file write guid    {info['file_write_guid']}\n")
     out(f"  creator            {info['creator']}\n")
+
+
+def _print_headers(info: dict[str, Any], out: Write) -> None:
     out("  headers\n")
     for h in info["headers"]:
         if h["valid"]:
@@ -58,6 +77,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     out("  regions\n")
     for r in info["region_table"]:
         out(f"    {r['region']:10} 0x{r['file_offset']:x} {r['length']} bytes required={r['required']}\n")
+
+
+def _print_metadata(info: dict[str, Any], out: Write) -> None:
     md = info["metadata"]
     out("  metadata items\n")
     for e in md["entries"]:
@@ -67,22 +89,29 @@ def cmd_info(args: argparse.Namespace) -> int:
         out("  parent locator\n")
         for k, v in md["parent_locator"].items():
             out(f"    {k:20} {v}\n")
-    b = info["bat"]
+
+
+def _print_bat(b: dict[str, Any], out: Write) -> None:
     out(f"  BAT                {b['entries']} entries at 0x{b['file_offset']:x}, chunk ratio {b['chunk_ratio']}\n")
     out("    payload          " + ", ".join(f"{k} {v}" for k, v in b["payload_states"].items()) + "\n")
     if b["sector_bitmap_states"]:
         out("    sector bitmaps   " + ", ".join(f"{k} {v}" for k, v in b["sector_bitmap_states"].items()) + "\n")
-    log = info["log"]
-    state = "clean" if not log["dirty"] else (
-        f"DIRTY, {len(log['replayed_entries'])} entries replayed in memory" if log["replayed_in_memory"]
-        else "was dirty, replayed")
-    out(f"  log                {log['length']} bytes at 0x{log['offset']:x}, {state}\n")
-    for layer in info.get("chain", [])[1:]:
-        out(f"  parent             {layer['path']} ({layer['found_by']}, linkage {layer['linkage']})\n")
-    return EXIT_OK
 
+
+def _print_log(log: dict[str, Any], out: Write) -> None:
+    if not log["dirty"]:
+        state = "clean"
+    elif log["replayed_in_memory"]:
+        state = f"DIRTY, {len(log['replayed_entries'])} entries replayed in memory"
+    else:
+        state = "was dirty, replayed"
+    out(f"  log                {log['length']} bytes at 0x{log['offset']:x}, {state}\n")
+
+
+# --------------------------------------------------------------------------- check
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """``vhdx check``: the structural and chain check; exit 0 ok, 1 errors, 2 not a readable VHDX."""
     report = check_file(args.path, share=args.force_share)
     if not report.opened and not args.json:
         # The file cannot be opened as a VHDX at all: one line, like every other error.
@@ -91,24 +120,31 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"vhdx: error: {args.path}: {where}{first.message}", file=sys.stderr)
         return EXIT_UNREADABLE
     findings = list(report.findings)
-    opts = chain_options(args)
     if report.opened and not report.errors:  # a broken structure would only be reported twice
-        findings.extend(check_chain(args.path, **opts))
+        findings.extend(check_chain(args.path, **chain_options(args)))
     errors = [f for f in findings if f.severity == "error"]
     if args.json:
-        d = report.to_dict()
-        d["findings"] = [f.to_dict() for f in findings]
-        d["errors"] = len(errors)
-        d["warnings"] = len([f for f in findings if f.severity == "warning"])
-        emit_json(d)
+        _emit_check_json(report, findings, errors)
     else:
-        for f in findings:
-            sys.stdout.write(f"{f}\n")
-        if not errors:
-            notes = f" ({len(findings)} note{'' if len(findings) == 1 else 's'})" if findings else ""
-            sys.stdout.write(f"{args.path}: no errors were found{notes}\n")
-        else:
-            sys.stdout.write(f"{args.path}: {len(errors)} error{'' if len(errors) == 1 else 's'} found\n")
+        _print_check(args.path, findings, errors)
     if not report.opened:
         return EXIT_UNREADABLE  # the file could not be opened as a VHDX at all
     return EXIT_FINDINGS if errors else EXIT_OK
+
+
+def _emit_check_json(report: CheckReport, findings: list[Finding], errors: list[Finding]) -> None:
+    d = report.to_dict()
+    d["findings"] = [f.to_dict() for f in findings]
+    d["errors"] = len(errors)
+    d["warnings"] = len([f for f in findings if f.severity == "warning"])
+    emit_json(d)
+
+
+def _print_check(path: str, findings: list[Finding], errors: list[Finding]) -> None:
+    for f in findings:
+        sys.stdout.write(f"{f}\n")
+    if errors:
+        sys.stdout.write(f"{path}: {plural(len(errors), 'error')} found\n")
+    else:
+        notes = f" ({plural(len(findings), 'note')})" if findings else ""
+        sys.stdout.write(f"{path}: no errors were found{notes}\n")

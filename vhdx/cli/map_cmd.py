@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import os
-import stat
 from typing import Any
 
 from ..chains.resolve import open as open_disk
-from ..errors import DiskExistsError, VhdxError
-from ..ops.export import refuse_chain_file
-from ..ops.maps import changed_ranges, layer_ranges, merged_ranges, render_png, summary
-from ..file.outputs import atomic_output
-from . import EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json
+from ..errors import DiskExistsError
+from ..ops.maps import changed_ranges, map_layers, write_picture
+from .common import EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json
 from .progress import human_bytes
 
 
 def register(sub: Any) -> None:
+    """Add the ``map`` and ``diff`` verbs to the sub-parsers ``sub``."""
     p = sub.add_parser("map", help="which virtual ranges each layer of the chain holds")
     p.add_argument("path")
     p.add_argument("--layer", type=int, default=None, help="only layer N (0 = the file itself)")
@@ -35,37 +32,16 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_diff)
 
 
-def _layers(disk) -> list:
-    out = []
-    d = disk
-    while d is not None:
-        out.append(d)
-        d = d.parent
-    return out
-
-
 def cmd_map(args: argparse.Namespace) -> int:
-    opts = chain_options(args)
-    with open_disk(args.path, **opts) as disk:
-        layers = _layers(disk)
-        chosen = range(len(layers)) if args.layer is None else [args.layer]
-        result = []
-        pictures = []
-        for n in chosen:
-            if n < 0 or n >= len(layers):
-                from ..errors import UsageError
-                raise UsageError(f"the chain has {len(layers)} layers; no layer {n}", path=args.path)
-            im = layers[n].image
-            ranges = merged_ranges(layer_ranges(im))
-            result.append(dict(layer=n, path=im.path, disk_type=im.disk_type, virtual_size=im.size,
-                               sector_size=im.logical_sector_size, totals=summary(ranges),
-                               ranges=[r.to_dict() for r in ranges]))
-            pictures.append((im.path, ranges, im.size))
+    """``vhdx map``: the ranges each layer holds (and, with ``--png``, a picture of them)."""
+    with open_disk(args.path, **chain_options(args)) as disk:
+        maps = map_layers(disk, args.layer)
+        result = [m.to_dict() for m in maps]
         if args.png:
-            refuse_chain_file(args.png, disk)
-            if os.path.lexists(args.png) and not args.force:
-                raise DiskExistsError("the picture file exists; pass --force to overwrite it", path=args.png)
-            _write_picture(args.png, render_png(pictures), overwrite=args.force)
+            try:
+                write_picture(args.png, maps, disk, overwrite=args.force)
+            except DiskExistsError as e:
+                raise DiskExistsError("the picture file exists; pass --force to overwrite it", path=e.path) from e
     if args.json:
         emit_json(dict(path=args.path, layers=result))
         return EXIT_OK
@@ -79,22 +55,8 @@ def cmd_map(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _write_picture(path: str, data: bytes, *, overwrite: bool) -> None:
-    """The picture appears under ``path`` complete, or not at all (a device or pipe is written to)."""
-    try:
-        if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-            with open(path, "wb") as f:
-                f.write(data)
-            return
-        with atomic_output(path, overwrite=overwrite) as out:
-            out.write_at(data, 0)
-    except VhdxError:
-        raise
-    except OSError as e:
-        raise VhdxError(f"cannot write the picture: {e.strerror or e}", path=path) from e
-
-
 def cmd_diff(args: argparse.Namespace) -> int:
+    """``vhdx diff``: the sectors a checkpoint changed against its parent (a missing parent reads as zeros)."""
     opts = chain_options(args)
     opts.setdefault("missing_parent", "zeros")
     with open_disk(args.child, **opts) as disk:

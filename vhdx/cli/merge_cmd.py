@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ..ops.merge.run import MergePlan, merge
-from . import EXIT_ERROR, EXIT_OK, emit_json
+from .common import EXIT_ERROR, EXIT_OK, emit_json
 from .progress import Progress, human_bytes
 
 

@@ -8,6 +8,7 @@ from typing import TextIO
 
 
 def human_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``: binary units, whole bytes below 1 KiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -27,6 +28,7 @@ class Progress:
         self._drawn = False
 
     def __call__(self, done: int, total: int) -> None:
+        """Redraw the bar for ``done`` of ``total`` bytes (at most every 0.1 s, and at the end)."""
         if not self.enabled:
             return
         now = time.monotonic()
@@ -45,6 +47,7 @@ class Progress:
         self._drawn = True
 
     def finish(self) -> None:
+        """End the bar's line, if one was drawn."""
         if self.enabled and self._drawn:
             self.stream.write("\n")
             self.stream.flush()

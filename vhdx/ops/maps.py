@@ -1,11 +1,15 @@
 """Allocation maps: which virtual ranges each layer holds, and what a checkpoint changed.
 
 Everything is computed from BAT states with numpy run detection; only PARTIALLY_PRESENT
-blocks read their sector bitmaps, so a 64 TiB sparse disk answers at once.
+blocks read their sector bitmaps, so a 64 TiB sparse disk answers at once. ``vhdx map``
+asks :func:`map_layers` (and :func:`write_picture` for ``--png``); ``vhdx diff`` asks
+:func:`changed_ranges`.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 import zlib
 from dataclasses import asdict, dataclass
@@ -13,9 +17,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..chains.disk import Disk
+from ..errors import DiskExistsError, UsageError, VhdxError
+from ..file.image import Image
+from ..file.outputs import atomic_output
 from ..format import bitmap as bitmapmod
 from ..format import constants as C
-from ..file.image import Image
+from .export import refuse_chain_file
 
 PRESENT = "present"
 PARTIAL = "partial"      # inside a PARTIALLY_PRESENT block: sectors of this file
@@ -42,9 +50,11 @@ class Range:
 
     @property
     def end(self) -> int:
+        """The first byte after the range."""
         return self.start + self.length
 
     def to_dict(self) -> dict[str, Any]:
+        """``start``, ``length``, ``state``, ``first_sector`` and ``sectors`` (a partial sector counts)."""
         d = asdict(self)
         del d["sector_size"]
         d["first_sector"] = self.start // self.sector_size
@@ -90,6 +100,7 @@ def layer_ranges(image: Image) -> Iterator[Range]:
 
 
 def merged_ranges(ranges: Iterator[Range]) -> list[Range]:
+    """``ranges`` with each run of adjacent ranges of one state joined into one."""
     out: list[Range] = []
     for r in ranges:
         if out and out[-1].state == r.state and out[-1].end == r.start:
@@ -111,10 +122,76 @@ def changed_ranges(image: Image) -> list[Range]:
 
 
 def summary(ranges: list[Range]) -> dict[str, int]:
+    """Bytes per state, in the order the states first appear."""
     totals: dict[str, int] = {}
     for r in ranges:
         totals[r.state] = totals.get(r.state, 0) + r.length
     return totals
+
+
+# --------------------------------------------------------------------------- the layers of a chain
+
+@dataclass(frozen=True)
+class LayerMap:
+    """The map of one layer of a chain: its number (0 = the file itself), its file and its ranges."""
+
+    layer: int
+    image: Image
+    ranges: list[Range]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``vhdx map --json`` prints for the layer."""
+        im = self.image
+        return dict(layer=self.layer, path=im.path, disk_type=im.disk_type, virtual_size=im.size,
+                    sector_size=im.logical_sector_size, totals=summary(self.ranges),
+                    ranges=[r.to_dict() for r in self.ranges])
+
+
+def chain_layers(disk: Disk) -> list[Disk]:
+    """``disk`` and every parent below it, leaf first."""
+    out = []
+    layer: Disk | None = disk
+    while layer is not None:
+        out.append(layer)
+        layer = layer.parent
+    return out
+
+
+def map_layers(disk: Disk, layer: int | None = None) -> list[LayerMap]:
+    """The map of every layer of ``disk``'s chain, leaf first, or of layer ``layer`` only."""
+    layers = chain_layers(disk)
+    chosen = range(len(layers)) if layer is None else [layer]
+    out = []
+    for n in chosen:
+        if n < 0 or n >= len(layers):
+            raise UsageError(f"the chain has {len(layers)} layers; no layer {n}", path=disk.path)
+        image = layers[n].image
+        out.append(LayerMap(n, image, merged_ranges(layer_ranges(image))))
+    return out
+
+
+def write_picture(path: str, maps: list[LayerMap], disk: Disk, *, overwrite: bool = False) -> None:
+    """Draw ``maps`` (see :func:`render_png`) into the PNG file ``path``.
+
+    A file of ``disk``'s chain is refused; an existing file is replaced only with
+    ``overwrite``. The picture appears under ``path`` complete, or not at all; a device or
+    a pipe is written to.
+    """
+    refuse_chain_file(path, disk)
+    if os.path.lexists(path) and not overwrite:
+        raise DiskExistsError("the picture file exists; pass overwrite=True to replace it", path=path)
+    data = render_png([(m.image.path, m.ranges, m.image.size) for m in maps])
+    try:
+        if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+            with open(path, "wb") as f:
+                f.write(data)
+            return
+        with atomic_output(path, overwrite=overwrite) as out:
+            out.write_at(data, 0)
+    except VhdxError:
+        raise
+    except OSError as e:
+        raise VhdxError(f"cannot write the picture: {e.strerror or e}", path=path) from e
 
 
 # --------------------------------------------------------------------------- pictures

@@ -1,0 +1,94 @@
+"""What every verb module shares: exit codes, sizes, JSON output and the chain options.
+
+A verb module registers its parsers with these helpers and turns the parsed options into
+the keyword arguments of :func:`vhdx.open` with :func:`chain_options`; nothing here opens
+a disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREADABLE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+FORCE_SHARE_HELP = ("read without taking or honouring locks, like qemu's -U: for inspecting a disk a "
+                    "running VM holds; the content may be changing under you")
+
+_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
+             "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40,
+             "TIB": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1GiB', '4096' -> bytes (binary units)."""
+    s = text.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    if unit not in _SUFFIXES or not num:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64M, 10G, 1T)")
+    try:
+        value = float(num) * _SUFFIXES[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value != int(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}")
+    return int(value)
+
+
+def emit_json(obj: Any) -> None:
+    """Print ``obj`` as indented JSON on stdout (anything JSON does not know, as its str)."""
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def plural(count: int, word: str) -> str:
+    """``3 errors``, ``1 error``: ``count`` and ``word``, with an ``s`` unless the count is 1."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def add_chain_options(p: argparse.ArgumentParser) -> None:
+    """``--search``, ``--parent``, ``--ignore-id-mismatch``, ``--missing-parent``: how to find parents."""
+    p.add_argument("--search", action="append", default=[], metavar="DIR",
+                   help="also look for parent disks in DIR (repeatable)")
+    p.add_argument("--parent", dest="parents", action="append", default=None, metavar="FILE",
+                   help="use FILE as the next parent (repeatable, nearest first)")
+    p.add_argument("--ignore-id-mismatch", action="store_true",
+                   help="accept a parent whose DataWriteGuid differs from the child's parent_linkage")
+    p.add_argument("--missing-parent", choices=("error", "zeros"), default="error",
+                   help="what to read where a parent cannot be found (default: error)")
+
+
+def add_share_option(p: argparse.ArgumentParser) -> None:
+    """``--force-share``/``-U`` for a read-only verb (see FORCE_SHARE_HELP)."""
+    p.add_argument("-U", "--force-share", action="store_true", help=FORCE_SHARE_HELP)
+
+
+def add_progress_options(p: argparse.ArgumentParser) -> None:
+    """``--progress``/``--no-progress``: ``args.progress`` is None (on a terminal only), True or False."""
+    p.add_argument("--progress", dest="progress", action="store_true", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def chain_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`vhdx.open` that the parsed chain and share options ask for."""
+    opts: dict[str, Any] = {}
+    if getattr(args, "force_share", False):
+        opts["share"] = True
+    if getattr(args, "search", None):
+        opts["search_paths"] = args.search
+    if getattr(args, "parents", None):
+        opts["parents"] = args.parents
+    if getattr(args, "ignore_id_mismatch", False):
+        opts["ignore_id_mismatch"] = True
+    if getattr(args, "missing_parent", "error") != "error":
+        opts["missing_parent"] = args.missing_parent
+    return opts
