@@ -9,6 +9,9 @@ a copy first (``specimen_copy``). When the ``shared`` folder beside the reposito
 Interop peers (qemu-img, qemu-io, pyvhdi, dissect.hypervisor) come through ``interop_tool``: a
 missing peer skips the test, except under ``CI=true`` where it fails, so CI cannot pass silently
 without its judges. The versions of the peers used are printed at the end of the run.
+
+The test kit shared by every folder is the package ``tests/support``; this file puts ``tests/``
+first on ``sys.path`` so that ``import support`` works from any folder and any import mode.
 """
 
 from __future__ import annotations
@@ -22,11 +25,17 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support.disk import read_all, sha256_file, write_all  # noqa: E402
 
 MiB = 1 << 20
 HASH_CHUNK = 4 * MiB
@@ -79,82 +88,6 @@ def sha256_of_disk(disk: Any, chunk: int = HASH_CHUNK) -> str:
     if size is not None:
         assert total == size, f"read {total} bytes from a disk of size {size}"
     return digest.hexdigest()
-
-
-def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    """(start, stop) of the data extents of a file; holes are left out. The whole file when
-    the host cannot say (no SEEK_DATA, or a filesystem that does not report holes)."""
-    if not hasattr(os, "SEEK_DATA"):
-        return [(0, size)]
-    extents = []
-    position = 0
-    try:
-        while position < size:
-            try:
-                start = os.lseek(fd, position, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole remains
-                break
-            stop = os.lseek(fd, start, os.SEEK_HOLE)
-            extents.append((start, stop))
-            position = stop
-    except OSError:
-        return [(0, size)]
-    return extents
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = HASH_CHUNK) -> str:
-    """SHA-256 of a host file's bytes.
-
-    Holes are hashed from a zero buffer instead of being read: reading 10 GiB of holes costs
-    about 25 s of system time on the CI machine, hashing them about 7 s.
-    """
-    digest = hashlib.sha256()
-    buffer = bytearray(chunk)
-    view = memoryview(buffer)
-    zeros = memoryview(bytes(chunk))
-    with open(path, "rb", buffering=0) as handle:
-        size = os.fstat(handle.fileno()).st_size
-        position = 0
-        for start, stop in _data_extents(handle.fileno(), size) + [(size, size)]:
-            while position < start:  # a hole
-                count = min(chunk, start - position)
-                digest.update(zeros[:count])
-                position += count
-            handle.seek(position)
-            while position < stop:
-                count = handle.readinto(view[: min(chunk, stop - position)])
-                if not count:
-                    raise AssertionError(f"{path}: short read at {position} of {size}")
-                digest.update(view[:count])
-                position += count
-    return digest.hexdigest()
-
-
-def read_whole_disk(disk: Any) -> bytes:
-    """Every byte of a virtual disk, by repeated ``readinto`` (RawIOBase may return short)."""
-    size = disk.size
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    disk.seek(0)
-    done = 0
-    while done < size:
-        count = disk.readinto(view[done:])
-        if not count:
-            break
-        done += count
-    assert done == size, f"read {done} bytes from a disk of size {size}"
-    assert disk.readinto(bytearray(1)) in (0, None), "read past the end of the disk returned data"
-    return bytes(buffer)
-
-
-def write_all(disk: Any, virtual_offset: int, data: bytes) -> None:
-    """Write ``data`` at ``virtual_offset``, looping over short writes (RawIOBase semantics)."""
-    disk.seek(virtual_offset)
-    view = memoryview(data)
-    while view:
-        count = disk.write(view)
-        assert count, f"write at {virtual_offset} returned {count!r}"
-        view = view[count:]
 
 
 def _copy_sparse_stream(source: Any, destination: Path) -> tuple[str, int]:
@@ -331,17 +264,19 @@ def sha256_of_disk_fixture() -> Callable[..., str]:
 
 @pytest.fixture(name="file_sha256", scope="session")
 def file_sha256_fixture() -> Callable[..., str]:
-    """``file_sha256(path)``: SHA-256 of a host file."""
-    return file_sha256
+    """``file_sha256(path)``: SHA-256 of a host file (support.disk.sha256_file)."""
+    return sha256_file
 
 
 @pytest.fixture(name="read_whole_disk", scope="session")
 def read_whole_disk_fixture() -> Callable[[Any], bytes]:
-    return read_whole_disk
+    """``read_whole_disk(disk)``: every byte of an open virtual disk (support.disk.read_all)."""
+    return read_all
 
 
 @pytest.fixture(name="write_all", scope="session")
 def write_all_fixture() -> Callable[[Any, int, bytes], None]:
+    """``write_all(disk, offset, data)``: write all of ``data`` (support.disk.write_all)."""
     return write_all
 
 

@@ -9,78 +9,21 @@ layer ``i`` itself defines (what it reads over a missing parent).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
-import subprocess
-import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import vhdx
+from support.chain import build_layers, data_write_guid
+from support.cli import REPO, assert_one_line_error
+from support.cli import run_subprocess as run_cli
+from support.disk import MiB, assert_same, disk_bytes, pattern, read_all, write_all
+from vhdx.file.image import Image
 
-MiB = 1 << 20
-REPO = Path(__file__).resolve().parents[2]
-
-
-def pattern(seed: int, length: int) -> bytes:
-    """``length`` pseudo-random bytes, the same for the same seed."""
-    return random.Random(seed).randbytes(length)
-
-
-def write_all(disk: Any, offset: int, data: bytes) -> None:
-    """Write ``data`` at ``offset``, looping over short writes (RawIOBase)."""
-    disk.seek(offset)
-    view = memoryview(data)
-    while view:
-        count = disk.write(view)
-        assert count, f"write at {offset} returned {count!r}"
-        view = view[count:]
-
-
-def read_all(disk: Any) -> bytes:
-    """Every byte of the virtual disk through ``readinto`` (short reads allowed)."""
-    size = disk.size
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    disk.seek(0)
-    done = 0
-    while done < size:
-        count = disk.readinto(view[done:])
-        if not count:
-            break
-        done += count
-    assert done == size, f"read {done} bytes from a disk of size {size}"
-    return bytes(buffer)
-
-
-def first_difference(got: bytes, want: bytes) -> int | None:
-    if got == want:
-        return None
-    if len(got) != len(want):
-        return min(len(got), len(want))
-    # Find the first differing byte by halving (no Python loop over megabytes).
-    lo, hi = 0, len(got)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if got[lo:mid] != want[lo:mid]:
-            hi = mid
-        else:
-            lo = mid
-    return lo
-
-
-def assert_same(got: bytes, want: bytes, what: str) -> None:
-    """A one-line failure naming the first differing offset, instead of a megabyte diff."""
-    at = first_difference(got, want)
-    if at is None:
-        return
-    raise AssertionError(
-        f"{what}: {len(got)} bytes read, {len(want)} expected; first difference at offset {at} "
-        f"(got {got[at:at + 16].hex()}, want {want[at:at + 16].hex()}); "
-        f"sha256 got {hashlib.sha256(got).hexdigest()[:16]} want {hashlib.sha256(want).hexdigest()[:16]}")
+__all__ = ["REPO", "MiB", "ChainModel", "assert_one_line_error", "assert_same", "build_chain", "data_write_guid",
+           "default_writes", "disk_bytes", "locator_of", "pattern", "read_all", "run_cli", "set_locator",
+           "write_all"]
 
 
 def sectors_touched(offset: int, length: int, sector_size: int) -> range:
@@ -135,34 +78,24 @@ def build_chain(folder: Path, *, size: int, base_block_size: int = MiB, logical_
     from ``default_writes``. A child whose block size is None is made by ``vhdx.snapshot``
     (Hyper-V naming, default block size) when ``use_snapshot``; otherwise by ``vhdx.create``.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     cm = ChainModel(folder, size, logical_sector_size, model=bytearray(size))
     layers = 1 + len(child_block_sizes)
     if writes is None:
         writes = [default_writes(size, base_block_size if i == 0 else (child_block_sizes[i - 1] or 2 * MiB),
                                  seed=1000 + i) for i in range(layers)]
     assert len(writes) == layers
-    base = folder / base_name
-    cm.owned.append(set())
-    with vhdx.create(base, size, block_size=base_block_size, logical_sector_size=logical_sector_size,
-                     physical_sector_size=physical_sector_size, fixed=fixed) as disk:
-        for offset, data in writes[0]:
-            cm.write(disk, offset, data)
-    cm.paths.append(base)
-    for i, block_size in enumerate(child_block_sizes, start=1):
-        cm.frozen.append(bytes(cm.model))
+
+    def fill(index: int, path: Path, disk: Any, model: bytearray) -> None:
         cm.owned.append(set())
-        parent = cm.paths[-1]
-        if block_size is None and use_snapshot:
-            child = Path(vhdx.snapshot(parent))
-            disk = vhdx.open(child, "r+")
-        else:
-            child = folder / f"layer{i}.avhdx"
-            disk = vhdx.create(child, parent=parent, block_size=block_size)
-        with disk:
-            for offset, data in writes[i]:
-                cm.write(disk, offset, data)
-        cm.paths.append(child)
+        for offset, data in writes[index]:
+            cm.write(disk, offset, data)
+
+    built = build_layers(folder, size=size, block_sizes=[base_block_size, *child_block_sizes], fill=fill,
+                         logical_sector_size=logical_sector_size, physical_sector_size=physical_sector_size,
+                         fixed=fixed, snapshots=[bs is None and use_snapshot for bs in child_block_sizes],
+                         base_name=base_name, model=cm.model)
+    cm.paths = built.paths
+    cm.frozen = built.contents[:-1]
     return cm
 
 
@@ -186,15 +119,8 @@ def default_writes(size: int, block_size: int, seed: int) -> list[tuple[int, byt
     return out
 
 
-def disk_bytes(path: Path | str, **options: Any) -> bytes:
-    with vhdx.open(path, **options) as disk:
-        return read_all(disk)
-
-
 def locator_of(path: Path | str) -> dict[str, str]:
     """The parent locator's key/value pairs of one file (its parents are not opened)."""
-    from vhdx.file.image import Image
-
     image = Image.open(os.fspath(path), "r")
     try:
         return dict(image.info()["metadata"]["parent_locator"] or {})
@@ -205,37 +131,8 @@ def locator_of(path: Path | str) -> dict[str, str]:
 def set_locator(path: Path | str, pairs: dict[str, str]) -> None:
     """Replace a child's parent locator with ``pairs`` (in that order), as a Hyper-V host would
     have written it. Uses the library's own metadata writer; DataWriteGuid is left alone."""
-    from vhdx.file.image import Image
-
     image = Image.open(os.fspath(path), "r+")
     try:
         image.write_parent_locator(pairs)
     finally:
         image.close()
-
-
-def data_write_guid(path: Path | str) -> uuid.UUID:
-    from vhdx.chains.scan import read_data_write_guid
-    guid = read_data_write_guid(os.fspath(path))
-    assert guid is not None, f"{path} is not readable"
-    return guid
-
-
-def run_cli(*args: str | os.PathLike[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m vhdx ARGS`` with this checkout first on the path."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "vhdx", *map(os.fspath, args)], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=120, check=False)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    """The command failed with exactly one line on stderr, no traceback, naming ``needles``."""
-    assert result.returncode != 0, f"expected failure, got 0; stdout={result.stdout!r}"
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"stderr is not one line: {result.stderr!r}"
-    assert lines[0].startswith("vhdx: error:"), lines[0]
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
-    return lines[0]

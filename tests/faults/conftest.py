@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import resource
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -22,7 +24,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-MiB = 1 << 20
+from support.disk import MiB, sha256_file  # noqa: E402
+from support.disk import nonzero_pattern as _pattern  # noqa: E402
+
+__all__ = ["MiB", "sha256_file"]
 # Per-case limits (docs/format.md §1.3 bounds every structure; nothing should need more).
 CASE_SECONDS = float(os.environ.get("VHDX_FAULT_CASE_SECONDS", "2.0"))
 CASE_PEAK_BYTES = int(os.environ.get("VHDX_FAULT_PEAK_MB", "64")) * MiB
@@ -43,14 +48,6 @@ def have(tool: str) -> bool:
 
 def run(cmd, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def mark_unwritten(path) -> tuple[int, int]:
@@ -88,7 +85,6 @@ def read_disk(disk, *, sample_seed: int = 0) -> tuple[str, int]:
     if size <= WHOLE_READ_LIMIT:
         read_at(0, size)
     else:
-        import random
         rng = random.Random(sample_seed)
         spots = [0, size - MiB] + [rng.randrange(0, size - 65536) & ~4095 for _ in range(8)]
         for pos in spots:
@@ -146,14 +142,22 @@ def _address_space_limit():
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+@pytest.fixture
+def scratch(tmp_path: Path):
+    """A folder on /dev/shm when there is one (hundreds of small copies), else ``tmp_path``."""
+    shm = "/dev/shm"
+    if not (os.path.isdir(shm) and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="vhdx-faults-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+
 # ------------------------------------------------------------------ base disks
-
-def _pattern(seed: int, length: int) -> bytes:
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    data = rng.integers(1, 256, size=length, dtype=np.uint8)   # never a zero byte
-    return data.tobytes()
-
 
 def make_qemu_disk(path: Path, *, fixed: bool = False, size: str = "8M", block: str = "1M") -> Path:
     """An 8 MiB qemu-img VHDX with data in block 0, 1 and part of 5 (random, no zero bytes)."""

@@ -1,7 +1,7 @@
 """The write operations of the fault tests, each with its starting files and what a user sees.
 
 An :class:`Operation` builds its starting files in an empty folder (``build``), runs with every
-file it writes behind a :class:`faultkit.FaultPlan` (``run``), and tells what a user sees of the
+file it writes behind a :class:`support.faults.FaultPlan` (``run``), and tells what a user sees of the
 folder (``state``): the virtual bytes of the disk, plus whatever the operation changes (a
 parent locator, the files present). After a fault the state must equal the state before
 the operation (old) or after it (new); ``state`` raises when the files do not open.
@@ -16,73 +16,22 @@ import errno
 import hashlib
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import pytest
-
 import vhdx
 import vhdx.ops.check
-from faultkit import FaultPlan, wrapping_writable_files
+from support.chain import vhdx_files as disk_files
+from support.disk import MiB, disk_bytes
+from support.disk import nonzero_pattern as pattern
+from support.faults import FaultPlan, wrapping_writable_files
 from vhdx.file.image import Image
 from vhdx.ops.merge.run import read_journal
 from vhdx.file.storage import FileStorage
 
-MiB = 1 << 20
 SIZE = 8 * MiB
 ERRNOS = (errno.EIO, errno.ENOSPC)
-
-
-def pattern(seed: int, n: int) -> bytes:
-    """``n`` random bytes, never 0 (a lost write cannot pass for an unwritten sector)."""
-    return np.random.default_rng(seed).integers(1, 256, size=n, dtype=np.uint8).tobytes()
-
-
-def disk_bytes(path: Path) -> bytes:
-    """Every virtual byte of ``path`` through its chain (read-only: a dirty log is replayed in memory)."""
-    with vhdx.open(str(path)) as disk:
-        buf = bytearray(disk.size)
-        got = disk.pread_into(memoryview(buf), 0)
-        assert got == disk.size
-    return bytes(buf)
-
-
-def disk_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".vhdx", ".avhdx"))
-
-
-def check_problems(folder: Path) -> list[str]:
-    """Errors ``vhdx check`` finds in any disk of ``folder`` (warnings, a dirty log among them, are fine)."""
-    out = []
-    for p in disk_files(folder):
-        report = vhdx.ops.check.check_file(str(p))
-        out += [f"{p.name}: {f}" for f in report.errors]
-        if not report.opened:
-            out.append(f"{p.name}: check could not open it")
-    return out
-
-
-@pytest.fixture
-def scratch(tmp_path: Path):
-    """A folder on /dev/shm when there is one (hundreds of small copies), else ``tmp_path``."""
-    shm = "/dev/shm"
-    if not (os.path.isdir(shm) and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    folder = Path(tempfile.mkdtemp(prefix="vhdx-faults-", dir=shm))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def copy_folder(src: Path, dst: Path) -> None:
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
 
 
 def stamps(folder: Path) -> dict[str, tuple[int, int]]:

@@ -1,6 +1,6 @@
 """Power loss at every write and flush: the file must always reopen with each byte old or new.
 
-A :class:`faultkit.FaultyStorage` wraps the real file and counts its mutating calls (write, truncate,
+A :class:`support.faults.FaultyStorage` wraps the real file and counts its mutating calls (write, truncate,
 flush). A counting run of a workload learns their number K; then, for every N in 1..K, the
 workload runs again on a fresh copy with the power failing at the N-th call. After the
 fault the storage refuses everything, so the Disk cannot close cleanly. The copy is then:
@@ -22,20 +22,20 @@ points at it, the log entry before it is applied).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import MiB, have
-from faultkit import FaultyStorage, PowerLoss
+from conftest import have
+from support.cli import run_inprocess
+from support.disk import MiB, write_all
+from support.disk import read_all as read_disk
+from support.faults import FaultyStorage, PowerLoss
 
 vhdx = pytest.importorskip("vhdx")
 from vhdx.file.storage import FileStorage  # noqa: E402
@@ -126,23 +126,15 @@ def make_base(sc: Scenario, path: Path, rng) -> None:
         with vhdx.create(str(path), sc.size, block_size=sc.block_size,
                          logical_sector_size=sc.logical_sector_size, fixed=sc.fixed) as disk:
             for offset, data in initial_writes(sc, rng):
-                disk.seek(offset)
-                assert disk.write(data) == len(data)
+                write_all(disk, offset, data)
     if sc.unaligned_tail:
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) - 4096)
 
 
 def read_all(disk) -> np.ndarray:
-    out = bytearray(disk.size)
-    view = memoryview(out)
-    disk.seek(0)
-    pos = 0
-    while pos < len(out):
-        n = disk.readinto(view[pos:pos + 4 * MiB])
-        assert n, f"readinto returned {n!r} at {pos:#x}"
-        pos += n
-    return np.frombuffer(out, dtype=np.uint8)
+    """Every byte of the virtual disk, as a writable numpy array."""
+    return np.frombuffer(bytearray(read_disk(disk, check_end=False)), dtype=np.uint8)
 
 
 @dataclass
@@ -166,12 +158,7 @@ def run_workload(path: Path, ops: list[tuple], fail_at: int | None, *, drop: boo
         disk = vhdx.open(str(path), "r+", storage=storage)
         for step, op in enumerate(ops):
             if op[0] == "write":
-                disk.seek(op[1])
-                view = memoryview(op[2])
-                while view:
-                    n = disk.write(view)
-                    assert n, "write returned 0"
-                    view = view[n:]
+                write_all(disk, op[1], op[2])
             elif op[0] == "flush":
                 disk.flush()
                 run.last_flush_op = step
@@ -205,22 +192,9 @@ def allowed_mismatch(actual: np.ndarray, base: np.ndarray, ops: list[tuple], run
 
 
 def cli_check(path: Path) -> tuple[int, str]:
-    """``vhdx check PATH`` in-process (fast) when the CLI module allows it, else as a subprocess."""
-    try:
-        from vhdx.cli import main
-    except ImportError:
-        main = None
-    if main is not None:
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                rc = main(["check", str(path)])
-            except SystemExit as e:
-                rc = e.code
-        return (0 if rc is None else rc), out.getvalue() + err.getvalue()
-    r = subprocess.run([sys.executable, "-m", "vhdx", "check", str(path)], capture_output=True,
-                       text=True, cwd=str(REPO))
-    return r.returncode, r.stdout + r.stderr
+    """``vhdx check PATH`` in-process: (exit code, stdout + stderr)."""
+    result = run_inprocess("check", path)
+    return result.returncode, result.stdout + result.stderr
 
 
 def qemu_check(path: Path) -> tuple[int, str]:

@@ -27,9 +27,10 @@ from pathlib import Path
 import pytest
 
 import vhdx
-from faultkit import FaultPlan
-from operations import (ERRNOS, MiB, OPERATIONS, Operation, check_problems, copy_folder, disk_bytes,
-                        scratch, stamps, stamps_now)  # noqa: F401 (scratch is a fixture)
+from operations import ERRNOS, OPERATIONS, Operation, stamps, stamps_now
+from support.chain import check_problems, copy_folder
+from support.disk import MiB, disk_bytes
+from support.faults import FaultPlan
 from vhdx.file.storage import FileStorage
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -24,7 +24,6 @@ import hashlib
 import os
 import struct
 import subprocess
-import sys
 import tempfile
 import traceback
 import uuid
@@ -35,6 +34,7 @@ from typing import Callable
 import pytest
 
 import vhdxbits as vb
+from support.cli import run_subprocess
 from conftest import (PARENT_NAME, MiB, CaseTimeout, Guard, have, mark_unwritten, read_disk, sha256_file,
                       stamp_of)
 
@@ -857,9 +857,7 @@ if st is not None:
 # ------------------------------------------------------------------ the command line
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "vhdx", *args], capture_output=True, text=True,
-                          cwd=str(REPO), env=env, timeout=60)
+    return run_subprocess(*args, timeout=60)
 
 
 def _bad_files(tmp_path: Path, base_disks) -> dict[str, Path]:

@@ -4,7 +4,7 @@ unflushed ones landing at random, must leave files that open to the old or the n
 A recording run of each operation (:mod:`operations`: a write that allocates a block of a
 dynamic disk, a partial-block write in a child, a reparent to a shorter path, a merge) keeps
 every write, truncate and flush it makes, per file, in order (and the merge's deletions).
-For each cut point the files are rebuilt from the originals (:func:`faultkit.materialize`):
+For each cut point the files are rebuilt from the originals (:func:`support.faults.materialize`):
 everything before each file's last completed flush, then each later 4 KiB page (and each later
 truncate) with probability 1/2, seeded by the cut. The result must read (a dirty log replayed
 in memory) as the state before the operation or after it, pass ``vhdx check`` with no error,
@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import FaultPlan, materialize, recording_unlinks
-from operations import OPERATIONS, check_problems, copy_folder, scratch  # noqa: F401 (scratch is a fixture)
+from support.faults import FaultPlan, materialize, recording_unlinks
+from operations import OPERATIONS
+from support.chain import check_problems, copy_folder
 
 SEEDS = int(os.environ.get("VHDX_POWER_PREFIX_SEEDS", "1"))
 

@@ -22,27 +22,22 @@ Operations of a layer (``Op``):
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
-import json
 import os
-import random
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-import vhdx
-import vhdx.cli
+from support.chain import build_layers
+from support.cli import REPO, Result, cli_env, run_inprocess, run_subprocess
+from support.disk import MiB, pattern, sha256, write_all
 from vhdx.format import bat as batmod
 from vhdx.format import constants as C
 
-MiB = 1 << 20
-REPO = Path(__file__).resolve().parents[2]
+__all__ = ["CODE", "REPO", "STATES", "MiB", "BuiltChain", "Layer", "LayerSpec", "Op", "Result",
+           "assert_sorted_disjoint", "build", "cli_env", "describe_mismatch", "paint", "pattern",
+           "run_inprocess", "run_subprocess", "sha256"]
 
 # map states, as codes in the per-sector arrays
 STATES = ("present", "partial", "absent", "zero", "unmapped")
@@ -51,10 +46,6 @@ CODE = {name: i for i, name in enumerate(STATES)}
 # simulated block states
 NP, FULL, PART, ZERO, UNMAPPED = "np", "full", "partial", "zero", "unmapped"
 _STATE_OPS = {C.PAYLOAD_BLOCK_ZERO: ZERO, C.PAYLOAD_BLOCK_UNMAPPED: UNMAPPED}
-
-
-def pattern(seed: int, length: int) -> bytes:
-    return random.Random(seed).randbytes(length)
 
 
 @dataclass(frozen=True)
@@ -154,12 +145,7 @@ def _apply(chain: BuiltChain, layer: Layer, model: bytearray, disk: Any, op: Op)
     assert 0 <= offset and length > 0 and offset + length <= size
     if op.kind == "data":
         data = pattern(op.arg, length)
-        disk.seek(offset)
-        view = memoryview(data)
-        while view:
-            n = disk.write(view)
-            assert n, "short write"
-            view = view[n:]
+        write_all(disk, offset, data)
     elif op.kind == "zero":
         assert offset % ss == 0 and length % ss == 0, "zero extents are sector aligned"
         disk.image.write_extents([(offset, length, None)])
@@ -193,79 +179,22 @@ def _apply(chain: BuiltChain, layer: Layer, model: bytearray, disk: Any, op: Op)
 def build(folder: str | os.PathLike[str], *, size: int, sector_size: int, layers: Sequence[LayerSpec],
           fixed: bool = False) -> BuiltChain:
     """Create ``layers[0]`` as a dynamic (or fixed) base and each further one as a snapshot."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chain = BuiltChain(folder, size, sector_size, fixed=fixed)
-    model = bytearray(size)
+    chain = BuiltChain(Path(folder), size, sector_size, fixed=fixed)
     nsect = size // sector_size
-    for i, spec in enumerate(layers):
-        nblocks = -(-size // spec.block_size)
-        if i == 0:
-            path = folder / "base.vhdx"
-            disk = vhdx.create(path, size, block_size=spec.block_size, logical_sector_size=sector_size,
-                               physical_sector_size=4096, fixed=fixed)
-            blocks = [FULL if fixed else NP] * nblocks
-        else:
-            path = Path(vhdx.snapshot(chain.layers[-1].path, block_size=spec.block_size))
-            disk = vhdx.open(path, "r+")
-            blocks = [NP] * nblocks
+
+    def fill(i: int, path: Path, disk: Any, model: bytearray) -> None:
+        spec = layers[i]
+        blocks = [FULL if fixed and i == 0 else NP] * -(-size // spec.block_size)
         layer = Layer(path, spec.block_size, i > 0, blocks, np.zeros(nsect, bool), np.zeros(nsect, bool))
         if fixed and i == 0:
             layer.wrote[:] = True
         chain.layers.append(layer)
-        with disk:
-            for op in spec.ops:
-                _apply(chain, layer, model, disk, op)
-        chain.contents.append(bytes(model))
+        for op in spec.ops:
+            _apply(chain, layer, model, disk, op)
+
+    chain.contents = build_layers(folder, size=size, block_sizes=[spec.block_size for spec in layers], fill=fill,
+                                  logical_sector_size=sector_size, fixed=fixed).contents
     return chain
-
-
-# --------------------------------------------------------------------------------------------
-# Running the CLI
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class Result:
-    args: list[str]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def describe(self) -> str:
-        return f"vhdx {' '.join(self.args)} -> exit {self.returncode}\nstdout: {self.stdout[-2000:]}\n" \
-               f"stderr: {self.stderr[-2000:]}"
-
-    def json(self) -> Any:
-        assert self.returncode == 0, self.describe()
-        return json.loads(self.stdout)
-
-
-def run_inprocess(*args: object) -> Result:
-    """``vhdx.cli.main(args)`` with stdout/stderr captured (not for ``export -``)."""
-    argv = [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = vhdx.cli.main(argv)
-        except SystemExit as e:     # argparse
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    return Result(argv, code, out.getvalue(), err.getvalue())
-
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
-def run_subprocess(*args: object, text: bool = True, timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess:
-    """``python -m vhdx ARGS`` in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "vhdx", *map(os.fspath, map(_as_path, args))],
-                          cwd=REPO, env=cli_env(), capture_output=True, text=text, timeout=timeout, **kwargs)
-
-
-def _as_path(a: object) -> Any:
-    return a if isinstance(a, os.PathLike) else str(a)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +244,3 @@ def describe_mismatch(got: np.ndarray, want: np.ndarray, sector_size: int) -> st
     return (f"{len(bad)} sectors differ; first at sector {first} (byte {first * sector_size}): "
             f"got {STATES[got[first]]}, want {STATES[want[first]]}; "
             f"differing sectors {int(bad[0])}..{int(bad[-1])}")
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

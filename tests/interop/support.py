@@ -12,10 +12,13 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-import numpy
 import pytest
 
-MiB = 1 << 20
+from support.disk import MiB, apply
+from support.disk import assert_same as assert_same_bytes
+
+__all__ = ["ALL_GEOMETRIES", "GEOMETRIES_4096", "GEOMETRIES_512", "Geometry", "MiB", "apply", "assert_same_bytes",
+           "describe", "geometry_params", "pattern_writes", "run", "scattered_extents"]
 
 
 @dataclass(frozen=True)
@@ -100,11 +103,6 @@ def pattern_writes(size: int, block_size: int, sector: int, seed: int) -> list[t
     return writes
 
 
-def apply(model: bytearray, writes: list[tuple[int, bytes]]) -> None:
-    for offset, data in writes:
-        model[offset: offset + len(data)] = data
-
-
 def run(args: list[Any], **kwargs: Any) -> subprocess.CompletedProcess:
     """Run a peer's command line; the caller asserts on the result."""
     return subprocess.run([str(arg) for arg in args], capture_output=True, text=True, **kwargs)
@@ -112,15 +110,3 @@ def run(args: list[Any], **kwargs: Any) -> subprocess.CompletedProcess:
 
 def describe(result: subprocess.CompletedProcess) -> str:
     return f"{' '.join(result.args)} -> exit {result.returncode}\n{result.stdout}{result.stderr}"
-
-
-def assert_same_bytes(actual: bytes, expected: bytes | bytearray, who: str) -> None:
-    """Equal bytes, or a failure naming the first differing virtual offset."""
-    assert len(actual) == len(expected), f"{who}: {len(actual)} bytes, expected {len(expected)}"
-    if actual != expected:
-        differ = numpy.frombuffer(actual, numpy.uint8) != numpy.frombuffer(expected, numpy.uint8)
-        first = int(numpy.flatnonzero(differ)[0])
-        count = int(differ.sum())
-        pytest.fail(f"{who}: {count} bytes differ, the first at virtual offset {first} "
-                    f"(0x{first:x}): {actual[first:first + 8].hex()} != "
-                    f"{bytes(expected[first:first + 8]).hex()}")

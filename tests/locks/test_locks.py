@@ -20,7 +20,9 @@ import pytest
 
 import vhdx
 import vhdx.file.storage
-from chain.helpers import MiB, REPO, assert_one_line_error, pattern, run_cli, write_all
+from support.cli import REPO, assert_one_line_error
+from support.cli import run_subprocess as run_cli
+from support.disk import MiB, pattern, write_all
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OFD locks are Linux's")
 

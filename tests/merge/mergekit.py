@@ -14,30 +14,35 @@ pages each file received since its last flush (a volatile disk cache).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib
-import io
 import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 import vhdx
 import vhdx.ops.check
+from support.chain import build_layers, check_errors, copy_folder, vhdx_files
+from support.chain import check_problems as all_checks_pass
+from support.chain import data_write_guid as chain_guid
+from support.cli import REPO, cli_env, run_inprocess
+from support.disk import MiB, assert_same, disk_bytes, first_difference, sha256_file, write_all
+from support.faults import FaultPlan, FaultyStorage, PowerLoss
 from vhdx.format import bat as batmod
 from vhdx.format import constants as C
 from vhdx.file.image import Image
 from vhdx.file.storage import Storage
 
-# The one FaultyStorage of the tests lives in tests/faults (not a package: it is put on the path).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
-from faultkit import FaultPlan, FaultyStorage, PowerLoss  # noqa: E402,F401  (re-exported)
+__all__ = ["REPO", "MiB", "FaultPlan", "FaultyStorage", "PowerLoss", "LayerSpec", "BuiltChain", "MergePlan",
+           "MergeResult", "Wrapper", "all_checks_pass", "assert_same", "build_chain", "chain_paths",
+           "check_errors", "cli", "copy_folder", "data_write_guid", "first_difference", "folder_hashes",
+           "libvhdi_blind_spots", "libvhdi_read", "merge", "merging", "python_env", "python_exe",
+           "qemu_check_and_convert", "rand_bytes", "read_disk", "sha256_file", "standard_writes", "vhdx_files"]
 
 try:  # the module was renamed so that ``vhdx.merge`` can be the function
     merging = importlib.import_module("vhdx.ops.merge.run")
@@ -47,8 +52,6 @@ merge = merging.merge
 MergePlan = merging.MergePlan
 MergeResult = merging.MergeResult
 
-MiB = 1 << 20
-REPO = Path(__file__).resolve().parents[2]
 ZERO_LIKE = (C.PAYLOAD_BLOCK_UNDEFINED, C.PAYLOAD_BLOCK_ZERO, C.PAYLOAD_BLOCK_UNMAPPED,
              C.PAYLOAD_BLOCK_UNMAPPED_V095)
 
@@ -62,44 +65,7 @@ def rand_bytes(rng: np.random.Generator, n: int, *, zeros: bool = False) -> byte
     return rng.integers(1, 256, size=n, dtype=np.uint8).tobytes()
 
 
-def read_disk(path: str | os.PathLike[str], **options: Any) -> bytes:
-    """Every virtual byte of ``path`` read through its chain (read-only open)."""
-    with vhdx.open(os.fspath(path), **options) as disk:
-        size = disk.size
-        buf = bytearray(size)
-        view = memoryview(buf)
-        done = 0
-        while done < size:
-            n = disk.readinto(view[done:done + 8 * MiB])
-            assert n, f"readinto returned {n!r} at {done} of {size} ({path})"
-            done += n
-        assert disk.read(1) == b"", "read at the virtual size returned data"
-    return bytes(buf)
-
-
-def first_difference(a: bytes, b: bytes) -> str:
-    if len(a) != len(b):
-        return f"lengths differ: {len(a)} != {len(b)}"
-    x = np.frombuffer(a, np.uint8)
-    y = np.frombuffer(b, np.uint8)
-    bad = np.flatnonzero(x != y)
-    if not len(bad):
-        return "equal"
-    return (f"{len(bad)} bytes differ, first at virtual 0x{bad[0]:x} (got 0x{x[bad[0]]:02x}, "
-            f"want 0x{y[bad[0]]:02x}), last at 0x{bad[-1]:x}")
-
-
-def assert_same(actual: bytes, expected: bytes, what: str) -> None:
-    if actual != expected:
-        raise AssertionError(f"{what}: {first_difference(actual, expected)}")
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(4 * MiB), b""):
-            h.update(chunk)
-    return h.hexdigest()
+read_disk = disk_bytes
 
 
 def folder_hashes(folder: str | os.PathLike[str]) -> dict[str, str]:
@@ -109,36 +75,14 @@ def folder_hashes(folder: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def data_write_guid(path: str | os.PathLike[str]) -> str:
-    im = Image.open(os.fspath(path), "r")
-    try:
-        return str(im.header.data_write_guid)
-    finally:
-        im.close()
-
-
-def check_errors(path: str | os.PathLike[str]) -> list[str]:
-    """The errors ``vhdx.ops.check.check_file`` finds (structure only; logs replayed in memory)."""
-    report = vhdx.ops.check.check_file(os.fspath(path))
-    out = [str(f) for f in report.errors]
-    if not report.opened:
-        out.append("check could not open the file")
-    return out
-
-
-def vhdx_files(folder: str | os.PathLike[str]) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".vhdx", ".avhdx"))
+    """The DataWriteGuid of one file, as text."""
+    return str(chain_guid(path))
 
 
 def cli(*args: str) -> tuple[int, str]:
     """``vhdx ARGS`` in-process; (exit code, stdout + stderr)."""
-    from vhdx.cli import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in args])
-        except SystemExit as e:  # argparse
-            rc = e.code
-    return (0 if rc is None else int(rc)), out.getvalue() + err.getvalue()
+    result = run_inprocess(*args)
+    return result.returncode, result.stdout + result.stderr
 
 
 # ------------------------------------------------------------------------------ chains
@@ -170,54 +114,35 @@ class BuiltChain:
         return self.paths[0]
 
 
-def _apply_zero_states(path: str, zero_blocks: list[tuple[int, int]], model: bytearray, size: int) -> None:
+def _apply_zero_states(image: Image, zero_blocks: list[tuple[int, int]], model: bytearray, size: int) -> None:
     """Put blocks that this layer does not hold into ZERO/UNMAPPED/UNDEFINED (they read as zeros)."""
-    im = Image.open(path, "r+")
-    try:
-        states = im.payload_states()
-        bs = im.block_size
-        updates = {}
-        for block, state in zero_blocks:
-            if block < len(states) and states[block] == C.PAYLOAD_BLOCK_NOT_PRESENT:
-                updates[im.geometry.payload_bat_index(block)] = batmod.make_entry(state, 0)
-                lo, hi = block * bs, min(size, (block + 1) * bs)
-                model[lo:hi] = bytes(hi - lo)
-        if updates:
-            im.set_block_entries(updates)
-    finally:
-        im.close()
+    states = image.payload_states()
+    bs = image.block_size
+    updates = {}
+    for block, state in zero_blocks:
+        if block < len(states) and states[block] == C.PAYLOAD_BLOCK_NOT_PRESENT:
+            updates[image.geometry.payload_bat_index(block)] = batmod.make_entry(state, 0)
+            lo, hi = block * bs, min(size, (block + 1) * bs)
+            model[lo:hi] = bytes(hi - lo)
+    if updates:
+        image.set_block_entries(updates)
 
 
 def build_chain(folder: str | os.PathLike[str], *, size: int, logical_sector_size: int, base_fixed: bool,
                 layers: Sequence[LayerSpec], base_name: str = "base.vhdx") -> BuiltChain:
     """Create ``layers[0]`` as the base and each further spec as a snapshot of the previous layer."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model = bytearray(size)
-    paths: list[str] = []
-    models: list[bytes] = []
-    for i, spec in enumerate(layers):
-        if i == 0:
-            path = str(folder / base_name)
-            disk = vhdx.create(path, size, block_size=spec.block_size, logical_sector_size=logical_sector_size,
-                               physical_sector_size=4096, fixed=base_fixed)
-        else:
-            path = vhdx.snapshot(paths[-1], block_size=spec.block_size)
-            disk = vhdx.open(path, "r+")
-        with disk:
-            for offset, data in spec.writes:
-                disk.seek(offset)
-                view = memoryview(data)
-                while view:
-                    n = disk.write(view)
-                    assert n, "write returned 0"
-                    view = view[n:]
-                model[offset:offset + len(data)] = data
+    def fill(i: int, path: Path, disk: Any, model: bytearray) -> None:
+        spec = layers[i]
+        for offset, data in spec.writes:
+            write_all(disk, offset, data)
+            model[offset:offset + len(data)] = data
         if spec.zero_blocks and not (i == 0 and base_fixed):
-            _apply_zero_states(path, spec.zero_blocks, model, size)
-        paths.append(path)
-        models.append(bytes(model))
-    return BuiltChain(paths, models, size, logical_sector_size, base_fixed, list(layers))
+            _apply_zero_states(disk.image, spec.zero_blocks, model, size)
+
+    built = build_layers(folder, size=size, block_sizes=[spec.block_size for spec in layers], fill=fill,
+                         logical_sector_size=logical_sector_size, fixed=base_fixed, base_name=base_name)
+    return BuiltChain([str(p) for p in built.paths], built.contents, size, logical_sector_size, base_fixed,
+                      list(layers))
 
 
 def standard_writes(rng: np.random.Generator, size: int, block_size: int, sector: int,
@@ -321,31 +246,11 @@ def libvhdi_blind_spots(paths_leaf_first: Sequence[str], size: int) -> np.ndarra
     return mask
 
 
-def copy_folder(src: Path, dst: Path) -> None:
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-
-
-def python_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+python_env = cli_env
 
 
 def python_exe() -> str:
     return sys.executable
-
-
-def all_checks_pass(folder: Path, files: Iterable[Path] | None = None) -> list[str]:
-    problems = []
-    for p in (files if files is not None else vhdx_files(folder)):
-        try:
-            errs = check_errors(p)
-        except Exception as e:  # noqa: BLE001 - a check that cannot run is a problem
-            errs = [f"check_file raised {type(e).__name__}: {e}"]
-        problems += [f"{p.name}: {e}" for e in errs]
-    return problems
 
 
 Wrapper = Callable[[Storage], Storage]
