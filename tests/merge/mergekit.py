@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import io
 import os
 import shutil
@@ -34,18 +33,14 @@ from vhdx.format import bat as batmod
 from vhdx.format import constants as C
 from vhdx.file.image import Image
 from vhdx.file.storage import Storage
+from vhdx.ops.merge import run
 
 # The one FaultyStorage of the tests lives in tests/faults (not a package: it is put on the path).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
 from faultkit import FaultPlan, FaultyStorage, PowerLoss  # noqa: E402,F401  (re-exported)
 
-try:  # the module was renamed so that ``vhdx.merge`` can be the function
-    merging = importlib.import_module("vhdx.ops.merge.run")
-except ImportError:  # pragma: no cover - older layout
-    merging = importlib.import_module("vhdx.merge")
-merge = merging.merge
-MergePlan = merging.MergePlan
-MergeResult = merging.MergeResult
+merge = run.merge
+MergeResult = run.MergeResult
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[2]
