@@ -40,7 +40,8 @@ from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, D
                      TruncatedError, UnsupportedError, UsageError, VhdxError)
 from .ops.create import create, snapshot
 from .ops.export import ExportResult, export, hash
-from .ops.merge.run import MergePlan, MergeResult, merge
+from .ops.merge.plan import MergePlan
+from .ops.merge.run import MergeResult, merge
 from .ops.orphans import Forest, Node, find_chains
 from .ops.reparent import reparent
 

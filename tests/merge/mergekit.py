@@ -14,7 +14,6 @@ pages each file received since its last flush (a volatile disk cache).
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import subprocess
@@ -37,6 +36,8 @@ from vhdx.format import bat as batmod
 from vhdx.format import constants as C
 from vhdx.file.image import Image
 from vhdx.file.storage import Storage
+from vhdx.ops.merge import run
+from vhdx.ops.merge.plan import MergePlan
 
 __all__ = ["REPO", "MiB", "FaultPlan", "FaultyStorage", "PowerLoss", "LayerSpec", "BuiltChain", "MergePlan",
            "MergeResult", "Wrapper", "all_checks_pass", "assert_same", "build_chain", "chain_paths",
@@ -44,13 +45,9 @@ __all__ = ["REPO", "MiB", "FaultPlan", "FaultyStorage", "PowerLoss", "LayerSpec"
            "libvhdi_blind_spots", "libvhdi_read", "merge", "merging", "python_env", "python_exe",
            "qemu_check_and_convert", "rand_bytes", "read_disk", "sha256_file", "standard_writes", "vhdx_files"]
 
-try:  # the module was renamed so that ``vhdx.merge`` can be the function
-    merging = importlib.import_module("vhdx.ops.merge.run")
-except ImportError:  # pragma: no cover - older layout
-    merging = importlib.import_module("vhdx.merge")
-merge = merging.merge
-MergePlan = merging.MergePlan
-MergeResult = merging.MergeResult
+merging = run
+merge = run.merge
+MergeResult = run.MergeResult
 
 ZERO_LIKE = (C.PAYLOAD_BLOCK_UNDEFINED, C.PAYLOAD_BLOCK_ZERO, C.PAYLOAD_BLOCK_UNMAPPED,
              C.PAYLOAD_BLOCK_UNMAPPED_V095)

@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 from collections import namedtuple
 from pathlib import Path
@@ -27,9 +28,10 @@ import pytest
 import vhdx
 from vhdx.errors import MergeError
 from vhdx.file.image import Image
-from vhdx.ops.merge.run import read_journal
+from vhdx.ops.merge import cleanup
+from vhdx.ops.merge.journal import read_journal
 
-from .mergekit import MiB, cli, merge, merging
+from .mergekit import MiB, cli, merge
 
 Usage = namedtuple("Usage", "total used free")
 
@@ -123,7 +125,7 @@ def test_deletes_fsync_the_folder(tmp_path: Path, monkeypatch) -> None:
             synced.append(path)
         real_fsync(fd)
 
-    monkeypatch.setattr(merging.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     merge(leaf, base)
     print(f"folder fsyncs: {len(synced)}")
     assert synced.count(str(tmp_path / "vm")) >= 2, synced
@@ -133,7 +135,7 @@ def test_a_file_another_run_deleted_first_is_not_an_error(tmp_path: Path, monkey
     """Two runs of one merge that reach the cleanup together: the second finds the files gone
     between its check and its delete, and finishes without a 'cleanup stopped' error."""
     (base, mid, leaf), model = chain_of(tmp_path / "vm", 2)
-    real = merging.verify_journal
+    real = cleanup.verify_journal
 
     def the_other_run_was_faster(*args, **kwargs):
         members = real(*args, **kwargs)
@@ -142,7 +144,7 @@ def test_a_file_another_run_deleted_first_is_not_an_error(tmp_path: Path, monkey
                 os.unlink(m.path)
         return members
 
-    monkeypatch.setattr(merging, "verify_journal", the_other_run_was_faster)
+    monkeypatch.setattr(cleanup, "verify_journal", the_other_run_was_faster)
     result = merge(leaf, base)
     assert result.deleted == []
     assert names(tmp_path / "vm") == ["base.vhdx"] and read_all(base) == model
@@ -192,7 +194,7 @@ def test_free_space_refusal_gives_real_numbers(tmp_path: Path, monkeypatch) -> N
     (base, leaf), _model = chain_of(tmp_path / "vm", 1)
     plan = merge(leaf, base, dry_run=True)
     assert 0 < plan.bytes_needed
-    monkeypatch.setattr(merging.shutil, "disk_usage", lambda p: Usage(1 << 40, 1 << 40, 300 * 1024))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(1 << 40, 1 << 40, 300 * 1024))
     with pytest.raises(MergeError) as info:
         merge(leaf, base)
     message = str(info.value)
@@ -216,7 +218,7 @@ def test_free_space_counts_writes_into_sparse_blocks(tmp_path: Path, monkeypatch
     plan = merge(leaf, base, dry_run=True)
     print(f"allocations {plan.allocations}, bytes needed {plan.bytes_needed}")
     assert plan.allocations == 0 and plan.bytes_needed >= 12 * MiB
-    monkeypatch.setattr(merging.shutil, "disk_usage", lambda p: Usage(1 << 40, 1 << 40, 4 * MiB))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(1 << 40, 1 << 40, 4 * MiB))
     with pytest.raises(MergeError, match=r"needs up to 1\d\.\d MiB, 4\.0 MiB are free"):
         merge(leaf, base)
 
@@ -232,7 +234,7 @@ def test_nothing_to_allocate_is_never_refused(tmp_path: Path, monkeypatch) -> No
     plan = merge(leaf2, base, dry_run=True)
     print(f"bytes needed {plan.bytes_needed}, blocks to allocate {plan.allocations}")
     assert plan.bytes_needed == 0 and plan.allocations == 0
-    monkeypatch.setattr(merging.shutil, "disk_usage", lambda p: Usage(1 << 40, 1 << 40, 0))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(1 << 40, 1 << 40, 0))
     merge(leaf2, base)
     model = model[:MiB] + b"Z" * 4096 + model[MiB + 4096:]
     assert read_all(base) == model

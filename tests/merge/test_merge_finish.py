@@ -9,7 +9,9 @@ import pytest
 
 import vhdx
 from vhdx.errors import MergeError
-from vhdx.ops.merge.run import merge, read_journal
+from vhdx.ops.merge import run
+from vhdx.ops.merge.journal import read_journal
+from vhdx.ops.merge.run import merge
 from vhdx.file.image import Image
 
 MiB = 1 << 20
@@ -69,20 +71,16 @@ def test_a_kept_disk_is_invalid_and_refused_for_a_second_merge(tmp_path: Path) -
 
 def test_dry_run_sees_a_pending_finish(tmp_path: Path) -> None:
     base, mid, leaf, model = small_chain(tmp_path)
-    import vhdx.ops.merge.run as merging
-    real = merging._complete
     calls = []
 
-    def stop_before_cleanup(dest_path, keep, wrap, *args):
+    def stop_before_cleanup(dest, dest_path, keep, wrap, *args):
         calls.append(dest_path)
         raise OSError(5, "simulated crash before the cleanup")
 
-    merging._complete = stop_before_cleanup
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "complete", stop_before_cleanup)
         with pytest.raises(MergeError):
             merge(leaf, base)
-    finally:
-        merging._complete = real
     assert calls and journal_state(base) == "copied"
     plan = merge(leaf, base, dry_run=True)
     assert plan.resuming and plan.bytes_to_copy == 0

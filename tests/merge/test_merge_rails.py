@@ -32,7 +32,7 @@ from vhdx.file.image import Image
 from vhdx.file.storage import Storage
 
 from .mergekit import (MiB, FaultPlan, LayerSpec, PowerLoss, all_checks_pass, assert_same, build_chain,
-                       check_errors, cli, copy_folder, data_write_guid, folder_hashes, merge, merging,
+                       check_errors, cli, copy_folder, data_write_guid, folder_hashes, merge,
                        rand_bytes, read_disk, vhdx_files)
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -309,7 +309,7 @@ def test_free_space_precheck(tmp_path: Path, monkeypatch) -> None:
     built = small_chain(tmp_path, children=2)
     before = folder_hashes(tmp_path)
     Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(merging.shutil, "disk_usage", lambda path: Usage(1 << 40, (1 << 40) - MiB, MiB))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(1 << 40, (1 << 40) - MiB, MiB))
     plan = FaultPlan(None)
     with pytest.raises(MergeError) as info:
         merge(built.leaf, built.base, storage_wrapper=plan.wrap)

@@ -7,12 +7,14 @@ import os
 import sys
 from typing import Any
 
-from ..ops.merge.run import MergePlan, merge
+from ..ops.merge.plan import MergePlan
+from ..ops.merge.run import merge
 from .common import EXIT_ERROR, EXIT_OK, emit_json
 from .progress import Progress, human_bytes
 
 
 def register(sub: Any) -> None:
+    """Add the ``merge`` verb and its options to the command line."""
     p = sub.add_parser("merge", help="merge a checkpoint (or several levels) into its parent, like Merge-VHD")
     p.add_argument("child")
     p.add_argument("--into", metavar="ANCESTOR", help="merge every layer down to this ancestor (default: the parent)")
@@ -28,6 +30,7 @@ def register(sub: Any) -> None:
 
 
 def print_plan(plan: MergePlan) -> None:
+    """Print what a merge will do: sources, destination, bytes, space, deletes, dependents."""
     print(f"merge plan{' (resuming an interrupted merge)' if plan.resuming else ''}:")
     for s in plan.sources:
         print(f"  from        {s}  ({human_bytes(plan.per_source_bytes.get(s, 0))} of data)")
@@ -65,6 +68,7 @@ def _run_one(args: argparse.Namespace, child: str, into: str | None) -> dict[str
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    """``vhdx merge``: print the plan (``--dry-run``) or merge and print what was done."""
     if args.dry_run:
         plan = merge(args.child, args.into, ignore_id_mismatch=args.ignore_id_mismatch, search_paths=args.search,
                      keep=args.keep, dry_run=True)

@@ -18,7 +18,7 @@ from ..format import constants as C
 from ..chains.resolve import chain
 from ..file.image import Image
 from .merge.journal import interrupted_merge_at
-from ..ops.merge.run import audit_journal
+from .merge.journal import audit_journal
 from ..file.storage import FileStorage, Storage
 
 ERROR = "error"
