@@ -8,11 +8,13 @@ files in use and unreadable files, each with its reason.
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..chains.paths import candidate_paths, case_insensitive, file_key
-from ..chains.scan import VHDX_SUFFIXES, ScanCache, linkage_of, open_peek, read_data_write_guid, regular_file_problem
+from ..chains.resolve import Resolver
+from ..chains.scan import VHDX_SUFFIXES, linkage_of, open_peek, regular_file_problem
+from ..chains.search import Peers
 from ..errors import VhdxError
 from .merge.journal import merge_in_progress
 
@@ -99,19 +101,19 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
     else:
         paths = [os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(VHDX_SUFFIXES)]
     paths.sort()
-    nodes, locators, accept2 = _read_nodes(paths)
-    _link_nodes(folder, nodes, locators, accept2)
+    nodes, locators, accept = _read_nodes(paths)
+    _link_nodes(folder, nodes, locators, accept)
     for p, node in nodes.items():
         if node.parent:
             nodes[node.parent].children.append(p)
     return Forest(folder, nodes)
 
 
-def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, str]], dict[str, str]]:
-    """A node for each file; the parent locators of the children; their parent_linkage2 if set."""
+def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, str]], dict[str, set[uuid.UUID]]]:
+    """A node for each file; the parent locators of the children; the DataWriteGuids their parents may have."""
     nodes: dict[str, Node] = {}
     locators: dict[str, dict[str, str]] = {}
-    accept2: dict[str, str] = {}
+    accept: dict[str, set[uuid.UUID]] = {}
     for p in paths:
         node = nodes[p] = Node(p)
         problem = regular_file_problem(p)
@@ -130,61 +132,29 @@ def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, 
             node.virtual_size = image.size
             node.interrupted_merge = merge_in_progress(image)
             if image.has_parent:
-                l1, l2 = linkage_of(image)
+                l1, l2 = linkage_of(image)  # l2: a merge into the parent is under way (§9.5)
                 node.parent_linkage = str(l1) if l1 else None
-                if l2 is not None:  # a merge into the parent is under way (§9.5)
-                    accept2[p] = str(l2)
+                accept[p] = {g for g in (l1, l2) if g is not None}
                 locators[p] = dict(image.metadata.parent_locator or {})
                 node.state = "missing"
         finally:
             image.close()
-    return nodes, locators, accept2
-
-
-def _key_or_none(path: str) -> tuple[int, int] | None:
-    try:
-        return file_key(path)
-    except OSError:
-        return None
+    return nodes, locators, accept
 
 
 def _link_nodes(folder: str, nodes: dict[str, Node], locators: dict[str, dict[str, str]],
-                accept2: dict[str, str]) -> None:
-    """Set each child's parent and state: by its locator's paths, else by DataWriteGuid."""
-    readable = [p for p, n in nodes.items() if n.state != "unreadable"]
-    by_key: dict[tuple[int, int], str] = {}
-    by_guid: dict[str, list[str]] = {}
-    for p in readable:
-        key = _key_or_none(p)
-        if key is not None:
-            by_key.setdefault(key, p)
-        by_guid.setdefault(str(nodes[p].data_write_guid), []).append(p)
-    cache = ScanCache()
-    for p, loc in locators.items():
+                accept: dict[str, set[uuid.UUID]]) -> None:
+    """Set each child's parent and state, by the Resolver's steps among the files read.
+
+    A parent found by the locator outside the folder is "external"; the parent stays unset.
+    """
+    resolver = Resolver(search_paths=[folder], strict=False)
+    peers = Peers({p: uuid.UUID(n.data_write_guid) for p, n in nodes.items()
+                   if n.state != "unreadable" and n.data_write_guid})
+    for p, locator in locators.items():
         node = nodes[p]
-        wanted = (node.parent_linkage, accept2.get(p))
-        found: str | None = None
-        mismatch: str | None = None
-        for _how, cand in candidate_paths(loc, p, [folder]):
-            local = case_insensitive(cand)
-            key = _key_or_none(local) if local is not None else None
-            match = by_key.get(key) if key is not None else None
-            if match is None or match == p:
-                continue
-            if nodes[match].data_write_guid in wanted:
-                found = match
-                break
-            mismatch = mismatch or match
-        if found is None:
-            same = [q for g in wanted if g for q in by_guid.get(g, []) if q != p]
-            found = same[0] if same else None
-        if found is not None:
-            node.parent, node.state = found, "ok"
-        elif mismatch is not None:
-            node.parent, node.state = mismatch, "mismatch"
-        else:
-            for _how, cand in candidate_paths(loc, p, []):
-                local = case_insensitive(cand)
-                if local and str(read_data_write_guid(local, cache)) == node.parent_linkage:
-                    node.state, node.external_parent = "external", os.path.abspath(local)
-                    break
+        found = resolver.locate_among(p, locator, accept[p], peers)
+        if found.state in ("ok", "mismatch"):
+            node.parent, node.state = found.path, found.state
+        elif found.state == "external":
+            node.state, node.external_parent = "external", found.path
