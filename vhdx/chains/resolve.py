@@ -53,6 +53,18 @@ class Layer:
         return asdict(self)
 
 
+def _check_sizes(child: Image, parent: Image | Disk, layer: Layer, strict: bool) -> None:
+    """A parent's sectors must be the child's (``strict``) or are noted; a size difference is noted."""
+    if parent.logical_sector_size != child.logical_sector_size:
+        msg = (f"parent {parent.path} has {parent.logical_sector_size}-byte sectors, the child "
+               f"{child.logical_sector_size}")
+        if strict:
+            raise ChainError(msg, path=child.path)
+        layer.note = msg
+    elif parent.size != child.size:
+        layer.note = f"virtual size {child.size} differs from the parent's {parent.size}"
+
+
 def layer_for(image: Image, found_by: str) -> Layer:
     """The :class:`Layer` of an opened image, found as ``found_by`` says."""
     l1, l2 = linkage_of(image) if image.has_parent else (None, None)
@@ -108,23 +120,12 @@ class Resolver:
                 seen.add(file_key(parent.path))
                 images.append(parent)
                 layers.append(layer_for(parent, how))
-                self._check_sizes(child, parent, layers[-2])
+                _check_sizes(child, parent, layers[-2], self.strict)
         except BaseException:
             for im in images[1:]:
                 im.close()
             raise
         return images, layers, zeros
-
-    def _check_sizes(self, child: Image, parent: Image, layer: Layer) -> None:
-        """A parent's sectors must be the child's (strict) or are noted; a size difference is noted."""
-        if parent.logical_sector_size != child.logical_sector_size:
-            msg = (f"parent {parent.path} has {parent.logical_sector_size}-byte sectors, the child "
-                   f"{child.logical_sector_size}")
-            if self.strict:
-                raise ChainError(msg, path=child.path)
-            layer.note = msg
-        elif parent.size != child.size:
-            layer.note = f"virtual size {child.size} differs from the parent's {parent.size}"
 
     def locate_among(self, child_path: str, locator: Mapping[str, str], accept: set[uuid.UUID],
                      peers: Peers) -> Found:
@@ -254,6 +255,27 @@ def attach_parents(image: Image, **options: Any) -> Disk:
                          "find the parent (search_paths, parents)", path=image.path)
     disk = _build_disks(images, zeros)
     disk.chain_info = [l.to_dict() for l in layers]
+    return disk
+
+
+def stack(image: Image, parent: Disk, *, given: str | None = None) -> Disk:
+    """``image`` as a Disk over ``parent``, an open Disk whose chain is already resolved.
+
+    For a child just made over ``parent`` (``given``: the parent as the caller named it):
+    the parent's chain is not resolved again. The child's parent_linkage must be the parent's
+    DataWriteGuid and their sectors must agree. The new Disk owns ``parent`` and closes it.
+    """
+    l1, l2 = linkage_of(image)
+    if parent.data_write_guid not in {g for g in (l1, l2) if g is not None}:
+        raise ParentMismatchError(f"parent {parent.path} has DataWriteGuid {parent.data_write_guid} but the "
+                                  f"child's parent_linkage is {l1}", path=image.path, expected=l1,
+                                  found=parent.data_write_guid)
+    layer = layer_for(image, "given")
+    layer.tried = [f"given: {given if given is not None else parent.path}"]
+    _check_sizes(image, parent, layer, strict=True)
+    below = parent.chain_info or [layer_for(parent.image, "given").to_dict()]
+    disk = Disk(image, parent, owned=[parent])
+    disk.chain_info = [layer.to_dict()] + below
     return disk
 
 
