@@ -21,6 +21,7 @@ from .merge.journal import merge_in_progress
 
 @dataclass
 class Node:
+    """One disk of a folder: what it is, its parent (``state``: how it links) and its children."""
     path: str
     disk_type: str = "unreadable"
     data_write_guid: str | None = None
@@ -35,6 +36,7 @@ class Node:
     in_use: bool = False  # another process has it open for writing; read without a lock
 
     def to_dict(self) -> dict[str, Any]:
+        """The node as a plain dict (for JSON)."""
         return asdict(self)
 
 
@@ -47,29 +49,36 @@ class Forest:
 
     @property
     def roots(self) -> list[Node]:
+        """Readable disks without a parent in the folder (bases, and children whose parent is not here)."""
         return [n for n in self.nodes.values() if n.parent is None and n.state != "unreadable"]
 
     @property
     def bases(self) -> list[Node]:
+        """Disks that are not differencing disks."""
         return [n for n in self.nodes.values() if n.state == "base"]
 
     @property
     def leaves(self) -> list[Node]:
+        """Readable disks without children: where a VM writes, or the ends of branches."""
         return [n for n in self.nodes.values() if not n.children and n.state != "unreadable"]
 
     @property
     def branches(self) -> list[Node]:
+        """Disks with more than one child."""
         return [n for n in self.nodes.values() if len(n.children) > 1]
 
     @property
     def broken(self) -> list[Node]:
+        """Children whose parent is missing or has another DataWriteGuid."""
         return [n for n in self.nodes.values() if n.state in ("missing", "mismatch")]
 
     @property
     def unreadable(self) -> list[Node]:
+        """Files named like disks that could not be read (with ``error`` saying why)."""
         return [n for n in self.nodes.values() if n.state == "unreadable"]
 
     def chain_of(self, path: str) -> list[Node]:
+        """The nodes from ``path`` down through its parents in the folder (stopping at a loop)."""
         out, seen = [], set()
         node: Node | None = self.nodes[path]
         while node is not None and node.path not in seen:
@@ -79,6 +88,7 @@ class Forest:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The forest as a plain dict (for JSON)."""
         return dict(folder=self.folder, nodes=[n.to_dict() for n in self.nodes.values()],
                     roots=[n.path for n in self.roots], leaves=[n.path for n in self.leaves],
                     branches=[n.path for n in self.branches], broken=[n.path for n in self.broken],
