@@ -1,9 +1,7 @@
 """A disk and its parents: parent resolution, linkage checks, open(), chain().
 
-The steps of one parent search live in :mod:`.search`; here the Resolver runs them over
-opened files (and over files already read, for ``find_chains``) and walks a chain.
-
-Resolution tries, in the specification's order, the relative path, the volume path and
+Resolution (its steps in :mod:`.search`, run here over opened files or, for
+``find_chains``, over files already read) tries, in the specification's order, the relative path, the volume path and
 the absolute Win32 path (each mapped to this machine), then scans the search paths for a
 file whose DataWriteGuid equals the child's ``parent_linkage`` (docs/format.md §9.3).
 Every path tried is recorded, so a missing parent can be reported in full. Parents are
