@@ -1,9 +1,10 @@
 """A disk and its parents: parent resolution, linkage checks, open(), chain().
 
 Resolution (its steps in :mod:`.search`, run here over opened files or, for
-``find_chains``, over files already read) tries, in the specification's order, the relative path, the volume path and
-the absolute Win32 path (each mapped to this machine), then scans the search paths for a
-file whose DataWriteGuid equals the child's ``parent_linkage`` (docs/format.md §9.3).
+``find_chains``, over files already read) tries, in the specification's order, the
+relative path, the volume path and the absolute Win32 path (each mapped to this machine),
+then scans the search paths for a file whose DataWriteGuid equals the child's
+``parent_linkage`` (docs/format.md §9.3).
 Every path tried is recorded, so a missing parent can be reported in full. Parents are
 always opened read-only: opening a parent for writing would rotate its GUIDs and orphan
 every child it has (§2.3). Only regular files are opened while resolving or scanning (a
