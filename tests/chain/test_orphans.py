@@ -22,7 +22,7 @@ import pytest
 
 import vhdx
 
-from .helpers import MiB, pattern, run_cli, write_all
+from .helpers import MiB, locator_of, pattern, run_cli, set_locator, write_all
 
 SIZE = 2 * MiB + 512
 
@@ -226,3 +226,34 @@ def test_checkpoint_names_follow_hyper_v(folder: Folder) -> None:
     for p in folder.a[1:] + folder.b[1:] + folder.e[1:]:
         assert pattern_.match(p.name), p.name
     assert len({p.name for p in folder.b}) == 4  # two snapshots of one disk get different names
+
+
+def test_find_chains_and_chain_agree_about_every_parent(folder: Folder, tmp_path: Path) -> None:
+    """One resolution algorithm: the parent the forest shows is the one ``vhdx.chain`` finds."""
+    # vme.vhdx renamed: its checkpoint's locator names nothing, the DataWriteGuid scan finds it
+    renamed = folder.e[0].with_name("vme-renamed.vhdx")
+    folder.e[0].rename(renamed)
+    # vmb's checkpoint moved out of the folder: its children's parent is outside ("external")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    moved = outside / folder.b[1].name
+    folder.b[1].rename(moved)
+    child_of_moved = folder.b[2]
+    pairs = locator_of(child_of_moved)
+    set_locator(child_of_moved, {**pairs, "relative_path": "..\\elsewhere\\" + moved.name,
+                                 "absolute_win32_path": "Z:" + str(moved).replace("/", "\\")})
+
+    forest = vhdx.find_chains(folder.root)
+    node = {os.path.realpath(p): n for p, n in forest.nodes.items()}
+    assert os.path.samefile(node[os.path.realpath(folder.e[1])].parent, renamed)
+    ext = node[os.path.realpath(child_of_moved)]
+    assert ext.state == "external" and ext.parent is None and os.path.samefile(ext.external_parent, moved)
+    for path, n in forest.nodes.items():
+        if n.state in ("base", "unreadable"):
+            continue
+        layers = vhdx.chain(path).layers
+        assert layers[0].linkage == {"external": "ok"}.get(n.state, n.state), (path, n.state)
+        if n.state in ("ok", "mismatch"):
+            assert os.path.samefile(layers[1].path, n.parent), path
+        elif n.state == "external":
+            assert os.path.samefile(layers[1].path, n.external_parent), path

@@ -1,7 +1,7 @@
 """Disk: the virtual disk as a file-like object (``io.RawIOBase``).
 
-A Disk is an :class:`~vhdx.image.Image` plus an optional parent Disk it is *given*; it
-never searches for one (that is :mod:`vhdx.chain`'s job). It owns the parents listed in
+A Disk is an :class:`~vhdx.file.image.Image` plus an optional parent Disk it is *given*; it
+never searches for one (that is :mod:`vhdx.chains.resolve`'s job). It owns the parents listed in
 ``owned`` and closes them with itself.
 """
 
@@ -11,8 +11,12 @@ import io
 import uuid
 from typing import Any, Callable, Iterable
 
+import numpy as np
+
 from ..errors import ReadOnlyError, UsageError
 from ..file.image import Image, as_offset, zero_fill
+from ..format import bitmap as bitmapmod
+from ..format import constants as C
 
 _MAX_CHUNK = 64 << 20
 
@@ -36,34 +40,42 @@ class Disk(io.RawIOBase):
 
     @property
     def path(self) -> str:
+        """The file this disk reads and writes (the leaf of its chain)."""
         return self.image.path
 
     @property
     def size(self) -> int:
+        """The virtual size in bytes."""
         return self.image.size
 
     @property
     def block_size(self) -> int:
+        """The leaf file's block size in bytes."""
         return self.image.block_size
 
     @property
     def logical_sector_size(self) -> int:
+        """The logical sector size in bytes (512 or 4096)."""
         return self.image.logical_sector_size
 
     @property
     def physical_sector_size(self) -> int:
+        """The physical sector size in bytes (512 or 4096)."""
         return self.image.physical_sector_size
 
     @property
     def disk_id(self) -> uuid.UUID:
+        """The disk's identity (Page83Data), shared by every file of a chain."""
         return self.image.metadata.page83_data
 
     @property
     def data_write_guid(self) -> uuid.UUID:
+        """The leaf's DataWriteGuid: what a child's parent_linkage names."""
         return self.image.header.data_write_guid
 
     @property
     def disk_type(self) -> str:
+        """"fixed", "dynamic" or "differencing"."""
         return self.image.disk_type
 
     def info(self) -> dict[str, Any]:
@@ -76,19 +88,24 @@ class Disk(io.RawIOBase):
     # ------------------------------------------------------------ io.RawIOBase
 
     def readable(self) -> bool:
+        """Always True: every disk can be read."""
         return True
 
     def writable(self) -> bool:
+        """True when opened with mode "r+"."""
         return self.image.writable
 
     def seekable(self) -> bool:
+        """Always True."""
         return True
 
     def tell(self) -> int:
+        """The current position."""
         self._check_open()
         return self._position
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move the position (``whence`` as for files); returns the new position."""
         self._check_open()
         if whence == io.SEEK_SET:
             pos = offset
@@ -108,6 +125,7 @@ class Disk(io.RawIOBase):
             raise ValueError("I/O operation on closed disk")
 
     def readinto(self, buffer: Any) -> int:
+        """Read at the position into ``buffer``; returns the bytes read (0 at the end)."""
         self._check_open()
         view = memoryview(buffer).cast("B")
         n = self.pread_into(view, self._position)
@@ -169,6 +187,7 @@ class Disk(io.RawIOBase):
             disk = parent
 
     def write(self, data: Any) -> int:
+        """Write ``data`` at the position; returns the bytes written."""
         self._check_open()
         view = memoryview(data).cast("B")
         n = self.pwrite(view, self._position)
@@ -208,9 +227,6 @@ class Disk(io.RawIOBase):
         Everything outside them reads as zeros. Block granularity, computed from the BAT
         states of every layer with numpy; used to skip holes when exporting or hashing.
         """
-        import numpy as np
-        from ..format import bitmap as bitmapmod
-        from ..format import constants as C
         starts_all, stops_all = [], []
         layer: Disk | None = self
         while layer is not None:
@@ -240,10 +256,12 @@ class Disk(io.RawIOBase):
         return out
 
     def flush(self) -> None:
+        """Make what was written durable (the log is flushed and applied)."""
         if not self.closed:
             self.image.flush()
 
     def close(self) -> None:
+        """Close the file and every parent this disk owns."""
         if self.closed:
             return
         try:

@@ -19,6 +19,7 @@ POSIX_DRIVE = "Z:"
 
 
 def win_relative_path(parent: str, child_dir: str) -> str:
+    """``parent`` relative to ``child_dir`` as a Windows path (``.\\base.vhdx``, ``..\\x\\base.vhdx``)."""
     rel = os.path.relpath(parent, child_dir).replace(os.sep, "\\")
     return rel if rel.startswith("..") else ".\\" + rel
 
@@ -35,6 +36,7 @@ def volume_guid(path: str) -> uuid.UUID:
 
 
 def win_volume_path(path: str) -> str:
+    """``path`` in the volume form ``\\\\?\\Volume{GUID}\\...`` (with :func:`volume_guid`)."""
     return f"\\\\?\\Volume{{{volume_guid(path)}}}" + os.path.abspath(path).replace(os.sep, "\\")
 
 
@@ -97,5 +99,6 @@ def candidate_paths(locator: dict[str, str], child_path: str, search_paths: Sequ
 
 
 def file_key(path: str) -> tuple[int, int]:
+    """The file's identity (st_dev, st_ino): two paths name one file when their keys are equal."""
     st = os.stat(path)
     return (st.st_dev, st.st_ino)

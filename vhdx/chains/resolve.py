@@ -1,8 +1,10 @@
 """A disk and its parents: parent resolution, linkage checks, open(), chain().
 
-Resolution tries, in the specification's order, the relative path, the volume path and
-the absolute Win32 path (each mapped to this machine), then scans the search paths for a
-file whose DataWriteGuid equals the child's ``parent_linkage`` (docs/format.md §9.3).
+Resolution (its steps in :mod:`.search`, run here over opened files or, for
+``find_chains``, over files already read) tries, in the specification's order, the
+relative path, the volume path and the absolute Win32 path (each mapped to this machine),
+then scans the search paths for a file whose DataWriteGuid equals the child's
+``parent_linkage`` (docs/format.md §9.3).
 Every path tried is recorded, so a missing parent can be reported in full. Parents are
 always opened read-only: opening a parent for writing would rotate its GUIDs and orphan
 every child it has (§2.3). Only regular files are opened while resolving or scanning (a
@@ -15,25 +17,20 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import ChainCycleError, ChainError, ParentMismatchError, ParentNotFoundError, UsageError
 from ..file.image import Image
 from ..file.storage import Storage
 from .disk import Disk
-from .paths import candidate_paths, case_insensitive, file_key
+from .paths import file_key
 from .scan import ScanCache, linkage_of, open_found, regular_file_problem
+from .search import CYCLE, EXTERNAL, MATCH, MISMATCH, SKIP, Found, Peers, Search, Verdict, locate
 
 MAX_DEPTH = 1024  # layers of one chain; deeper is refused (a loop of files, or a crafted chain)
 
 
-# --------------------------------------------------------------------------- paths
 
-
-# --------------------------------------------------------------------------- scanning
-
-
-# --------------------------------------------------------------------------- layers
 
 @dataclass
 class Layer:
@@ -51,10 +48,24 @@ class Layer:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """The layer as a plain dict (for JSON)."""
         return asdict(self)
 
 
-def _layer_for(image: Image, found_by: str) -> Layer:
+def _check_sizes(child: Image, parent: Image | Disk, layer: Layer, strict: bool) -> None:
+    """A parent's sectors must be the child's (``strict``) or are noted; a size difference is noted."""
+    if parent.logical_sector_size != child.logical_sector_size:
+        msg = (f"parent {parent.path} has {parent.logical_sector_size}-byte sectors, the child "
+               f"{child.logical_sector_size}")
+        if strict:
+            raise ChainError(msg, path=child.path)
+        layer.note = msg
+    elif parent.size != child.size:
+        layer.note = f"virtual size {child.size} differs from the parent's {parent.size}"
+
+
+def layer_for(image: Image, found_by: str) -> Layer:
+    """The :class:`Layer` of an opened image, found as ``found_by`` says."""
     l1, l2 = linkage_of(image) if image.has_parent else (None, None)
     return Layer(path=image.path, disk_type=image.disk_type, data_write_guid=str(image.header.data_write_guid),
                  parent_linkage=str(l1) if l1 else None, parent_linkage2=str(l2) if l2 else None,
@@ -64,6 +75,11 @@ def _layer_for(image: Image, found_by: str) -> Layer:
 
 class Resolver:
     """Finds and opens the parents of one image, strictly (open) or leniently (describe).
+
+    The one parent-resolution algorithm (docs/format.md §9.3): a given parent, else the
+    locator's paths in order, else a DataWriteGuid scan; then a mismatch, a cycle or a missing
+    parent. :meth:`resolve` runs it over opened files; :meth:`locate_among` over files already
+    read (``find_chains``), so that the two never disagree about a parent.
 
     Only regular files are opened (a file the user names with ``parents`` may also be a block
     device). ``cache`` holds the header peeks of the command; by default the resolver has its own.
@@ -86,7 +102,7 @@ class Resolver:
     def resolve(self, leaf: Image) -> tuple[list[Image], list[Layer], bool]:
         """Images leaf..base (the leaf included), their layers, and whether the base reads zeros."""
         images = [leaf]
-        layers = [_layer_for(leaf, "given")]
+        layers = [layer_for(leaf, "given")]
         seen = {file_key(leaf.path)} if os.path.exists(leaf.path) else set()
         zeros = False
         try:
@@ -102,98 +118,123 @@ class Resolver:
                     break
                 seen.add(file_key(parent.path))
                 images.append(parent)
-                layer = _layer_for(parent, how)
-                layers.append(layer)
-                if parent.logical_sector_size != child.logical_sector_size:
-                    msg = (f"parent {parent.path} has {parent.logical_sector_size}-byte sectors, the child "
-                           f"{child.logical_sector_size}")
-                    if self.strict:
-                        raise ChainError(msg, path=child.path)
-                    layers[-2].note = msg
-                elif parent.size != child.size:
-                    layers[-2].note = f"virtual size {child.size} differs from the parent's {parent.size}"
+                layers.append(layer_for(parent, how))
+                _check_sizes(child, parent, layers[-2], self.strict)
         except BaseException:
             for im in images[1:]:
                 im.close()
             raise
         return images, layers, zeros
 
+    def locate_among(self, child_path: str, locator: Mapping[str, str], accept: set[uuid.UUID],
+                     peers: Peers) -> Found:
+        """The parent of ``child_path`` among ``peers``, by the same steps as :meth:`resolve`.
+
+        A candidate that is not a peer is never the parent: when it exists and its DataWriteGuid
+        is one of ``accept``, the outcome is "external" (unless a peer matches or mismatches).
+        A candidate naming the child itself is passed over. Nothing is opened for writing.
+        """
+        def judge(how: str, local: str) -> Verdict:
+            match = peers.find(local)
+            if match == child_path:
+                return Verdict(SKIP, note="the child itself")
+            if match is None:
+                peek = self.cache.peek(local)
+                if not isinstance(peek, str) and peek.data_write_guid in accept:
+                    return Verdict(EXTERNAL, os.path.abspath(local))
+                return Verdict(SKIP, note="not among the files read")
+            if peers.guids[match] in accept:
+                return Verdict(MATCH, match)
+            return Verdict(MISMATCH, match, f"DataWriteGuid {peers.guids[match]}", guid=peers.guids[match])
+
+        def scan(search: Search) -> Iterator[tuple[str, str]]:
+            for path in sorted(p for g in accept for p in peers.by_guid.get(g, ()) if p != child_path):
+                yield "DataWriteGuid among the files read", path
+
+        return locate(Search(judge), child_path, locator, self.search_paths, scan)
+
+    def _folder_scan(self, child_path: str, accept: set[uuid.UUID]
+                     ) -> Callable[[Search], Iterator[tuple[str, str]]]:
+        """The files of the search folders and the child's folder with a wanted DataWriteGuid."""
+        def scan(search: Search) -> Iterator[tuple[str, str]]:
+            for d in self.search_paths + [os.path.dirname(os.path.abspath(child_path))]:
+                try:
+                    by_guid, skipped = self.cache.scan(d)
+                except OSError:
+                    search.tried.append(f"search {d}: not a readable folder")
+                    continue
+                search.tried.append(f"DataWriteGuid scan of {d}")
+                search.tried += [f"  skipped {p}: {why}" for p, why in skipped]
+                skip = search.skip | {os.path.abspath(child_path)}
+                for p in sorted(p for g in accept for p in by_guid.get(g, ())):
+                    if p not in skip and os.path.abspath(p) not in skip:
+                        yield f"DataWriteGuid scan of {d}", p
+        return scan
+
+    def _opener(self, child: Image, accept: set[uuid.UUID], seen: set[tuple[int, int]]
+                ) -> Callable[[str, str], Verdict]:
+        """Judges a candidate by opening it (read-only, a regular file unless given)."""
+        def judge(how: str, local: str) -> Verdict:
+            allow_block = how == "given"  # a file the user names may be a block device
+            problem = regular_file_problem(local, allow_block=allow_block)
+            if problem is not None:
+                return Verdict(SKIP, note=problem)
+            if file_key(local) in seen:
+                if self.strict:
+                    raise ChainCycleError(f"the chain refers back to {local}", path=child.path)
+                return Verdict(CYCLE, local, "already in the chain: a cycle")
+            image = self.cache.open(local, allow_block=allow_block)
+            if isinstance(image, str):
+                return Verdict(SKIP, note=image)
+            if image.header.data_write_guid in accept:
+                return Verdict(MATCH, local, image=image)
+            found = image.header.data_write_guid
+            image.close()
+            return Verdict(MISMATCH, local, f"DataWriteGuid {found}", guid=found)
+        return judge
+
     def _find_parent(self, child: Image, depth: int, seen: set[tuple[int, int]]
                      ) -> tuple[Image | None, str, str, list[str]]:
+        """(the opened parent or None, how it was found, the child's linkage state, paths tried)."""
         l1, l2 = linkage_of(child)
         if l1 is None:
             raise ChainError("the parent locator has no valid parent_linkage", path=child.path)
         accept = {g for g in (l1, l2) if g is not None}
-        tried: list[str] = []
-        mismatches: list[tuple[str, str, uuid.UUID, bool]] = []
-        cycle: list[str] = []
-
-        def consider(how: str, path: str) -> Image | None:
-            local = case_insensitive(path)
-            tried.append(f"{how}: {path}")
-            if local is None:
-                return None
-            allow_block = how == "given"  # a file the user names may be a block device
-            problem = regular_file_problem(local, allow_block=allow_block)
-            if problem is not None:
-                tried[-1] += f" ({problem})"
-                return None
-            if file_key(local) in seen:
-                if self.strict:
-                    raise ChainCycleError(f"the chain refers back to {local}", path=child.path)
-                tried[-1] += " (already in the chain: a cycle)"
-                cycle.append(local)
-                return None
-            image = self.cache.open(local, allow_block=allow_block)
-            if isinstance(image, str):
-                tried[-1] += f" ({image})"
-                return None
-            if image.header.data_write_guid in accept:
-                return image
-            tried[-1] += f" (DataWriteGuid {image.header.data_write_guid})"
-            mismatches.append((how, local, image.header.data_write_guid, allow_block))
-            image.close()
-            return None
-
+        search = Search(self._opener(child, accept, seen))
         if depth < len(self.parents):
-            given = self.parents[depth]
-            image = consider("given", given)
-            if image is not None:
-                return image, "given", "ok", tried
-            if not mismatches:
-                raise ParentNotFoundError(f"the given parent {given} cannot be opened", path=child.path,
-                                          tried=tried)
+            found = self._given_parent(search, self.parents[depth], child)
         else:
-            for how, path in candidate_paths(child.metadata.parent_locator or {}, child.path, self.search_paths):
-                image = consider(how, path)
-                if image is not None:
-                    return image, how, "ok", tried
-            for d in self.search_paths + [os.path.dirname(os.path.abspath(child.path))]:
-                try:
-                    by_guid, skipped = self.cache.scan(d)
-                except OSError:
-                    tried.append(f"search {d}: not a readable folder")
-                    continue
-                tried.append(f"DataWriteGuid scan of {d}")
-                tried += [f"  skipped {p}: {why}" for p, why in skipped]
-                skip = {m[1] for m in mismatches} | {os.path.abspath(child.path)}
-                for p in sorted(p for g in accept for p in by_guid.get(g, ())):
-                    if p in skip or os.path.abspath(p) in skip:
-                        continue
-                    image = consider(f"DataWriteGuid scan of {d}", p)
-                    if image is not None:
-                        return image, f"DataWriteGuid scan of {d}", "ok", tried
-        if mismatches:
-            how, local, found, allow_block = mismatches[0]
-            if self.ignore or not self.strict:
-                if file_key(local) in seen:
-                    return None, how, "cycle", tried
-                return open_found(local, allow_block=allow_block, share=self.share), how, "mismatch", tried
-            raise ParentMismatchError(
-                f"parent {local} has DataWriteGuid {found} but the child's parent_linkage is {l1} "
-                f"(the parent was modified after the child was made; accept it with --ignore-id-mismatch / ignore_id_mismatch=True only if its data is unchanged)",
-                path=child.path, expected=l1, found=found)
-        if cycle:
+            found = locate(search, child.path, child.metadata.parent_locator or {}, self.search_paths,
+                           self._folder_scan(child.path, accept))
+        return self._open_outcome(found, child, l1, seen)
+
+    def _given_parent(self, search: Search, given: str, child: Image) -> Found:
+        """The parent the user named: it, or its mismatch; a file that cannot be opened is an error."""
+        found = search.consider("given", given)
+        if found is not None:
+            return found
+        if not search.mismatches:
+            raise ParentNotFoundError(f"the given parent {given} cannot be opened", path=child.path,
+                                      tried=search.tried)
+        return search.outcome()
+
+    def _open_outcome(self, found: Found, child: Image, l1: uuid.UUID, seen: set[tuple[int, int]]
+                      ) -> tuple[Image | None, str, str, list[str]]:
+        """Open a mismatched parent if allowed, or raise as ``strict``, ``ignore`` and ``missing`` say."""
+        tried = found.tried
+        if found.state == "ok":
+            return found.image, found.how, "ok", tried
+        if found.state == "mismatch":
+            if not (self.ignore or not self.strict):
+                raise ParentMismatchError(
+                    f"parent {found.path} has DataWriteGuid {found.guid} but the child's parent_linkage is {l1} "
+                    f"(the parent was modified after the child was made; accept it with --ignore-id-mismatch / ignore_id_mismatch=True only if its data is unchanged)",
+                    path=child.path, expected=l1, found=found.guid)
+            if file_key(found.path or "") in seen:
+                return None, found.how, "cycle", tried
+            image = open_found(found.path or "", allow_block=found.how == "given", share=self.share)
+            return image, found.how, "mismatch", tried
+        if found.state == "cycle":
             return None, "", "cycle", tried
         if self.strict and self.missing == "error":
             raise ParentNotFoundError(f"parent with DataWriteGuid {l1} not found; tried: " + "; ".join(tried),
@@ -213,6 +254,27 @@ def attach_parents(image: Image, **options: Any) -> Disk:
                          "find the parent (search_paths, parents)", path=image.path)
     disk = _build_disks(images, zeros)
     disk.chain_info = [l.to_dict() for l in layers]
+    return disk
+
+
+def stack(image: Image, parent: Disk, *, given: str | None = None) -> Disk:
+    """``image`` as a Disk over ``parent``, an open Disk whose chain is already resolved.
+
+    For a child just made over ``parent`` (``given``: the parent as the caller named it):
+    the parent's chain is not resolved again. The child's parent_linkage must be the parent's
+    DataWriteGuid and their sectors must agree. The new Disk owns ``parent`` and closes it.
+    """
+    l1, l2 = linkage_of(image)
+    if parent.data_write_guid not in {g for g in (l1, l2) if g is not None}:
+        raise ParentMismatchError(f"parent {parent.path} has DataWriteGuid {parent.data_write_guid} but the "
+                                  f"child's parent_linkage is {l1}", path=image.path, expected=l1,
+                                  found=parent.data_write_guid)
+    layer = layer_for(image, "given")
+    layer.tried = [f"given: {given if given is not None else parent.path}"]
+    _check_sizes(image, parent, layer, strict=True)
+    below = parent.chain_info or [layer_for(parent.image, "given").to_dict()]
+    disk = Disk(image, parent, owned=[parent])
+    disk.chain_info = [layer.to_dict()] + below
     return disk
 
 
@@ -259,14 +321,17 @@ class Chain:
 
     @property
     def leaf(self) -> Layer:
+        """The file the chain was asked for."""
         return self.layers[0]
 
     @property
     def base(self) -> Layer:
+        """The last layer found (the base disk when the chain is complete)."""
         return self.layers[-1]
 
     @property
     def complete(self) -> bool:
+        """Every parent found with a matching DataWriteGuid, down to a base disk."""
         return all(l.linkage in ("ok", "none") for l in self.layers) and self.base.linkage == "none"
 
     def __len__(self) -> int:
@@ -276,6 +341,7 @@ class Chain:
         return iter(self.layers)
 
     def to_dict(self) -> dict[str, Any]:
+        """The chain as a plain dict (for JSON)."""
         return dict(complete=self.complete, layers=[l.to_dict() for l in self.layers])
 
 
@@ -294,14 +360,6 @@ def chain(path: str | os.PathLike[str], **options: Any) -> Chain:
     return Chain(layers)
 
 
-# --------------------------------------------------------------------------- creating children
 
 
-# --------------------------------------------------------------------------- reparenting
-
-
-# --------------------------------------------------------------------------- orphans
-
-
-# --------------------------------------------------------------------------- check
 

@@ -66,6 +66,7 @@ class Peek:
 
     @property
     def linkages(self) -> set[uuid.UUID]:
+        """The DataWriteGuids a parent of this file may have (parent_linkage and parent_linkage2)."""
         return {g for g in (self.parent_linkage, self.parent_linkage2) if g is not None}
 
 
@@ -161,6 +162,7 @@ class ScanCache:
 
 
 def linkage_of(image: Image) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+    """The child's parent_linkage and parent_linkage2 (None when absent, invalid or zero)."""
     loc = image.metadata.parent_locator or {}
     l1 = parse_linkage(loc.get("parent_linkage"))
     l2 = parse_linkage(loc.get("parent_linkage2"))

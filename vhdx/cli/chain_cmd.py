@@ -7,15 +7,18 @@ import os
 import shlex
 from typing import Any
 
-from ..chains.resolve import chain
+from ..chains.resolve import Layer, chain
 from ..ops.create import snapshot
 from ..ops.orphans import Forest, Node, find_chains
 from ..ops.reparent import reparent
 from ..ops.merge.journal import interrupted_merge_at
-from .common import EXIT_FINDINGS, EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json
+from .common import (EXIT_FINDINGS, EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json,
+                     parse_size)
+from .merge_cmd import merge_plans
 
 
 def register(sub: Any) -> None:
+    """Add the chain verbs (chain, snapshot, reparent, orphans) to the ``vhdx`` parser."""
     p = sub.add_parser("chain", help="show a disk's chain of parents and how each was found")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
@@ -57,6 +60,7 @@ def indent(depth: int, unit: str) -> str:
 
 
 def cmd_chain(args: argparse.Namespace) -> int:
+    """``vhdx chain PATH``: each layer, how its parent was found, and what is broken."""
     options = chain_options(args)
     ch = chain(args.path, **options)
     interrupted = {layer.path: interrupted_merge_at(layer.path, share=bool(options.get("share")))
@@ -68,31 +72,36 @@ def cmd_chain(args: argparse.Namespace) -> int:
         emit_json(d)
     else:
         for depth, layer in enumerate(ch.layers):
-            pad = indent(depth, "  ")
-            flags = []
-            if interrupted[layer.path]:
-                flags.append("INTERRUPTED MERGE")
-            if layer.note:
-                flags.append(layer.note)
-            print(f"{pad}{'└─ ' if depth else ''}{layer.path}  [{layer.disk_type}, DataWriteGuid "
-                  f"{layer.data_write_guid}]" + (f"  ({'; '.join(flags)})" if flags else ""))
-            if depth:
-                print(f"{pad}   found by {layer.found_by}")
-            if layer.linkage == "missing":
-                print(f"{pad}   PARENT MISSING: parent_linkage {layer.parent_linkage}; tried:")
-                for t in layer.tried:
-                    print(f"{pad}     {t}")
-            elif layer.linkage == "mismatch":
-                print(f"{pad}   ID MISMATCH: the next file's DataWriteGuid is not parent_linkage "
-                      f"{layer.parent_linkage}")
-            elif layer.linkage == "cycle":
-                print(f"{pad}   CYCLE: the chain refers back to one of its own files")
+            _print_layer(depth, layer, interrupted[layer.path])
         print("chain complete" if ch.complete else "chain BROKEN")
     return EXIT_OK if ch.complete else EXIT_FINDINGS
 
 
+def _print_layer(depth: int, layer: Layer, interrupted: bool) -> None:
+    """One layer of ``vhdx chain``: the file, how it was found, and its broken link if any."""
+    pad = indent(depth, "  ")
+    flags = []
+    if interrupted:
+        flags.append("INTERRUPTED MERGE")
+    if layer.note:
+        flags.append(layer.note)
+    print(f"{pad}{'└─ ' if depth else ''}{layer.path}  [{layer.disk_type}, DataWriteGuid "
+          f"{layer.data_write_guid}]" + (f"  ({'; '.join(flags)})" if flags else ""))
+    if depth:
+        print(f"{pad}   found by {layer.found_by}")
+    if layer.linkage == "missing":
+        print(f"{pad}   PARENT MISSING: parent_linkage {layer.parent_linkage}; tried:")
+        for t in layer.tried:
+            print(f"{pad}     {t}")
+    elif layer.linkage == "mismatch":
+        print(f"{pad}   ID MISMATCH: the next file's DataWriteGuid is not parent_linkage "
+              f"{layer.parent_linkage}")
+    elif layer.linkage == "cycle":
+        print(f"{pad}   CYCLE: the chain refers back to one of its own files")
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from .common import parse_size
+    """``vhdx snapshot DISK``: a Hyper-V style checkpoint child beside the disk."""
     bs = parse_size(args.block_size) if args.block_size else None
     path = snapshot(args.disk, block_size=bs)
     if args.json:
@@ -104,6 +113,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_reparent(args: argparse.Namespace) -> int:
+    """``vhdx reparent CHILD --parent NEW``: point a child at another parent file."""
     result = reparent(args.child, args.parent, ignore_id_mismatch=args.ignore_id_mismatch)
     if args.json:
         emit_json(result)
@@ -176,6 +186,7 @@ def print_forest(forest: Forest) -> None:
 
 
 def cmd_orphans(args: argparse.Namespace) -> int:
+    """``vhdx orphans FOLDER``: every chain of a folder, the merge commands, and with --merge the merges."""
     forest = find_chains(args.folder, recursive=args.recursive)
     plans = mergeable_chains(forest)
     if args.json and not args.merge:
@@ -191,6 +202,5 @@ def cmd_orphans(args: argparse.Namespace) -> int:
         for c in plans:
             print(f"  {_merge_command(c)}")
     if args.merge:
-        from .merge_cmd import merge_plans
         return merge_plans(args, plans)
     return EXIT_OK

@@ -8,9 +8,9 @@ import uuid
 
 from ..chains.disk import Disk
 from ..chains.paths import win_absolute_path, win_relative_path, win_volume_path
-from ..chains.resolve import attach_parents, open
+from ..chains.resolve import open, stack
 from ..errors import ChainError, UsageError
-from ..file.image import create_image
+from ..file.image import Image, create_image
 from ..format import constants as C
 from ..format.constants import MiB
 from ..format.locator import KEY_ORDER, build_parent_locator, format_linkage
@@ -57,27 +57,40 @@ def locator_for(parent_path: str, child_path: str, parent_guid: uuid.UUID) -> di
 
 def create_child(path: str | os.PathLike[str], parent: str | os.PathLike[str], *,
                  block_size: int | None = None) -> Disk:
-    """A new differencing disk over ``parent``; returns the child open for writing (parents read-only)."""
+    """A new differencing disk over ``parent``; returns the child open for writing (parents read-only).
+
+    The parent's whole chain must resolve before a child is made on top of it; it is resolved
+    once, and the child is stacked on the open parent (which the child then owns).
+    """
     path, parent = os.fspath(path), os.fspath(parent)
-    # The parent's whole chain must resolve before a child is made on top of it.
-    with open(parent, "r") as pdisk:
-        pimg = pdisk.image
-        if pimg.log_was_dirty:
-            raise ChainError("the parent's log needs replaying first (open it r+ once)", path=parent)
-        locator = locator_for(parent, path, pimg.header.data_write_guid)
-        image = create_image(path, pimg.size, block_size=block_size or 2 * C.MiB,
-                             logical_sector_size=pimg.logical_sector_size,
-                             physical_sector_size=pimg.physical_sector_size, page83_data=pimg.metadata.page83_data,
-                             parent_locator=build_parent_locator(locator))
+    pdisk = open(parent, "r")
     try:
-        return attach_parents(image, parents=[parent])
+        image = _create_over(path, parent, pdisk, block_size)
+    except BaseException:
+        pdisk.close()
+        raise
+    try:
+        return stack(image, pdisk, given=parent)
     except BaseException:
         image.close()
+        pdisk.close()
         try:
             os.unlink(path)
         except OSError:
             pass
         raise
+
+
+def _create_over(path: str, parent: str, pdisk: Disk, block_size: int | None) -> Image:
+    """Write the child file (published when complete), its locator naming ``parent`` from ``path``."""
+    pimg = pdisk.image
+    if pimg.log_was_dirty:
+        raise ChainError("the parent's log needs replaying first (open it r+ once)", path=parent)
+    locator = locator_for(parent, path, pimg.header.data_write_guid)
+    return create_image(path, pimg.size, block_size=block_size or 2 * C.MiB,
+                        logical_sector_size=pimg.logical_sector_size,
+                        physical_sector_size=pimg.physical_sector_size, page83_data=pimg.metadata.page83_data,
+                        parent_locator=build_parent_locator(locator))
 
 
 def checkpoint_stem(path: str) -> str:

@@ -8,17 +8,20 @@ files in use and unreadable files, each with its reason.
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..chains.paths import candidate_paths, case_insensitive, file_key
-from ..chains.scan import VHDX_SUFFIXES, ScanCache, linkage_of, open_peek, read_data_write_guid, regular_file_problem
+from ..chains.resolve import Resolver
+from ..chains.scan import VHDX_SUFFIXES, linkage_of, open_peek, regular_file_problem
+from ..chains.search import Peers
 from ..errors import VhdxError
 from .merge.journal import merge_in_progress
 
 
 @dataclass
 class Node:
+    """One disk of a folder: what it is, its parent (``state``: how it links) and its children."""
     path: str
     disk_type: str = "unreadable"
     data_write_guid: str | None = None
@@ -33,6 +36,7 @@ class Node:
     in_use: bool = False  # another process has it open for writing; read without a lock
 
     def to_dict(self) -> dict[str, Any]:
+        """The node as a plain dict (for JSON)."""
         return asdict(self)
 
 
@@ -45,29 +49,36 @@ class Forest:
 
     @property
     def roots(self) -> list[Node]:
+        """Readable disks without a parent in the folder (bases, and children whose parent is not here)."""
         return [n for n in self.nodes.values() if n.parent is None and n.state != "unreadable"]
 
     @property
     def bases(self) -> list[Node]:
+        """Disks that are not differencing disks."""
         return [n for n in self.nodes.values() if n.state == "base"]
 
     @property
     def leaves(self) -> list[Node]:
+        """Readable disks without children: where a VM writes, or the ends of branches."""
         return [n for n in self.nodes.values() if not n.children and n.state != "unreadable"]
 
     @property
     def branches(self) -> list[Node]:
+        """Disks with more than one child."""
         return [n for n in self.nodes.values() if len(n.children) > 1]
 
     @property
     def broken(self) -> list[Node]:
+        """Children whose parent is missing or has another DataWriteGuid."""
         return [n for n in self.nodes.values() if n.state in ("missing", "mismatch")]
 
     @property
     def unreadable(self) -> list[Node]:
+        """Files named like disks that could not be read (with ``error`` saying why)."""
         return [n for n in self.nodes.values() if n.state == "unreadable"]
 
     def chain_of(self, path: str) -> list[Node]:
+        """The nodes from ``path`` down through its parents in the folder (stopping at a loop)."""
         out, seen = [], set()
         node: Node | None = self.nodes[path]
         while node is not None and node.path not in seen:
@@ -77,6 +88,7 @@ class Forest:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The forest as a plain dict (for JSON)."""
         return dict(folder=self.folder, nodes=[n.to_dict() for n in self.nodes.values()],
                     roots=[n.path for n in self.roots], leaves=[n.path for n in self.leaves],
                     branches=[n.path for n in self.branches], broken=[n.path for n in self.broken],
@@ -99,19 +111,19 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
     else:
         paths = [os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(VHDX_SUFFIXES)]
     paths.sort()
-    nodes, locators, accept2 = _read_nodes(paths)
-    _link_nodes(folder, nodes, locators, accept2)
+    nodes, locators, accept = _read_nodes(paths)
+    _link_nodes(folder, nodes, locators, accept)
     for p, node in nodes.items():
         if node.parent:
             nodes[node.parent].children.append(p)
     return Forest(folder, nodes)
 
 
-def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, str]], dict[str, str]]:
-    """A node for each file; the parent locators of the children; their parent_linkage2 if set."""
+def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, str]], dict[str, set[uuid.UUID]]]:
+    """A node for each file; the parent locators of the children; the DataWriteGuids their parents may have."""
     nodes: dict[str, Node] = {}
     locators: dict[str, dict[str, str]] = {}
-    accept2: dict[str, str] = {}
+    accept: dict[str, set[uuid.UUID]] = {}
     for p in paths:
         node = nodes[p] = Node(p)
         problem = regular_file_problem(p)
@@ -130,61 +142,29 @@ def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, 
             node.virtual_size = image.size
             node.interrupted_merge = merge_in_progress(image)
             if image.has_parent:
-                l1, l2 = linkage_of(image)
+                l1, l2 = linkage_of(image)  # l2: a merge into the parent is under way (§9.5)
                 node.parent_linkage = str(l1) if l1 else None
-                if l2 is not None:  # a merge into the parent is under way (§9.5)
-                    accept2[p] = str(l2)
+                accept[p] = {g for g in (l1, l2) if g is not None}
                 locators[p] = dict(image.metadata.parent_locator or {})
                 node.state = "missing"
         finally:
             image.close()
-    return nodes, locators, accept2
-
-
-def _key_or_none(path: str) -> tuple[int, int] | None:
-    try:
-        return file_key(path)
-    except OSError:
-        return None
+    return nodes, locators, accept
 
 
 def _link_nodes(folder: str, nodes: dict[str, Node], locators: dict[str, dict[str, str]],
-                accept2: dict[str, str]) -> None:
-    """Set each child's parent and state: by its locator's paths, else by DataWriteGuid."""
-    readable = [p for p, n in nodes.items() if n.state != "unreadable"]
-    by_key: dict[tuple[int, int], str] = {}
-    by_guid: dict[str, list[str]] = {}
-    for p in readable:
-        key = _key_or_none(p)
-        if key is not None:
-            by_key.setdefault(key, p)
-        by_guid.setdefault(str(nodes[p].data_write_guid), []).append(p)
-    cache = ScanCache()
-    for p, loc in locators.items():
+                accept: dict[str, set[uuid.UUID]]) -> None:
+    """Set each child's parent and state, by the Resolver's steps among the files read.
+
+    A parent found by the locator outside the folder is "external"; the parent stays unset.
+    """
+    resolver = Resolver(search_paths=[folder], strict=False)
+    peers = Peers({p: uuid.UUID(n.data_write_guid) for p, n in nodes.items()
+                   if n.state != "unreadable" and n.data_write_guid})
+    for p, locator in locators.items():
         node = nodes[p]
-        wanted = (node.parent_linkage, accept2.get(p))
-        found: str | None = None
-        mismatch: str | None = None
-        for _how, cand in candidate_paths(loc, p, [folder]):
-            local = case_insensitive(cand)
-            key = _key_or_none(local) if local is not None else None
-            match = by_key.get(key) if key is not None else None
-            if match is None or match == p:
-                continue
-            if nodes[match].data_write_guid in wanted:
-                found = match
-                break
-            mismatch = mismatch or match
-        if found is None:
-            same = [q for g in wanted if g for q in by_guid.get(g, []) if q != p]
-            found = same[0] if same else None
-        if found is not None:
-            node.parent, node.state = found, "ok"
-        elif mismatch is not None:
-            node.parent, node.state = mismatch, "mismatch"
-        else:
-            for _how, cand in candidate_paths(loc, p, []):
-                local = case_insensitive(cand)
-                if local and str(read_data_write_guid(local, cache)) == node.parent_linkage:
-                    node.state, node.external_parent = "external", os.path.abspath(local)
-                    break
+        found = resolver.locate_among(p, locator, accept[p], peers)
+        if found.state in ("ok", "mismatch"):
+            node.parent, node.state = found.path, found.state
+        elif found.state == "external":
+            node.state, node.external_parent = "external", found.path

@@ -13,6 +13,17 @@ from ..format.locator import format_linkage
 from .create import locator_for
 
 
+def _check_fits(image: Image, child: str, new_parent: str, psize: int, plss: int) -> None:
+    """The child must be a differencing disk, and the new parent another file of its size and sectors."""
+    if not image.has_parent:
+        raise ChainError("not a differencing disk", path=child)
+    if os.path.exists(new_parent) and file_key(new_parent) == file_key(child):
+        raise ChainCycleError("a disk cannot be its own parent", path=child)
+    if plss != image.logical_sector_size or psize != image.size:
+        raise ChainError(f"new parent {new_parent} has {psize} bytes / {plss}-byte sectors, the child "
+                         f"{image.size} / {image.logical_sector_size}", path=child)
+
+
 def reparent(child: str | os.PathLike[str], new_parent: str | os.PathLike[str], *,
              ignore_id_mismatch: bool = False) -> dict[str, Any]:
     """Point ``child`` at ``new_parent`` (like ``Set-VHD -ParentPath``); returns what changed.
@@ -29,13 +40,7 @@ def reparent(child: str | os.PathLike[str], new_parent: str | os.PathLike[str], 
         pimg.close()
     image = Image.open(child, "r+")
     try:
-        if not image.has_parent:
-            raise ChainError("not a differencing disk", path=child)
-        if os.path.exists(new_parent) and file_key(new_parent) == file_key(child):
-            raise ChainCycleError("a disk cannot be its own parent", path=child)
-        if plss != image.logical_sector_size or psize != image.size:
-            raise ChainError(f"new parent {new_parent} has {psize} bytes / {plss}-byte sectors, the child "
-                             f"{image.size} / {image.logical_sector_size}", path=child)
+        _check_fits(image, child, new_parent, psize, plss)
         l1, l2 = linkage_of(image)
         old = dict(image.metadata.parent_locator or {})
         linkage_changed = False
