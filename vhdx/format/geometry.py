@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .constants import SECTORS_PER_CHUNK
 
@@ -23,14 +24,17 @@ class Geometry:
 
     @property
     def payload_blocks(self) -> int:
+        """Blocks of the virtual disk (the last one may be partial)."""
         return -(-self.virtual_disk_size // self.block_size)
 
     @property
     def sector_bitmap_blocks(self) -> int:
+        """Chunks, each with one sector bitmap block."""
         return -(-self.payload_blocks // self.chunk_ratio)
 
     @property
     def sectors_per_block(self) -> int:
+        """Logical sectors per payload block."""
         return self.block_size // self.logical_sector_size
 
     @property
@@ -41,10 +45,13 @@ class Geometry:
         pb = self.payload_blocks
         return pb + (pb - 1) // self.chunk_ratio if pb else 0
 
-    def payload_bat_index(self, block: int) -> int:
+    def payload_bat_index(self, block: Any) -> Any:
+        """BAT index of payload block ``block`` (an int or an integer array): the sector
+        bitmap slot of each chunk sits after its ``chunk_ratio`` payload entries (§5.2)."""
         return block + block // self.chunk_ratio
 
-    def sbm_bat_index(self, chunk: int) -> int:
+    def sbm_bat_index(self, chunk: Any) -> Any:
+        """BAT index of chunk ``chunk``'s sector bitmap block (an int or an integer array)."""
         return chunk * (self.chunk_ratio + 1) + self.chunk_ratio
 
     def bitmap_byte_range(self, block: int) -> tuple[int, int]:
