@@ -12,7 +12,8 @@ import uuid
 from typing import Any, Callable, Iterable
 
 from ..errors import ReadOnlyError, UsageError
-from ..file.image import Image, as_offset, zero_fill
+from ..file.image import Image, zero_fill
+from ..format.geometry import as_offset
 
 _MAX_CHUNK = 64 << 20
 

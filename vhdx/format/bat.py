@@ -65,3 +65,8 @@ def holds_data(state: Any) -> Any:
     """True where a payload state says the block's data is in this file (FULLY_PRESENT or
     PARTIALLY_PRESENT): for one state (an int) or a uint8 array of them."""
     return (state == PayloadState.FULLY_PRESENT) | (state == PayloadState.PARTIALLY_PRESENT)
+
+
+def count_states(states_: np.ndarray, names: dict[int, str]) -> dict[str, int]:
+    """How many entries are in each state, by the state's name (the number when it has none)."""
+    return {names.get(int(s), str(int(s))): int(c) for s, c in zip(*np.unique(states_, return_counts=True))}

@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
+import operator
 from typing import Any
 
-from .constants import SECTORS_PER_CHUNK
+from ..errors import UsageError
+from .constants import ALIGNMENT, SECTORS_PER_CHUNK
+
+
+def align_up(value: int, alignment: int = ALIGNMENT) -> int:
+    """``value`` rounded up to a multiple of ``alignment`` (1 MiB)."""
+    return -(-value // alignment) * alignment
+
+
+def as_offset(value: Any, what: str, path: str) -> int:
+    """``value`` (an offset or length a caller hands in) as a non-negative int; anything else is
+    a UsageError naming ``what``."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise UsageError(f"{what} must be an integer, not {type(value).__name__}", path=path) from None
+    if number < 0:
+        raise UsageError(f"negative {what} {number}", path=path)
+    return number
 
 
 @dataclass(frozen=True)
@@ -17,7 +37,7 @@ class Geometry:
     logical_sector_size: int
     has_parent: bool
 
-    @property
+    @functools.cached_property
     def chunk_ratio(self) -> int:
         """Payload blocks per sector-bitmap block: 2^23 * sector size / block size."""
         return SECTORS_PER_CHUNK * self.logical_sector_size // self.block_size

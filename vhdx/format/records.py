@@ -120,6 +120,25 @@ def validate_header_fields(h: Header, *, path: str | None, offset: int | None) -
                                path=path, offset=offset)
 
 
+def current_header(headers: list[Header | None], errors: list[str | None], *,
+                   path: str | None) -> tuple[int, bool]:
+    """Which of the two headers is current: a valid one with the highest sequence number;
+    identical headers are tolerated (§2.2). Returns (index, both identical); ``errors`` say
+    why an invalid header is None."""
+    h1, h2 = headers
+    if h1 is None and h2 is None:
+        raise CorruptError(f"no valid header: header 1: {errors[0]}; header 2: {errors[1]}", path=path,
+                           offset=C.HEADER1_OFFSET)
+    if h1 is None or h2 is None:
+        return (0 if h1 is not None else 1), False
+    if h1.sequence_number != h2.sequence_number:
+        return (0 if h1.sequence_number > h2.sequence_number else 1), False
+    if h1.replace(checksum=0) != h2.replace(checksum=0):
+        raise CorruptError(f"both headers carry sequence number {h1.sequence_number} but differ", path=path,
+                           offset=C.HEADER1_OFFSET)
+    return 0, True
+
+
 # ---------------------------------------------------------------- region table (§3)
 
 @dataclass(frozen=True)
