@@ -30,7 +30,8 @@ import vhdx
 from vhdx.chains import scan as chains
 from vhdx.ops.create import locator_for
 from vhdx.format.locator import build_parent_locator
-from vhdx.file.image import Image, create_image
+from vhdx.file.create import create_image
+from vhdx.file.image import Image
 from vhdx.file.storage import FileStorage
 
 from .helpers import REPO, MiB, pattern, read_all, write_all

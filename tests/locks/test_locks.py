@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import vhdx
-import vhdx.file.storage
+import vhdx.file.locks
 from support.cli import REPO, assert_one_line_error
 from support.cli import run_subprocess as run_cli
 from support.disk import MiB, pattern, write_all
@@ -272,7 +272,7 @@ def test_no_lock_support_opens_unlocked(tmp_path: Path, monkeypatch: pytest.Monk
     def no_locks(fd: int, cmd: int, kind: int, offset: int) -> int:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(vhdx.file.storage, "_fcntl_byte", no_locks)
+    monkeypatch.setattr(vhdx.file.locks, "_fcntl_byte", no_locks)
     with vhdx.open(path) as disk:
         assert disk.read(4096) == pattern(1, 4096)
     with vhdx.open(path, "r+"):

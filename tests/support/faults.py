@@ -26,6 +26,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterator
 
+import vhdx.file.create
 import vhdx.file.image
 from vhdx.file.storage import Storage
 
@@ -231,20 +232,22 @@ def _write_random_pages(fd: int, data: bytes, offset: int, rng: random.Random) -
 
 @contextlib.contextmanager
 def wrapping_writable_files(plan: FaultPlan) -> Iterator[FaultPlan]:
-    """Route every file that ``vhdx.file.image`` opens for writing through ``plan`` (for reparent,
+    """Route every file that ``vhdx.file.image`` and ``vhdx.file.create`` open for writing through ``plan`` (for reparent,
     create and snapshot, which take no storage argument); read-only opens stay unwrapped."""
-    image_module = vhdx.file.image
-    real = image_module.FileStorage
+    modules = (vhdx.file.image, vhdx.file.create)
+    real = vhdx.file.image.FileStorage
 
     def make(path, writable: bool = False, **kwargs):
         storage = real(path, writable, **kwargs)
         return plan.wrap(storage) if writable else storage
 
-    image_module.FileStorage = make
+    for module in modules:
+        module.FileStorage = make
     try:
         yield plan
     finally:
-        image_module.FileStorage = real
+        for module in modules:
+            module.FileStorage = real
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Every Storage keeps the same contract: the checks below run against each one.
 
-The kinds: ``FileStorage`` (a host file), ``MemoryStorage`` (a bytearray), ``OverlayStorage``
+The kinds: ``FileStorage`` (a host file), ``OverlayStorage``
 (read-only replayed pages over a base) and the test kit's ``FaultyStorage`` wrapped around a
 ``FileStorage`` with no fault planned. Each is made holding the same 10 bytes; the writable ones
 must round-trip writes and resize with zeros; the read-only ones must refuse writes and
@@ -17,7 +17,7 @@ import pytest
 
 from support.faults import FaultyStorage
 from vhdx.errors import ReadOnlyError, VhdxError
-from vhdx.file.storage import FileStorage, MemoryStorage, OverlayStorage, Storage
+from vhdx.file.storage import FileStorage, OverlayStorage, Storage
 
 CONTENT = b"0123456789"
 
@@ -46,9 +46,6 @@ def _overlay(folder: Path) -> OverlayStorage:
 KINDS = [
     Kind("file", lambda folder: _file(folder, True), writable=True),
     Kind("file-read-only", lambda folder: _file(folder, False), writable=False),
-    Kind("memory", lambda folder: MemoryStorage(CONTENT), writable=True, refuses_negative=False),
-    Kind("memory-read-only", lambda folder: MemoryStorage(CONTENT, writable=False), writable=False,
-         refuses_negative=False),
     Kind("overlay", _overlay, writable=False),
     Kind("faulty", lambda folder: FaultyStorage(_file(folder, True)), writable=True),
     Kind("faulty-read-only", lambda folder: FaultyStorage(_file(folder, False)), writable=False),
@@ -157,8 +154,6 @@ def test_negative_offsets_are_refused(kind: Kind, storage: Storage) -> None:
         assert storage.read(0, len(CONTENT)) == CONTENT
 
 
-@pytest.mark.xfail(reason="FileStorage.readinto passes the offset to os.preadv, for which -1 means "
-                          "'at the current position' (preadv2): it reads instead of refusing", strict=False)
 @parametrize(REFUSING)
 def test_offset_minus_one_is_refused(kind: Kind, storage: Storage) -> None:
     with pytest.raises(VhdxError):

@@ -14,9 +14,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ..errors import ReadOnlyError, UsageError
-from ..file.image import Image, as_offset, zero_fill
+from ..file.image import Image, zero_fill
 from ..format import bitmap as bitmapmod
 from ..format import constants as C
+from ..format.geometry import as_offset
 
 _MAX_CHUNK = 64 << 20
 

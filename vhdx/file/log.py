@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from ..errors import LogReplayError, VhdxError
 from ..format import constants as C
-from ..format.checksum import crc32c_zeroed, stored_checksum
-from ..format.structs import DataDescriptor, LogEntryHeader, ZeroDescriptor
+from ..format.checksum import crc32c_zeroed, stamp, stored_checksum
+from ..format.structs import DataDescriptor, DataSector, LogEntryHeader, ZeroDescriptor
 from .storage import Storage
 
 SECTOR = C.LOG_SECTOR_SIZE
@@ -55,12 +56,14 @@ class LogEntry:
     writes: list[tuple[int, bytes | int]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, int]:
+        """The entry's header fields as JSON-ready values."""
         return dict(offset_in_log=self.position, entry_length=self.entry_length, tail=self.tail,
                     sequence_number=self.sequence_number, descriptor_count=self.descriptor_count,
                     flushed_file_offset=self.flushed_file_offset, last_file_offset=self.last_file_offset)
 
 
 def descriptor_sectors(descriptor_count: int) -> int:
+    """4 KiB sectors an entry header and ``descriptor_count`` descriptors take (at least one)."""
     return max(1, -(-(C.LOG_ENTRY_HEADER_SIZE + C.LOG_DESCRIPTOR_SIZE * descriptor_count) // SECTOR))
 
 
@@ -75,64 +78,79 @@ def _ring(log: bytes, position: int, length: int) -> bytes:
 
 def read_entry(log: bytes, position: int, log_guid: uuid.UUID, *, log_offset: int = 0) -> LogEntry | None:
     """The entry at ``position`` if it passes every validity rule of §8.5, else None."""
+    h = _entry_header(log, position, log_guid)
+    if h is None:
+        return None
+    raw = _ring(log, position, h.entry_length)
+    if stored_checksum(raw) != crc32c_zeroed(raw):
+        return None
+    writes = _entry_writes(raw, h, log_offset=log_offset, log_end=log_offset + len(log))
+    if writes is None:
+        return None
+    return LogEntry(position, h.entry_length, h.tail, h.sequence_number, h.descriptor_count,
+                    h.flushed_file_offset, h.last_file_offset, writes)
+
+
+def _entry_header(log: bytes, position: int, log_guid: uuid.UUID) -> Any:
+    """The parsed entry header at ``position`` if its fields fit the ring, else None."""
     size = len(log)
     head = log[position:position + C.LOG_ENTRY_HEADER_SIZE]
     if len(head) < C.LOG_ENTRY_HEADER_SIZE or head[:4] != C.SIGNATURE_LOG_ENTRY:
         return None
     h = LogEntryHeader.parse(head)
-    if h.log_guid != log_guid or h.sequence_number == 0:
-        return None
-    if h.entry_length == 0 or h.entry_length % SECTOR or h.entry_length > size:
-        return None
-    if h.tail % SECTOR or h.tail >= size:
-        return None
-    if C.LOG_ENTRY_HEADER_SIZE + C.LOG_DESCRIPTOR_SIZE * h.descriptor_count > h.entry_length:
-        return None
-    if h.flushed_file_offset > MAX_TARGET or h.last_file_offset > MAX_TARGET:
-        return None
-    raw = _ring(log, position, h.entry_length)
-    if stored_checksum(raw) != crc32c_zeroed(raw):
-        return None
-    n_desc_sectors = descriptor_sectors(h.descriptor_count)
-    data_index = n_desc_sectors
+    valid = (h.log_guid == log_guid and h.sequence_number != 0
+             and 0 < h.entry_length <= size and h.entry_length % SECTOR == 0
+             and h.tail % SECTOR == 0 and h.tail < size
+             and C.LOG_ENTRY_HEADER_SIZE + C.LOG_DESCRIPTOR_SIZE * h.descriptor_count <= h.entry_length
+             and h.flushed_file_offset <= MAX_TARGET and h.last_file_offset <= MAX_TARGET)
+    return h if valid else None
+
+
+def _entry_writes(raw: bytes, h: Any, *, log_offset: int, log_end: int) -> list[tuple[int, bytes | int]] | None:
+    """The writes the descriptors of a checksummed entry describe, or None if one breaks a rule."""
+    data_index = descriptor_sectors(h.descriptor_count)
     writes: list[tuple[int, bytes | int]] = []
-    log_end = log_offset + size
     for i in range(h.descriptor_count):
         at = C.LOG_ENTRY_HEADER_SIZE + C.LOG_DESCRIPTOR_SIZE * i
         d = raw[at:at + C.LOG_DESCRIPTOR_SIZE]
-        sig = d[:4]
-        if sig == C.SIGNATURE_ZERO_DESC:
-            z = ZeroDescriptor.parse(d)
-            target, length = z.file_offset, z.zero_length
-            if z.sequence_number != h.sequence_number or length % SECTOR:
-                return None
-            item: bytes | int = length
-        elif sig == C.SIGNATURE_DATA_DESC:
-            dd = DataDescriptor.parse(d)
-            if dd.sequence_number != h.sequence_number:
-                return None
-            if (data_index + 1) * SECTOR > h.entry_length:
-                return None
-            sector = raw[data_index * SECTOR:(data_index + 1) * SECTOR]
+        write: tuple[int, bytes | int] | None = None
+        if d[:4] == C.SIGNATURE_ZERO_DESC:
+            write = _zero_write(d, h.sequence_number)
+        elif d[:4] == C.SIGNATURE_DATA_DESC and (data_index + 1) * SECTOR <= h.entry_length:
+            write = _data_write(d, raw[data_index * SECTOR:(data_index + 1) * SECTOR], h.sequence_number)
             data_index += 1
-            if sector[:4] != C.SIGNATURE_DATA_SECTOR:
-                return None
-            seq = (int.from_bytes(sector[4:8], "little") << 32) | int.from_bytes(sector[4092:4096], "little")
-            if seq != h.sequence_number:
-                return None
-            target, length = dd.file_offset, SECTOR
-            item = bytes(dd.leading_bytes) + sector[8:4092] + bytes(dd.trailing_bytes)
-        else:
+        if write is None or not _target_allowed(write, log_offset=log_offset, log_end=log_end):
             return None
-        if target % SECTOR or target < 3 * C.HEADER1_OFFSET or target + length > MAX_TARGET:
-            return None
-        if log_offset and target < log_end and target + length > log_offset:
-            return None
-        writes.append((target, item))
-    if data_index * SECTOR != h.entry_length:
+        writes.append(write)
+    return writes if data_index * SECTOR == h.entry_length else None
+
+
+def _zero_write(descriptor: bytes, sequence_number: int) -> tuple[int, int] | None:
+    """(target, length) of a zero descriptor (§8.3), or None if it breaks a rule."""
+    z = ZeroDescriptor.parse(descriptor)
+    if z.sequence_number != sequence_number or z.zero_length % SECTOR:
         return None
-    return LogEntry(position, h.entry_length, h.tail, h.sequence_number, h.descriptor_count,
-                    h.flushed_file_offset, h.last_file_offset, writes)
+    return z.file_offset, z.zero_length
+
+
+def _data_write(descriptor: bytes, sector: bytes, sequence_number: int) -> tuple[int, bytes] | None:
+    """(target, 4 KiB page) of a data descriptor and its data sector (§8.3, §8.4), or None."""
+    dd = DataDescriptor.parse(descriptor)
+    if dd.sequence_number != sequence_number or sector[:4] != C.SIGNATURE_DATA_SECTOR:
+        return None
+    data = DataSector.parse(sector)
+    if (data.sequence_high << 32) | data.sequence_low != sequence_number:
+        return None
+    return dd.file_offset, bytes(dd.leading_bytes) + data.data + bytes(dd.trailing_bytes)
+
+
+def _target_allowed(write: tuple[int, bytes | int], *, log_offset: int, log_end: int) -> bool:
+    """A write lands 4 KiB aligned, after the headers, below MAX_TARGET and outside the log."""
+    target, item = write
+    length = item if isinstance(item, int) else len(item)
+    if target % SECTOR or target < 3 * C.HEADER1_OFFSET or target + length > MAX_TARGET:
+        return False
+    return not (log_offset and target < log_end and target + length > log_offset)
 
 
 def find_active_sequence(log: bytes, log_guid: uuid.UUID, *, log_offset: int = 0) -> list[LogEntry] | None:
@@ -150,28 +168,42 @@ def find_active_sequence(log: bytes, log_guid: uuid.UUID, *, log_offset: int = 0
     candidate: list[LogEntry] | None = None
     tail = old_tail = 0
     while True:
-        seq: list[LogEntry] = []
-        position = tail
-        covered = 0
-        while covered < size:
-            e = entry_at(position)
-            if e is None or (seq and e.sequence_number != seq[-1].sequence_number + 1):
-                break
-            if covered + e.entry_length > size:
-                break
-            seq.append(e)
-            covered += e.entry_length
-            position = (position + e.entry_length) % size
-        positions = {e.position: i for i, e in enumerate(seq)}
-        valid = bool(seq) and seq[-1].tail in positions
-        if valid and (candidate is None or seq[-1].sequence_number > candidate[-1].sequence_number):
-            candidate = seq[positions[seq[-1].tail]:]
-        tail = position if valid else tail + SECTOR
-        tail %= size
-        if tail < old_tail or (valid and covered >= size):
+        seq, position, covered = _sequence_from(entry_at, tail, size)
+        active = _active_part(seq)
+        if active is not None and (candidate is None or seq[-1].sequence_number > candidate[-1].sequence_number):
+            candidate = active
+        tail = (position if active is not None else tail + SECTOR) % size
+        if tail < old_tail or (active is not None and covered >= size):
             break
         old_tail = tail
     return candidate
+
+
+def _sequence_from(entry_at: Callable[[int], LogEntry | None], tail: int,
+                   size: int) -> tuple[list[LogEntry], int, int]:
+    """The run of valid entries with consecutive sequence numbers from ``tail``: (entries, the
+    position after them, bytes they cover)."""
+    seq: list[LogEntry] = []
+    position = tail
+    covered = 0
+    while covered < size:
+        e = entry_at(position)
+        if e is None or (seq and e.sequence_number != seq[-1].sequence_number + 1):
+            break
+        if covered + e.entry_length > size:
+            break
+        seq.append(e)
+        covered += e.entry_length
+        position = (position + e.entry_length) % size
+    return seq, position, covered
+
+
+def _active_part(seq: list[LogEntry]) -> list[LogEntry] | None:
+    """The part of a run from its head's Tail to its head, or None if the Tail is not in it."""
+    positions = {e.position: i for i, e in enumerate(seq)}
+    if not seq or seq[-1].tail not in positions:
+        return None
+    return seq[positions[seq[-1].tail]:]
 
 
 @dataclass
@@ -272,7 +304,7 @@ def build_entry(*, log_guid: uuid.UUID, sequence_number: int, tail: int, pages: 
         checksum=0, entry_length=total, tail=tail, sequence_number=sequence_number, descriptor_count=n,
         reserved=0, log_guid=log_guid, flushed_file_offset=flushed_file_offset,
         last_file_offset=last_file_offset))
-    high, low = (sequence_number >> 32).to_bytes(4, "little"), (sequence_number & 0xFFFFFFFF).to_bytes(4, "little")
+    high, low = sequence_number >> 32, sequence_number & 0xFFFFFFFF
     for i, (target, page) in enumerate(pages):
         if len(page) != SECTOR or target % SECTOR:
             raise ValueError("log pages must be 4 KiB, 4 KiB aligned")
@@ -281,11 +313,8 @@ def build_entry(*, log_guid: uuid.UUID, sequence_number: int, tail: int, pages: 
             trailing_bytes=page[4092:4096], leading_bytes=page[:8], file_offset=target,
             sequence_number=sequence_number))
         s = (n_desc + i) * SECTOR
-        buf[s:s + 4] = C.SIGNATURE_DATA_SECTOR
-        buf[s + 4:s + 8] = high
-        buf[s + 8:s + 4092] = page[8:4092]
-        buf[s + 4092:s + 4096] = low
-    buf[4:8] = crc32c_zeroed(buf).to_bytes(4, "little")
+        buf[s:s + SECTOR] = DataSector.build(dict(sequence_high=high, data=page[8:4092], sequence_low=low))
+    stamp(buf)
     return bytes(buf)
 
 

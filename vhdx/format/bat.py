@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from .constants import BAT_FILE_OFFSET_MASK, BAT_RESERVED_MASK, BAT_STATE_MASK
+from .constants import BAT_FILE_OFFSET_MASK, BAT_RESERVED_MASK, BAT_STATE_MASK, PayloadState
 from .geometry import Geometry
 
 
@@ -14,22 +16,27 @@ def decode_bat(raw: bytes | bytearray | memoryview) -> np.ndarray:
 
 
 def encode_bat(entries: np.ndarray) -> bytes:
+    """The BAT array as little-endian bytes."""
     return entries.astype("<u8").tobytes()
 
 
 def make_entry(state: int, file_offset: int) -> int:
+    """One raw BAT entry: a 1 MiB aligned file offset and a state."""
     return (file_offset & BAT_FILE_OFFSET_MASK) | (state & BAT_STATE_MASK)
 
 
 def states(entries: np.ndarray) -> np.ndarray:
+    """The state of each entry (uint8)."""
     return (entries & np.uint64(BAT_STATE_MASK)).astype(np.uint8)
 
 
 def file_offsets(entries: np.ndarray) -> np.ndarray:
+    """The file offset of each entry (uint64; 0 when none)."""
     return entries & np.uint64(BAT_FILE_OFFSET_MASK)
 
 
 def reserved_bits(entries: np.ndarray) -> np.ndarray:
+    """The reserved bits of each entry (must be zero)."""
     return entries & np.uint64(BAT_RESERVED_MASK)
 
 
@@ -45,12 +52,21 @@ def payload_entries(entries: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 def payload_indices(geometry: Geometry) -> np.ndarray:
     """BAT indexes of every payload block, sector-bitmap slots skipped."""
-    blocks = np.arange(geometry.payload_blocks, dtype=np.int64)
-    return blocks + blocks // geometry.chunk_ratio
+    return geometry.payload_bat_index(np.arange(geometry.payload_blocks, dtype=np.int64))
 
 
 def sbm_indices(geometry: Geometry) -> np.ndarray:
     """BAT indexes of every sector-bitmap slot that lies inside the counted entries."""
-    chunks = np.arange(geometry.sector_bitmap_blocks, dtype=np.int64)
-    idx = chunks * (geometry.chunk_ratio + 1) + geometry.chunk_ratio
+    idx = geometry.sbm_bat_index(np.arange(geometry.sector_bitmap_blocks, dtype=np.int64))
     return idx[idx < geometry.bat_entries]
+
+
+def holds_data(state: Any) -> Any:
+    """True where a payload state says the block's data is in this file (FULLY_PRESENT or
+    PARTIALLY_PRESENT): for one state (an int) or a uint8 array of them."""
+    return (state == PayloadState.FULLY_PRESENT) | (state == PayloadState.PARTIALLY_PRESENT)
+
+
+def count_states(states_: np.ndarray, names: dict[int, str]) -> dict[str, int]:
+    """How many entries are in each state, by the state's name (the number when it has none)."""
+    return {names.get(int(s), str(int(s))): int(c) for s, c in zip(*np.unique(states_, return_counts=True))}

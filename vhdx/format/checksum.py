@@ -21,6 +21,7 @@ def crc32c_zeroed(data: bytes | bytearray | memoryview, field_at: int = 4) -> in
 
 
 def stored_checksum(data: bytes | bytearray | memoryview, field_at: int = 4) -> int:
+    """The checksum field at ``field_at`` as stored (little-endian)."""
     return int.from_bytes(bytes(memoryview(data)[field_at:field_at + 4]), "little")
 
 

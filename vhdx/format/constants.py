@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from enum import IntEnum
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -89,20 +90,44 @@ FILE_PARAMETERS_HAS_PARENT = 0x2
 BAT_STATE_MASK = 0x7
 BAT_RESERVED_MASK = 0xFFFF8
 BAT_FILE_OFFSET_MASK = 0xFFFFFFFFFFF00000
-PAYLOAD_BLOCK_NOT_PRESENT = 0
-PAYLOAD_BLOCK_UNDEFINED = 1
-PAYLOAD_BLOCK_ZERO = 2
-PAYLOAD_BLOCK_UNMAPPED = 3
-PAYLOAD_BLOCK_UNMAPPED_V095 = 5
-PAYLOAD_BLOCK_FULLY_PRESENT = 6
-PAYLOAD_BLOCK_PARTIALLY_PRESENT = 7
-SB_BLOCK_NOT_PRESENT = 0
-SB_BLOCK_PRESENT = 6
-PAYLOAD_STATE_NAMES = {
-    0: "NOT_PRESENT", 1: "UNDEFINED", 2: "ZERO", 3: "UNMAPPED", 4: "RESERVED_4",
-    5: "UNMAPPED_V095", 6: "FULLY_PRESENT", 7: "PARTIALLY_PRESENT",
-}
-SB_STATE_NAMES = {0: "NOT_PRESENT", 6: "PRESENT"}
+
+
+class PayloadState(IntEnum):
+    """State of a payload block's BAT entry (§5.3); RESERVED_4 is reserved by the format."""
+
+    NOT_PRESENT = 0
+    UNDEFINED = 1
+    ZERO = 2
+    UNMAPPED = 3
+    RESERVED_4 = 4
+    UNMAPPED_V095 = 5
+    FULLY_PRESENT = 6
+    PARTIALLY_PRESENT = 7
+
+    __str__ = int.__repr__  # prints as the number, as the plain ints these replace did
+
+
+class SectorBitmapState(IntEnum):
+    """State of a sector bitmap block's BAT entry (§5.4)."""
+
+    NOT_PRESENT = 0
+    PRESENT = 6
+
+    __str__ = int.__repr__
+
+
+PAYLOAD_BLOCK_NOT_PRESENT = PayloadState.NOT_PRESENT
+PAYLOAD_BLOCK_UNDEFINED = PayloadState.UNDEFINED
+PAYLOAD_BLOCK_ZERO = PayloadState.ZERO
+PAYLOAD_BLOCK_UNMAPPED = PayloadState.UNMAPPED
+PAYLOAD_BLOCK_UNMAPPED_V095 = PayloadState.UNMAPPED_V095
+PAYLOAD_BLOCK_FULLY_PRESENT = PayloadState.FULLY_PRESENT
+PAYLOAD_BLOCK_PARTIALLY_PRESENT = PayloadState.PARTIALLY_PRESENT
+SB_BLOCK_NOT_PRESENT = SectorBitmapState.NOT_PRESENT
+SB_BLOCK_PRESENT = SectorBitmapState.PRESENT
+PAYLOAD_STATE_NAMES = {int(s): s.name for s in PayloadState}
+SB_STATE_NAMES = {int(s): s.name for s in SectorBitmapState}
+HOLDS_DATA = (PayloadState.FULLY_PRESENT, PayloadState.PARTIALLY_PRESENT)  # see bat.holds_data
 SECTORS_PER_CHUNK = 1 << 23
 SECTOR_BITMAP_BLOCK_SIZE = 1 * MiB
 

@@ -79,6 +79,7 @@ def format_linkage(guid: uuid.UUID) -> str:
 
 
 def parse_linkage(text: str | None) -> uuid.UUID | None:
+    """The GUID of a parent_linkage value, or None when it is missing or not a GUID."""
     if not text:
         return None
     try:

@@ -13,7 +13,7 @@ import construct as cs
 
 from ..errors import ChecksumError, CorruptError, UnsupportedError
 from . import constants as C
-from .checksum import crc32c_zeroed, stored_checksum
+from .checksum import crc32c_zeroed, stamp, stored_checksum
 from .locator import parse_parent_locator
 from .structs import (FileIdentifier, FileParameters, Header as HeaderStruct, MetadataTableEntry,
                       MetadataTableHeader, Page83Data, RegionTableEntry, RegionTableHeader,
@@ -28,6 +28,14 @@ def parse_at(struct: cs.Construct, buf: bytes, *, what: str, path: str | None, o
         raise CorruptError(f"{what}: {e}", path=path, offset=offset) from e
 
 
+def verify_checksum(buf: bytes, what: str, *, path: str | None, offset: int | None) -> None:
+    """Raise ChecksumError unless the CRC-32C stored at byte 4 of ``buf`` matches its content."""
+    stored, computed = stored_checksum(buf), crc32c_zeroed(buf)
+    if stored != computed:
+        raise ChecksumError(f"{what}: CRC-32C 0x{computed:08x}, stored 0x{stored:08x}",
+                            path=path, offset=offset, stored=stored, computed=computed)
+
+
 def _guid_dict(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, uuid.UUID) else v) for k, v in d.items()}
 
@@ -35,6 +43,7 @@ def _guid_dict(d: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- file identifier
 
 def parse_creator(buf: bytes, *, path: str | None = None) -> str:
+    """The creator text of the file type identifier (§1.2); raises unless it says 'vhdxfile'."""
     ident = parse_at(FileIdentifier, buf[:520], what="file type identifier", path=path, offset=0)
     raw = bytes(ident.creator)
     text = raw.decode("utf-16-le", errors="replace")
@@ -42,6 +51,7 @@ def parse_creator(buf: bytes, *, path: str | None = None) -> str:
 
 
 def build_file_identifier(creator: str) -> bytes:
+    """The file type identifier naming ``creator`` (UTF-16LE, at most 255 characters)."""
     raw = creator.encode("utf-16-le")[:510]
     return FileIdentifier.build(dict(creator=raw + bytes(512 - len(raw))))
 
@@ -50,6 +60,8 @@ def build_file_identifier(creator: str) -> bytes:
 
 @dataclass(frozen=True)
 class Header:
+    """One parsed header (§2.1); ``checksum`` is the stored CRC-32C."""
+
     sequence_number: int
     file_write_guid: uuid.UUID
     data_write_guid: uuid.UUID
@@ -61,9 +73,11 @@ class Header:
     checksum: int = 0
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (GUIDs as text)."""
         return _guid_dict(asdict(self))
 
     def replace(self, **changes: Any) -> "Header":
+        """A copy with ``changes`` applied."""
         return replace(self, **changes)
 
 
@@ -74,25 +88,23 @@ def parse_header(buf: bytes, *, path: str | None = None, offset: int | None = No
     buf = bytes(buf[:C.HEADER_SIZE])
     if buf[:4] != C.SIGNATURE_HEADER:
         raise CorruptError(f"header: signature {buf[:4]!r}, expected b'head'", path=path, offset=offset)
-    stored, computed = stored_checksum(buf), crc32c_zeroed(buf)
-    if stored != computed:
-        raise ChecksumError(f"header: CRC-32C 0x{computed:08x}, stored 0x{stored:08x}",
-                            path=path, offset=offset, stored=stored, computed=computed)
+    verify_checksum(buf, "header", path=path, offset=offset)
     h = parse_at(HeaderStruct, buf, what="header", path=path, offset=offset)
     return Header(h.sequence_number, h.file_write_guid, h.data_write_guid, h.log_guid,
                   h.log_version, h.version, h.log_length, h.log_offset, h.checksum)
 
 
 def build_header(h: Header) -> bytes:
+    """The 4 KiB header with its CRC-32C (``h.checksum`` is ignored)."""
     raw = bytearray(HeaderStruct.build(dict(
         checksum=0, sequence_number=h.sequence_number, file_write_guid=h.file_write_guid,
         data_write_guid=h.data_write_guid, log_guid=h.log_guid, log_version=h.log_version,
         version=h.version, log_length=h.log_length, log_offset=h.log_offset, reserved=bytes(4016))))
-    raw[4:8] = crc32c_zeroed(raw).to_bytes(4, "little")
-    return bytes(raw)
+    return bytes(stamp(raw))
 
 
 def validate_header_fields(h: Header, *, path: str | None, offset: int | None) -> None:
+    """Refuse a header whose version, log version or log placement we cannot use."""
     if h.version != C.VERSION:
         raise UnsupportedError(f"header: version {h.version}, only 1 is known", path=path, offset=offset)
     if h.log_guid != C.ZERO_GUID and h.log_version != C.LOG_VERSION:
@@ -108,10 +120,31 @@ def validate_header_fields(h: Header, *, path: str | None, offset: int | None) -
                                path=path, offset=offset)
 
 
+def current_header(headers: list[Header | None], errors: list[str | None], *,
+                   path: str | None) -> tuple[int, bool]:
+    """Which of the two headers is current: a valid one with the highest sequence number;
+    identical headers are tolerated (§2.2). Returns (index, both identical); ``errors`` say
+    why an invalid header is None."""
+    h1, h2 = headers
+    if h1 is None and h2 is None:
+        raise CorruptError(f"no valid header: header 1: {errors[0]}; header 2: {errors[1]}", path=path,
+                           offset=C.HEADER1_OFFSET)
+    if h1 is None or h2 is None:
+        return (0 if h1 is not None else 1), False
+    if h1.sequence_number != h2.sequence_number:
+        return (0 if h1.sequence_number > h2.sequence_number else 1), False
+    if h1.replace(checksum=0) != h2.replace(checksum=0):
+        raise CorruptError(f"both headers carry sequence number {h1.sequence_number} but differ", path=path,
+                           offset=C.HEADER1_OFFSET)
+    return 0, True
+
+
 # ---------------------------------------------------------------- region table (§3)
 
 @dataclass(frozen=True)
 class RegionEntry:
+    """One region table entry (§3.2)."""
+
     guid: uuid.UUID
     file_offset: int
     length: int
@@ -119,23 +152,23 @@ class RegionEntry:
 
     @property
     def name(self) -> str:
+        """"BAT", "metadata" or the GUID of an unknown region."""
         return {C.BAT_REGION_GUID: "BAT", C.METADATA_REGION_GUID: "metadata"}.get(self.guid, str(self.guid))
 
     def to_dict(self) -> dict[str, Any]:
+        """The entry as JSON-ready values."""
         return dict(region=self.name, guid=str(self.guid), file_offset=self.file_offset,
                     length=self.length, required=self.required)
 
 
 def parse_region_table(buf: bytes, *, path: str | None = None, offset: int | None = None) -> list[RegionEntry]:
+    """The entries of one 64 KiB region table; raises on a bad signature, CRC-32C or count."""
     buf = bytes(buf[:C.REGION_TABLE_SIZE])
     if len(buf) < C.REGION_TABLE_SIZE:
         raise CorruptError("region table: file too short", path=path, offset=offset)
     if buf[:4] != C.SIGNATURE_REGION:
         raise CorruptError(f"region table: signature {buf[:4]!r}, expected b'regi'", path=path, offset=offset)
-    stored, computed = stored_checksum(buf), crc32c_zeroed(buf)
-    if stored != computed:
-        raise ChecksumError(f"region table: CRC-32C 0x{computed:08x}, stored 0x{stored:08x}",
-                            path=path, offset=offset, stored=stored, computed=computed)
+    verify_checksum(buf, "region table", path=path, offset=offset)
     head = parse_at(RegionTableHeader, buf[:16], what="region table", path=path, offset=offset)
     if head.entry_count > C.MAX_REGION_ENTRIES:
         raise CorruptError(f"region table: {head.entry_count} entries, at most 2047", path=path, offset=offset)
@@ -148,19 +181,21 @@ def parse_region_table(buf: bytes, *, path: str | None = None, offset: int | Non
 
 
 def build_region_table(entries: list[RegionEntry]) -> bytes:
+    """A 64 KiB region table holding ``entries``, with its CRC-32C."""
     buf = bytearray(C.REGION_TABLE_SIZE)
     buf[:16] = RegionTableHeader.build(dict(checksum=0, entry_count=len(entries), reserved=0))
     for i, e in enumerate(entries):
         buf[16 + 32 * i:48 + 32 * i] = RegionTableEntry.build(
             dict(guid=e.guid, file_offset=e.file_offset, length=e.length, required=e.required))
-    buf[4:8] = crc32c_zeroed(buf).to_bytes(4, "little")
-    return bytes(buf)
+    return bytes(stamp(buf))
 
 
 # ---------------------------------------------------------------- metadata (§4)
 
 @dataclass(frozen=True)
 class MetadataEntry:
+    """One metadata table entry (§4.1): where an item sits in the region and its flags."""
+
     item_id: uuid.UUID
     offset: int
     length: int
@@ -168,21 +203,26 @@ class MetadataEntry:
 
     @property
     def name(self) -> str:
+        """The item's name, or its GUID when unknown."""
         return C.METADATA_ITEM_NAMES.get(self.item_id, str(self.item_id))
 
     @property
     def is_user(self) -> bool:
+        """IsUser: a user item rather than a system one."""
         return bool(self.flags & C.METADATA_IS_USER)
 
     @property
     def is_virtual_disk(self) -> bool:
+        """IsVirtualDisk: the item describes the virtual disk, not this file."""
         return bool(self.flags & C.METADATA_IS_VIRTUAL_DISK)
 
     @property
     def is_required(self) -> bool:
+        """IsRequired: a reader that does not know the item must refuse the file."""
         return bool(self.flags & C.METADATA_IS_REQUIRED)
 
     def to_dict(self) -> dict[str, Any]:
+        """The entry as JSON-ready values."""
         return dict(item=self.name, item_id=str(self.item_id), offset=self.offset, length=self.length,
                     is_user=self.is_user, is_virtual_disk=self.is_virtual_disk, is_required=self.is_required)
 
@@ -203,6 +243,7 @@ class Metadata:
     parent_locator: dict[str, str] | None
 
     def to_dict(self) -> dict[str, Any]:
+        """The known items and the table as JSON-ready values."""
         return dict(
             block_size=self.block_size, leave_block_allocated=self.leave_block_allocated,
             has_parent=self.has_parent, virtual_disk_size=self.virtual_disk_size,
@@ -218,6 +259,27 @@ KNOWN_SYSTEM_ITEMS = {C.FILE_PARAMETERS_GUID, C.VIRTUAL_DISK_SIZE_GUID, C.PAGE83
 
 def parse_metadata_region(buf: bytes, *, path: str | None = None, offset: int = 0) -> Metadata:
     """The metadata table and its known items; ``offset`` is the region's file offset."""
+    entries, items = parse_metadata_table(buf, path=path, offset=offset)
+    where = _ItemReader(items, path, offset)
+    fp = FileParameters.parse(where.item(C.FILE_PARAMETERS_GUID, 8))
+    size = VirtualDiskSize.parse(where.item(C.VIRTUAL_DISK_SIZE_GUID, 8)).virtual_disk_size
+    lss = SectorSize.parse(where.item(C.LOGICAL_SECTOR_SIZE_GUID, 4)).sector_size
+    pss = SectorSize.parse(where.item(C.PHYSICAL_SECTOR_SIZE_GUID, 4)).sector_size
+    page83 = Page83Data.parse(where.item(C.PAGE83_DATA_GUID, 16)).page83_data
+    validate_disk_parameters(fp.block_size, lss, pss, size, path=path, offset=offset)
+    has_parent = bool(fp.flags & C.FILE_PARAMETERS_HAS_PARENT)
+    locator = None
+    if has_parent:
+        loc_entry = next((e for e in entries if e.item_id == C.PARENT_LOCATOR_GUID and not e.is_user), None)
+        locator = parse_parent_locator(where.item(C.PARENT_LOCATOR_GUID, None), path=path,
+                                       offset=offset + (loc_entry.offset if loc_entry else 0))
+    return Metadata(tuple(entries), items, fp.block_size, bool(fp.flags & C.FILE_PARAMETERS_LEAVE_BLOCK_ALLOCATED),
+                    has_parent, size, lss, pss, page83, locator)
+
+
+def parse_metadata_table(buf: bytes, *, path: str | None = None,
+                         offset: int = 0) -> tuple[list[MetadataEntry], dict[tuple[uuid.UUID, bool], bytes]]:
+    """The table's entries, checked, and each item's bytes keyed by (item id, is user)."""
     if len(buf) < C.METADATA_TABLE_SIZE:
         raise CorruptError("metadata region: shorter than its 64 KiB table", path=path, offset=offset)
     head = parse_at(MetadataTableHeader, bytes(buf[:32]), what="metadata table", path=path, offset=offset)
@@ -229,37 +291,51 @@ def parse_metadata_region(buf: bytes, *, path: str | None = None, offset: int = 
         at = 32 + 32 * i
         e = MetadataTableEntry.parse(bytes(buf[at:at + 32]))
         entry = MetadataEntry(e.item_id, e.offset, e.length, e.flags)
-        where = offset + at
-        if entry.length > C.MAX_METADATA_ITEM_SIZE:
-            raise CorruptError(f"metadata item {entry.name}: {entry.length} bytes, over 1 MiB",
-                               path=path, offset=where)
-        if entry.length and (entry.offset < C.METADATA_TABLE_SIZE or entry.offset + entry.length > len(buf)):
-            raise CorruptError(f"metadata item {entry.name}: at {entry.offset}, {entry.length} bytes, "
-                               f"outside the {len(buf)}-byte region", path=path, offset=where)
         key = (entry.item_id, entry.is_user)
-        if key in items:
-            raise CorruptError(f"metadata item {entry.name} listed twice", path=path, offset=where)
-        if entry.is_required and not entry.is_user and entry.item_id not in KNOWN_SYSTEM_ITEMS:
-            raise UnsupportedError(f"unknown required metadata item {entry.item_id}", path=path, offset=where)
+        _check_metadata_entry(entry, len(buf), key in items, path=path, offset=offset + at)
         entries.append(entry)
         items[key] = bytes(buf[entry.offset:entry.offset + entry.length])
+    return entries, items
 
-    def item(guid: uuid.UUID, size: int | None) -> bytes:
-        data = items.get((guid, False))
+
+def _check_metadata_entry(entry: MetadataEntry, region_length: int, seen: bool, *, path: str | None,
+                          offset: int) -> None:
+    """Refuse an entry that lies outside the region, repeats an item or requires one we do not know."""
+    if entry.length > C.MAX_METADATA_ITEM_SIZE:
+        raise CorruptError(f"metadata item {entry.name}: {entry.length} bytes, over 1 MiB", path=path, offset=offset)
+    if entry.length and (entry.offset < C.METADATA_TABLE_SIZE or entry.offset + entry.length > region_length):
+        raise CorruptError(f"metadata item {entry.name}: at {entry.offset}, {entry.length} bytes, "
+                           f"outside the {region_length}-byte region", path=path, offset=offset)
+    if seen:
+        raise CorruptError(f"metadata item {entry.name} listed twice", path=path, offset=offset)
+    if entry.is_required and not entry.is_user and entry.item_id not in KNOWN_SYSTEM_ITEMS:
+        raise UnsupportedError(f"unknown required metadata item {entry.item_id}", path=path, offset=offset)
+
+
+@dataclass(frozen=True)
+class _ItemReader:
+    """The system items of a parsed table, each one required and checked for size."""
+
+    items: dict[tuple[uuid.UUID, bool], bytes]
+    path: str | None
+    offset: int
+
+    def item(self, guid: uuid.UUID, size: int | None) -> bytes:
+        """The bytes of system item ``guid``; raises unless it is present (and ``size`` bytes long, if given)."""
+        data = self.items.get((guid, False))
         name = C.METADATA_ITEM_NAMES[guid]
         if data is None:
-            raise CorruptError(f"metadata: required item {name} is missing", path=path, offset=offset)
+            raise CorruptError(f"metadata: required item {name} is missing", path=self.path, offset=self.offset)
         if size is not None and len(data) != size:
             raise CorruptError(f"metadata item {name}: {len(data)} bytes, expected {size}",
-                               path=path, offset=offset)
+                               path=self.path, offset=self.offset)
         return data
 
-    fp = FileParameters.parse(item(C.FILE_PARAMETERS_GUID, 8))
-    size = VirtualDiskSize.parse(item(C.VIRTUAL_DISK_SIZE_GUID, 8)).virtual_disk_size
-    lss = SectorSize.parse(item(C.LOGICAL_SECTOR_SIZE_GUID, 4)).sector_size
-    pss = SectorSize.parse(item(C.PHYSICAL_SECTOR_SIZE_GUID, 4)).sector_size
-    page83 = Page83Data.parse(item(C.PAGE83_DATA_GUID, 16)).page83_data
-    bs = fp.block_size
+
+def validate_disk_parameters(block_size: int, logical_sector_size: int, physical_sector_size: int,
+                             virtual_disk_size: int, *, path: str | None, offset: int | None) -> None:
+    """Refuse parameters outside the format's limits (§1.3, §4.3 - §4.7)."""
+    bs, lss, pss, size = block_size, logical_sector_size, physical_sector_size, virtual_disk_size
     if bs < C.MIN_BLOCK_SIZE or bs > C.MAX_BLOCK_SIZE or bs & (bs - 1):
         raise CorruptError(f"file parameters: block size {bs}, not a power of two from 1 to 256 MiB",
                            path=path, offset=offset)
@@ -270,19 +346,12 @@ def parse_metadata_region(buf: bytes, *, path: str | None = None, offset: int = 
     if size == 0 or size > C.MAX_VIRTUAL_DISK_SIZE or size % lss:
         raise CorruptError(f"virtual disk size {size}: not a non-zero multiple of {lss} up to 64 TiB",
                            path=path, offset=offset)
-    has_parent = bool(fp.flags & C.FILE_PARAMETERS_HAS_PARENT)
-    locator = None
-    if has_parent:
-        loc_entry = next((e for e in entries if e.item_id == C.PARENT_LOCATOR_GUID and not e.is_user), None)
-        loc_raw = item(C.PARENT_LOCATOR_GUID, None)
-        locator = parse_parent_locator(loc_raw, path=path,
-                                       offset=offset + (loc_entry.offset if loc_entry else 0))
-    return Metadata(tuple(entries), items, bs, bool(fp.flags & C.FILE_PARAMETERS_LEAVE_BLOCK_ALLOCATED),
-                    has_parent, size, lss, pss, page83, locator)
 
 
 @dataclass(frozen=True)
 class MetadataItem:
+    """An item to write into a metadata region: its id, its bytes and its table flags."""
+
     item_id: uuid.UUID
     data: bytes
     flags: int

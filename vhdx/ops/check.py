@@ -12,14 +12,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..chains.resolve import chain
 from ..errors import VhdxError
+from ..file.image import Image
+from ..file.storage import FileStorage, Storage
 from ..format import bat as batmod
 from ..format import constants as C
-from ..chains.resolve import chain
-from ..file.image import Image
+from ..format import layout
 from .merge.journal import interrupted_merge_at
 from .merge.journal import audit_journal
-from ..file.storage import FileStorage, Storage
 
 ERROR = "error"
 WARNING = "warning"
@@ -28,12 +29,15 @@ INFO = "info"
 
 @dataclass(frozen=True)
 class Finding:
+    """One problem: how bad, where (a file offset, or None), what, and what to do about it."""
+
     severity: str
     offset: int | None
     message: str
     hint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """The finding as JSON-ready values."""
         return asdict(self)
 
     def __str__(self) -> str:
@@ -44,19 +48,24 @@ class Finding:
 
 @dataclass
 class CheckReport:
+    """Everything ``vhdx check`` found in one file; ``opened`` is False when it could not be parsed."""
+
     path: str
     findings: list[Finding]
     opened: bool
 
     @property
     def errors(self) -> list[Finding]:
+        """The findings of severity "error"."""
         return [f for f in self.findings if f.severity == ERROR]
 
     @property
     def warnings(self) -> list[Finding]:
+        """The findings of severity "warning"."""
         return [f for f in self.findings if f.severity == WARNING]
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready values."""
         return dict(path=self.path, opened=self.opened, errors=len(self.errors), warnings=len(self.warnings),
                     findings=[f.to_dict() for f in self.findings])
 
@@ -100,138 +109,183 @@ def _hint_for(e: VhdxError) -> str:
 
 
 def check_image(image: Image) -> list[Finding]:
-    """Findings for an image that opened (headers, regions, log, BAT, bitmaps)."""
-    out: list[Finding] = []
-    add = out.append
-    for i, offset in enumerate(C.HEADER_OFFSETS):
-        if image.headers[i] is None:
-            add(Finding(WARNING, offset, f"header {i + 1} is invalid: {image.header_errors[i]}",
-                        "the other header is used; the next write to the disk rewrites both"))
+    """Findings for an image that opened, one structure after another: headers, region tables,
+    the log, BAT entries, sector bitmaps, overlaps, unused BAT entries, metadata."""
+    bat = _PayloadEntries.of(image)
+    return [*header_findings(image), *region_table_findings(image), *log_findings(image),
+            *bat_entry_findings(image, bat), *end_of_file_findings(image, bat), *sector_bitmap_findings(image, bat),
+            *overlap_findings(image), *unused_entry_findings(image), *metadata_findings(image)]
+
+
+def header_findings(image: Image) -> list[Finding]:
+    """An invalid header (the other one is used); identical headers."""
+    out = [Finding(WARNING, offset, f"header {i + 1} is invalid: {image.header_errors[i]}",
+                   "the other header is used; the next write to the disk rewrites both")
+           for i, offset in enumerate(C.HEADER_OFFSETS) if image.headers[i] is None]
     if image.headers_identical:
-        add(Finding(INFO, C.HEADER1_OFFSET, "both headers are identical (same sequence number), as Disk2VHD "
-                    "writes them", "harmless; the next write gives them distinct sequence numbers"))
-    for i, offset in enumerate(C.REGION_TABLE_OFFSETS):
-        if image.region_table_errors[i]:
-            add(Finding(WARNING, offset, f"region table {i + 1} is invalid: {image.region_table_errors[i]}",
-                        "the other copy is used"))
-    if image.log_was_dirty:
-        add(Finding(WARNING, image.header.log_offset,
-                    f"the log is dirty: {len(image.log_replayed)} "
-                    f"{'entry' if len(image.log_replayed) == 1 else 'entries'} to replay (this check replayed "
-                    f"{'it' if len(image.log_replayed) == 1 else 'them'} in memory)",
-                    "open the disk read-write (vhdx check is read-only) to replay it; qemu-img refuses it"))
-    g = image.geometry
-    file_size = image.storage.size()
-    bat_base = image.bat_region.file_offset
-    entries = image.bat[: g.bat_entries]
-    pidx = batmod.payload_indices(g)
-    pe = entries[pidx]
-    st = batmod.states(pe)
-    offs = batmod.file_offsets(pe).astype(np.int64)
+        out.append(Finding(INFO, C.HEADER1_OFFSET, "both headers are identical (same sequence number), as Disk2VHD "
+                           "writes them", "harmless; the next write gives them distinct sequence numbers"))
+    return out
 
-    def entry_offset(bat_index: int) -> int:
-        return bat_base + 8 * bat_index
 
-    def report(mask: np.ndarray, severity: str, what: str, hint: str, limit: int = 10,
-               index_of=lambda k: int(pidx[k])) -> None:
+def region_table_findings(image: Image) -> list[Finding]:
+    """An invalid region table (the other copy is used)."""
+    return [Finding(WARNING, offset, f"region table {i + 1} is invalid: {image.region_table_errors[i]}",
+                    "the other copy is used")
+            for i, offset in enumerate(C.REGION_TABLE_OFFSETS) if image.region_table_errors[i]]
+
+
+def log_findings(image: Image) -> list[Finding]:
+    """A dirty log (replayed in memory for this check)."""
+    if not image.log_was_dirty:
+        return []
+    n = len(image.log_replayed)
+    return [Finding(WARNING, image.header.log_offset,
+                    f"the log is dirty: {n} {'entry' if n == 1 else 'entries'} to replay (this check replayed "
+                    f"{'it' if n == 1 else 'them'} in memory)",
+                    "open the disk read-write (vhdx check is read-only) to replay it; qemu-img refuses it")]
+
+
+@dataclass(frozen=True)
+class _PayloadEntries:
+    """The payload entries of an image's BAT as arrays, in block order."""
+
+    image: Image
+    bat_indexes: np.ndarray
+    states: np.ndarray
+    offsets: np.ndarray  # int64
+    present: np.ndarray  # holds data
+
+    @classmethod
+    def of(cls, image: Image) -> "_PayloadEntries":
+        """The payload entries of ``image``."""
+        g = image.geometry
+        pidx = batmod.payload_indices(g)
+        entries = image.bat[:g.bat_entries][pidx]
+        st = batmod.states(entries)
+        return cls(image, pidx, st, batmod.file_offsets(entries).astype(np.int64), batmod.holds_data(st))
+
+    def entry_offset(self, bat_index: int) -> int:
+        """File offset of BAT entry ``bat_index``."""
+        return self.image.bat_region.file_offset + 8 * bat_index
+
+    def report(self, mask: np.ndarray, severity: str, what: str, hint: str, limit: int = 10) -> list[Finding]:
+        """One finding per block in ``mask`` (the first ``limit``), ``what`` formatted with the
+        block and its file offset."""
         hits = np.flatnonzero(mask)
-        for k in hits[:limit].tolist():
-            add(Finding(severity, entry_offset(index_of(k)), what.format(block=k, offset=int(offs[k]) if
-                                                                       k < offs.size else 0), hint))
+        out = [Finding(severity, self.entry_offset(int(self.bat_indexes[k])),
+                       what.format(block=k, offset=int(self.offsets[k]) if k < self.offsets.size else 0), hint)
+               for k in hits[:limit].tolist()]
         if hits.size > limit:
-            add(Finding(severity, None, f"... and {hits.size - limit} more like that", hint))
+            out.append(Finding(severity, None, f"... and {hits.size - limit} more like that", hint))
+        return out
 
-    reserved = batmod.reserved_bits(entries) != 0
-    for k in np.flatnonzero(reserved)[:10].tolist():
-        add(Finding(ERROR, entry_offset(k), f"BAT entry {k} has reserved bits set", "the BAT is damaged"))
-    report(st == 4, ERROR, "block {block}: reserved BAT state 4", "the BAT is damaged")
-    report(st == C.PAYLOAD_BLOCK_UNMAPPED_V095, WARNING, "block {block}: legacy UNMAPPED state 5 (draft 0.95)",
-           "read as UNMAPPED")
-    present = (st == C.PAYLOAD_BLOCK_FULLY_PRESENT) | (st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+
+def bat_entry_findings(image: Image, bat: _PayloadEntries) -> list[Finding]:
+    """Reserved bits, reserved or legacy states, states that do not fit the disk's type."""
+    entries = image.bat[:image.geometry.bat_entries]
+    out = [Finding(ERROR, bat.entry_offset(k), f"BAT entry {k} has reserved bits set", "the BAT is damaged")
+           for k in np.flatnonzero(batmod.reserved_bits(entries) != 0)[:10].tolist()]
+    st, present = bat.states, bat.present
+    out += bat.report(st == C.PayloadState.RESERVED_4, ERROR, "block {block}: reserved BAT state 4",
+                      "the BAT is damaged")
+    out += bat.report(st == C.PAYLOAD_BLOCK_UNMAPPED_V095, WARNING,
+                      "block {block}: legacy UNMAPPED state 5 (draft 0.95)", "read as UNMAPPED")
     if not image.has_parent:
-        report(st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT, ERROR,
-               "block {block}: PARTIALLY_PRESENT in a disk without a parent", "read as FULLY_PRESENT")
+        out += bat.report(st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT, ERROR,
+                          "block {block}: PARTIALLY_PRESENT in a disk without a parent", "read as FULLY_PRESENT")
     if image.metadata.leave_block_allocated and not image.has_parent:
-        report(~present, WARNING, "block {block}: not allocated in a fixed disk",
-               "it reads as zeros; Windows keeps every block of a fixed disk allocated")
-    report((~present) & ((st == C.PAYLOAD_BLOCK_ZERO) | (st == C.PAYLOAD_BLOCK_NOT_PRESENT)) & (offs != 0),
-           WARNING, "block {block}: file offset 0x{offset:x} on a block that has no data (must be 0)",
-           "Hyper-V may refuse such a file")
-    bs = g.block_size
-    last_block = g.payload_blocks - 1
-    ends = offs + bs
-    past = present & (ends > file_size)
+        out += bat.report(~present, WARNING, "block {block}: not allocated in a fixed disk",
+                          "it reads as zeros; Windows keeps every block of a fixed disk allocated")
+    no_data = (st == C.PAYLOAD_BLOCK_ZERO) | (st == C.PAYLOAD_BLOCK_NOT_PRESENT)
+    out += bat.report((~present) & no_data & (bat.offsets != 0), WARNING,
+                      "block {block}: file offset 0x{offset:x} on a block that has no data (must be 0)",
+                      "Hyper-V may refuse such a file")
+    return out
+
+
+def end_of_file_findings(image: Image, bat: _PayloadEntries) -> list[Finding]:
+    """Blocks whose data runs past the end of the file (a warning for the disk's last block)."""
+    file_size = image.storage.size()
+    past = bat.present & layout.past_end(bat.offsets + image.block_size, file_size)
     is_last = np.zeros_like(past)
     if is_last.size:
-        is_last[last_block] = True
-    beyond = present & (offs >= file_size)
-    report((past & ~is_last) | beyond, ERROR, "block {block}: data at 0x{offset:x} runs past the end of the file",
-           "the file was truncated; copy it again from its source")
-    report(past & is_last & ~beyond, WARNING, "block {block}: the last block runs past the end of the file (read as zeros)",
-           "an old qemu wrote such files")
-    # Overlaps: every allocated structure sorted by offset.
-    spans = [(0, C.HEADER_SECTION_SIZE, "header section")]
-    h = image.header
-    if h.log_length:
-        spans.append((h.log_offset, h.log_offset + h.log_length, "log"))
-    for r in image.region_table:
-        spans.append((r.file_offset, r.file_offset + r.length, f"region {r.name}"))
+        is_last[image.geometry.payload_blocks - 1] = True
+    beyond = bat.present & (bat.offsets >= file_size)
+    return [*bat.report((past & ~is_last) | beyond, ERROR, "block {block}: data at 0x{offset:x} runs past the end "
+                        "of the file", "the file was truncated; copy it again from its source"),
+            *bat.report(past & is_last & ~beyond, WARNING, "block {block}: the last block runs past the end of the "
+                        "file (read as zeros)", "an old qemu wrote such files")]
+
+
+def sector_bitmap_findings(image: Image, bat: _PayloadEntries) -> list[Finding]:
+    """Invalid sector bitmap states; bitmaps in a disk without a parent; partial blocks without one."""
+    g = image.geometry
     sidx = batmod.sbm_indices(g)
-    se = entries[sidx]
-    sst = batmod.states(se)
-    soff = batmod.file_offsets(se).astype(np.int64)
-    bad_sbm_state = (sst != C.SB_BLOCK_NOT_PRESENT) & (sst != C.SB_BLOCK_PRESENT)
-    for k in np.flatnonzero(bad_sbm_state)[:10].tolist():
-        add(Finding(ERROR, entry_offset(int(sidx[k])), f"sector bitmap entry of chunk {k}: invalid state "
-                    f"{int(sst[k])}", "the BAT is damaged"))
+    sst = batmod.states(image.bat[:g.bat_entries][sidx])
+    bad_state = (sst != C.SB_BLOCK_NOT_PRESENT) & (sst != C.SB_BLOCK_PRESENT)
+    out = [Finding(ERROR, bat.entry_offset(int(sidx[k])), f"sector bitmap entry of chunk {k}: invalid state "
+                   f"{int(sst[k])}", "the BAT is damaged") for k in np.flatnonzero(bad_state)[:10].tolist()]
     sbm_present = sst == C.SB_BLOCK_PRESENT
     if not image.has_parent:
-        for k in np.flatnonzero(sbm_present)[:10].tolist():
-            add(Finding(WARNING, entry_offset(int(sidx[k])), f"sector bitmap of chunk {k} is present in a disk "
-                        "without a parent", "it is ignored"))
-    else:
-        partial_blocks = np.flatnonzero(st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
-        chunks = partial_blocks // g.chunk_ratio
-        present_chunks = np.zeros(g.sector_bitmap_blocks, dtype=bool)
-        present_chunks[: sbm_present.size] = sbm_present
-        missing = partial_blocks[~present_chunks[chunks]]
-        for k in missing[:10].tolist():
-            add(Finding(ERROR, entry_offset(int(pidx[k])), f"block {k} is PARTIALLY_PRESENT but its chunk's "
-                        "sector bitmap is not present", "the sectors of this block cannot be read"))
-    block_spans = np.stack([offs[present], offs[present] + bs, np.flatnonzero(present)], axis=1) \
-        if present.any() else np.zeros((0, 3), dtype=np.int64)
-    sbm_spans = np.stack([soff[sbm_present], soff[sbm_present] + C.MiB, -1 - np.flatnonzero(sbm_present)], axis=1) \
-        if sbm_present.any() else np.zeros((0, 3), dtype=np.int64)
-    allspans = np.concatenate([np.array([(a, b, -10**9) for a, b, _ in spans], dtype=np.int64).reshape(-1, 3),
-                               block_spans.astype(np.int64), sbm_spans.astype(np.int64)])
-    order = np.argsort(allspans[:, 0], kind="stable")
-    allspans = allspans[order]
-    if allspans.shape[0] > 1:
-        prev_end = np.maximum.accumulate(allspans[:-1, 1])
-        overlap = np.flatnonzero(allspans[1:, 0] < prev_end) + 1
-        for k in overlap[:10].tolist():
-            start, _, who = (int(v) for v in allspans[k])
-            name = f"block {who}" if who >= 0 else (f"sector bitmap {-1 - who}" if who > -10**9 else "structure")
-            add(Finding(ERROR, start, f"{name} at 0x{start:x} overlaps another structure",
-                        "two BAT entries share space; data may be lost"))
-        if overlap.size > 10:
-            add(Finding(ERROR, None, f"... and {overlap.size - 10} more overlaps",
-                                "two BAT entries share space; data may be lost"))
+        return out + [Finding(WARNING, bat.entry_offset(int(sidx[k])), f"sector bitmap of chunk {k} is present in "
+                              "a disk without a parent", "it is ignored")
+                      for k in np.flatnonzero(sbm_present)[:10].tolist()]
+    partial_blocks = np.flatnonzero(bat.states == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+    present_chunks = np.zeros(g.sector_bitmap_blocks, dtype=bool)
+    present_chunks[: sbm_present.size] = sbm_present
+    missing = partial_blocks[~present_chunks[partial_blocks // g.chunk_ratio]]
+    return out + [Finding(ERROR, bat.entry_offset(int(bat.bat_indexes[k])), f"block {k} is PARTIALLY_PRESENT but "
+                          "its chunk's sector bitmap is not present", "the sectors of this block cannot be read")
+                  for k in missing[:10].tolist()]
+
+
+def overlap_findings(image: Image) -> list[Finding]:
+    """Structures, blocks and sector bitmaps that share space (the span map of format.layout)."""
+    spans = layout.structure_spans(image.header, image.region_table)
+    alloc = layout.allocations(image.bat, image.geometry, bitmaps=True)
+    starts = np.concatenate([np.array([s.start for s in spans], dtype=np.int64), alloc.starts])
+    ends = np.concatenate([np.array([s.end for s in spans], dtype=np.int64), alloc.ends])
+    order, hits = layout.clashes(starts, ends)
+    hint = "two BAT entries share space; data may be lost"
+    out = []
+    for k in hits[:10].tolist():
+        row = int(order[k])
+        start = int(starts[row])
+        name = "structure" if row < len(spans) else alloc.owner_name(row - len(spans))
+        out.append(Finding(ERROR, start, f"{name} at 0x{start:x} overlaps another structure", hint))
+    if hits.size > 10:
+        out.append(Finding(ERROR, None, f"... and {hits.size - 10} more overlaps", hint))
+    return out
+
+
+def unused_entry_findings(image: Image) -> list[Finding]:
+    """Non-zero BAT entries past the last block of the disk."""
+    g = image.geometry
     tail = image.bat[g.bat_entries:]
-    if tail.size and np.any(tail):
-        k = int(np.flatnonzero(tail)[0]) + g.bat_entries
-        add(Finding(WARNING, entry_offset(k), "BAT entries past the last block of the disk are not zero",
-                    "they are ignored"))
-    md = image.metadata
-    for e in md.entries:
-        if e.item_id in C.METADATA_ITEM_NAMES and not e.is_user:
-            expect_vd = e.item_id in (C.VIRTUAL_DISK_SIZE_GUID, C.PAGE83_DATA_GUID, C.LOGICAL_SECTOR_SIZE_GUID,
-                                      C.PHYSICAL_SECTOR_SIZE_GUID)
-            if e.item_id in (C.FILE_PARAMETERS_GUID, C.PARENT_LOCATOR_GUID) or expect_vd:
-                if e.is_virtual_disk != expect_vd:
-                    add(Finding(WARNING, image.metadata_region.file_offset,
-                                f"metadata item {e.name}: IsVirtualDisk flag is {e.is_virtual_disk}",
-                                "other tools may refuse this file"))
+    if not (tail.size and np.any(tail)):
+        return []
+    k = int(np.flatnonzero(tail)[0]) + g.bat_entries
+    return [Finding(WARNING, image.bat_region.file_offset + 8 * k, "BAT entries past the last block of the disk "
+                    "are not zero", "they are ignored")]
+
+
+_VIRTUAL_DISK_ITEMS = (C.VIRTUAL_DISK_SIZE_GUID, C.PAGE83_DATA_GUID, C.LOGICAL_SECTOR_SIZE_GUID,
+                       C.PHYSICAL_SECTOR_SIZE_GUID)
+
+
+def metadata_findings(image: Image) -> list[Finding]:
+    """Known system items whose IsVirtualDisk flag is not the one the format gives them."""
+    out = []
+    for e in image.metadata.entries:
+        if e.item_id not in C.METADATA_ITEM_NAMES or e.is_user:
+            continue
+        expect_vd = e.item_id in _VIRTUAL_DISK_ITEMS
+        if (e.item_id in (C.FILE_PARAMETERS_GUID, C.PARENT_LOCATOR_GUID) or expect_vd) and \
+                e.is_virtual_disk != expect_vd:
+            out.append(Finding(WARNING, image.metadata_region.file_offset,
+                               f"metadata item {e.name}: IsVirtualDisk flag is {e.is_virtual_disk}",
+                               "other tools may refuse this file"))
     return out
 
 

@@ -10,7 +10,8 @@ from ..chains.disk import Disk
 from ..chains.paths import win_absolute_path, win_relative_path, win_volume_path
 from ..chains.resolve import open, stack
 from ..errors import ChainError, UsageError
-from ..file.image import Image, create_image
+from ..file.create import create_image
+from ..file.image import Image
 from ..format import constants as C
 from ..format.constants import MiB
 from ..format.locator import KEY_ORDER, build_parent_locator, format_linkage
