@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ReadOnlyError, UsageError
 from ..file.image import Image, zero_fill
 from ..format import bitmap as bitmapmod
-from ..format import constants as C
+from ..format import bat as batmod
 from ..format.geometry import as_offset
 
 _MAX_CHUNK = 64 << 20
@@ -233,7 +233,7 @@ class Disk(io.RawIOBase):
         while layer is not None:
             im = layer.image
             st = im.payload_states()
-            data = (st == C.PAYLOAD_BLOCK_FULLY_PRESENT) | (st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+            data = batmod.holds_data(st)
             starts, stops, values = bitmapmod.runs(data.astype(np.uint8))
             keep = values == 1
             starts_all.append(starts[keep].astype(np.int64) * im.block_size)

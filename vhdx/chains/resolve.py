@@ -30,8 +30,6 @@ from .search import CYCLE, EXTERNAL, MATCH, MISMATCH, SKIP, Found, Peers, Search
 MAX_DEPTH = 1024  # layers of one chain; deeper is refused (a loop of files, or a crafted chain)
 
 
-
-
 @dataclass
 class Layer:
     """One file of a chain, leaf first."""
@@ -296,7 +294,7 @@ def open(path: str | os.PathLike[str], mode: str = "r", *, storage: Storage | No
             return attach_parents(image, **chain_options)
         return Disk(image)
     except BaseException:
-        image.close(_failed=True)
+        image.abort()
         raise
 
 
@@ -358,8 +356,5 @@ def chain(path: str | os.PathLike[str], **options: Any) -> Chain:
     for im in images:
         im.close()
     return Chain(layers)
-
-
-
 
 

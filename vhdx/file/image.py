@@ -94,7 +94,7 @@ class Image:
         try:
             image.load(header_only=header_only)
         except BaseException:
-            image.close(_failed=True)
+            image.abort()
             raise
         return image
 
@@ -372,13 +372,21 @@ class Image:
         """Make every earlier write durable."""
         self.writer.flush()
 
-    def close(self, *, _failed: bool = False) -> None:
+    def close(self) -> None:
         """Flush and mark the log clean (LogGuid zero), unless a write failed part way: then
         LogGuid stays set and the next open replays the last entry (docs/format.md §8.5)."""
+        self._close(finish=True)
+
+    def abort(self) -> None:
+        """Close without finishing the session: the file stays as the last completed step left
+        it (a log still marked active is replayed by the next open). For a failed open or build."""
+        self._close(finish=False)
+
+    def _close(self, *, finish: bool) -> None:
         if self.closed:
             return
         try:
-            if not _failed:
+            if finish:
                 self.writer.finish()
         finally:
             self.closed = True

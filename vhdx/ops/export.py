@@ -29,7 +29,7 @@ from ..chains.disk import Disk
 from ..chains.resolve import open as open_disk
 from ..errors import DiskExistsError, UsageError, VhdxError
 from ..file.outputs import atomic_output
-from ..format import constants as C
+from ..format import bat as batmod
 
 CHUNK = 2 << 20          # bytes read and written at a time
 KERNEL_COPY = "kernel copy"
@@ -269,7 +269,7 @@ def data_runs(disk: Disk) -> list[tuple[int, int, int]]:
     bs = im.block_size
     states = im.payload_states()
     offsets = im.payload_offsets().astype(np.int64)
-    data = (states == C.PAYLOAD_BLOCK_FULLY_PRESENT) | (states == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+    data = batmod.holds_data(states)
     follows = np.zeros(states.size, bool)
     if states.size > 1:
         follows[1:] = data[1:] & data[:-1] & (offsets[1:] == offsets[:-1] + bs)

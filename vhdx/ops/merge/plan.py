@@ -32,7 +32,7 @@ ZERO = 254
 WINDOW_MIN = 64 << 20
 ZERO_STATES = (C.PAYLOAD_BLOCK_UNDEFINED, C.PAYLOAD_BLOCK_ZERO, C.PAYLOAD_BLOCK_UNMAPPED,
                C.PAYLOAD_BLOCK_UNMAPPED_V095)
-ALLOCATED = (C.PAYLOAD_BLOCK_FULLY_PRESENT, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+ALLOCATED = C.HOLDS_DATA
 
 Extent = tuple[int, int, Any, int]  # (virtual offset, length, (storage, file offset) or None for zeros, source)
 
