@@ -4,7 +4,8 @@ Specimens are never copied into the project. They are decompressed once per sess
 pytest temporary directory (sparse: zero runs are seeked over), checked against the manifest's
 ``sha256_of_decompressed_vhdx``, and handed out by path. Tests that change a specimen must take
 a copy first (``specimen_copy``). When the ``shared`` folder beside the repository is missing
-(or ``VHDX_SHARED`` points nowhere), every test that needs it is skipped with the path tried.
+(or ``VHDX_SHARED`` points nowhere), every test that needs it is skipped with the path tried,
+or fails under ``CI=true``.
 
 Interop peers (qemu-img, qemu-io, pyvhdi, dissect.hypervisor) come through ``interop_tool``: a
 missing peer skips the test, except under ``CI=true`` where it fails, so CI cannot pass silently
@@ -183,11 +184,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """The shared folder (docs, specimens); skips when it is absent."""
+    """The shared folder (docs, specimens); skips when it is absent, fails under ``CI=true``
+    (like a missing interop peer: CI must not pass without its real files)."""
     path = shared_dir_path()
     if not (path / "specimens" / "manifest.json").is_file():
-        pytest.skip(f"shared specimens folder not found at {path} "
-                    f"(put it beside the repository or set VHDX_SHARED)")
+        message = (f"shared specimens folder not found at {path} "
+                   f"(put it beside the repository or set VHDX_SHARED)")
+        if _in_ci():
+            pytest.fail(message + " (CI=true: the specimens are required)")
+        pytest.skip(message)
     return path
 
 
