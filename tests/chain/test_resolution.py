@@ -251,7 +251,10 @@ def test_parent_renamed_beside_the_child_is_found_without_search_paths(tmp_path:
 # Wrong and missing parents
 # ------------------------------------------------------------------------------------------------
 
-def test_replaced_parent_is_an_id_mismatch(tmp_path: Path) -> None:
+def test_replaced_parent_is_another_disk_hence_missing(tmp_path: Path) -> None:
+    """Another disk (another Virtual Disk ID) where the parent was is not the parent "modified": the
+    parent is missing, and the error says what was found there (issue 14). Named as the parent, it
+    may still be accepted with ignore_id_mismatch."""
     cm = build_chain(tmp_path / "vm", size=SIZE, child_block_sizes=[2 * MiB], use_snapshot=False)
     base, child = cm.paths
     original = data_write_guid(base)
@@ -260,23 +263,25 @@ def test_replaced_parent_is_an_id_mismatch(tmp_path: Path) -> None:
         write_all(impostor, 0, pattern(99, SIZE))
         impostor_bytes = read_all(impostor)
     impostor_guid = data_write_guid(base)
-    with pytest.raises(vhdx.ParentMismatchError) as caught:
+    with pytest.raises(vhdx.ParentNotFoundError) as caught:
         vhdx.open(child)
-    error = caught.value
-    assert error.expected == original and error.found == impostor_guid
-    assert str(original) in str(error) and str(impostor_guid) in str(error)
+    error = str(caught.value)
+    assert str(original) in error and str(impostor_guid) in error and "a different disk" in error, error
+    assert "modified" not in error, error
     # lenient description: the link is reported, not raised
     described = vhdx.chain(child)
-    assert described.leaf.linkage == "mismatch" and not described.complete
+    assert described.leaf.linkage == "missing" and not described.complete
     assert described.leaf.parent_linkage == str(original)
-    assert same_file(described.base.path, base)
-    # the caller may accept it (Set-VHD -IgnoreIdMismatch for reading)
-    with vhdx.open(child, ignore_id_mismatch=True) as disk:
+    assert vhdx.chain(child, ignore_id_mismatch=True).leaf.linkage == "missing"
+    # named as the parent, the caller may accept it (Set-VHD -IgnoreIdMismatch for reading)
+    with pytest.raises(vhdx.ParentMismatchError) as named:
+        vhdx.open(child, parents=[base])
+    assert "a different disk" in str(named.value) and "modified" not in str(named.value)
+    with vhdx.open(child, parents=[base], ignore_id_mismatch=True) as disk:
         chain = disk.info()["chain"]
         assert chain[0]["linkage"] == "mismatch"
         assert chain[1]["data_write_guid"] == str(impostor_guid)
         assert_same(read_all(disk), cm.own_over(1, impostor_bytes), "child over the impostor")
-    assert vhdx.chain(child, ignore_id_mismatch=True).leaf.linkage == "mismatch"
 
 
 def test_writing_to_a_parent_orphans_its_children_but_opening_it_does_not(tmp_path: Path) -> None:

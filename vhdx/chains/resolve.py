@@ -25,7 +25,7 @@ from ..file.storage import Storage
 from .disk import Disk
 from .paths import file_key
 from .scan import ScanCache, linkage_of, open_found, regular_file_problem
-from .search import CYCLE, EXTERNAL, MATCH, MISMATCH, SKIP, Found, Peers, Search, Verdict, locate
+from .search import CYCLE, EXTERNAL, MATCH, MISMATCH, SKIP, Found, Peers, Search, Verdict, locate, other_disk
 
 MAX_DEPTH = 1024  # layers of one chain; deeper is refused (a loop of files, or a crafted chain)
 
@@ -143,6 +143,10 @@ class Resolver:
                 return Verdict(SKIP, note="not among the files read")
             if peers.guids[match] in accept:
                 return Verdict(MATCH, match)
+            other = other_disk(match, peers.guids[match], peers.disk_ids.get(match), min(accept),
+                               peers.disk_ids.get(child_path))
+            if other is not None:
+                return other
             return Verdict(MISMATCH, match, f"DataWriteGuid {peers.guids[match]}", guid=peers.guids[match])
 
         def scan(search: Search) -> Iterator[tuple[str, str]]:
@@ -187,7 +191,13 @@ class Resolver:
             if image.header.data_write_guid in accept:
                 return Verdict(MATCH, local, image=image)
             found = image.header.data_write_guid
+            other = other_disk(local, found, image.metadata.page83_data, linkage_of(child)[0] or found,
+                               child.metadata.page83_data)
             image.close()
+            if other is not None and how != "given":
+                return other
+            if other is not None:  # a parent the user named is theirs to accept (ignore_id_mismatch)
+                return Verdict(MISMATCH, local, other.note, guid=found, other_disk=True)
             return Verdict(MISMATCH, local, f"DataWriteGuid {found}", guid=found)
         return judge
 
@@ -224,10 +234,7 @@ class Resolver:
             return found.image, found.how, "ok", tried
         if found.state == "mismatch":
             if not (self.ignore or not self.strict):
-                raise ParentMismatchError(
-                    f"parent {found.path} has DataWriteGuid {found.guid} but the child's parent_linkage is {l1} "
-                    f"(the parent was modified after the child was made; accept it with --ignore-id-mismatch / ignore_id_mismatch=True only if its data is unchanged)",
-                    path=child.path, expected=l1, found=found.guid)
+                raise ParentMismatchError(mismatch_message(l1, found), path=child.path, expected=l1, found=found.guid)
             if file_key(found.path or "") in seen:
                 return None, found.how, "cycle", tried
             image = open_found(found.path or "", allow_block=found.how == "given", share=self.share)
@@ -235,9 +242,26 @@ class Resolver:
         if found.state == "cycle":
             return None, "", "cycle", tried
         if self.strict and self.missing == "error":
-            raise ParentNotFoundError(f"parent with DataWriteGuid {l1} not found; tried: " + "; ".join(tried),
-                                      path=child.path, tried=tried)
+            raise ParentNotFoundError(missing_message(l1, found), path=child.path, tried=tried)
         return None, "", "missing", tried
+
+
+def mismatch_message(expected: uuid.UUID, found: Found) -> str:
+    """Why the parent at ``found.path`` does not match: modified since, or another disk altogether."""
+    if found.why:
+        return (f"parent {found.path} is {found.why}; name the right parent, or accept this one with "
+                f"--ignore-id-mismatch / ignore_id_mismatch=True only if you know it holds the same data")
+    return (f"parent {found.path} has DataWriteGuid {found.guid} but the child's parent_linkage is {expected} "
+            f"(the parent was modified after the child was made; accept it with --ignore-id-mismatch / "
+            f"ignore_id_mismatch=True only if its data is unchanged)")
+
+
+def missing_message(expected: uuid.UUID, found: Found) -> str:
+    """Why no parent with DataWriteGuid ``expected`` was found: what was found where, what was tried, the fix."""
+    seen = "".join(f"; {other}" for other in found.others)
+    return (f"parent with DataWriteGuid {expected} not found{seen}; tried: " + "; ".join(found.tried)
+            + ". If the parent moved, name the folder it is in now with --search DIR (search_paths=[DIR]), "
+              "or point the child at it with `vhdx reparent CHILD --parent FILE`")
 
 
 def attach_parents(image: Image, **options: Any) -> Disk:

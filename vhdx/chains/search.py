@@ -18,11 +18,12 @@ from ..file.image import Image
 from .paths import candidate_paths, case_insensitive, file_key
 
 MATCH, MISMATCH, CYCLE, EXTERNAL, SKIP = "ok", "mismatch", "cycle", "external", "skip"
+OTHER = "other"  # another disk (another Virtual Disk ID): passed over, and named if the parent is missing
 
 
 @dataclass
 class Verdict:
-    """What a look at one candidate file says: MATCH, MISMATCH, CYCLE, EXTERNAL or SKIP.
+    """What a look at one candidate file says: MATCH, MISMATCH, CYCLE, EXTERNAL, OTHER or SKIP.
 
     ``path`` is the file's own path (a candidate may name it by another spelling); ``note``
     goes into the list of paths tried; ``image`` is the opened parent of a MATCH, if opened.
@@ -33,6 +34,7 @@ class Verdict:
     note: str = ""
     image: Image | None = None
     guid: uuid.UUID | None = None  # the DataWriteGuid of a MISMATCH
+    other_disk: bool = False  # a MISMATCH that is another disk (a parent the user named): ``note`` says so
 
 
 @dataclass
@@ -42,7 +44,8 @@ class Found:
     ``state``: "ok" (``path`` is the parent), "mismatch" (``path`` is where the parent should
     be, with DataWriteGuid ``guid``), "cycle", "external" (``path`` is a matching parent
     outside the files searched, see :meth:`Resolver.locate_among`) or "missing". ``how`` says
-    which locator entry or scan found it; ``tried`` lists every path tried.
+    which locator entry or scan found it; ``tried`` lists every path tried; ``others`` says
+    which other disks (another Virtual Disk ID) were found where, and why each is not the parent.
     """
 
     state: str
@@ -51,6 +54,8 @@ class Found:
     tried: list[str] = field(default_factory=list)
     image: Image | None = None
     guid: uuid.UUID | None = None
+    others: list[str] = field(default_factory=list)
+    why: str = ""  # of a mismatch with another disk: what it is
 
 
 class Search:
@@ -63,6 +68,7 @@ class Search:
         self.skip: set[str] = set()  # mismatched files: a DataWriteGuid scan does not look at them again
         self.cycle = False
         self.external: tuple[str, Verdict] | None = None
+        self.others: list[str] = []  # "found X at the relative_path, but it is a different disk (...)"
 
     def consider(self, how: str, path: str) -> Found | None:
         """Look at one candidate; the Found if it is the parent, else None (and remember why not)."""
@@ -72,7 +78,7 @@ class Search:
             return None
         verdict = self.judge(how, local)
         if verdict.note:
-            self.tried[-1] += f" ({verdict.note})"
+            self.tried[-1] += " (a different disk)" if verdict.kind == OTHER else f" ({verdict.note})"
         if verdict.kind == MATCH:
             return Found("ok", verdict.path, how, self.tried, verdict.image)
         if verdict.kind == MISMATCH:
@@ -82,6 +88,9 @@ class Search:
             self.cycle = True
         elif verdict.kind == EXTERNAL and self.external is None:
             self.external = (how, verdict)
+        elif verdict.kind == OTHER:
+            where = how.replace("_path", " path").replace("_", " ")
+            self.others.append(f"found {verdict.path} at the {where}, but it is {verdict.note}")
         return None
 
     def outcome(self) -> Found:
@@ -89,20 +98,23 @@ class Search:
         or nothing."""
         if self.mismatches:
             how, verdict = self.mismatches[0]
-            return Found("mismatch", verdict.path, how, self.tried, guid=verdict.guid)
+            return Found("mismatch", verdict.path, how, self.tried, guid=verdict.guid,
+                         why=verdict.note if verdict.other_disk else "")
         if self.cycle:
             return Found("cycle", None, "", self.tried)
         if self.external is not None:
             how, verdict = self.external
             return Found("external", verdict.path, how, self.tried)
-        return Found("missing", None, "", self.tried)
+        return Found("missing", None, "", self.tried, others=self.others)
 
 
 class Peers:
-    """Files already read (path -> DataWriteGuid), found by their path or by file identity."""
+    """Files already read (path -> DataWriteGuid, and their Virtual Disk IDs), found by their path or by
+    file identity."""
 
-    def __init__(self, guids: Mapping[str, uuid.UUID]) -> None:
+    def __init__(self, guids: Mapping[str, uuid.UUID], disk_ids: Mapping[str, uuid.UUID] | None = None) -> None:
         self.guids = dict(guids)
+        self.disk_ids = dict(disk_ids or {})  # path -> Virtual Disk ID (page 83), where known
         self.by_key: dict[tuple[int, int], str] = {}
         self.by_guid: dict[uuid.UUID, list[str]] = {}
         for path, guid in self.guids.items():
@@ -139,3 +151,14 @@ def locate(search: Search, child_path: str, locator: Mapping[str, str], search_p
         if found is not None:
             return found
     return search.outcome()
+
+
+def other_disk(path: str, guid: uuid.UUID, disk_id: uuid.UUID | None, expected: uuid.UUID,
+               child_disk_id: uuid.UUID | None) -> Verdict | None:
+    """OTHER when a candidate with DataWriteGuid ``guid`` is another disk than the parent a child
+    expects: its Virtual Disk ID (page 83) is not the child's (a checkpoint keeps its parent's);
+    None when it is the same disk (then a changed DataWriteGuid means the parent was modified)."""
+    if child_disk_id is None or disk_id is None or disk_id == child_disk_id:
+        return None
+    return Verdict(OTHER, path, note=f"a different disk (DataWriteGuid {guid}, disk id {disk_id}) from the parent this "
+                               f"checkpoint expects (DataWriteGuid {expected}, disk id {child_disk_id})")

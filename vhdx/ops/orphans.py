@@ -111,17 +111,20 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
     else:
         paths = [os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(VHDX_SUFFIXES)]
     paths.sort()
-    nodes, locators, accept = _read_nodes(paths)
-    _link_nodes(folder, nodes, locators, accept)
+    nodes, locators, accept, disk_ids = _read_nodes(paths)
+    _link_nodes(folder, nodes, locators, accept, disk_ids)
     for p, node in nodes.items():
         if node.parent:
             nodes[node.parent].children.append(p)
     return Forest(folder, nodes)
 
 
-def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, str]], dict[str, set[uuid.UUID]]]:
-    """A node for each file; the parent locators of the children; the DataWriteGuids their parents may have."""
+def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, str]], dict[str, set[uuid.UUID]],
+                                           dict[str, uuid.UUID]]:
+    """A node for each file; the parent locators of the children; the DataWriteGuids their parents may have;
+    the Virtual Disk IDs (page 83) of the files read."""
     nodes: dict[str, Node] = {}
+    disk_ids: dict[str, uuid.UUID] = {}
     locators: dict[str, dict[str, str]] = {}
     accept: dict[str, set[uuid.UUID]] = {}
     for p in paths:
@@ -139,6 +142,7 @@ def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, 
         try:
             node.disk_type = image.disk_type
             node.data_write_guid = str(image.header.data_write_guid)
+            disk_ids[p] = image.metadata.page83_data
             node.virtual_size = image.size
             node.interrupted_merge = merge_in_progress(image)
             if image.has_parent:
@@ -149,18 +153,19 @@ def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, 
                 node.state = "missing"
         finally:
             image.close()
-    return nodes, locators, accept
+    return nodes, locators, accept, disk_ids
 
 
 def _link_nodes(folder: str, nodes: dict[str, Node], locators: dict[str, dict[str, str]],
-                accept: dict[str, set[uuid.UUID]]) -> None:
+                accept: dict[str, set[uuid.UUID]], disk_ids: dict[str, uuid.UUID]) -> None:
     """Set each child's parent and state, by the Resolver's steps among the files read.
 
-    A parent found by the locator outside the folder is "external"; the parent stays unset.
+    A parent found by the locator outside the folder is "external"; the parent stays unset. A file
+    of another Virtual Disk ID where the parent should be is another disk: the parent is "missing".
     """
     resolver = Resolver(search_paths=[folder], strict=False)
     peers = Peers({p: uuid.UUID(n.data_write_guid) for p, n in nodes.items()
-                   if n.state != "unreadable" and n.data_write_guid})
+                   if n.state != "unreadable" and n.data_write_guid}, disk_ids)
     for p, locator in locators.items():
         node = nodes[p]
         found = resolver.locate_among(p, locator, accept[p], peers)

@@ -199,7 +199,9 @@ def _resolve(job: _Job) -> tuple[list[Image], list[Layer], ScanCache]:
     if not leaf.has_parent:
         leaf.close()
         raise MergeError("not a differencing disk: nothing to merge", path=job.child)
-    resolver = Resolver(search_paths=job.search, ignore_id_mismatch=job.ignore_id_mismatch)
+    # The ancestor named by ``into`` and its folder are search places too: a parent that moved.
+    places = job.search + ([os.path.dirname(os.path.abspath(job.into))] if job.into is not None else [])
+    resolver = Resolver(search_paths=places, ignore_id_mismatch=job.ignore_id_mismatch)
     try:
         images, layers, _ = resolver.resolve(leaf)
     except BaseException:
