@@ -12,8 +12,8 @@ from ..ops.create import snapshot
 from ..ops.orphans import Forest, Node, find_chains
 from ..ops.reparent import reparent
 from ..ops.merge.journal import interrupted_merge_at
-from .common import (EXIT_FINDINGS, EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json,
-                     parse_size)
+from .common import (EXIT_FINDINGS, EXIT_OK, add_chain_options, add_progress_options, add_share_option,
+                     chain_options, emit_json, parse_size)
 from .merge_cmd import merge_plans
 
 
@@ -46,6 +46,7 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--merge", action="store_true", help="merge every unambiguous chain after showing the plan")
     p.add_argument("--yes", action="store_true", help="with --merge: do not ask for confirmation")
+    add_progress_options(p)
     p.set_defaults(func=cmd_orphans)
 
 

@@ -74,8 +74,9 @@ def add_share_option(p: argparse.ArgumentParser) -> None:
 
 def add_progress_options(p: argparse.ArgumentParser) -> None:
     """``--progress``/``--no-progress``: ``args.progress`` is None (on a terminal only), True or False."""
-    p.add_argument("--progress", dest="progress", action="store_true", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="show a progress bar on stderr (default: only when stderr is a terminal)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
 
 
 def chain_options(args: argparse.Namespace) -> dict[str, Any]:

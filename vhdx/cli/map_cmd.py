@@ -7,7 +7,8 @@ from typing import Any
 
 from ..chains.resolve import open as open_disk
 from ..errors import DiskExistsError
-from ..ops.maps import changed_ranges, map_layers, write_picture
+from ..ops.maps import changed_ranges, map_layers
+from ..ops.pictures import write_picture
 from .common import EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json
 from .progress import human_bytes
 
@@ -18,8 +19,10 @@ def register(sub: Any) -> None:
     p.add_argument("path")
     p.add_argument("--layer", type=int, default=None, help="only layer N (0 = the file itself)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--png", metavar="FILE", help="also draw the allocation of every layer into FILE")
-    p.add_argument("--force", action="store_true", help="overwrite the --png FILE if it exists")
+    p.add_argument("--png", metavar="FILE", help="also draw the allocation of every layer into FILE (PNG): "
+                   "a labelled band per layer, an axis in bytes and a legend of the colours")
+    p.add_argument("--svg", metavar="FILE", help="also draw the same picture into FILE as SVG")
+    p.add_argument("--force", action="store_true", help="overwrite the --png or --svg FILE if it exists")
     add_chain_options(p)
     add_share_option(p)
     p.set_defaults(func=cmd_map)
@@ -33,15 +36,16 @@ def register(sub: Any) -> None:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    """``vhdx map``: the ranges each layer holds (and, with ``--png``, a picture of them)."""
+    """``vhdx map``: the ranges each layer holds (and, with ``--png``/``--svg``, a picture of them)."""
     with open_disk(args.path, **chain_options(args)) as disk:
         maps = map_layers(disk, args.layer)
         result = [m.to_dict() for m in maps]
-        if args.png:
-            try:
-                write_picture(args.png, maps, disk, overwrite=args.force)
-            except DiskExistsError as e:
-                raise DiskExistsError("the picture file exists; pass --force to overwrite it", path=e.path) from e
+        for kind, path in (("png", args.png), ("svg", args.svg)):
+            if path:
+                try:
+                    write_picture(path, maps, disk, overwrite=args.force, kind=kind)
+                except DiskExistsError as e:
+                    raise DiskExistsError("the picture file exists; pass --force to overwrite it", path=e.path) from e
     if args.json:
         emit_json(dict(path=args.path, layers=result))
         return EXIT_OK
@@ -50,8 +54,9 @@ def cmd_map(args: argparse.Namespace) -> int:
         print("  totals: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in layer["totals"].items()))
         for r in layer["ranges"]:
             print(f"  {r['start']:>16} +{r['length']:<14} sectors {r['first_sector']}+{r['sectors']:<10} {r['state']}")
-    if args.png:
-        print(f"picture written to {args.png}")
+    for path in (args.png, args.svg):
+        if path:
+            print(f"picture written to {path}")
     return EXIT_OK
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..ops.merge.plan import MergePlan
 from ..ops.merge.run import merge
-from .common import EXIT_ERROR, EXIT_OK, emit_json
+from .common import EXIT_ERROR, EXIT_OK, add_progress_options, emit_json
 from .progress import Progress, human_bytes
 
 
@@ -24,8 +24,7 @@ def register(sub: Any) -> None:
     p.add_argument("--ignore-id-mismatch", action="store_true")
     p.add_argument("--search", action="append", default=[], metavar="DIR")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    p.add_argument("--progress", dest="progress", action="store_true", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_options(p)
     p.set_defaults(func=cmd_merge)
 
 

@@ -1,10 +1,12 @@
-"""A small progress bar on stderr with throughput and ETA (no dependency needed)."""
+"""The progress bar on stderr (tqdm): fits the terminal, shows rate and ETA, silent when not a terminal."""
 
 from __future__ import annotations
 
+import os
 import sys
-import time
-from typing import TextIO
+from typing import Any, TextIO
+
+from tqdm import tqdm
 
 
 def human_bytes(n: float) -> str:
@@ -16,38 +18,53 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def terminal_width(stream: TextIO) -> int:
+    """The columns of the terminal ``stream`` writes to: ``COLUMNS`` if set, else the terminal's, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
 class Progress:
-    """Call with (done, total); draws at most 10 times a second; silent when disabled."""
+    """Call with (done, total) in bytes; draws a tqdm bar on ``stream``; silent when disabled.
+
+    ``enabled`` None means "when ``stream`` is a terminal" (``--progress``/``--no-progress``
+    give True/False). The bar is one column narrower than the terminal, so that it never wraps.
+    """
 
     def __init__(self, label: str, *, enabled: bool | None = None, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.label = label
-        self.start = time.monotonic()
-        self._last = 0.0
-        self._drawn = False
+        self._bar: Any = None
 
     def __call__(self, done: int, total: int) -> None:
-        """Redraw the bar for ``done`` of ``total`` bytes (at most every 0.1 s, and at the end)."""
+        """Move the bar to ``done`` of ``total`` bytes (tqdm redraws at most 10 times a second)."""
         if not self.enabled:
             return
-        now = time.monotonic()
-        if now - self._last < 0.1 and done < total:
-            return
-        self._last = now
-        elapsed = max(now - self.start, 1e-6)
-        rate = done / elapsed
-        frac = done / total if total else 1.0
-        eta = (total - done) / rate if rate > 0 else 0
-        width = 30
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        self.stream.write(f"\r{self.label} [{bar}] {frac * 100:5.1f}% {human_bytes(done)}/{human_bytes(total)} "
-                          f"{human_bytes(rate)}/s ETA {eta:4.0f}s ")
-        self.stream.flush()
-        self._drawn = True
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc=self.label, file=self.stream, unit="B", unit_scale=True,
+                             unit_divisor=1024, ncols=terminal_width(self.stream) - 1, mininterval=0.1,
+                             leave=True, ascii=not _unicode(self.stream))
+        if total != self._bar.total:
+            self._bar.total = total
+        self._bar.update(done - self._bar.n)
 
     def finish(self) -> None:
         """End the bar's line, if one was drawn."""
-        if self.enabled and self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _unicode(stream: TextIO) -> bool:
+    """Whether ``stream`` can show the block characters of tqdm's smooth bar."""
+    encoding = getattr(stream, "encoding", None) or ""
+    return encoding.lower().replace("-", "") in ("utf8", "utf_8")

@@ -2,28 +2,22 @@
 
 Everything is computed from BAT states with numpy run detection; only PARTIALLY_PRESENT
 blocks read their sector bitmaps, so a 64 TiB sparse disk answers at once. ``vhdx map``
-asks :func:`map_layers` (and :func:`write_picture` for ``--png``); ``vhdx diff`` asks
+asks :func:`map_layers` (and :func:`.pictures.write_picture` for ``--png``/``--svg``); ``vhdx diff`` asks
 :func:`changed_ranges`.
 """
 
 from __future__ import annotations
 
-import os
-import stat
-import struct
-import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import numpy as np
 
 from ..chains.disk import Disk
-from ..errors import DiskExistsError, UsageError, VhdxError
+from ..errors import UsageError
 from ..file.image import Image
-from ..file.outputs import atomic_output
 from ..format import bitmap as bitmapmod
 from ..format import constants as C
-from .export import refuse_chain_file
 
 PRESENT = "present"
 PARTIAL = "partial"      # inside a PARTIALLY_PRESENT block: sectors of this file
@@ -168,76 +162,3 @@ def map_layers(disk: Disk, layer: int | None = None) -> list[LayerMap]:
         image = layers[n].image
         out.append(LayerMap(n, image, merged_ranges(layer_ranges(image))))
     return out
-
-
-def write_picture(path: str, maps: list[LayerMap], disk: Disk, *, overwrite: bool = False) -> None:
-    """Draw ``maps`` (see :func:`render_png`) into the PNG file ``path``.
-
-    A file of ``disk``'s chain is refused; an existing file is replaced only with
-    ``overwrite``. The picture appears under ``path`` complete, or not at all; a device or
-    a pipe is written to.
-    """
-    refuse_chain_file(path, disk)
-    if os.path.lexists(path) and not overwrite:
-        raise DiskExistsError("the picture file exists; pass overwrite=True to replace it", path=path)
-    data = render_png([(m.image.path, m.ranges, m.image.size) for m in maps])
-    try:
-        if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-            with open(path, "wb") as f:
-                f.write(data)
-            return
-        with atomic_output(path, overwrite=overwrite) as out:
-            out.write_at(data, 0)
-    except VhdxError:
-        raise
-    except OSError as e:
-        raise VhdxError(f"cannot write the picture: {e.strerror or e}", path=path) from e
-
-
-# --------------------------------------------------------------------------- pictures
-
-_COLOURS = {PRESENT: (32, 96, 200), PARTIAL: (110, 170, 240), ABSENT: (235, 235, 235), ZERO: (250, 215, 120),
-            UNMAPPED: (200, 200, 200)}
-
-
-def _png(width: int, height: int, rows: list[bytes]) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
-    raw = b"".join(b"\0" + row for row in rows)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def render_png(layers: list[tuple[str, list[Range], int]], width: int = 1024, band: int = 24) -> bytes:
-    """One horizontal band per layer; each pixel column is a slice of the virtual disk.
-
-    A column shows the most significant state found anywhere in its slice (present, then
-    partial, zero, unmapped, absent), so a few sectors on a large disk still show.
-    """
-    height = band * len(layers) + 2 * max(0, len(layers) - 1)
-    rows: list[bytes] = []
-    priority = [PRESENT, PARTIAL, ZERO, UNMAPPED]
-    for i, (_name, ranges, size) in enumerate(layers):
-        best_code = np.full(width, _KIND_CODE[ABSENT], np.uint8)
-        decided = np.zeros(width, bool)
-        scale = width / max(size, 1)
-        for kind in priority:
-            hit = np.zeros(width + 1, np.int64)
-            for r in ranges:
-                if r.state != kind:
-                    continue
-                a = min(width - 1, int(r.start * scale))
-                b = min(width - 1, int((r.end - 1) * scale))
-                hit[a] += 1
-                hit[b + 1] -= 1
-            covered = np.cumsum(hit)[:width] > 0
-            take = covered & ~decided
-            best_code[take] = _KIND_CODE[kind]
-            decided |= covered
-        colours = np.array([_COLOURS[_CODE_KIND[c]] for c in range(5)], dtype=np.uint8)
-        row = colours[best_code].tobytes()
-        rows.extend([row] * band)
-        if i != len(layers) - 1:
-            rows.extend([bytes([255]) * (3 * width)] * 2)
-    return _png(width, height, rows)
