@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from typing import Any
 
 EXIT_OK = 0
@@ -55,6 +56,14 @@ def plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
+def about(description: str, *examples: str) -> dict[str, Any]:
+    """The ``add_parser`` keywords of a verb: its paragraph (wrapped) and its examples, shown as written."""
+    lines = "\n".join(f"  {e}" for e in examples)
+    return dict(description=textwrap.fill(" ".join(description.split()), 78),
+                epilog=f"Example{'s' if len(examples) > 1 else ''}:\n{lines}",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_chain_options(p: argparse.ArgumentParser) -> None:
     """``--search``, ``--parent``, ``--ignore-id-mismatch``, ``--missing-parent``: how to find parents."""
     p.add_argument("--search", action="append", default=[], metavar="DIR",
@@ -74,8 +83,9 @@ def add_share_option(p: argparse.ArgumentParser) -> None:
 
 def add_progress_options(p: argparse.ArgumentParser) -> None:
     """``--progress``/``--no-progress``: ``args.progress`` is None (on a terminal only), True or False."""
-    p.add_argument("--progress", dest="progress", action="store_true", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="show a progress bar (default: only when stderr is a terminal)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
 
 
 def chain_options(args: argparse.Namespace) -> dict[str, Any]:
