@@ -35,9 +35,9 @@ with ``.path`` and ``.offset``. This module only re-exports; the code lives on f
 from ._version import __version__
 from .chains.disk import Disk
 from .chains.resolve import Chain, Layer, chain, open
-from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, DiskExistsError, LockedError,
-                     LogReplayError, MergeError, ParentMismatchError, ParentNotFoundError, ReadOnlyError,
-                     TruncatedError, UnsupportedError, UsageError, VhdxError)
+from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, DiskExistsError, DiskNotFoundError,
+                     LockedError, LogReplayError, MergeError, ParentMismatchError, ParentNotFoundError,
+                     ReadOnlyError, TruncatedError, UnsupportedError, UsageError, VhdxError)
 from .ops.create import create, snapshot
 from .ops.export import ExportResult, export, hash
 from .ops.merge.plan import MergePlan
@@ -50,5 +50,5 @@ __all__ = [
     "find_chains", "Forest", "Node", "merge", "MergePlan", "MergeResult", "export", "hash", "ExportResult",
     "VhdxError", "CorruptError", "ChecksumError", "TruncatedError", "UnsupportedError", "LogReplayError",
     "ChainError", "ParentNotFoundError", "ParentMismatchError", "ChainCycleError", "ReadOnlyError",
-    "MergeError", "UsageError", "DiskExistsError", "LockedError",
+    "MergeError", "UsageError", "DiskExistsError", "DiskNotFoundError", "LockedError",
 ]

@@ -101,6 +101,13 @@ class UsageError(VhdxError, ValueError):
         return self._message()
 
 
+class DiskNotFoundError(VhdxError, FileNotFoundError):
+    """The file to open does not exist (catch it as either)."""
+
+    def __str__(self) -> str:
+        return self._message()
+
+
 class DiskExistsError(VhdxError, FileExistsError):
     """Refusing to overwrite an existing file."""
 

@@ -25,7 +25,7 @@ import vhdx.ops.check
 from support.chain import vhdx_files as disk_files
 from support.disk import MiB, disk_bytes
 from support.disk import nonzero_pattern as pattern
-from support.faults import FaultPlan, wrapping_writable_files
+from support.faults import FaultPlan, merge_through, wrapping_writable_files
 from vhdx.file.image import Image
 from vhdx.ops.merge.run import read_journal
 from vhdx.file.storage import FileStorage
@@ -176,9 +176,7 @@ def build_merge(folder: Path) -> None:
 
 
 def run_merge(folder: Path, plan: FaultPlan) -> None:
-    vhdx.merge(str(folder / "child.avhdx"), str(folder / "base.vhdx"), storage_wrapper=plan.wrap)
-
-
+    merge_through(plan.wrap, str(folder / "child.avhdx"), str(folder / "base.vhdx"))
 def state_merge(folder: Path) -> Any:
     """What the user's disk reads: through the child while it exists, else the merged base.
 

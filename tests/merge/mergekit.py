@@ -5,7 +5,7 @@ each layer written *before* it is snapshotted (writing a layer later rotates its
 and orphans its children). ``models[i]`` is what layer ``i`` reads through its parents, so a merge
 of the leaf into any ancestor must leave that ancestor reading exactly ``models[-1]``.
 
-:class:`FaultPlan` hands out :class:`FaultyStorage` wrappers (``merge(storage_wrapper=plan.wrap)``)
+:class:`FaultPlan` hands out :class:`FaultyStorage` wrappers (``merge_through(plan.wrap, ...)``)
 that share one counter of mutating calls (write, truncate, flush) over every file the merge opens
 for writing. At the ``fail_at``-th call the power is lost: that call fails, and so does every later
 call on any of the files. With ``drop_unflushed`` the loss also drops a random subset of the 4 KiB
@@ -31,7 +31,7 @@ from support.chain import check_problems as all_checks_pass
 from support.chain import data_write_guid as chain_guid
 from support.cli import REPO, cli_env, run_inprocess
 from support.disk import MiB, assert_same, disk_bytes, first_difference, sha256_file, write_all
-from support.faults import FaultPlan, FaultyStorage, PowerLoss
+from support.faults import FaultPlan, FaultyStorage, PowerLoss, merge_through
 from vhdx.format import bat as batmod
 from vhdx.format import constants as C
 from vhdx.file.image import Image
@@ -42,7 +42,7 @@ from vhdx.ops.merge.plan import MergePlan
 __all__ = ["REPO", "MiB", "FaultPlan", "FaultyStorage", "PowerLoss", "LayerSpec", "BuiltChain", "MergePlan",
            "MergeResult", "Wrapper", "all_checks_pass", "assert_same", "build_chain", "chain_paths",
            "check_errors", "cli", "copy_folder", "data_write_guid", "first_difference", "folder_hashes",
-           "libvhdi_blind_spots", "libvhdi_read", "merge", "merging", "python_env", "python_exe",
+           "libvhdi_blind_spots", "libvhdi_read", "merge", "merge_through", "merging", "python_env", "python_exe",
            "qemu_check_and_convert", "rand_bytes", "read_disk", "sha256_file", "standard_writes", "vhdx_files"]
 
 merging = run

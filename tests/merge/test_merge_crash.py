@@ -2,7 +2,7 @@
 
 Power loss at call N: a :class:`~tests.merge.mergekit.FaultPlan` counts the mutating calls
 (write, truncate, flush) of every file the merge opens for writing, through
-``merge(storage_wrapper=...)``. A counting run learns their total K; then for every N in 1..K a
+``merge_through(plan.wrap, ...)``. A counting run learns their total K; then for every N in 1..K a
 fresh copy of the chain is merged with the power failing at the N-th call (that call fails, and
 every later call on any file). Afterwards (docs/format.md §9.5, "an interrupted merge leaves the
 child still usable, and the merge can be run again"):
@@ -38,8 +38,8 @@ from vhdx.errors import VhdxError
 from vhdx.file.image import Image
 
 from .mergekit import (MiB, FaultPlan, LayerSpec, PowerLoss, all_checks_pass, build_chain, check_errors,
-                       copy_folder, first_difference, merge, python_env, python_exe, rand_bytes, read_disk,
-                       standard_writes, vhdx_files)
+                       copy_folder, first_difference, merge, merge_through, python_env, python_exe, rand_bytes,
+                       read_disk, standard_writes, vhdx_files)
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -134,10 +134,10 @@ def crash_everywhere(sc: CrashScenario, tmp_path: Path, *, drop: bool) -> None:
     counting = tmp_path / "count"
     copy_folder(pristine, counting)
     plan = FaultPlan(None)
-    merge(str(counting / leaf), str(counting / dest), storage_wrapper=plan.wrap)
+    merge_through(plan.wrap, str(counting / leaf), str(counting / dest))
     K = plan.calls
     print(f"{sc.name}: {K} mutating calls")
-    assert K > 5, f"only {K} mutating calls counted: is storage_wrapper applied? {plan.history}"
+    assert K > 5, f"only {K} mutating calls counted: is the storage wrapper applied? {plan.history}"
     assert read_disk(counting / dest) == model
     files_written = {s.path for s in plan.storages}
     assert len(files_written) >= 2, f"expected the destination and the layer above it to be wrapped: {files_written}"
@@ -149,7 +149,7 @@ def crash_everywhere(sc: CrashScenario, tmp_path: Path, *, drop: bool) -> None:
         fp = FaultPlan(n, drop_unflushed=drop, seed=n)
         error: BaseException | None = None
         try:
-            merge(str(work / leaf), str(work / dest), storage_wrapper=fp.wrap)
+            merge_through(fp.wrap, str(work / leaf), str(work / dest))
         except (PowerLoss, VhdxError) as e:
             error = e
         except Exception as e:  # noqa: BLE001 - anything else is a bug of its own
@@ -185,7 +185,7 @@ def test_power_loss_again_during_the_rerun(fast_tmp: Path) -> None:
     counting = fast_tmp / "count"
     copy_folder(pristine, counting)
     plan = FaultPlan(None)
-    merge(str(counting / leaf), str(counting / dest), storage_wrapper=plan.wrap)
+    merge_through(plan.wrap, str(counting / leaf), str(counting / dest))
     K = plan.calls
     rng = random.Random(5)
     crashed, work = fast_tmp / "crashed", fast_tmp / "work"
@@ -193,15 +193,15 @@ def test_power_loss_again_during_the_rerun(fast_tmp: Path) -> None:
     for n1 in range(2, K, 4):
         copy_folder(pristine, crashed)
         with pytest.raises((PowerLoss, VhdxError)):
-            merge(str(crashed / leaf), str(crashed / dest), storage_wrapper=FaultPlan(n1).wrap)
+            merge_through(FaultPlan(n1).wrap, str(crashed / leaf), str(crashed / dest))
         copy_folder(crashed, counting)
         again = FaultPlan(None)
-        merge(str(counting / leaf), str(counting / dest), storage_wrapper=again.wrap)
+        merge_through(again.wrap, str(counting / leaf), str(counting / dest))
         for n2 in sorted(rng.sample(range(1, again.calls + 1), min(3, again.calls))):
             copy_folder(crashed, work)
             fp = FaultPlan(n2, drop_unflushed=bool(n2 % 2), seed=n1 * 1000 + n2)
             try:
-                merge(str(work / leaf), str(work / dest), storage_wrapper=fp.wrap)
+                merge_through(fp.wrap, str(work / leaf), str(work / dest))
                 failures.append(f"N1={n1} N2={n2}: the re-run did not fail")
             except (PowerLoss, VhdxError):
                 pass
@@ -223,7 +223,7 @@ def test_interrupted_merge_resumes_with_the_same_guid(tmp_path: Path) -> None:
 
     fp = FailOnData(None)
     with pytest.raises((PowerLoss, VhdxError)):
-        merge(built.leaf, built.base, storage_wrapper=fp.wrap)
+        merge_through(fp.wrap, built.leaf, built.base)
     im = Image.open(built.base, "r")
     try:
         assert merge_in_progress(im), f"no journal after a failure in the copy phase: {fp.history}"

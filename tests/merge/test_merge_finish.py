@@ -96,20 +96,20 @@ def test_dry_run_sees_a_pending_finish(tmp_path: Path) -> None:
 def test_a_resumed_merge_gives_back_space_an_interrupted_run_allocated(tmp_path: Path) -> None:
     """Blocks allocated by an interrupted batch but never put in the BAT are trimmed on resume:
     whatever the crash point, the finished destination is no bigger than after a clean merge."""
-    from .mergekit import FaultPlan, PowerLoss, copy_folder
+    from .mergekit import FaultPlan, PowerLoss, copy_folder, merge_through
     pristine = tmp_path / "pristine"
     base, mid, leaf, model = small_chain(pristine)
     names = [Path(p).name for p in (base, mid, leaf)]
     clean = tmp_path / "clean"
     copy_folder(pristine, clean)
     counting = FaultPlan(None)
-    merge(str(clean / names[2]), str(clean / names[0]), storage_wrapper=counting.wrap)
+    merge_through(counting.wrap, str(clean / names[2]), str(clean / names[0]))
     clean_size = os.path.getsize(clean / names[0])
     work = tmp_path / "work"
     for n in range(1, counting.calls + 1):
         copy_folder(pristine, work)
         with pytest.raises((PowerLoss, vhdx.VhdxError)):
-            merge(str(work / names[2]), str(work / names[0]), storage_wrapper=FaultPlan(n).wrap)
+            merge_through(FaultPlan(n).wrap, str(work / names[2]), str(work / names[0]))
         merge(str(work / names[2]), str(work / names[0]))
         assert os.path.getsize(work / names[0]) <= clean_size, f"crash at call {n}"
         with vhdx.open(str(work / names[0])) as d:

@@ -33,7 +33,7 @@ from vhdx.file.storage import Storage
 
 from .mergekit import (MiB, FaultPlan, LayerSpec, PowerLoss, all_checks_pass, assert_same, build_chain,
                        check_errors, cli, copy_folder, data_write_guid, folder_hashes, merge,
-                       rand_bytes, read_disk, vhdx_files)
+                       merge_through, rand_bytes, read_disk, vhdx_files)
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -212,7 +212,7 @@ class FullStorage(Storage):
 
 def _merge_bytes_written(folder: Path, leaf: str, dest: str) -> int:
     limit = SpaceLimit(1 << 62)
-    merge(str(folder / leaf), str(folder / dest), storage_wrapper=limit.wrap)
+    merge_through(limit.wrap, str(folder / leaf), str(folder / dest))
     return limit.used
 
 
@@ -230,7 +230,7 @@ def test_disk_full_from_storage_wrapper(fraction: float, tmp_path: Path) -> None
     # Whether ENOSPC comes up bare (this wrapper) or inside a VhdxError (FileStorage), the merge
     # stops with one MergeError that says the disk is full; the OSError stays in its chain.
     with pytest.raises(MergeError) as info:
-        merge(str(work / leaf), str(work / dest), storage_wrapper=limit.wrap)
+        merge_through(limit.wrap, str(work / leaf), str(work / dest))
     assert limit.hit, "the budget was never reached"
     print(f"fraction {fraction}: {info.value}")
     assert "disk full" in str(info.value) or "cleanup stopped" in str(info.value), info.value
@@ -312,7 +312,7 @@ def test_free_space_precheck(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(1 << 40, (1 << 40) - MiB, MiB))
     plan = FaultPlan(None)
     with pytest.raises(MergeError) as info:
-        merge(built.leaf, built.base, storage_wrapper=plan.wrap)
+        merge_through(plan.wrap, built.leaf, built.base)
     assert "space" in str(info.value).lower()
     assert plan.calls == 0, f"writes before the free-space check: {plan.history}"
     monkeypatch.undo()
@@ -329,7 +329,7 @@ def test_read_only_destination(tmp_path: Path) -> None:
         before = folder_hashes(tmp_path)
         plan = FaultPlan(None)
         with pytest.raises(MergeError):
-            merge(built.leaf, built.base, storage_wrapper=plan.wrap)
+            merge_through(plan.wrap, built.leaf, built.base)
         assert plan.calls == 0, f"writes although the destination is read-only: {plan.history}"
         assert folder_hashes(tmp_path) == before
         rc, text = cli("merge", built.leaf, "--into", built.base)
@@ -393,8 +393,7 @@ def test_interrupted_merge_is_a_warning_and_rerun_finishes_it(tmp_path: Path) ->
     leaf, base = built.leaf, built.base
     fp = FailOnData(os.path.basename(base))
     with pytest.raises((PowerLoss, VhdxError)):
-        merge(leaf, base, storage_wrapper=fp.wrap)
-
+        merge_through(fp.wrap, leaf, base)
     for path in (leaf, base):
         rc, text = cli("check", path)
         assert rc == 0, f"vhdx check {path} exit {rc} after an interrupted merge:\n{text}"

@@ -1,7 +1,7 @@
 """The one fault-injecting Storage of the tests: power loss, transient I/O errors, recording.
 
 A :class:`FaultPlan` is one simulated machine. Every file it wraps (:meth:`FaultPlan.wrap`,
-the ``storage_wrapper`` seam of ``vhdx.merge``, or :func:`wrapping_writable_files` for the
+the internal seam of ``vhdx.merge`` (:func:`merge_through`), or :func:`wrapping_writable_files` for the
 operations that open their files themselves) shares one count of mutating calls (write,
 truncate, flush). At the ``fail_at``-th call:
 
@@ -28,6 +28,8 @@ from typing import Iterator
 
 import vhdx.file.create
 import vhdx.file.image
+import vhdx.ops.merge.run
+from vhdx.ops.merge.cleanup import Wrap, wrapping_merge_storage
 from vhdx.file.storage import Storage
 
 PAGE = 4096
@@ -69,7 +71,7 @@ class FaultPlan:
         self.ops: list[Op] = []
 
     def wrap(self, storage: Storage) -> Storage:
-        """The ``storage_wrapper`` of ``vhdx.merge``: ``storage`` behind this plan."""
+        """The wrapper for :func:`merge_through`: ``storage`` behind this plan."""
         return FaultyStorage(storage, self)
 
     def tick(self, what: str) -> bool:
@@ -228,6 +230,12 @@ def _write_random_pages(fd: int, data: bytes, offset: int, rng: random.Random) -
         if rng.random() < 0.5:
             os.pwrite(fd, data[pos - offset:end - offset], pos)
         pos = end
+
+
+def merge_through(wrap: Wrap, *args, **kwargs):
+    """``vhdx.merge(*args, **kwargs)`` with every file it writes opened through ``wrap`` (a plan's ``wrap``)."""
+    with wrapping_merge_storage(wrap):
+        return vhdx.ops.merge.run.merge(*args, **kwargs)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,20 @@ import ntpath
 import os
 import re
 import uuid
-from typing import Sequence
+from typing import Iterable, Sequence, Union
+
+
+PathArg = Union[str, "os.PathLike[str]"]  # one path, as the public API takes it
+PathArgs = Union[PathArg, Iterable[PathArg]]  # one path or several
+
+
+def path_list(paths: PathArgs | None) -> list[str]:
+    """One path (a str or a PathLike) or several, as a list of str: a str is one path, never its letters."""
+    if paths is None:
+        return []
+    if isinstance(paths, (str, os.PathLike)):
+        return [os.fspath(paths)]
+    return [os.fspath(p) for p in paths]
 
 
 # Wine maps drive Z: to "/"; we write and read absolute paths of this machine that way.

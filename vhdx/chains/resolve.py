@@ -17,17 +17,18 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 from ..errors import ChainCycleError, ChainError, ParentMismatchError, ParentNotFoundError, UsageError
 from ..file.image import Image
 from ..file.storage import Storage
 from .disk import Disk
-from .paths import file_key
+from .paths import PathArg, PathArgs, file_key, path_list
 from .scan import ScanCache, linkage_of, open_found, regular_file_problem
 from .search import CYCLE, EXTERNAL, MATCH, MISMATCH, SKIP, Found, Peers, Search, Verdict, locate, other_disk
 
 MAX_DEPTH = 1024  # layers of one chain; deeper is refused (a loop of files, or a crafted chain)
+MissingParent = Literal["error", "zeros"]
 
 
 @dataclass
@@ -83,14 +84,13 @@ class Resolver:
     device). ``cache`` holds the header peeks of the command; by default the resolver has its own.
     """
 
-    def __init__(self, *, search_paths: Iterable[str | os.PathLike[str]] = (),
-                 parents: Sequence[str | os.PathLike[str]] | None = None, ignore_id_mismatch: bool = False,
-                 missing_parent: str = "error", strict: bool = True, cache: ScanCache | None = None,
-                 share: bool = False) -> None:
+    def __init__(self, *, search_paths: PathArgs = (), parents: PathArgs | None = None,
+                 ignore_id_mismatch: bool = False, missing_parent: str = "error", strict: bool = True,
+                 cache: ScanCache | None = None, share: bool = False) -> None:
         if missing_parent not in ("error", "zeros"):
             raise UsageError(f"missing_parent={missing_parent!r}: 'error' or 'zeros'")
-        self.search_paths = [os.fspath(p) for p in search_paths]
-        self.parents = [os.fspath(p) for p in parents] if parents else []
+        self.search_paths = path_list(search_paths)
+        self.parents = path_list(parents)
         self.ignore = ignore_id_mismatch
         self.missing = missing_parent
         self.strict = strict
@@ -264,9 +264,8 @@ def missing_message(expected: uuid.UUID, found: Found) -> str:
               "or point the child at it with `vhdx reparent CHILD --parent FILE`")
 
 
-def attach_parents(image: Image, **options: Any) -> Disk:
+def attach_parents(image: Image, resolver: Resolver) -> Disk:
     """Wrap an opened image in a Disk with its whole chain below it (parents read-only)."""
-    resolver = Resolver(**options)
     images, layers, zeros = resolver.resolve(image)
     if zeros and image.writable:
         for im in images[1:]:
@@ -300,23 +299,33 @@ def stack(image: Image, parent: Disk, *, given: str | None = None) -> Disk:
     return disk
 
 
-def open(path: str | os.PathLike[str], mode: str = "r", *, storage: Storage | None = None,
-         share: bool = False, **chain_options: Any) -> Disk:
-    """Open a VHDX or AVHDX file as a :class:`Disk` (``mode`` "r" or "r+").
+def open(path: PathArg, mode: str = "r", *, search_paths: PathArgs = (), parents: PathArgs | None = None,
+         ignore_id_mismatch: bool = False, missing_parent: MissingParent = "error", share: bool = False,
+         storage: Storage | None = None) -> Disk:
+    """Open a VHDX or AVHDX file as a :class:`Disk`, its parents below it (read-only).
+
+    ``mode`` is "r" (or "rb") to read, "r+" (or "r+b") to read and write the file itself.
+    A parent is found by the paths its child records, else among the files of the child's
+    folder and of ``search_paths`` (one folder, a str or PathLike, or a list of them) by its
+    DataWriteGuid. ``parents`` names the parents instead, nearest first (one file or a list).
+    ``ignore_id_mismatch=True`` accepts a parent whose DataWriteGuid is not the child's
+    parent_linkage (only if its data is unchanged since the child was made).
+    ``missing_parent="zeros"`` reads zeros where a parent is missing (read-only) instead of
+    raising :class:`ParentNotFoundError`. A file that does not exist raises
+    :class:`DiskNotFoundError`, both a :class:`VhdxError` and a ``FileNotFoundError``.
 
     Every file of the chain is locked as QEMU locks images: shared for reading (the file
     and its parents), exclusive for writing (the file itself; its parents stay shared).
     A file another process writes raises :class:`LockedError`. ``share=True`` (read-only)
     takes no locks and ignores others': for inspecting a disk a running VM holds, whose
-    content may be changing under you.
+    content may be changing under you. ``storage`` reads the file through another
+    :class:`~vhdx.file.storage.Storage` than the file at ``path`` (its parents are files).
     """
+    resolver = Resolver(search_paths=search_paths, parents=parents, ignore_id_mismatch=ignore_id_mismatch,
+                        missing_parent=missing_parent, share=share)
     image = Image.open(path, mode, storage=storage, share=share)
     try:
-        if image.has_parent or chain_options:
-            if share:
-                chain_options["share"] = True
-            return attach_parents(image, **chain_options)
-        return Disk(image)
+        return attach_parents(image, resolver)
     except BaseException:
         image.abort()
         raise
@@ -367,10 +376,15 @@ class Chain:
         return dict(complete=self.complete, layers=[l.to_dict() for l in self.layers])
 
 
-def chain(path: str | os.PathLike[str], **options: Any) -> Chain:
-    """Describe the chain of ``path`` without raising on broken links (they show in each layer)."""
-    options.setdefault("missing_parent", "zeros")
-    resolver = Resolver(strict=False, **options)
+def chain(path: PathArg, *, search_paths: PathArgs = (), parents: PathArgs | None = None,
+          ignore_id_mismatch: bool = False, missing_parent: MissingParent = "zeros", share: bool = False) -> Chain:
+    """Describe the chain of ``path`` without raising on broken links (they show in each layer).
+
+    The keywords are those of :func:`open`; a missing parent is a layer whose ``linkage`` is
+    "missing" (with every path ``tried``), not an error.
+    """
+    resolver = Resolver(strict=False, search_paths=search_paths, parents=parents,
+                        ignore_id_mismatch=ignore_id_mismatch, missing_parent=missing_parent, share=share)
     leaf = Image.open(path, "r", share=resolver.share)
     try:
         images, layers, _ = resolver.resolve(leaf)

@@ -30,16 +30,20 @@ EPILOG = ("Files are locked as QEMU locks images: shared while read, exclusive w
           "disk that another process (a VM, qemu, another vhdx) writes is refused; the read-only verbs read "
           "it anyway with --force-share (-U), but its content may be changing under you.")
 
+DEBUG_HELP = "show the traceback of an error (before or after the verb)"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``vhdx`` parser, with a sub-parser for every verb of every verb module."""
     parser = argparse.ArgumentParser(prog="vhdx", description=DESCRIPTION, epilog=EPILOG)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     parser.add_argument("--version", action="version", version=f"vhdx {__version__}")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", help="'vhdx VERB --help' describes each, with examples")
     sub.required = True
     for module in VERB_MODULES:
         module.register(sub)
+    for verb_parser in sub.choices.values():  # --debug after the verb too; unset there, it keeps the one before
+        verb_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 

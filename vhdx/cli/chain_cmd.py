@@ -12,38 +12,56 @@ from ..ops.create import snapshot
 from ..ops.orphans import Forest, Node, find_chains
 from ..ops.reparent import reparent
 from ..ops.merge.journal import interrupted_merge_at
-from .common import (EXIT_FINDINGS, EXIT_OK, add_chain_options, add_progress_options, add_share_option,
+from .common import (EXIT_FINDINGS, EXIT_OK, about, add_chain_options, add_progress_options, add_share_option,
                      chain_options, emit_json, parse_size)
 from .merge_cmd import merge_plans
 
 
 def register(sub: Any) -> None:
     """Add the chain verbs (chain, snapshot, reparent, orphans) to the ``vhdx`` parser."""
-    p = sub.add_parser("chain", help="show a disk's chain of parents and how each was found")
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("chain", help="show a disk's chain of parents and how each was found", **about(
+        "Show the chain of a disk from the file given down to its base: each layer's type and "
+        "DataWriteGuid, how its parent was found (relative path, absolute path, a DataWriteGuid scan of "
+        "a folder) and every path tried for a parent that is missing or does not match. A broken link is "
+        "shown, not raised.", "vhdx chain checkpoint.avhdx", "vhdx chain --search /backup checkpoint.avhdx"))
+    p.add_argument("path", help="the .vhdx or .avhdx file (usually the newest checkpoint)")
+    p.add_argument("--json", action="store_true", help="print the chain as JSON")
     add_chain_options(p)
     add_share_option(p)
     p.set_defaults(func=cmd_chain)
 
-    p = sub.add_parser("snapshot", help="make a Hyper-V style checkpoint child <stem>_<GUID>.avhdx beside DISK")
-    p.add_argument("disk")
+    p = sub.add_parser("snapshot", help="make a Hyper-V style checkpoint child <stem>_<GUID>.avhdx beside DISK",
+                       **about("Take a checkpoint as Hyper-V does: a new differencing file <stem>_<GUID>.avhdx "
+                               "beside DISK whose parent is DISK. From then on write to the new file, not to "
+                               "DISK (writing to DISK would break the checkpoint); merge folds it back.",
+                               "vhdx snapshot disk.vhdx"))
+    p.add_argument("disk", help="the disk (or newest checkpoint) to take a checkpoint of")
     p.add_argument("--block-size", default=None, help="child block size (default 2M, as Hyper-V)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the new file as JSON")
     p.set_defaults(func=cmd_snapshot)
 
-    p = sub.add_parser("reparent", help="point a child at another parent file (like Set-VHD -ParentPath)")
-    p.add_argument("child")
+    p = sub.add_parser("reparent", help="point a child at another parent file (like Set-VHD -ParentPath)",
+                       **about("Rewrite a child's parent locator to name another parent file, for a parent "
+                               "that was moved, copied or restored. The new parent must carry the "
+                               "DataWriteGuid the child expects, unless --ignore-id-mismatch (only if its "
+                               "data is the same as the original parent's).",
+                               "vhdx reparent checkpoint.avhdx --parent /backup/disk.vhdx"))
+    p.add_argument("child", help="the differencing (.avhdx) file to point elsewhere")
     p.add_argument("--parent", required=True, help="the new parent")
     p.add_argument("--ignore-id-mismatch", action="store_true",
                    help="link even though the parent's DataWriteGuid differs (rewrites the linkage)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_reparent)
 
-    p = sub.add_parser("orphans", help="find every chain in a folder: bases, checkpoints, branches, broken links")
-    p.add_argument("folder")
-    p.add_argument("--recursive", "-r", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("orphans", help="find every chain in a folder: bases, checkpoints, branches, broken links",
+                       **about("Read every VHDX and AVHDX file of a folder and draw the trees they form: base "
+                               "disks, their checkpoints, branches, and the checkpoints whose parent is missing "
+                               "or changed (orphans), with the command that merges each chain. Nothing is "
+                               "written unless --merge.", "vhdx orphans /var/lib/hyperv/disks",
+                               "vhdx orphans -r --json ."))
+    p.add_argument("folder", help="the folder to read")
+    p.add_argument("--recursive", "-r", action="store_true", help="read the folders below it too")
+    p.add_argument("--json", action="store_true", help="print the trees as JSON")
     p.add_argument("--merge", action="store_true", help="merge every unambiguous chain after showing the plan")
     p.add_argument("--yes", action="store_true", help="with --merge: do not ask for confirmation")
     add_progress_options(p)

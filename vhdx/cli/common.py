@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from typing import Any
 
 EXIT_OK = 0
@@ -53,6 +54,14 @@ def emit_json(obj: Any) -> None:
 def plural(count: int, word: str) -> str:
     """``3 errors``, ``1 error``: ``count`` and ``word``, with an ``s`` unless the count is 1."""
     return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def about(description: str, *examples: str) -> dict[str, Any]:
+    """The ``add_parser`` keywords of a verb: its paragraph (wrapped) and its examples, shown as written."""
+    lines = "\n".join(f"  {e}" for e in examples)
+    return dict(description=textwrap.fill(" ".join(description.split()), 78),
+                epilog=f"Example{'s' if len(examples) > 1 else ''}:\n{lines}",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_chain_options(p: argparse.ArgumentParser) -> None:

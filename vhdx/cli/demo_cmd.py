@@ -8,12 +8,16 @@ from typing import Any
 
 from ..errors import UsageError
 from ..ops.demo import run_in
-from .common import EXIT_ERROR, EXIT_OK
+from .common import EXIT_ERROR, EXIT_OK, about
 
 
 def register(sub: Any) -> None:
     """Add the ``demo`` verb to the sub-parsers ``sub``."""
-    p = sub.add_parser("demo", help="build a disk, take two checkpoints, merge them back, check the result")
+    p = sub.add_parser("demo", help="build a disk, take two checkpoints, merge them back, check the result",
+                       **about("A tour in a scratch folder: create a disk, write to it, take two checkpoints "
+                               "and write to each, show the chain, merge the checkpoints back, and check that "
+                               "the disk reads as the newest checkpoint did, with vhdx check and a hash "
+                               "of the disk.", "vhdx demo", "vhdx demo --dir /tmp/vhdx-demo"))
     p.add_argument("--dir", help="work in DIR (kept afterwards) instead of a temporary folder")
     p.set_defaults(func=cmd_demo)
 

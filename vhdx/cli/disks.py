@@ -11,35 +11,49 @@ from ..errors import DiskExistsError, UsageError
 from ..ops.create import create
 from ..ops.export import export, open_layer
 from ..ops.export import hash as hash_disk
-from .common import (EXIT_OK, add_chain_options, add_progress_options, add_share_option, chain_options, emit_json,
-                     parse_size)
+from .common import (EXIT_OK, about, add_chain_options, add_progress_options, add_share_option, chain_options,
+                     emit_json, parse_size)
 from .progress import Progress, human_bytes
 
 
 def register(sub: Any) -> None:
     """Add the ``create``, ``export`` and ``hash`` verbs to the sub-parsers ``sub``."""
-    p = sub.add_parser("create", help="create a dynamic, fixed or differencing disk")
-    p.add_argument("path")
+    p = sub.add_parser("create", help="create a dynamic, fixed or differencing disk", **about(
+        "Create a new VHDX file: dynamic (blocks allocated as they are written) unless --fixed, or a "
+        "differencing child of --parent that reads through to it. An existing file is never overwritten.",
+        "vhdx create disk.vhdx 64G", "vhdx create --fixed --block-size 1M small.vhdx 100M",
+        "vhdx create --parent disk.vhdx child.avhdx"))
+    p.add_argument("path", help="the file to create")
     p.add_argument("size", nargs="?", type=parse_size, help="virtual size, e.g. 64M, 10G (not with --parent)")
     p.add_argument("--parent", help="make a differencing child of PARENT")
     p.add_argument("--block-size", type=parse_size, default=None, help="1M to 256M, power of two (default 32M)")
-    p.add_argument("--logical-sector-size", type=int, choices=(512, 4096), default=None)
-    p.add_argument("--physical-sector-size", type=int, choices=(512, 4096), default=None)
+    p.add_argument("--logical-sector-size", type=int, choices=(512, 4096), default=None,
+                   help="the sector size the guest sees (default 512; a child takes its parent's)")
+    p.add_argument("--physical-sector-size", type=int, choices=(512, 4096), default=None,
+                   help="the sector size reported as physical (default 4096)")
     p.add_argument("--fixed", action="store_true", help="allocate every block now")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the new disk as JSON")
     p.set_defaults(func=cmd_create)
 
-    p = sub.add_parser("export", help="write the virtual disk to a sparse raw file")
-    p.add_argument("path")
+    p = sub.add_parser("export", help="write the virtual disk to a sparse raw file", **about(
+        "Write the virtual disk as a raw image, as the guest sees it through the whole chain: a sparse "
+        "file (holes where nothing was written) that appears only when complete, or a stream to stdout or "
+        "a device. --layer exports the disk as it was at an older layer of its chain.",
+        "vhdx export checkpoint.avhdx disk.raw", "vhdx export --sha256 disk.vhdx - | gzip > disk.raw.gz"))
+    p.add_argument("path", help="the .vhdx or .avhdx file")
     p.add_argument("out", help="output file ('-' for stdout)")
-    p.add_argument("--format", choices=("raw",), default="raw")
+    p.add_argument("--format", choices=("raw",), default="raw", help="the output format (only raw)")
     p.add_argument("--sha256", action="store_true", help="print the SHA-256 of the data as it streams")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     _add_reading_options(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("hash", help="SHA-256 of the virtual disk")
-    p.add_argument("path")
+    p = sub.add_parser("hash", help="SHA-256 of the virtual disk", **about(
+        "Print the SHA-256 of the virtual disk through its whole chain: the same as sha256sum of its raw "
+        "export, without writing one. Holes are hashed as zeros without being read. Two disks, or a disk "
+        "before and after a merge, read the same exactly when their hashes are equal.",
+        "vhdx hash checkpoint.avhdx", "vhdx hash --layer 1 checkpoint.avhdx"))
+    p.add_argument("path", help="the .vhdx or .avhdx file")
     _add_reading_options(p)
     p.set_defaults(func=cmd_hash)
 
@@ -48,7 +62,7 @@ def _add_reading_options(p: argparse.ArgumentParser) -> None:
     """What export and hash share: --layer, --json, the progress bar and the chain options."""
     p.add_argument("--layer", type=int, default=0, help="export the disk as of layer N of its chain "
                    "(0 = the file itself, 1 = its parent, ...)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_progress_options(p)
     add_chain_options(p)
     add_share_option(p)

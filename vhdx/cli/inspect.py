@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 from ..chains.resolve import open as open_disk
 from ..ops.check import CheckReport, Finding, check_chain, check_file
-from .common import (EXIT_FINDINGS, EXIT_OK, EXIT_UNREADABLE, add_chain_options, add_share_option, chain_options,
-                     emit_json, plural)
+from .common import (EXIT_FINDINGS, EXIT_OK, EXIT_UNREADABLE, about, add_chain_options, add_share_option,
+                     chain_options, emit_json, plural)
 from .progress import human_bytes
 
 Write = Callable[[str], Any]
@@ -17,16 +17,25 @@ Write = Callable[[str], Any]
 
 def register(sub: Any) -> None:
     """Add the ``info`` and ``check`` verbs to the sub-parsers ``sub``."""
-    p = sub.add_parser("info", help="every header, region, metadata field, BAT and log state")
-    p.add_argument("path")
+    p = sub.add_parser("info", help="every header, region, metadata field, BAT and log state", **about(
+        "Describe one VHDX or AVHDX file: its identity and sizes, both headers, the region table, every "
+        "metadata item, the parent locator of a differencing disk, the block allocation table and the "
+        "state of the log. Nothing is written: a log that needs replaying is replayed in memory only.",
+        "vhdx info disk.vhdx", "vhdx info --json checkpoint.avhdx"))
+    p.add_argument("path", help="the .vhdx or .avhdx file")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_chain_options(p)
     add_share_option(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("check", help="structural check, like qemu-img check: exit 0 when no errors (warnings "
-                       "allowed), 1 when errors are found, 2 when the file cannot be opened as a VHDX at all")
-    p.add_argument("path")
+                       "allowed), 1 when errors are found, 2 when the file cannot be opened as a VHDX at all",
+                       **about("Check the structures of a file and its chain as qemu-img check does: headers "
+                               "and checksums, regions, metadata, the log, every BAT entry and overlaps, and that "
+                               "each parent is found and matches. Each finding is one line with what to do "
+                               "about it; warnings do not fail the check. Nothing is written.",
+                               "vhdx check disk.vhdx", "vhdx check --search /backup checkpoint.avhdx"))
+    p.add_argument("path", help="the .vhdx or .avhdx file")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_chain_options(p)
     add_share_option(p)

@@ -9,16 +9,19 @@ from ..chains.resolve import open as open_disk
 from ..errors import DiskExistsError
 from ..ops.maps import changed_ranges, map_layers
 from ..ops.pictures import write_picture
-from .common import EXIT_OK, add_chain_options, add_share_option, chain_options, emit_json
+from .common import EXIT_OK, about, add_chain_options, add_share_option, chain_options, emit_json
 from .progress import human_bytes
 
 
 def register(sub: Any) -> None:
     """Add the ``map`` and ``diff`` verbs to the sub-parsers ``sub``."""
-    p = sub.add_parser("map", help="which virtual ranges each layer of the chain holds")
-    p.add_argument("path")
+    p = sub.add_parser("map", help="which virtual ranges each layer of the chain holds", **about(
+        "List, for each layer of the chain, the ranges of the virtual disk whose data that layer holds: "
+        "what a read of each range is served from. --png draws it, one row per layer.",
+        "vhdx map checkpoint.avhdx", "vhdx map --layer 0 --png layers.png checkpoint.avhdx"))
+    p.add_argument("path", help="the .vhdx or .avhdx file")
     p.add_argument("--layer", type=int, default=None, help="only layer N (0 = the file itself)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the ranges as JSON")
     p.add_argument("--png", metavar="FILE", help="also draw the allocation of every layer into FILE (PNG): "
                    "a labelled band per layer, an axis in bytes and a legend of the colours")
     p.add_argument("--svg", metavar="FILE", help="also draw the same picture into FILE as SVG")
@@ -27,9 +30,12 @@ def register(sub: Any) -> None:
     add_share_option(p)
     p.set_defaults(func=cmd_map)
 
-    p = sub.add_parser("diff", help="the sectors a checkpoint changed against its parent")
-    p.add_argument("child")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("diff", help="the sectors a checkpoint changed against its parent", **about(
+        "List the sectors that a checkpoint holds itself, those written since it was taken: what a merge "
+        "of it would copy. Every other sector reads through to its parent. A missing parent is no error here.",
+        "vhdx diff checkpoint.avhdx", "vhdx diff --json checkpoint.avhdx"))
+    p.add_argument("child", help="the differencing (.avhdx) file")
+    p.add_argument("--json", action="store_true", help="print the ranges as JSON")
     add_chain_options(p)
     add_share_option(p)
     p.set_defaults(func=cmd_diff)

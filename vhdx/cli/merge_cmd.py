@@ -9,20 +9,29 @@ from typing import Any
 
 from ..ops.merge.plan import MergePlan
 from ..ops.merge.run import merge
-from .common import EXIT_ERROR, EXIT_OK, add_progress_options, emit_json
+from .common import EXIT_ERROR, EXIT_OK, about, add_progress_options, emit_json
 from .progress import Progress, human_bytes
 
 
 def register(sub: Any) -> None:
     """Add the ``merge`` verb and its options to the command line."""
-    p = sub.add_parser("merge", help="merge a checkpoint (or several levels) into its parent, like Merge-VHD")
-    p.add_argument("child")
+    p = sub.add_parser("merge", help="merge a checkpoint (or several levels) into its parent, like Merge-VHD",
+                       **about("Fold a checkpoint into its parent, or every layer down to --into ANCESTOR, as "
+                               "Merge-VHD does: afterwards the destination reads exactly as CHILD did, and the "
+                               "merged files (CHILD and the layers between) are deleted, unless --keep. Other "
+                               "disks that depend on the destination make it refuse, unless --force. A merge "
+                               "that was interrupted is finished by running the same command again.",
+                               "vhdx merge disk_<GUID>.avhdx",
+                               "vhdx merge --dry-run --into disk.vhdx newest.avhdx"))
+    p.add_argument("child", help="the checkpoint to merge (the newest layer to fold in)")
     p.add_argument("--into", metavar="ANCESTOR", help="merge every layer down to this ancestor (default: the parent)")
     p.add_argument("--keep", action="store_true", help="keep the merged files (they are no longer valid)")
     p.add_argument("--force", action="store_true", help="merge even though other disks depend on the destination")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
-    p.add_argument("--ignore-id-mismatch", action="store_true")
-    p.add_argument("--search", action="append", default=[], metavar="DIR")
+    p.add_argument("--ignore-id-mismatch", action="store_true",
+                   help="accept a parent whose DataWriteGuid differs from the child's parent_linkage")
+    p.add_argument("--search", action="append", default=[], metavar="DIR",
+                   help="also look for parent disks in DIR (repeatable)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     add_progress_options(p)
     p.set_defaults(func=cmd_merge)

@@ -36,6 +36,9 @@ def zero_fill(view: memoryview) -> None:
     np.frombuffer(view, dtype=np.uint8).fill(0)
 
 
+MODES = {"r": "r", "rb": "r", "r+": "r+", "r+b": "r+", "rb+": "r+"}  # what open() accepts, as "r" or "r+"
+
+
 class Image:
     """A parsed VHDX file on a :class:`Storage`. Use :meth:`open` or :func:`vhdx.file.create.create_image`."""
 
@@ -63,9 +66,11 @@ class Image:
     def open(cls, path: str | os.PathLike[str], mode: str = "r", *, storage: Storage | None = None,
              share: bool = False) -> "Image":
         """Open one file: "r" takes a shared lock, "r+" an exclusive one; ``share`` (read-only)
-        takes no lock and ignores other processes' locks (see :mod:`vhdx.storage`)."""
-        if mode not in ("r", "r+"):
-            raise UsageError(f"mode {mode!r}: use 'r' or 'r+'", path=path)
+        takes no lock and ignores other processes' locks (see :mod:`vhdx.storage`). "rb" and "r+b"
+        (or "rb+") are the same as "r" and "r+": a disk is always binary."""
+        if mode not in MODES:
+            raise UsageError(f"mode {mode!r}: use 'r' or 'r+' ('rb', 'r+b')", path=path)
+        mode = MODES[mode]
         writable = mode == "r+"
         if share and writable:
             raise UsageError("share=True (--force-share) is for reading only; a writer needs the "

@@ -12,7 +12,7 @@ import fcntl
 import os
 import stat
 
-from ..errors import DiskExistsError, ReadOnlyError, UsageError, VhdxError
+from ..errors import DiskExistsError, DiskNotFoundError, ReadOnlyError, UsageError, VhdxError
 from .locks import LOCK_MODES, FileLock, acquire_lock, release_lock
 
 _READ_CHUNK = 1 << 30  # preadv is limited to 2 GiB per call on Linux
@@ -113,6 +113,8 @@ class FileStorage(Storage):
             fd = os.open(self.path, flags, 0o644)
         except FileExistsError as e:
             raise DiskExistsError("file exists; refusing to overwrite it", path=self.path) from e
+        except FileNotFoundError as e:
+            raise DiskNotFoundError(f"cannot open: {e.strerror}", path=self.path) from e
         except OSError as e:
             raise VhdxError(f"cannot open: {e.strerror}", path=self.path) from e
         try:

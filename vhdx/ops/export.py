@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..chains.disk import Disk
+from ..chains.paths import PathArgs
+from ..chains.resolve import MissingParent
 from ..chains.resolve import open as open_disk
 from ..errors import DiskExistsError, UsageError, VhdxError
 from ..file.outputs import atomic_output
@@ -101,6 +103,15 @@ def open_layer(source: Source, layer: int | None = None, **chain_options: Any) -
     layer_number(layer, source)
     with open_disk(source, **chain_options) as disk:
         yield disk, select_layer(disk, layer)
+
+
+def given_options(search_paths: PathArgs, parents: PathArgs | None, ignore_id_mismatch: bool,
+                  missing_parent: MissingParent, share: bool) -> dict[str, Any]:
+    """The keywords of :func:`vhdx.open` that differ from their defaults (for :func:`open_layer`)."""
+    given = dict(search_paths=search_paths, parents=parents, ignore_id_mismatch=ignore_id_mismatch,
+                 missing_parent=missing_parent, share=share)
+    defaults = dict(search_paths=(), parents=None, ignore_id_mismatch=False, missing_parent="error", share=False)
+    return {k: v for k, v in given.items() if v != defaults[k]}
 
 
 def chain_files(disk: Disk) -> list[str]:
@@ -354,8 +365,9 @@ def _export_path(target: Disk, out: str, overwrite: bool, progress: ProgressCall
 
 
 def export(source: Source, out: Destination, *, layer: int | None = None, sha256: bool = False,
-           overwrite: bool = False, progress: ProgressCallback | None = None,
-           **chain_options: Any) -> ExportResult:
+           overwrite: bool = False, progress: ProgressCallback | None = None, search_paths: PathArgs = (),
+           parents: PathArgs | None = None, ignore_id_mismatch: bool = False, missing_parent: MissingParent = "error",
+           share: bool = False) -> ExportResult:
     """Write the virtual disk ``source`` (a path, or an open :class:`Disk`) as a raw image.
 
     ``out`` is a path or an open file descriptor. A new or regular file is written sparse
@@ -364,13 +376,14 @@ def export(source: Source, out: Destination, *, layer: int | None = None, sha256
     output that is a file of the chain is refused with :class:`UsageError`. ``layer`` N
     exports the disk as it is at layer N of its chain (0 the file itself, 1 its parent).
     ``sha256`` hashes the data as it streams. ``progress(done, total)`` is called as bytes
-    go by. ``chain_options`` go to :func:`vhdx.open` (``search_paths``, ``parents``,
-    ``ignore_id_mismatch``, ``missing_parent``). Returns an :class:`ExportResult`.
+    go by. ``search_paths``, ``parents``, ``ignore_id_mismatch``, ``missing_parent`` and ``share``
+    are those of :func:`vhdx.open` (for a path). Returns an :class:`ExportResult`.
     """
     if isinstance(out, bool) or not isinstance(out, (str, os.PathLike, int)):
         raise UsageError(f"not a path or a file descriptor: {type(out).__name__}")
     hasher = hashlib.sha256() if sha256 else None
-    with open_layer(source, layer, **chain_options) as (disk, target):
+    options = given_options(search_paths, parents, ignore_id_mismatch, missing_parent, share)
+    with open_layer(source, layer, **options) as (disk, target):
         refuse_chain_file(out, disk)
         try:
             if isinstance(out, int):
@@ -389,13 +402,15 @@ def export(source: Source, out: Destination, *, layer: int | None = None, sha256
 
 
 def hash(source: Source, *, layer: int | None = None, progress: ProgressCallback | None = None,
-         **chain_options: Any) -> str:
+         search_paths: PathArgs = (), parents: PathArgs | None = None, ignore_id_mismatch: bool = False,
+         missing_parent: MissingParent = "error", share: bool = False) -> str:
     """The SHA-256 of the virtual disk ``source`` (a path, or an open :class:`Disk`), in hex.
 
     It equals ``sha256sum`` of the disk's export. Holes are hashed as zeros without being
-    read. ``layer``, ``progress`` and ``chain_options`` are as for :func:`export`.
+    read. ``layer``, ``progress`` and the keywords of :func:`vhdx.open` are as for :func:`export`.
     """
     hasher = hashlib.sha256()
-    with open_layer(source, layer, **chain_options) as (_, target):
+    options = given_options(search_paths, parents, ignore_id_mismatch, missing_parent, share)
+    with open_layer(source, layer, **options) as (_, target):
         stream(target, progress=progress, hasher=hasher)
     return hasher.hexdigest()

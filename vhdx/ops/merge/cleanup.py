@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -27,6 +28,25 @@ from .journal import (JOURNAL_MAX_SOURCES, MERGE_JOURNAL_GUID, Journal, JournalM
 from .plan import MergePlan
 
 Wrap = Callable[[Storage], Storage]
+
+# The fault-injection seam of the tests, internal (not part of the API): while a test is inside
+# ``with wrapping_merge_storage(wrap):``, every file a merge opens for writing is ``wrap(storage)``.
+_WRAPPERS: list[Wrap] = []
+
+
+@contextmanager
+def wrapping_merge_storage(wrap: Wrap) -> Iterator[Wrap]:
+    """Internal, for the fault tests: open every file that a merge writes through ``wrap`` in the block."""
+    _WRAPPERS.append(wrap)
+    try:
+        yield wrap
+    finally:
+        _WRAPPERS.remove(wrap)
+
+
+def storage_wrapper() -> Wrap | None:
+    """The wrapper of :func:`wrapping_merge_storage` in force, if any (None outside the tests)."""
+    return _WRAPPERS[-1] if _WRAPPERS else None
 
 
 def open_writable(path: str, wrap: Wrap | None) -> Image:

@@ -22,7 +22,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Sequence, overload
 
-from ...chains.paths import file_key
+from ...chains.paths import PathArgs, file_key, path_list
 from ...chains.resolve import Layer, Resolver
 from ...chains.scan import ScanCache
 from ...errors import MergeError, VhdxError
@@ -32,7 +32,7 @@ from ...format import constants as C
 from ...format.locator import format_linkage, parse_linkage
 from ...format.records import MetadataItem, metadata_items
 from .cleanup import (Wrap, complete, delete_members, find_finish, hold_exclusive, nearest_first, open_writable,
-                      plan_deletes)
+                      plan_deletes, storage_wrapper)
 from .journal import Journal, allowed_folders, journal_item, load_journal, read_journal, resumable, without_journal
 from .plan import (BatView, MergePlan, check_free_space, dependents, no_space, plan_merge, stopped_error, used_bytes,
                    window_size, window_spans)
@@ -115,26 +115,23 @@ class _Stamp:
 @overload
 def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None, *,
           progress: Progress | None = None, ignore_id_mismatch: bool = False,
-          keep: bool = False, force: bool = False, search_paths: Sequence[str | os.PathLike[str]] = (),
-          dry_run: Literal[False] = False, storage_wrapper: Wrap | None = None,
-          on_plan: Callable[[MergePlan], None] | None = None) -> MergeResult:
+          keep: bool = False, force: bool = False, search_paths: PathArgs = (),
+          dry_run: Literal[False] = False, on_plan: Callable[[MergePlan], None] | None = None) -> MergeResult:
     """Merge, and say what was done."""
 
 
 @overload
 def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None, *,
           progress: Progress | None = None, ignore_id_mismatch: bool = False,
-          keep: bool = False, force: bool = False, search_paths: Sequence[str | os.PathLike[str]] = (),
-          dry_run: Literal[True], storage_wrapper: Wrap | None = None,
-          on_plan: Callable[[MergePlan], None] | None = None) -> MergePlan:
+          keep: bool = False, force: bool = False, search_paths: PathArgs = (),
+          dry_run: Literal[True], on_plan: Callable[[MergePlan], None] | None = None) -> MergePlan:
     """Plan the merge and write nothing."""
 
 
 def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None, *,
           progress: Progress | None = None, ignore_id_mismatch: bool = False,
-          keep: bool = False, force: bool = False, search_paths: Sequence[str | os.PathLike[str]] = (),
-          dry_run: bool = False, storage_wrapper: Wrap | None = None,
-          on_plan: Callable[[MergePlan], None] | None = None) -> MergeResult | MergePlan:
+          keep: bool = False, force: bool = False, search_paths: PathArgs = (),
+          dry_run: bool = False, on_plan: Callable[[MergePlan], None] | None = None) -> MergeResult | MergePlan:
     """Merge ``child`` into its parent, or every layer down to the ancestor ``into``.
 
     Afterwards the destination reads exactly as the child did and has a new DataWriteGuid;
@@ -142,7 +139,7 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
     depend on the destination unless ``force``. ``dry_run`` returns the plan and writes nothing.
     ``on_plan`` is called with the plan (its ``to_delete`` lists every file that will be deleted)
     before anything is written. Files are deleted only in the destination's folder, the child's
-    and the ``search_paths``. ``storage_wrapper`` wraps every file opened for writing (fault-injection tests).
+    and the ``search_paths`` (one folder, a str or PathLike, or a list of them).
 
     Every file the merge writes or deletes (the sources and the destination) is locked
     exclusively before the plan is made and until the merge returns, the child first, before
@@ -150,7 +147,7 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
     ours) is refused with :class:`LockedError`. A dry run takes shared locks only.
     """
     job = _Job(os.path.abspath(os.fspath(child)), into, progress, ignore_id_mismatch, keep, force,
-               [os.fspath(p) for p in search_paths], dry_run, storage_wrapper, on_plan)
+               path_list(search_paths), dry_run, storage_wrapper(), on_plan)
     try:
         if not dry_run and os.path.isfile(job.child):
             hold_exclusive([job.child], job.held)

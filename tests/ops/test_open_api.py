@@ -1,0 +1,150 @@
+"""``vhdx.open`` and the other entry points as a new user calls them (issue 14, point 5).
+
+Spelled-out keyword arguments (a typo is a TypeError at the call, which mypy --strict sees), one
+path given as a str or PathLike where one is meant, a missing file that is also a
+FileNotFoundError, "rb"/"r+b" modes, and no internal test parameter in ``help(vhdx.merge)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vhdx
+
+OPEN_KEYWORDS = ["search_paths", "parents", "ignore_id_mismatch", "missing_parent", "share", "storage"]
+
+
+def moved_chain(tmp_path: Path) -> tuple[Path, Path]:
+    """A base moved to ``tmp_path/backup`` away from its child: (the child, the backup folder)."""
+    base = tmp_path / "base.vhdx"
+    with vhdx.create(base, 8 << 20) as disk:
+        disk.write(b"base data")
+    child = Path(vhdx.snapshot(base))
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    shutil.move(str(base), str(backup / "moved.vhdx"))
+    return child, backup
+
+
+def test_open_spells_out_its_keywords() -> None:
+    params = inspect.signature(vhdx.open).parameters
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for name in OPEN_KEYWORDS:
+        assert name in params, name
+        assert params[name].annotation is not inspect.Parameter.empty
+        assert name in (vhdx.open.__doc__ or ""), f"the docstring does not describe {name}"
+
+
+@pytest.mark.parametrize("func", [vhdx.chain, vhdx.export, vhdx.hash])
+def test_the_chain_readers_spell_out_their_keywords(func) -> None:
+    params = inspect.signature(func).parameters
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    assert {"search_paths", "parents", "ignore_id_mismatch", "missing_parent", "share"} <= set(params)
+
+
+def test_a_typo_is_a_plain_type_error_naming_the_keyword(tmp_path: Path) -> None:
+    path = tmp_path / "d.vhdx"
+    vhdx.create(path, 8 << 20).close()
+    with pytest.raises(TypeError) as info:
+        vhdx.open(path, serch_paths=[str(tmp_path)])  # type: ignore[call-arg]
+    assert "serch_paths" in str(info.value)
+    assert "Resolver" not in str(info.value)
+
+
+@pytest.mark.parametrize("as_type", [str, Path])
+def test_one_search_path_is_one_folder(tmp_path: Path, as_type: type) -> None:
+    child, backup = moved_chain(tmp_path)
+    with vhdx.open(child, search_paths=as_type(backup)) as disk:
+        assert disk.read(9) == b"base data"
+    layers = vhdx.chain(child, search_paths=as_type(backup)).layers
+    assert layers[1].path == str(backup / "moved.vhdx")
+    assert not any(t.startswith("DataWriteGuid scan of /") and t.endswith("of /") for t in layers[0].tried)
+    assert vhdx.hash(child, search_paths=as_type(backup)) == vhdx.hash(child, parents=[backup / "moved.vhdx"])
+
+
+def test_one_search_path_is_never_split_into_characters(tmp_path: Path) -> None:
+    child, backup = moved_chain(tmp_path)
+    tried = vhdx.chain(child, search_paths=str(backup)).layers[0].tried
+    scanned = [t for t in tried if t.startswith("DataWriteGuid scan of")]
+    assert scanned and all(len(t) > len("DataWriteGuid scan of ") + 1 for t in scanned), scanned
+
+
+def test_one_parent_path_is_one_parent(tmp_path: Path) -> None:
+    child, backup = moved_chain(tmp_path)
+    with vhdx.open(child, parents=backup / "moved.vhdx") as disk:
+        assert disk.read(9) == b"base data"
+
+
+def test_a_missing_file_is_both_a_vhdx_error_and_file_not_found(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.vhdx"
+    for call in (lambda: vhdx.open(missing), lambda: vhdx.chain(missing), lambda: vhdx.hash(missing),
+                 lambda: vhdx.merge(missing), lambda: vhdx.snapshot(missing)):
+        with pytest.raises(vhdx.VhdxError) as info:
+            call()
+        assert isinstance(info.value, FileNotFoundError), repr(info.value)
+        assert isinstance(info.value, vhdx.DiskNotFoundError)
+        assert info.value.path == str(missing)
+        assert str(missing) in str(info.value)
+
+
+@pytest.mark.parametrize("mode, writable", [("rb", False), ("r+b", True), ("r", False), ("r+", True)])
+def test_binary_modes_are_accepted(tmp_path: Path, mode: str, writable: bool) -> None:
+    path = tmp_path / "d.vhdx"
+    vhdx.create(path, 8 << 20).close()
+    with vhdx.open(path, mode) as disk:
+        assert disk.writable() is writable
+
+
+@pytest.mark.parametrize("mode", ["w", "rw", "b", "r+bb", "a"])
+def test_other_modes_are_refused(tmp_path: Path, mode: str) -> None:
+    path = tmp_path / "d.vhdx"
+    vhdx.create(path, 8 << 20).close()
+    with pytest.raises(vhdx.UsageError):
+        vhdx.open(path, mode)
+
+
+def test_pathlike_everywhere(tmp_path: Path) -> None:
+    """Every entry point takes a PathLike where one path is meant, and returns str paths."""
+    base = tmp_path / "a" / "base.vhdx"
+    base.parent.mkdir()
+    vhdx.create(base, 8 << 20).close()
+    child = vhdx.snapshot(base)
+    assert isinstance(child, str)
+    assert vhdx.chain(Path(child)).layers[1].path == str(base)
+    other = tmp_path / "other.vhdx"
+    shutil.copy(base, other)
+    vhdx.reparent(Path(child), other)
+    assert vhdx.find_chains(tmp_path, recursive=True).chain_of(str(Path(child)))
+    assert vhdx.export(Path(child), tmp_path / "out.raw").out == str(tmp_path / "out.raw")
+    assert len(vhdx.hash(Path(child))) == 64
+    result = vhdx.merge(Path(child), other)
+    assert result.deleted == [child]
+
+
+def test_help_of_merge_shows_no_internal_parameter() -> None:
+    params = inspect.signature(vhdx.merge).parameters
+    assert "storage_wrapper" not in params
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    assert "storage_wrapper" not in (vhdx.merge.__doc__ or "")
+    assert "fault" not in (vhdx.merge.__doc__ or "")
+
+
+def test_mypy_strict_flags_a_misspelt_keyword(tmp_path: Path) -> None:
+    pytest.importorskip("mypy")
+    src = tmp_path / "user.py"
+    src.write_text("import vhdx\n\nwith vhdx.open('x', serch_paths=['/backup']) as d:\n    d.read(1)\n"
+                   "with vhdx.open('x', search_paths='/backup', mode='rb') as d:\n    d.read(1)\n")
+    root = Path(vhdx.__file__).parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), MYPYPATH=str(root))
+    run = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", os.devnull,
+                          "--follow-imports=silent", str(src)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    errors = [l for l in run.stdout.splitlines() if ": error:" in l]
+    assert len(errors) == 1 and "serch_paths" in errors[0] and "user.py:3:" in errors[0], run.stdout
