@@ -9,7 +9,7 @@ from typing import Any, Callable
 from ..chains.resolve import open as open_disk
 from ..ops.check import CheckReport, Finding, check_chain, check_file
 from .common import (EXIT_FINDINGS, EXIT_OK, EXIT_UNREADABLE, add_chain_options, add_share_option, chain_options,
-                     emit_json, plural)
+                     describing_options, emit_json, missing_parent, missing_parent_line, plural)
 from .progress import human_bytes
 
 Write = Callable[[str], Any]
@@ -37,8 +37,11 @@ def register(sub: Any) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``vhdx info``: every header, region, metadata item, BAT count and the log state of a disk."""
-    with open_disk(args.path, **chain_options(args)) as disk:
+    with open_disk(args.path, **describing_options(args)) as disk:
         info = disk.info()
+    missing = missing_parent(info.get("chain"))
+    if missing:
+        info["missing_parent"] = missing
     if args.json:
         emit_json(info)
         return EXIT_OK
@@ -50,6 +53,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     _print_log(info["log"], out)
     for layer in info.get("chain", [])[1:]:
         out(f"  parent             {layer['path']} ({layer['found_by']}, linkage {layer['linkage']})\n")
+    if missing:
+        out(missing_parent_line(missing))
     return EXIT_OK
 
 
