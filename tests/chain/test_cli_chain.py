@@ -148,7 +148,7 @@ def test_broken_chain_is_reported_and_search_repairs_it(moved_chain) -> None:
     assert_same(given.read_bytes(), bytes(cm.model), "export --parent --parent")
 
     checked = run_cli("check", leaf)
-    assert checked.returncode == 1 and "not found" in checked.stdout, checked
+    assert checked.returncode == 2 and "not found" in checked.stdout, checked
     assert run_cli("check", leaf, "--search", store).returncode == 0
     lenient = run_cli("check", leaf, "--missing-parent", "zeros")
     assert lenient.returncode == 0 and "not found" in lenient.stdout, lenient
@@ -199,7 +199,7 @@ def test_id_mismatch_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "forced.raw"
     ok("export", child, out, "--ignore-id-mismatch")
     assert_same(out.read_bytes(), cm.own_over(1, bytes(new_base)), "export --ignore-id-mismatch")
-    assert run_cli("check", child).returncode == 1
+    assert run_cli("check", child).returncode == 2
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
@@ -265,4 +265,4 @@ def test_info_and_map_describe_an_orphaned_checkpoint(tmp_path: Path) -> None:
     assert ok_json("map", child)["missing_parent"]  # every layer found, and the missing one named
 
     checked = run_cli("check", child)
-    assert checked.returncode != 0 and "not found" in checked.stdout, checked
+    assert checked.returncode == 2 and "not found" in checked.stdout, checked

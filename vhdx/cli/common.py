@@ -16,7 +16,11 @@ EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-EXIT_UNREADABLE = 2
+# vhdx check, as qemu-img check: 0 clean (warnings allowed), 1 the check could not be completed,
+# 2 errors found (corruption), 3 leaked space only
+EXIT_UNREADABLE = 1
+EXIT_CORRUPT = 2
+EXIT_LEAKS = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 

@@ -7,12 +7,17 @@ import sys
 from typing import Any, Callable
 
 from ..chains.resolve import open as open_disk
-from ..ops.check import CheckReport, Finding, check_chain, check_file
-from .common import (EXIT_FINDINGS, EXIT_OK, EXIT_UNREADABLE, add_chain_options, add_share_option, chain_options,
+from ..ops.check import LEAK, CheckReport, Finding, check_chain, check_file
+from .common import (EXIT_CORRUPT, EXIT_LEAKS, EXIT_OK, EXIT_UNREADABLE, add_chain_options, add_share_option, chain_options,
                      describing_options, emit_json, missing_parent, missing_parent_line, plural)
 from .progress import human_bytes
 
 Write = Callable[[str], Any]
+
+CHECK_HELP = ("structural check with the exit codes of qemu-img check: 0 when no errors were found (warnings "
+              "allowed), 1 when the check could not be completed (the file cannot be read as a VHDX at all), "
+              "2 when errors (corruption) were found, 3 when the only findings are leaked space (wasted, no "
+              "harm to data)")
 
 
 def register(sub: Any) -> None:
@@ -24,8 +29,7 @@ def register(sub: Any) -> None:
     add_share_option(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("check", help="structural check, like qemu-img check: exit 0 when no errors (warnings "
-                       "allowed), 1 when errors are found, 2 when the file cannot be opened as a VHDX at all")
+    p = sub.add_parser("check", help=CHECK_HELP, description=CHECK_HELP)
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_chain_options(p)
@@ -116,7 +120,8 @@ def _print_log(log: dict[str, Any], out: Write) -> None:
 # --------------------------------------------------------------------------- check
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """``vhdx check``: the structural and chain check; exit 0 ok, 1 errors, 2 not a readable VHDX."""
+    """``vhdx check``: the structural and chain check; exit codes as qemu-img check: 0 clean (warnings
+    allowed), 1 the check could not be completed, 2 errors found, 3 leaked space only."""
     report = check_file(args.path, share=args.force_share)
     if not report.opened and not args.json:
         # The file cannot be opened as a VHDX at all: one line, like every other error.
@@ -128,13 +133,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     if report.opened and not report.errors:  # a broken structure would only be reported twice
         findings.extend(check_chain(args.path, **chain_options(args)))
     errors = [f for f in findings if f.severity == "error"]
+    leaks = [f for f in findings if f.severity == LEAK]
     if args.json:
         _emit_check_json(report, findings, errors)
     else:
-        _print_check(args.path, findings, errors)
+        _print_check(args.path, findings, errors, leaks)
     if not report.opened:
         return EXIT_UNREADABLE  # the file could not be opened as a VHDX at all
-    return EXIT_FINDINGS if errors else EXIT_OK
+    return EXIT_CORRUPT if errors else EXIT_LEAKS if leaks else EXIT_OK
 
 
 def _emit_check_json(report: CheckReport, findings: list[Finding], errors: list[Finding]) -> None:
@@ -142,14 +148,17 @@ def _emit_check_json(report: CheckReport, findings: list[Finding], errors: list[
     d["findings"] = [f.to_dict() for f in findings]
     d["errors"] = len(errors)
     d["warnings"] = len([f for f in findings if f.severity == "warning"])
+    d["leaks"] = len([f for f in findings if f.severity == LEAK])
     emit_json(d)
 
 
-def _print_check(path: str, findings: list[Finding], errors: list[Finding]) -> None:
+def _print_check(path: str, findings: list[Finding], errors: list[Finding], leaks: list[Finding]) -> None:
     for f in findings:
         sys.stdout.write(f"{f}\n")
+    leaked = f"; {plural(len(leaks), 'leak')} (wasted space, no harm to data)" if leaks else ""
     if errors:
-        sys.stdout.write(f"{path}: {plural(len(errors), 'error')} found\n")
+        sys.stdout.write(f"{path}: {plural(len(errors), 'error')} found{leaked}\n")
     else:
-        notes = f" ({plural(len(findings), 'note')})" if findings else ""
-        sys.stdout.write(f"{path}: no errors were found{notes}\n")
+        notes = len(findings) - len(leaks)
+        noted = f" ({plural(notes, 'note')})" if notes else ""
+        sys.stdout.write(f"{path}: no errors were found{noted}{leaked}\n")
