@@ -131,7 +131,7 @@ def test_broken_chain_is_reported_and_search_repairs_it(moved_chain) -> None:
     assert real(data["layers"][2]["path"]) == real(store / "base.vhdx")
     assert str(store) in data["layers"][2]["found_by"]
 
-    assert_one_line_error(run_cli("info", leaf), "not found")
+    assert "MISSING" in ok("info", leaf)  # info describes the file; the missing parent is a line
     info = ok_json("info", leaf, "--search", store)
     assert [l["linkage"] for l in info["chain"]] == ["ok", "ok", "none"]
     info = ok_json("info", leaf, "--missing-parent", "zeros")
@@ -148,7 +148,7 @@ def test_broken_chain_is_reported_and_search_repairs_it(moved_chain) -> None:
     assert_same(given.read_bytes(), bytes(cm.model), "export --parent --parent")
 
     checked = run_cli("check", leaf)
-    assert checked.returncode == 1 and "not found" in checked.stdout, checked
+    assert checked.returncode == 2 and "not found" in checked.stdout, checked
     assert run_cli("check", leaf, "--search", store).returncode == 0
     lenient = run_cli("check", leaf, "--missing-parent", "zeros")
     assert lenient.returncode == 0 and "not found" in lenient.stdout, lenient
@@ -199,7 +199,7 @@ def test_id_mismatch_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "forced.raw"
     ok("export", child, out, "--ignore-id-mismatch")
     assert_same(out.read_bytes(), cm.own_over(1, bytes(new_base)), "export --ignore-id-mismatch")
-    assert run_cli("check", child).returncode == 1
+    assert run_cli("check", child).returncode == 2
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
@@ -241,3 +241,28 @@ def test_create_parent_refuses_geometry_options(option: list[str], tmp_path: Pat
     child = tmp_path / "c.avhdx"
     assert_one_line_error(run_cli("create", child, *option, "--parent", base), "parent")
     assert not child.exists()
+
+
+def test_info_and_map_describe_an_orphaned_checkpoint(tmp_path: Path) -> None:
+    """info describes the file it is given: a missing parent is a line (and a JSON field), not a
+    failure; map of the child's own layer works too; check still reports the missing parent."""
+    cm = build_chain(tmp_path, size=SIZE, child_block_sizes=[MiB], use_snapshot=False)
+    base, child = cm.paths
+    guid = str(data_write_guid(base))
+    base.unlink()
+
+    info = ok_json("info", child)
+    assert info["disk_type"] == "differencing" and info["virtual_size"] == SIZE
+    assert [l["linkage"] for l in info["chain"]] == ["missing"]
+    assert info["missing_parent"]["parent_linkage"].strip("{}") == guid and info["missing_parent"]["tried"]
+    text = ok("info", child)
+    assert re.search(r"parent +MISSING: DataWriteGuid .*" + guid, text, re.I), text
+
+    own = ok_json("map", child, "--layer", "0")
+    assert [l["layer"] for l in own["layers"]] == [0] and own["layers"][0]["ranges"]
+    assert own["missing_parent"]["parent_linkage"].strip("{}") == guid
+    assert re.search(r"parent +MISSING", ok("map", child, "--layer", "0"), re.I)
+    assert ok_json("map", child)["missing_parent"]  # every layer found, and the missing one named
+
+    checked = run_cli("check", child)
+    assert checked.returncode == 2 and "not found" in checked.stdout, checked

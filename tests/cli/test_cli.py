@@ -141,7 +141,7 @@ def test_python_m_vhdx_behaves_like_the_script(disk: Path, tmp_path: Path) -> No
 # exit codes and one-line errors
 # --------------------------------------------------------------------------------------------
 
-READ_VERBS = {"info": 1, "check": 2, "chain": 1, "map": 1, "diff": 1, "hash": 1}
+READ_VERBS = {"info": 1, "check": 1, "chain": 1, "map": 1, "diff": 1, "hash": 1}
 
 
 @pytest.mark.parametrize("verb", sorted(READ_VERBS))
@@ -170,7 +170,7 @@ def test_other_verbs_on_a_nonexistent_file(argv: list[str], disk: Path, tmp_path
 
 def test_a_nonexistent_file_in_a_real_process(tmp_path: Path) -> None:
     missing = tmp_path / "missing.vhdx"
-    for verb, code in (("info", 1), ("check", 2)):
+    for verb, code in (("info", 1), ("check", 1)):
         result = run_script(verb, missing)
         assert result.returncode == code, result.stderr
         assert_one_line_error(result.stderr, names=missing, what=verb)
@@ -184,7 +184,7 @@ def test_a_nonexistent_file_in_a_real_process(tmp_path: Path) -> None:
 def test_a_file_that_is_not_a_vhdx(kind: str, bad_files: dict[str, Path], tmp_path: Path) -> None:
     path = bad_files[kind]
     before = path.read_bytes()
-    for verb, code in (("info", 1), ("check", 2), ("chain", 1), ("map", 1), ("diff", 1), ("hash", 1)):
+    for verb, code in (("info", 1), ("check", 1), ("chain", 1), ("map", 1), ("diff", 1), ("hash", 1)):
         result = run_inprocess(verb, path)
         assert result.returncode == code, result.describe()
         assert_one_line_error(result.stderr, names=path, what=f"{verb} of a {kind} file")
@@ -197,15 +197,16 @@ def test_a_file_that_is_not_a_vhdx(kind: str, bad_files: dict[str, Path], tmp_pa
 
 @pytest.mark.parametrize("kind", ["header-only", "no-bat"])
 def test_a_vhdx_cut_before_its_bat(kind: str, bad_files: dict[str, Path]) -> None:
-    """check: 2 = the file cannot be opened as a VHDX at all (inspect.py): one line on stderr
-    saying why (--json still prints the report); every other verb: a one-line error naming the file."""
+    """check: 1 = the check could not be completed, the file cannot be opened as a VHDX at all (as
+    qemu-img check): one line on stderr saying why (--json still prints the report); every other
+    verb: a one-line error naming the file."""
     path = bad_files[kind]
     result = run_inprocess("check", path)
-    assert result.returncode == 2, result.describe()
+    assert result.returncode == 1, result.describe()
     assert_one_line_error(result.stderr, names=path, what="check of a truncated file")
     assert "too short" in result.stderr or "past the end" in result.stderr, result.stderr
     as_json = run_inprocess("check", "--json", path)
-    assert as_json.returncode == 2
+    assert as_json.returncode == 1
     report = json.loads(as_json.stdout)
     assert report["errors"] >= 1 and report["opened"] is False
     for verb in ("info", "map", "hash", "chain", "diff"):
@@ -215,10 +216,11 @@ def test_a_vhdx_cut_before_its_bat(kind: str, bad_files: dict[str, Path]) -> Non
 
 
 def test_a_vhdx_cut_inside_a_payload_block(bad_files: dict[str, Path]) -> None:
-    """It opens, so check judges it: exit 1, errors found, the block running past the end named."""
+    """It opens, so check judges it: exit 2 (corruption, as qemu-img check), errors found, the block
+    running past the end named."""
     path = bad_files["cut-payload"]
     result = run_inprocess("check", path)
-    assert result.returncode == 1, result.describe()
+    assert result.returncode == 2, result.describe()
     assert re.search(r"\d+ errors? found", result.stdout) and result.stderr == ""
     report = json.loads(run_inprocess("check", "--json", path).stdout)
     assert report["opened"] is True and report["errors"] >= 1
@@ -228,6 +230,37 @@ def test_a_vhdx_cut_inside_a_payload_block(bad_files: dict[str, Path]) -> None:
 def test_check_exit_codes_on_a_good_disk(disk: Path) -> None:
     result = run_inprocess("check", disk)
     assert result.returncode == 0 and "no errors" in result.stdout, result.describe()
+
+
+def test_check_exit_3_for_leaked_space_only(disk: Path, tmp_path: Path) -> None:
+    """Space past the last referenced structure is a leak: exit 3 as qemu-img check (wasted space,
+    no harm to data); with an error as well, the corruption wins (2); warnings alone stay 0."""
+    leaky = tmp_path / "leaky.vhdx"
+    leaky.write_bytes(disk.read_bytes() + bytes(3 * MiB))
+    result = run_inprocess("check", leaky)
+    assert result.returncode == 3, result.describe()
+    assert re.search(r"^leak .*past the last", result.stdout, re.M) and "1 leak" in result.stdout, result.stdout
+    report = json.loads(run_inprocess("check", "--json", leaky).stdout)
+    assert report["errors"] == 0 and report["leaks"] == 1, report
+    assert [f["severity"] for f in report["findings"]] == ["leak"], report
+    assert "3145728 bytes" in report["findings"][0]["message"]
+
+    ragged = tmp_path / "ragged.vhdx"  # less than the 1 MiB alignment past the end: no leak
+    ragged.write_bytes(disk.read_bytes() + bytes(512))
+    assert run_inprocess("check", ragged).returncode == 0
+
+    broken = tmp_path / "broken.vhdx"
+    data = bytearray(disk.read_bytes())
+    data[3 * MiB] = 4  # BAT entry 0 (the BAT follows header section, log and metadata): reserved state 4
+    broken.write_bytes(data + bytes(3 * MiB))
+    result = run_inprocess("check", broken)
+    assert result.returncode == 2 and "reserved BAT state" in result.stdout, result.describe()
+
+
+def test_check_help_names_the_exit_codes() -> None:
+    text = " ".join(run_inprocess("check", "--help").stdout.split())
+    for words in ("0 when", "1 when", "2 when", "3 when", "qemu-img check"):
+        assert words in text, text
 
 
 @pytest.mark.parametrize("argv", [

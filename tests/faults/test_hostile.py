@@ -892,16 +892,17 @@ CORRUPT = ("empty", "garbage", "short", "no-header", "bad-metadata")
 @pytest.mark.parametrize("verb", ["info", "check"])
 @pytest.mark.parametrize("kind", UNOPENABLE + CORRUPT)
 def test_cli_reports_unreadable_file_in_one_line(verb, kind, tmp_path, base_disks):
-    """info: exit non-zero, one line on stderr naming the file. check: exit 2 when the file
-    cannot be read at all; for a corrupt file 1 (findings on stdout) or 2 (one line on stderr)."""
+    """info: exit non-zero, one line on stderr naming the file. check (the exit codes of qemu-img
+    check): 1 when the file cannot be read at all; for a corrupt file 2 (findings on stdout) or 1
+    (the check could not be completed: one line on stderr)."""
     path = _bad_files(tmp_path, base_disks)[kind]
     r = _cli(verb, str(path))
     assert r.returncode != 0, f"exit 0 for an unreadable file; stdout={r.stdout!r}"
     assert "Traceback" not in r.stderr + r.stdout, r.stderr
     if verb == "check":
-        allowed = (2,) if kind in UNOPENABLE else (1, 2)
+        allowed = (1,) if kind in UNOPENABLE else (1, 2)
         assert r.returncode in allowed, f"check exit {r.returncode}, expected {allowed}: {r.stdout!r} {r.stderr!r}"
-        if r.returncode == 1:
+        if r.returncode == 2:
             assert path.name in r.stdout, f"check findings do not name the file: {r.stdout!r}"
             assert not r.stderr, f"check with findings wrote to stderr: {r.stderr!r}"
             return
@@ -911,7 +912,7 @@ def test_cli_reports_unreadable_file_in_one_line(verb, kind, tmp_path, base_disk
 
 
 def test_cli_check_reports_bat_entry_past_eof(tmp_path, base_disks):
-    """A structural error inside an openable file: check finds it and exits 1, no traceback."""
+    """A structural error inside an openable file: check finds it and exits 2, no traceback."""
     file_bytes, _ = base_disks("qemu512")
     buf = bytearray(file_bytes)
     L = vb.parse_layout(buf)
@@ -920,7 +921,7 @@ def test_cli_check_reports_bat_entry_past_eof(tmp_path, base_disks):
     path.write_bytes(buf)
     r = _cli("check", str(path))
     assert "Traceback" not in r.stderr + r.stdout, r.stderr
-    assert r.returncode == 1, f"check exit {r.returncode}; stdout={r.stdout!r} stderr={r.stderr!r}"
+    assert r.returncode == 2, f"check exit {r.returncode}; stdout={r.stdout!r} stderr={r.stderr!r}"
 
 
 @pytest.mark.parametrize("base", ["qemu512", "ours4k"])

@@ -76,6 +76,6 @@ def test_locator_at_its_limits_is_read_in_time_and_nothing_changes(name: str, tm
     for verb in (["info", "--json"], ["check"], ["chain"]):
         result = subprocess.run([sys.executable, "-m", "vhdx", *verb, str(child)], capture_output=True,
                                 text=True, timeout=60)
-        assert result.returncode in (0, 1), result
+        assert result.returncode in ((0, 2) if verb == ["check"] else (0, 1)), result
         assert "Traceback" not in result.stderr, result.stderr
     assert {p: digest(p) for p in (base, child)} == before

@@ -110,10 +110,13 @@ def expected_exit(name: str, argv: list[str]) -> int:
     entry = _entry(name)
     if not entry["has_parent"]:
         return 0
-    # the orphan: a missing parent is a finding for check/chain, an error without --missing-parent
-    if argv[0] in ("check", "chain"):
+    # the orphan: a missing parent is a finding for check/chain, a line in info and map, an error
+    # without --missing-parent for the verbs that read data
+    if argv[0] == "check":
+        return 2  # errors found, as qemu-img check
+    if argv[0] == "chain":
         return 1
-    if argv[0] == "diff" or "--missing-parent" in argv:
+    if argv[0] in ("diff", "info", "map") or "--missing-parent" in argv:
         return 0
     return 1
 

@@ -17,7 +17,11 @@ EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-EXIT_UNREADABLE = 2
+# vhdx check, as qemu-img check: 0 clean (warnings allowed), 1 the check could not be completed,
+# 2 errors found (corruption), 3 leaked space only
+EXIT_UNREADABLE = 1
+EXIT_CORRUPT = 2
+EXIT_LEAKS = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -102,3 +106,26 @@ def chain_options(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "missing_parent", "error") != "error":
         opts["missing_parent"] = args.missing_parent
     return opts
+
+
+def describing_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`chain_options` for a verb that describes a file (info, map) and reads no parent data:
+    a missing parent is not a failure there, it is reported (see :func:`missing_parent`)."""
+    opts = chain_options(args)
+    opts["missing_parent"] = "zeros"
+    return opts
+
+
+def missing_parent(chain_info: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The layer of ``chain_info`` (a Disk's) whose parent was not found, as JSON values, or None."""
+    for layer in chain_info or []:
+        if layer["linkage"] == "missing":
+            return dict(child=layer["path"], parent_linkage=layer["parent_linkage"], tried=layer["tried"])
+    return None
+
+
+def missing_parent_line(missing: dict[str, Any]) -> str:
+    """The line info and map print for :func:`missing_parent`'s answer."""
+    return (f"  parent             MISSING: DataWriteGuid {missing['parent_linkage']} of {missing['child']} "
+            f"not found ({plural(len(missing['tried']), 'place')} tried; 'vhdx chain' lists them, "
+            "--search DIR may find it)\n")

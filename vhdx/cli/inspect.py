@@ -7,12 +7,17 @@ import sys
 from typing import Any, Callable
 
 from ..chains.resolve import open as open_disk
-from ..ops.check import CheckReport, Finding, check_chain, check_file
-from .common import (EXIT_FINDINGS, EXIT_OK, EXIT_UNREADABLE, about, add_chain_options, add_share_option,
-                     chain_options, emit_json, plural)
+from ..ops.check import LEAK, CheckReport, Finding, check_chain, check_file
+from .common import (EXIT_CORRUPT, EXIT_LEAKS, EXIT_OK, EXIT_UNREADABLE, about, add_chain_options, add_share_option,
+                     chain_options, describing_options, emit_json, missing_parent, missing_parent_line, plural)
 from .progress import human_bytes
 
 Write = Callable[[str], Any]
+
+CHECK_HELP = ("structural check with the exit codes of qemu-img check: 0 when no errors were found (warnings "
+              "allowed), 1 when the check could not be completed (the file cannot be read as a VHDX at all), "
+              "2 when errors (corruption) were found, 3 when the only findings are leaked space (wasted, no "
+              "harm to data)")
 
 
 def register(sub: Any) -> None:
@@ -28,13 +33,14 @@ def register(sub: Any) -> None:
     add_share_option(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("check", help="structural check, like qemu-img check: exit 0 when no errors (warnings "
-                       "allowed), 1 when errors are found, 2 when the file cannot be opened as a VHDX at all",
-                       **about("Check the structures of a file and its chain as qemu-img check does: headers "
-                               "and checksums, regions, metadata, the log, every BAT entry and overlaps, and that "
-                               "each parent is found and matches. Each finding is one line with what to do "
-                               "about it; warnings do not fail the check. Nothing is written.",
-                               "vhdx check disk.vhdx", "vhdx check --search /backup checkpoint.avhdx"))
+    p = sub.add_parser("check", help=CHECK_HELP, **about(
+        "Check the structures of a file and its chain as qemu-img check does: headers and checksums, "
+        "regions, metadata, the log, every BAT entry and overlaps, and that each parent is found and "
+        "matches. Each finding is one line with what to do about it. Nothing is written. Exit codes, as "
+        "qemu-img check's: 0 when no errors were found (warnings allowed), 1 when the check could not be "
+        "completed (the file cannot be read as a VHDX at all), 2 when errors (corruption) were found, 3 "
+        "when the only findings are leaked space (wasted, no harm to data).",
+        "vhdx check disk.vhdx", "vhdx check --search /backup checkpoint.avhdx"))
     p.add_argument("path", help="the .vhdx or .avhdx file")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_chain_options(p)
@@ -46,8 +52,11 @@ def register(sub: Any) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``vhdx info``: every header, region, metadata item, BAT count and the log state of a disk."""
-    with open_disk(args.path, **chain_options(args)) as disk:
+    with open_disk(args.path, **describing_options(args)) as disk:
         info = disk.info()
+    missing = missing_parent(info.get("chain"))
+    if missing:
+        info["missing_parent"] = missing
     if args.json:
         emit_json(info)
         return EXIT_OK
@@ -59,6 +68,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     _print_log(info["log"], out)
     for layer in info.get("chain", [])[1:]:
         out(f"  parent             {layer['path']} ({layer['found_by']}, linkage {layer['linkage']})\n")
+    if missing:
+        out(missing_parent_line(missing))
     return EXIT_OK
 
 
@@ -120,7 +131,8 @@ def _print_log(log: dict[str, Any], out: Write) -> None:
 # --------------------------------------------------------------------------- check
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """``vhdx check``: the structural and chain check; exit 0 ok, 1 errors, 2 not a readable VHDX."""
+    """``vhdx check``: the structural and chain check; exit codes as qemu-img check: 0 clean (warnings
+    allowed), 1 the check could not be completed, 2 errors found, 3 leaked space only."""
     report = check_file(args.path, share=args.force_share)
     if not report.opened and not args.json:
         # The file cannot be opened as a VHDX at all: one line, like every other error.
@@ -132,13 +144,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     if report.opened and not report.errors:  # a broken structure would only be reported twice
         findings.extend(check_chain(args.path, **chain_options(args)))
     errors = [f for f in findings if f.severity == "error"]
+    leaks = [f for f in findings if f.severity == LEAK]
     if args.json:
         _emit_check_json(report, findings, errors)
     else:
-        _print_check(args.path, findings, errors)
+        _print_check(args.path, findings, errors, leaks)
     if not report.opened:
         return EXIT_UNREADABLE  # the file could not be opened as a VHDX at all
-    return EXIT_FINDINGS if errors else EXIT_OK
+    return EXIT_CORRUPT if errors else EXIT_LEAKS if leaks else EXIT_OK
 
 
 def _emit_check_json(report: CheckReport, findings: list[Finding], errors: list[Finding]) -> None:
@@ -146,14 +159,17 @@ def _emit_check_json(report: CheckReport, findings: list[Finding], errors: list[
     d["findings"] = [f.to_dict() for f in findings]
     d["errors"] = len(errors)
     d["warnings"] = len([f for f in findings if f.severity == "warning"])
+    d["leaks"] = len([f for f in findings if f.severity == LEAK])
     emit_json(d)
 
 
-def _print_check(path: str, findings: list[Finding], errors: list[Finding]) -> None:
+def _print_check(path: str, findings: list[Finding], errors: list[Finding], leaks: list[Finding]) -> None:
     for f in findings:
         sys.stdout.write(f"{f}\n")
+    leaked = f"; {plural(len(leaks), 'leak')} (wasted space, no harm to data)" if leaks else ""
     if errors:
-        sys.stdout.write(f"{path}: {plural(len(errors), 'error')} found\n")
+        sys.stdout.write(f"{path}: {plural(len(errors), 'error')} found{leaked}\n")
     else:
-        notes = f" ({plural(len(findings), 'note')})" if findings else ""
-        sys.stdout.write(f"{path}: no errors were found{notes}\n")
+        notes = len(findings) - len(leaks)
+        noted = f" ({plural(notes, 'note')})" if notes else ""
+        sys.stdout.write(f"{path}: no errors were found{noted}{leaked}\n")

@@ -9,7 +9,8 @@ from ..chains.resolve import open as open_disk
 from ..errors import DiskExistsError
 from ..ops.maps import changed_ranges, map_layers
 from ..ops.pictures import write_picture
-from .common import EXIT_OK, about, add_chain_options, add_share_option, chain_options, emit_json
+from .common import (EXIT_OK, about, add_chain_options, add_share_option, chain_options, describing_options,
+                     emit_json, missing_parent, missing_parent_line)
 from .progress import human_bytes
 
 
@@ -43,7 +44,8 @@ def register(sub: Any) -> None:
 
 def cmd_map(args: argparse.Namespace) -> int:
     """``vhdx map``: the ranges each layer holds (and, with ``--png``/``--svg``, a picture of them)."""
-    with open_disk(args.path, **chain_options(args)) as disk:
+    with open_disk(args.path, **describing_options(args)) as disk:
+        missing = missing_parent(disk.chain_info)
         maps = map_layers(disk, args.layer)
         result = [m.to_dict() for m in maps]
         for kind, path in (("png", args.png), ("svg", args.svg)):
@@ -53,13 +55,15 @@ def cmd_map(args: argparse.Namespace) -> int:
                 except DiskExistsError as e:
                     raise DiskExistsError("the picture file exists; pass --force to overwrite it", path=e.path) from e
     if args.json:
-        emit_json(dict(path=args.path, layers=result))
+        emit_json(dict(path=args.path, layers=result, **({"missing_parent": missing} if missing else {})))
         return EXIT_OK
     for layer in result:
         print(f"layer {layer['layer']}: {layer['path']} [{layer['disk_type']}]")
         print("  totals: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in layer["totals"].items()))
         for r in layer["ranges"]:
             print(f"  {r['start']:>16} +{r['length']:<14} sectors {r['first_sector']}+{r['sectors']:<10} {r['state']}")
+    if missing:
+        print(missing_parent_line(missing), end="")
     for path in (args.png, args.svg):
         if path:
             print(f"picture written to {path}")

@@ -1,9 +1,7 @@
 """One .vhdx/.avhdx file: open and validate it, its block states, and the read path.
 
-An Image knows nothing about its parent: reads that fall through (NOT_PRESENT blocks
-and clear bitmap bits of a differencing file) call the ``fallthrough`` function they
-are handed. Every change goes through the image's :class:`~vhdx.file.writer.Writer`
-(the write methods here hand over to it), and through :mod:`vhdx.file.log`.
+An Image knows nothing about its parent: reads that fall through (NOT_PRESENT blocks, clear bits)
+call the ``fallthrough`` function they are handed. Every change goes through its Writer.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from ..errors import CorruptError, ReadOnlyError, TruncatedError, UnsupportedErr
 from ..format import bat as batmod
 from ..format import bitmap as bitmapmod
 from ..format import constants as C
-from ..format import layout
+from ..format import layout, sniff
 from ..format.geometry import Geometry, align_up, as_offset
 from ..format.records import (Header, Metadata, MetadataItem, RegionEntry, current_header, parse_creator,
                               parse_header, parse_metadata_region, parse_region_table, validate_header_fields)
@@ -109,12 +107,13 @@ class Image:
         before the BAT."""
         path = self.path
         file_size = self.storage.size()
+        head = self.storage.read(0, min(file_size, C.REGION_TABLE2_OFFSET + C.REGION_TABLE_SIZE))
+        if head[:8] != C.SIGNATURE_FILE:  # name the format it is (a VHD, a qcow2...) if we can
+            tail = self.storage.read(max(0, file_size - sniff.TAIL_SIZE), min(file_size, sniff.TAIL_SIZE))
+            raise CorruptError(sniff.not_vhdx_message(head, tail, file_size), path=path, offset=0)
         if file_size < C.HEADER_SECTION_SIZE:
             raise TruncatedError(f"{file_size} bytes: too short for a VHDX file (the header section "
                                  f"alone is 1 MiB)", path=path, offset=file_size)
-        head = self.storage.read(0, C.REGION_TABLE2_OFFSET + C.REGION_TABLE_SIZE)
-        if head[:8] != C.SIGNATURE_FILE:
-            raise CorruptError("not a VHDX file (no 'vhdxfile' signature)", path=path, offset=0)
         self.creator = parse_creator(head, path=path)
         self._select_header(head)
         header = self.header

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import CorruptError, TruncatedError, UnsupportedError, VhdxError
 from . import bat as batmod
 from . import constants as C
-from .geometry import Geometry
+from .geometry import Geometry, align_up
 from .records import Header, RegionEntry
 
 
@@ -140,6 +140,15 @@ def referenced_end(spans: list[Span], alloc: Allocations) -> int:
     """The end of the last structure, payload block or sector bitmap the file references."""
     end = max(s.end for s in spans)
     return max(end, int(alloc.ends.max())) if alloc.ends.size else end
+
+
+def leaked_tail(spans: list[Span], alloc: Allocations, file_size: int) -> tuple[int, int]:
+    """``(start, length)`` of the file's bytes past its last referenced structure, payload block
+    or sector bitmap (rounded up to the 1 MiB alignment of every structure): space no entry
+    refers to, wasted but harmless. ``length`` is 0 when there is none or when it is less than
+    1 MiB (padding: Disk2VHD leaves 512 bytes)."""
+    end = align_up(referenced_end(spans, alloc))
+    return end, file_size - end if file_size - end >= C.ALIGNMENT else 0
 
 
 def outside_file(starts: np.ndarray, ends: np.ndarray, file_size: int) -> np.ndarray:

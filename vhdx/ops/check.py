@@ -25,6 +25,7 @@ from .merge.journal import audit_journal
 ERROR = "error"
 WARNING = "warning"
 INFO = "info"
+LEAK = "leak"  # space the file holds but no structure refers to: wasted, no harm to data
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,15 @@ class CheckReport:
         """The findings of severity "warning"."""
         return [f for f in self.findings if f.severity == WARNING]
 
+    @property
+    def leaks(self) -> list[Finding]:
+        """The findings of severity "leak" (space no structure refers to)."""
+        return [f for f in self.findings if f.severity == LEAK]
+
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready values."""
         return dict(path=self.path, opened=self.opened, errors=len(self.errors), warnings=len(self.warnings),
-                    findings=[f.to_dict() for f in self.findings])
+                    leaks=len(self.leaks), findings=[f.to_dict() for f in self.findings])
 
 
 def check_file(path: str | os.PathLike[str], *, storage: Storage | None = None,
@@ -114,7 +120,8 @@ def check_image(image: Image) -> list[Finding]:
     bat = _PayloadEntries.of(image)
     return [*header_findings(image), *region_table_findings(image), *log_findings(image),
             *bat_entry_findings(image, bat), *end_of_file_findings(image, bat), *sector_bitmap_findings(image, bat),
-            *overlap_findings(image), *unused_entry_findings(image), *metadata_findings(image)]
+            *overlap_findings(image), *unused_entry_findings(image), *metadata_findings(image),
+            *leak_findings(image)]
 
 
 def header_findings(image: Image) -> list[Finding]:
@@ -257,6 +264,16 @@ def overlap_findings(image: Image) -> list[Finding]:
     if hits.size > 10:
         out.append(Finding(ERROR, None, f"... and {hits.size - 10} more overlaps", hint))
     return out
+
+
+def leak_findings(image: Image) -> list[Finding]:
+    """Space past the last referenced structure, payload block or sector bitmap (a leak)."""
+    spans = layout.structure_spans(image.header, image.region_table)
+    start, length = layout.leaked_tail(spans, layout.allocations(image.bat, image.geometry), image.storage.size())
+    if not length:
+        return []
+    return [Finding(LEAK, start, f"{length} bytes past the last referenced structure are not used",
+                    "wasted space, no harm to data: a write or merge that stopped while the file grew leaves such space")]
 
 
 def unused_entry_findings(image: Image) -> list[Finding]:
