@@ -25,7 +25,7 @@ from ..file.storage import Storage
 from .disk import Disk
 from .paths import PathArg, PathArgs, file_key, path_list
 from .scan import ScanCache, linkage_of, open_found, regular_file_problem
-from .search import CYCLE, EXTERNAL, MATCH, MISMATCH, SKIP, Found, Peers, Search, Verdict, locate, other_disk
+from .search import CYCLE, EXTERNAL, MATCH, MISMATCH, SKIP, Found, Link, Peers, Search, Verdict, locate, other_disk
 
 MAX_DEPTH = 1024  # layers of one chain; deeper is refused (a loop of files, or a crafted chain)
 MissingParent = Literal["error", "zeros"]
@@ -41,7 +41,7 @@ class Layer:
     parent_linkage: str | None = None
     parent_linkage2: str | None = None
     found_by: str = "given"
-    linkage: str = "ok"  # of this layer to its parent: ok, mismatch, missing, none (base), cycle
+    linkage: Link = Link.OK  # of this layer to its parent: ok, mismatch, missing, none (base), cycle
     virtual_size: int | None = None
     tried: list[str] = field(default_factory=list)
     note: str = ""
@@ -68,7 +68,7 @@ def layer_for(image: Image, found_by: str) -> Layer:
     l1, l2 = linkage_of(image) if image.has_parent else (None, None)
     return Layer(path=image.path, disk_type=image.disk_type, data_write_guid=str(image.header.data_write_guid),
                  parent_linkage=str(l1) if l1 else None, parent_linkage2=str(l2) if l2 else None,
-                 found_by=found_by, linkage="none" if not image.has_parent else "ok",
+                 found_by=found_by, linkage=Link.NONE if not image.has_parent else Link.OK,
                  virtual_size=image.size)
 
 
@@ -112,7 +112,7 @@ class Resolver:
                 layers[-1].linkage = state
                 layers[-1].tried = tried
                 if parent is None:
-                    zeros = state == "missing" and self.missing == "zeros"
+                    zeros = state == Link.MISSING and self.missing == "zeros"
                     break
                 seen.add(file_key(parent.path))
                 images.append(parent)
@@ -202,7 +202,7 @@ class Resolver:
         return judge
 
     def _find_parent(self, child: Image, depth: int, seen: set[tuple[int, int]]
-                     ) -> tuple[Image | None, str, str, list[str]]:
+                     ) -> tuple[Image | None, str, Link, list[str]]:
         """(the opened parent or None, how it was found, the child's linkage state, paths tried)."""
         l1, l2 = linkage_of(child)
         if l1 is None:
@@ -227,23 +227,23 @@ class Resolver:
         return search.outcome()
 
     def _open_outcome(self, found: Found, child: Image, l1: uuid.UUID, seen: set[tuple[int, int]]
-                      ) -> tuple[Image | None, str, str, list[str]]:
+                      ) -> tuple[Image | None, str, Link, list[str]]:
         """Open a mismatched parent if allowed, or raise as ``strict``, ``ignore`` and ``missing`` say."""
         tried = found.tried
-        if found.state == "ok":
-            return found.image, found.how, "ok", tried
-        if found.state == "mismatch":
+        if found.state == Link.OK:
+            return found.image, found.how, Link.OK, tried
+        if found.state == Link.MISMATCH:
             if not (self.ignore or not self.strict):
                 raise ParentMismatchError(mismatch_message(l1, found), path=child.path, expected=l1, found=found.guid)
             if file_key(found.path or "") in seen:
-                return None, found.how, "cycle", tried
+                return None, found.how, Link.CYCLE, tried
             image = open_found(found.path or "", allow_block=found.how == "given", share=self.share)
-            return image, found.how, "mismatch", tried
-        if found.state == "cycle":
-            return None, "", "cycle", tried
+            return image, found.how, Link.MISMATCH, tried
+        if found.state == Link.CYCLE:
+            return None, "", Link.CYCLE, tried
         if self.strict and self.missing == "error":
             raise ParentNotFoundError(missing_message(l1, found), path=child.path, tried=tried)
-        return None, "", "missing", tried
+        return None, "", Link.MISSING, tried
 
 
 def mismatch_message(expected: uuid.UUID, found: Found) -> str:
@@ -363,7 +363,7 @@ class Chain:
     @property
     def complete(self) -> bool:
         """Every parent found with a matching DataWriteGuid, down to a base disk."""
-        return all(l.linkage in ("ok", "none") for l in self.layers) and self.base.linkage == "none"
+        return all(l.linkage in (Link.OK, Link.NONE) for l in self.layers) and self.base.linkage == Link.NONE
 
     def __len__(self) -> int:
         return len(self.layers)

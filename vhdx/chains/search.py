@@ -12,13 +12,35 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Callable, Iterator, Mapping, Sequence
 
 from ..file.image import Image
 from .paths import candidate_paths, case_insensitive, file_key
 
-MATCH, MISMATCH, CYCLE, EXTERNAL, SKIP = "ok", "mismatch", "cycle", "external", "skip"
-OTHER = "other"  # another disk (another Virtual Disk ID): passed over, and named if the parent is missing
+
+
+class Link(str, Enum):
+    """How a layer links to its parent (``Layer.linkage``), and what a look at a candidate found.
+
+    A ``str`` enum: it compares equal to, prints as and serialises to its value ("ok", ...).
+    """
+
+    OK = "ok"              # the parent was found and matches
+    MISMATCH = "mismatch"  # the same disk, but its DataWriteGuid changed since the child was made
+    MISSING = "missing"    # no parent found
+    CYCLE = "cycle"        # the chain refers back to one of its own files
+    EXTERNAL = "external"  # a matching parent outside the scanned folder (orphans)
+    NONE = "none"          # a base disk: no parent to link to
+    SKIP = "skip"          # a candidate passed over (not a regular file, unreadable, ...)
+    OTHER = "other"        # another disk (another Virtual Disk ID): passed over, named if the parent is missing
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+MATCH, MISMATCH, CYCLE, EXTERNAL, SKIP, OTHER = (Link.OK, Link.MISMATCH, Link.CYCLE, Link.EXTERNAL, Link.SKIP,
+                                                 Link.OTHER)
 
 
 @dataclass
@@ -48,7 +70,7 @@ class Found:
     which other disks (another Virtual Disk ID) were found where, and why each is not the parent.
     """
 
-    state: str
+    state: Link
     path: str | None = None
     how: str = ""
     tried: list[str] = field(default_factory=list)
@@ -80,7 +102,7 @@ class Search:
         if verdict.note:
             self.tried[-1] += " (a different disk)" if verdict.kind == OTHER else f" ({verdict.note})"
         if verdict.kind == MATCH:
-            return Found("ok", verdict.path, how, self.tried, verdict.image)
+            return Found(Link.OK, verdict.path, how, self.tried, verdict.image)
         if verdict.kind == MISMATCH:
             self.mismatches.append((how, verdict))
             self.skip.add(verdict.path)
@@ -98,14 +120,14 @@ class Search:
         or nothing."""
         if self.mismatches:
             how, verdict = self.mismatches[0]
-            return Found("mismatch", verdict.path, how, self.tried, guid=verdict.guid,
+            return Found(Link.MISMATCH, verdict.path, how, self.tried, guid=verdict.guid,
                          why=verdict.note if verdict.other_disk else "")
         if self.cycle:
-            return Found("cycle", None, "", self.tried)
+            return Found(Link.CYCLE, None, "", self.tried)
         if self.external is not None:
             how, verdict = self.external
-            return Found("external", verdict.path, how, self.tried)
-        return Found("missing", None, "", self.tried, others=self.others)
+            return Found(Link.EXTERNAL, verdict.path, how, self.tried)
+        return Found(Link.MISSING, None, "", self.tried, others=self.others)
 
 
 class Peers:

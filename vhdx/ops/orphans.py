@@ -10,13 +10,28 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 from ..chains.resolve import Resolver
 from ..chains.scan import VHDX_SUFFIXES, linkage_of, open_peek, regular_file_problem
-from ..chains.search import Peers
+from ..chains.search import Link, Peers
 from ..errors import VhdxError
 from .merge.journal import merge_in_progress
+
+
+class NodeState(str, Enum):
+    """How one disk of a folder links (``Node.state``); a ``str`` enum that prints as its value."""
+
+    BASE = "base"              # no parent: the root of a chain
+    OK = "ok"                  # its parent is in the folder and matches
+    MISSING = "missing"        # its parent was not found (or another disk sits at its place)
+    MISMATCH = "mismatch"      # its parent was found but was written after the child was made
+    EXTERNAL = "external"      # a matching parent outside the folder
+    UNREADABLE = "unreadable"  # not a VHDX we can read (``error`` says why)
+
+    __str__ = str.__str__
+    __format__ = str.__format__
 
 
 @dataclass
@@ -28,7 +43,7 @@ class Node:
     parent_linkage: str | None = None
     virtual_size: int | None = None
     parent: str | None = None
-    state: str = "base"  # base, ok, missing, mismatch, external, unreadable
+    state: NodeState = NodeState.BASE
     children: list[str] = field(default_factory=list)
     error: str | None = None
     interrupted_merge: bool = False
@@ -50,17 +65,17 @@ class Forest:
     @property
     def roots(self) -> list[Node]:
         """Readable disks without a parent in the folder (bases, and children whose parent is not here)."""
-        return [n for n in self.nodes.values() if n.parent is None and n.state != "unreadable"]
+        return [n for n in self.nodes.values() if n.parent is None and n.state != NodeState.UNREADABLE]
 
     @property
     def bases(self) -> list[Node]:
         """Disks that are not differencing disks."""
-        return [n for n in self.nodes.values() if n.state == "base"]
+        return [n for n in self.nodes.values() if n.state == NodeState.BASE]
 
     @property
     def leaves(self) -> list[Node]:
         """Readable disks without children: where a VM writes, or the ends of branches."""
-        return [n for n in self.nodes.values() if not n.children and n.state != "unreadable"]
+        return [n for n in self.nodes.values() if not n.children and n.state != NodeState.UNREADABLE]
 
     @property
     def branches(self) -> list[Node]:
@@ -70,12 +85,12 @@ class Forest:
     @property
     def broken(self) -> list[Node]:
         """Children whose parent is missing or has another DataWriteGuid."""
-        return [n for n in self.nodes.values() if n.state in ("missing", "mismatch")]
+        return [n for n in self.nodes.values() if n.state in (NodeState.MISSING, NodeState.MISMATCH)]
 
     @property
     def unreadable(self) -> list[Node]:
         """Files named like disks that could not be read (with ``error`` saying why)."""
-        return [n for n in self.nodes.values() if n.state == "unreadable"]
+        return [n for n in self.nodes.values() if n.state == NodeState.UNREADABLE]
 
     def chain_of(self, path: str) -> list[Node]:
         """The nodes from ``path`` down through its parents in the folder (stopping at a loop)."""
@@ -137,7 +152,7 @@ def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, 
             except (VhdxError, OSError) as e:
                 problem = str(e)
         if image is None:
-            node.error, node.state = problem, "unreadable"
+            node.error, node.state = problem, NodeState.UNREADABLE
             continue
         try:
             node.disk_type = image.disk_type
@@ -150,7 +165,7 @@ def _read_nodes(paths: list[str]) -> tuple[dict[str, Node], dict[str, dict[str, 
                 node.parent_linkage = str(l1) if l1 else None
                 accept[p] = {g for g in (l1, l2) if g is not None}
                 locators[p] = dict(image.metadata.parent_locator or {})
-                node.state = "missing"
+                node.state = NodeState.MISSING
         finally:
             image.close()
     return nodes, locators, accept, disk_ids
@@ -165,11 +180,11 @@ def _link_nodes(folder: str, nodes: dict[str, Node], locators: dict[str, dict[st
     """
     resolver = Resolver(search_paths=[folder], strict=False)
     peers = Peers({p: uuid.UUID(n.data_write_guid) for p, n in nodes.items()
-                   if n.state != "unreadable" and n.data_write_guid}, disk_ids)
+                   if n.state != NodeState.UNREADABLE and n.data_write_guid}, disk_ids)
     for p, locator in locators.items():
         node = nodes[p]
         found = resolver.locate_among(p, locator, accept[p], peers)
-        if found.state in ("ok", "mismatch"):
-            node.parent, node.state = found.path, found.state
-        elif found.state == "external":
-            node.state, node.external_parent = "external", found.path
+        if found.state in (Link.OK, Link.MISMATCH):
+            node.parent, node.state = found.path, NodeState(found.state.value)
+        elif found.state == Link.EXTERNAL:
+            node.state, node.external_parent = NodeState.EXTERNAL, found.path

@@ -22,7 +22,7 @@ from ...file.image import Image
 from ...file.storage import FileStorage, Storage
 from ...format import constants as C
 from ...format.locator import format_linkage, parse_linkage
-from .journal import (JOURNAL_MAX_SOURCES, MERGE_JOURNAL_GUID, Journal, JournalMember, allowed_folders,
+from .journal import (JOURNAL_MAX_SOURCES, MERGE_JOURNAL_GUID, Journal, JournalMember, JournalState, allowed_folders,
                       deletable_problem, done_item, journal_names, load_journal, parse_journal, verify_journal,
                       without_journal)
 from .plan import MergePlan
@@ -157,7 +157,7 @@ def complete(dest: Image, dest_path: str, keep: bool, wrap: Wrap | None, allowed
         # Nearest the destination first: if this stops half way, what is left has a missing
         # parent (plainly broken), never a stale link to the merged destination.
         deleted = delete_members(nearest_first(members))
-    if journal.state != "done":
+    if journal.state != JournalState.DONE:
         dest.write_metadata_items(without_journal(dest) + [done_item(journal, keep)], data_change=False)
     return deleted
 
@@ -263,22 +263,22 @@ class Finish:
     @property
     def done(self) -> bool:
         """Whether the merge finished before (only deletes a power loss undid are left)."""
-        return self.journal.state == "done"
+        return self.journal.state == JournalState.DONE
 
 
 def _finish_plan(journal: Journal, members: list[JournalMember | None], dest: Candidate, child: str,
                  keep: bool) -> MergePlan:
     """The plan of a finish: nothing to copy; ``to_delete`` the files that are still there."""
     existing = nearest_first(members)
-    if journal.state == "done" or not keep:
+    if journal.state == JournalState.DONE or not keep:
         refuse_kept(members, dest.path, child)
-    if journal.state == "done" and os.path.exists(child) and \
+    if journal.state == JournalState.DONE and os.path.exists(child) and \
             file_key(child) not in {m.key for m in existing}:
         raise MergeError(f"this disk was already merged into {dest.path}, and this copy of it is not a file "
                          f"that merge left behind; it is not deleted", path=child)
     return MergePlan(child=child, destination=dest.path, sources=[s.path for s in journal.sources],
                      destination_type=dest.disk_type, virtual_size=dest.size, resuming=True,
-                     to_delete=[] if keep and journal.state != "done" else [m.path for m in existing])
+                     to_delete=[] if keep and journal.state != JournalState.DONE else [m.path for m in existing])
 
 
 def _finishable(found: Candidate, child: str, child_guid: uuid.UUID | None) -> Journal | None:
@@ -289,7 +289,7 @@ def _finishable(found: Candidate, child: str, child_guid: uuid.UUID | None) -> J
         journal = parse_journal(found.raw_journal, found.path)
     except MergeError:
         return None  # refused by the merge itself if this is its destination
-    if journal.state == "copying" or not journal_names(journal, child, child_guid):
+    if journal.state == JournalState.COPYING or not journal_names(journal, child, child_guid):
         return None
     return journal
 
@@ -309,7 +309,7 @@ def find_finish(child: str, into: str | os.PathLike[str] | None, keep: bool, fol
         if journal is None:
             continue
         allowed = allowed_folders(found.path, child, folders=folders)
-        if journal.state == "done" and found.data_write_guid != journal.new_data_write_guid:
+        if journal.state == JournalState.DONE and found.data_write_guid != journal.new_data_write_guid:
             if os.path.exists(child):
                 raise MergeError(f"this disk was already merged into {found.path}, which has changed since; "
                                  f"it is invalid and must not be merged again", path=child)

@@ -16,6 +16,7 @@ import stat
 import time
 import uuid
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Sequence
 
 from ...chains.paths import candidate_paths, file_key
@@ -28,7 +29,22 @@ from .plan import MergePlan
 
 MERGE_JOURNAL_GUID = uuid.UUID("5b1f2a4e-9c0d-4d7e-8a53-7d6c3e9b1a01")  # our user item (vhdx.merge)
 
-JOURNAL_STATES = ("copying", "copied", "done")
+
+
+class JournalState(str, Enum):
+    """How far a merge got: "copying", "copied" (all data is in the destination), "done" (a record).
+
+    A ``str`` enum: it compares equal to, prints as and serialises to its value."""
+
+    COPYING = "copying"
+    COPIED = "copied"
+    DONE = "done"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+JOURNAL_STATES = tuple(state.value for state in JournalState)
 JOURNAL_MAX_BYTES = 1 << 20  # a metadata item holds at most 1 MiB (§4.1)
 JOURNAL_MAX_SOURCES = 1024
 JOURNAL_MAX_PATH = 4096
@@ -50,7 +66,7 @@ class JournalSource:
 class Journal:
     """A merge journal that passed the schema check; ``body`` is the decoded JSON."""
 
-    state: str
+    state: JournalState
     sources: tuple[JournalSource, ...]
     new_data_write_guid: uuid.UUID
     original_data_write_guid: uuid.UUID
@@ -59,7 +75,7 @@ class Journal:
 
 
 def journal_item(plan: MergePlan, new_guid: uuid.UUID, original: uuid.UUID, source_guids: list[str],
-                 state: str = "copying", keep: bool = False) -> MetadataItem:
+                 state: JournalState = JournalState.COPYING, keep: bool = False) -> MetadataItem:
     """Our user metadata item: which merge is under way, and how far it got.
 
     States: "copying", "copied" (all data is in the destination), "done" (kept as a record).
@@ -79,7 +95,7 @@ def journal_item(plan: MergePlan, new_guid: uuid.UUID, original: uuid.UUID, sour
 def done_item(journal: Journal, keep: bool) -> MetadataItem:
     """The journal of a finished merge: it stays as a record ("done"), so that a re-run of the same
     command after an interruption can tell that the job is finished."""
-    done = dict(journal.body, state="done", finished=int(time.time()), keep=keep)
+    done = dict(journal.body, state=JournalState.DONE.value, finished=int(time.time()), keep=keep)
     return MetadataItem(MERGE_JOURNAL_GUID, json.dumps(done).encode(), C.METADATA_IS_USER)
 
 
@@ -146,7 +162,7 @@ def _journal_from(body: Any) -> Journal:
     if len(set(guids)) != len(guids):
         raise ValueError("a DataWriteGuid appears twice")
     _check_details(body)
-    return Journal(body["state"], sources, new, original, body.get("keep"), body)
+    return Journal(JournalState(body["state"]), sources, new, original, body.get("keep"), body)
 
 
 def parse_journal(raw: bytes, path: str) -> Journal:
@@ -191,7 +207,7 @@ def resumable(journal: Journal | None, sources: Sequence[Image], dest_path: str)
 
     A finished merge's record ("done") is ignored; an unfinished merge of other files is refused.
     """
-    if journal is None or journal.state == "done":
+    if journal is None or journal.state == JournalState.DONE:
         return None
     if [s.data_write_guid for s in journal.sources] != [im.header.data_write_guid for im in sources]:
         names = ", ".join(os.path.basename(s.path) for s in journal.sources[:4])
@@ -363,7 +379,7 @@ def audit_journal(path: str | os.PathLike[str], search_paths: Sequence[str] = ()
         return None
     try:
         journal = parse_journal(bytes(raw), path)
-        if journal.state == "done" and guid != journal.new_data_write_guid:
+        if journal.state == JournalState.DONE and guid != journal.new_data_write_guid:
             return None
         verify_journal(journal, path, allowed_folders(path, journal.sources[0].path, folders=search_paths))
     except MergeError as e:

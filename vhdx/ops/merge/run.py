@@ -33,7 +33,7 @@ from ...format.locator import format_linkage, parse_linkage
 from ...format.records import MetadataItem, metadata_items
 from .cleanup import (Wrap, complete, delete_members, find_finish, hold_exclusive, nearest_first, open_writable,
                       plan_deletes, storage_wrapper)
-from .journal import Journal, allowed_folders, journal_item, load_journal, read_journal, resumable, without_journal
+from .journal import Journal, JournalState, allowed_folders, journal_item, load_journal, read_journal, resumable, without_journal
 from .plan import (BatView, MergePlan, check_free_space, dependents, no_space, plan_merge, stopped_error, used_bytes,
                    window_size, window_spans)
 from .plan import extents as _extents  # the copy's one seam: tests/cli/test_demo.py patches run._extents
@@ -107,7 +107,7 @@ class _Stamp:
     source_guids: list[str]
     keep: bool
 
-    def item(self, state: str) -> MetadataItem:
+    def item(self, state: JournalState) -> MetadataItem:
         """The journal item in ``state``."""
         return journal_item(self.plan, self.new_guid, self.original, self.source_guids, state, self.keep)
 
@@ -351,7 +351,7 @@ def _start(dest: Image, stamp: _Stamp) -> None:
     fresh = dest.header.data_write_guid != stamp.new_guid
     dest.begin_session(data_change=True, data_write_guid=stamp.new_guid)
     if fresh:
-        dest.write_metadata_items(without_journal(dest) + [stamp.item("copying")])
+        dest.write_metadata_items(without_journal(dest) + [stamp.item(JournalState.COPYING)])
 
 
 class _Batches:
@@ -408,7 +408,7 @@ def _copied(dest: Image, child: Image, stamp: _Stamp) -> None:
     items = [child_items.pop(key(it), it) if it.flags & C.METADATA_IS_VIRTUAL_DISK else it
              for it in without_journal(dest)]
     items.extend(child_items.values())
-    dest.write_metadata_items(items + [stamp.item("copied")])
+    dest.write_metadata_items(items + [stamp.item(JournalState.COPIED)])
     dest.flush()
 
 
