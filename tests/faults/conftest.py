@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from support.disk import MiB, sha256_file  # noqa: E402
+from support.scratch import scratch_folder  # noqa: E402
 from support.disk import nonzero_pattern as _pattern  # noqa: E402
 
 __all__ = ["MiB", "sha256_file"]
@@ -144,16 +144,8 @@ def _address_space_limit():
 
 @pytest.fixture
 def scratch(tmp_path: Path):
-    """A folder on /dev/shm when there is one (hundreds of small copies), else ``tmp_path``."""
-    shm = "/dev/shm"
-    if not (os.path.isdir(shm) and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    folder = Path(tempfile.mkdtemp(prefix="vhdx-faults-", dir=shm))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    """A scratch folder on a RAM file system (see support.scratch): hundreds of small copies."""
+    yield from scratch_folder(tmp_path, "vhdx-faults-")
 
 
 
