@@ -71,6 +71,8 @@ def _full_hash_is_slow(entry: dict[str, Any]) -> bool:
 def _params(select: Callable[[dict[str, Any]], bool],
             slow: Callable[[dict[str, Any]], bool] = _is_lvm2) -> list[Any]:
     if ENTRIES is None:
+        if os.environ.get("CI", "").lower() == "true":  # the shared_dir fixture then fails the test
+            return [pytest.param(None, id="no-shared")]
         return [pytest.param(None, id="no-shared", marks=pytest.mark.skip(
             reason=f"shared specimens folder not found at {_shared_dir().resolve()} "
                    f"(put it beside the repository or set VHDX_SHARED)"))]
