@@ -12,6 +12,7 @@ from ..chains.resolve import open, stack
 from ..errors import ChainError, UsageError
 from ..file.create import create_image
 from ..file.image import Image
+from ..file.outputs import remove_quietly, sync_folder
 from ..format import constants as C
 from ..format.constants import MiB
 from ..format.locator import KEY_ORDER, build_parent_locator, format_linkage
@@ -75,10 +76,8 @@ def create_child(path: str | os.PathLike[str], parent: str | os.PathLike[str], *
     except BaseException:
         image.close()
         pdisk.close()
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        remove_quietly(path)  # the child we just published: gone for good, folder synced
+        sync_folder(os.path.dirname(os.path.abspath(path)))
         raise
 
 
