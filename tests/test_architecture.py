@@ -4,7 +4,11 @@
   ``_version`` serve every floor; the package root only re-exports.
 - Nothing imports in a circle (module level).
 - No name with a leading underscore is imported from another module.
-- No import inside a function, except of an optional dependency.
+- No import inside a function, except of an optional dependency, and the deliberate lazy
+  imports of cli/: a verb module imports ops/ and chains/ (numpy, construct) only inside its
+  handlers, so that ``vhdx --help`` loads none of them; the floors rule checks those imports too.
+- The package root imports ``_version`` and ``errors`` only; every other public name is loaded
+  at first use (``LAZY`` in vhdx/__init__.py, the same names as its TYPE_CHECKING block).
 - Modules stay under about 450 lines; functions under about 60 lines and complexity 15.
 """
 
@@ -163,8 +167,56 @@ def test_no_imports_inside_functions():
                 continue
             if isinstance(node, (ast.Import, ast.ImportFrom)) and _inside_type_checking(path, node):
                 continue
+            if _lazy_cli_import(module, target):
+                continue
             bad.append(f"{module}:{node.lineno} imports {target} inside a function")
     assert not bad, "\n".join(bad)
+
+
+def _lazy_cli_import(module: str, target: str) -> bool:
+    """A cli/ function importing a lower floor of vhdx: the lazy-import pattern of the verb handlers."""
+    theirs = floor_of(target)
+    return floor_of(module) == FLOORS["cli"] and theirs is not None and theirs < FLOORS["cli"]
+
+
+def test_cli_imports_lower_floors_only_lazily():
+    """At module level cli/ imports only the standard library, ``errors``, ``_version`` and cli/ itself.
+
+    So ``vhdx --help`` (which imports every verb module to build its parser) loads no ops/,
+    no numpy and no construct: a verb handler imports what it calls (docs/architecture.md).
+    """
+    bad = []
+    for module, path in modules().items():
+        if floor_of(module) != FLOORS["cli"]:
+            continue
+        for target, _names, node, top in imports_of(module, path):
+            if not top:
+                continue
+            theirs = floor_of(target)
+            if theirs is not None and theirs < FLOORS["cli"]:
+                bad.append(f"{module}:{node.lineno} imports {target} at module level (import it in the handler)")
+            elif target.split(".")[0] in OPTIONAL | {"numpy", "construct"}:
+                bad.append(f"{module}:{node.lineno} imports {target} at module level")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_package_root_loads_its_names_lazily():
+    """vhdx/__init__.py imports only ``_version`` and ``errors``; ``LAZY`` maps every other public name
+    to the module that defines it, the same names (and modules) as its TYPE_CHECKING block."""
+    path = PACKAGE / "__init__.py"
+    tree = ast.parse(path.read_text())
+    eager = {resolve("vhdx", True, n) for n in tree.body if isinstance(n, ast.ImportFrom)}
+    assert eager <= {"__future__", "vhdx._version", "vhdx.errors", "typing", ""}, eager
+    typed = {}
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom)
+                typed |= {a.name: resolve("vhdx", True, imp) for a in imp.names}
+    lazy = next(ast.literal_eval(n.value) for n in tree.body
+                if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "LAZY")
+    assert {name: f"vhdx.{where}" for name, where in lazy.items()} == typed
+    assert all(floor_of(t) is not None and t in modules() for t in typed.values())
 
 
 def _inside_type_checking(path: Path, target: ast.AST) -> bool:

@@ -32,18 +32,25 @@ with ``.path`` and ``.offset``. This module only re-exports; the code lives on f
 (docs/architecture.md).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .chains.disk import Disk
-from .chains.resolve import Chain, Layer, chain, open
 from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, DiskExistsError, DiskNotFoundError,
                      LockedError, LogReplayError, MergeError, ParentMismatchError, ParentNotFoundError,
                      ReadOnlyError, TruncatedError, UnsupportedError, UsageError, VhdxError)
-from .ops.create import create, snapshot
-from .ops.export import ExportResult, export, hash
-from .ops.merge.plan import MergePlan
-from .ops.merge.run import MergeResult, merge
-from .ops.orphans import Forest, Node, find_chains
-from .ops.reparent import reparent
+
+if TYPE_CHECKING:
+    from .chains.disk import Disk
+    from .chains.resolve import Chain, Layer, chain, open
+    from .ops.create import create, snapshot
+    from .ops.export import ExportResult, export, hash
+    from .ops.merge.plan import MergePlan
+    from .ops.merge.run import MergeResult, merge
+    from .ops.orphans import Forest, Node, find_chains
+    from .ops.reparent import reparent
 
 __all__ = [
     "__version__", "open", "create", "Disk", "snapshot", "chain", "Chain", "Layer", "reparent",
@@ -52,3 +59,29 @@ __all__ = [
     "ChainError", "ParentNotFoundError", "ParentMismatchError", "ChainCycleError", "ReadOnlyError",
     "MergeError", "UsageError", "DiskExistsError", "DiskNotFoundError", "LockedError",
 ]
+
+# Public name -> the module that defines it. These modules import numpy and construct, so they are
+# imported at the first use of one of their names (PEP 562): ``import vhdx`` and ``vhdx --help`` stay
+# light. The names are the ones of the TYPE_CHECKING block above (tests/test_architecture.py checks it).
+LAZY = {
+    "Disk": "chains.disk", "Chain": "chains.resolve", "Layer": "chains.resolve", "chain": "chains.resolve",
+    "open": "chains.resolve", "create": "ops.create", "snapshot": "ops.create", "ExportResult": "ops.export",
+    "export": "ops.export", "hash": "ops.export", "MergePlan": "ops.merge.plan", "MergeResult": "ops.merge.run",
+    "merge": "ops.merge.run", "Forest": "ops.orphans", "Node": "ops.orphans", "find_chains": "ops.orphans",
+    "reparent": "ops.reparent",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module of a public name at its first use, and keep the name here."""
+    where = LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{where}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """Every public name, loaded or not."""
+    return sorted(set(globals()) | set(__all__))

@@ -23,6 +23,9 @@ from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
 __all__ = ["build_parser", "main"]
 
 # Every verb module, in the order of ``vhdx --help``; each adds its parsers with ``register(sub)``.
+# They are imported to build the parser, so they import only the standard library, errors and cli/ at
+# their top; each ``cmd_*`` handler imports the ops/ and chains/ names it calls (numpy, construct):
+# ``vhdx --help`` stays light (tests/test_architecture.py, tests/cli/test_startup.py).
 VERB_MODULES = (inspect, disks, chain_cmd, merge_cmd, map_cmd, demo_cmd)
 
 DESCRIPTION = "Hyper-V VHDX/AVHDX disks: inspect, check, export, create, snapshot, merge."

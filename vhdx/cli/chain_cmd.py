@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..chains.resolve import Layer, chain
-from ..ops.create import snapshot
-from ..ops.orphans import Forest, Node, find_chains
-from ..ops.reparent import reparent
-from ..ops.merge.journal import interrupted_merge_at
 from .common import (EXIT_FINDINGS, EXIT_OK, about, add_chain_options, add_progress_options, add_share_option,
                      chain_options, emit_json, parse_size)
 from .merge_cmd import merge_plans
+
+if TYPE_CHECKING:
+    from ..chains.resolve import Layer
+    from ..ops.orphans import Forest, Node
 
 
 def register(sub: Any) -> None:
@@ -80,6 +79,8 @@ def indent(depth: int, unit: str) -> str:
 
 def cmd_chain(args: argparse.Namespace) -> int:
     """``vhdx chain PATH``: each layer, how its parent was found, and what is broken."""
+    from ..chains.resolve import chain
+    from ..ops.merge.journal import interrupted_merge_at
     options = chain_options(args)
     ch = chain(args.path, **options)
     interrupted = {layer.path: interrupted_merge_at(layer.path, share=bool(options.get("share")))
@@ -121,6 +122,7 @@ def _print_layer(depth: int, layer: Layer, interrupted: bool) -> None:
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     """``vhdx snapshot DISK``: a Hyper-V style checkpoint child beside the disk."""
+    from ..ops.create import snapshot
     bs = parse_size(args.block_size) if args.block_size else None
     path = snapshot(args.disk, block_size=bs)
     if args.json:
@@ -133,6 +135,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 def cmd_reparent(args: argparse.Namespace) -> int:
     """``vhdx reparent CHILD --parent NEW``: point a child at another parent file."""
+    from ..ops.reparent import reparent
     result = reparent(args.child, args.parent, ignore_id_mismatch=args.ignore_id_mismatch)
     if args.json:
         emit_json(result)
@@ -206,6 +209,7 @@ def print_forest(forest: Forest) -> None:
 
 def cmd_orphans(args: argparse.Namespace) -> int:
     """``vhdx orphans FOLDER``: every chain of a folder, the merge commands, and with --merge the merges."""
+    from ..ops.orphans import find_chains
     forest = find_chains(args.folder, recursive=args.recursive)
     plans = mergeable_chains(forest)
     if args.json and not args.merge:

@@ -7,7 +7,6 @@ import os
 from typing import Any
 
 from ..errors import UsageError
-from ..ops.demo import run_in
 from .common import EXIT_ERROR, EXIT_OK, about
 
 
@@ -24,6 +23,7 @@ def register(sub: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``vhdx demo``: exit 0 when every check of the demo passed, 1 when one failed."""
+    from ..ops.demo import run_in
     if args.dir and os.path.exists(args.dir) and not os.path.isdir(args.dir):
         raise UsageError("--dir must be a folder", path=args.dir)
     return EXIT_OK if run_in(args.dir or None) else EXIT_ERROR

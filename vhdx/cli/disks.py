@@ -8,9 +8,6 @@ import sys
 from typing import Any
 
 from ..errors import DiskExistsError, UsageError
-from ..ops.create import create
-from ..ops.export import export, open_layer
-from ..ops.export import hash as hash_disk
 from .common import (EXIT_OK, about, add_chain_options, add_progress_options, add_share_option, chain_options,
                      emit_json, parse_size)
 from .progress import Progress, human_bytes
@@ -70,6 +67,7 @@ def _add_reading_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     """``vhdx create``: a new dynamic, fixed or (with ``--parent``) differencing disk."""
+    from ..ops.create import create
     if not args.parent and args.size is None:
         raise UsageError("give a size (e.g. 64M) or --parent", path=args.path)
     with create(args.path, args.size, parent=args.parent or None, block_size=args.block_size,
@@ -88,6 +86,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``vhdx export``: write the disk (as of ``--layer``) to OUT, or to stdout for ``-``."""
+    from ..ops.export import export
     out = sys.stdout.buffer.fileno() if args.out == "-" else args.out
     progress = Progress(f"export {os.path.basename(args.path)}", enabled=args.progress)
     try:
@@ -112,6 +111,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_hash(args: argparse.Namespace) -> int:
     """``vhdx hash``: the SHA-256 of the disk (as of ``--layer``)."""
+    from ..ops.export import hash as hash_disk
+    from ..ops.export import open_layer
     progress = Progress(f"hash {os.path.basename(args.path)}", enabled=args.progress)
     try:
         with open_layer(args.path, args.layer, **chain_options(args)) as (_, target):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from ..chains.resolve import open as open_disk
-from ..ops.check import LEAK, CheckReport, Finding, check_chain, check_file
 from .common import (EXIT_CORRUPT, EXIT_LEAKS, EXIT_OK, EXIT_UNREADABLE, about, add_chain_options, add_share_option,
                      chain_options, describing_options, emit_json, missing_parent, missing_parent_line, plural)
 from .progress import human_bytes
+
+if TYPE_CHECKING:
+    from ..ops.check import CheckReport, Finding
 
 Write = Callable[[str], Any]
 
@@ -52,6 +53,7 @@ def register(sub: Any) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``vhdx info``: every header, region, metadata item, BAT count and the log state of a disk."""
+    from ..chains.resolve import open as open_disk
     with open_disk(args.path, **describing_options(args)) as disk:
         info = disk.info()
     missing = missing_parent(info.get("chain"))
@@ -133,6 +135,7 @@ def _print_log(log: dict[str, Any], out: Write) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     """``vhdx check``: the structural and chain check; exit codes as qemu-img check: 0 clean (warnings
     allowed), 1 the check could not be completed, 2 errors found, 3 leaked space only."""
+    from ..ops.check import LEAK, check_chain, check_file
     report = check_file(args.path, share=args.force_share)
     if not report.opened and not args.json:
         # The file cannot be opened as a VHDX at all: one line, like every other error.
@@ -155,6 +158,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _emit_check_json(report: CheckReport, findings: list[Finding], errors: list[Finding]) -> None:
+    from ..ops.check import LEAK
     d = report.to_dict()
     d["findings"] = [f.to_dict() for f in findings]
     d["errors"] = len(errors)

@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..chains.resolve import open as open_disk
 from ..errors import DiskExistsError
-from ..ops.maps import changed_ranges, map_layers
-from ..ops.pictures import write_picture
 from .common import (EXIT_OK, about, add_chain_options, add_share_option, chain_options, describing_options,
                      emit_json, missing_parent, missing_parent_line)
 from .progress import human_bytes
@@ -44,6 +41,9 @@ def register(sub: Any) -> None:
 
 def cmd_map(args: argparse.Namespace) -> int:
     """``vhdx map``: the ranges each layer holds (and, with ``--png``/``--svg``, a picture of them)."""
+    from ..chains.resolve import open as open_disk
+    from ..ops.maps import map_layers
+    from ..ops.pictures import write_picture
     with open_disk(args.path, **describing_options(args)) as disk:
         missing = missing_parent(disk.chain_info)
         maps = map_layers(disk, args.layer)
@@ -72,6 +72,8 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     """``vhdx diff``: the sectors a checkpoint changed against its parent (a missing parent reads as zeros)."""
+    from ..chains.resolve import open as open_disk
+    from ..ops.maps import changed_ranges
     opts = chain_options(args)
     opts.setdefault("missing_parent", "zeros")
     with open_disk(args.child, **opts) as disk:

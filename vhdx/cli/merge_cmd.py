@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..ops.merge.plan import MergePlan
-from ..ops.merge.run import merge
 from .common import EXIT_ERROR, EXIT_OK, about, add_progress_options, emit_json
 from .progress import Progress, human_bytes
+
+if TYPE_CHECKING:
+    from ..ops.merge.plan import MergePlan
 
 
 def register(sub: Any) -> None:
@@ -66,6 +67,7 @@ def _announce(args: argparse.Namespace) -> Any:
 
 
 def _run_one(args: argparse.Namespace, child: str, into: str | None) -> dict[str, Any]:
+    from ..ops.merge.run import merge
     progress = Progress(f"merge {os.path.basename(child)}", enabled=getattr(args, "progress", None))
     result = merge(child, into, progress=progress, ignore_id_mismatch=getattr(args, "ignore_id_mismatch", False),
                    keep=getattr(args, "keep", False), force=getattr(args, "force", False),
@@ -77,6 +79,7 @@ def _run_one(args: argparse.Namespace, child: str, into: str | None) -> dict[str
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """``vhdx merge``: print the plan (``--dry-run``) or merge and print what was done."""
+    from ..ops.merge.run import merge
     if args.dry_run:
         plan = merge(args.child, args.into, ignore_id_mismatch=args.ignore_id_mismatch, search_paths=args.search,
                      keep=args.keep, dry_run=True)
@@ -108,6 +111,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def merge_plans(args: argparse.Namespace, chains_to_merge: list) -> int:
     """Merge each unambiguous chain of ``vhdx orphans --merge`` after showing its plan."""
+    from ..ops.merge.run import merge
     if not chains_to_merge:
         print("nothing to merge: no complete, unbranched chain of checkpoints")
         return EXIT_OK

@@ -1,12 +1,13 @@
-"""The progress bar on stderr (tqdm): fits the terminal, shows rate and ETA, silent when not a terminal."""
+"""The progress bar on stderr (tqdm): fits the terminal, shows rate and ETA, silent when not a terminal.
+
+tqdm is imported when the first bar is drawn, so that a verb that draws none never loads it.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 from typing import Any, TextIO
-
-from tqdm import tqdm
 
 
 def human_bytes(n: float) -> str:
@@ -50,6 +51,7 @@ class Progress:
         if not self.enabled:
             return
         if self._bar is None:
+            from tqdm import tqdm  # lazily: most commands never draw a bar
             self._bar = tqdm(total=total, desc=self.label, file=self.stream, unit="B", unit_scale=True,
                              unit_divisor=1024, ncols=terminal_width(self.stream) - 1, mininterval=0.1,
                              leave=True, ascii=not _unicode(self.stream))
