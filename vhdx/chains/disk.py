@@ -8,6 +8,8 @@ never searches for one (that is :mod:`vhdx.chains.resolve`'s job). It owns the p
 from __future__ import annotations
 
 import io
+import os
+import sys
 import uuid
 from typing import Any, Callable, Iterable
 
@@ -15,11 +17,21 @@ import numpy as np
 
 from ..errors import ReadOnlyError, UsageError
 from ..file.image import Image, zero_fill
+from ..file.storage import FileStorage
 from ..format import bitmap as bitmapmod
 from ..format import bat as batmod
+from ..format import constants as C
 from ..format.geometry import as_offset
 
 _MAX_CHUNK = 64 << 20
+
+# The short path (:meth:`Disk._read_short`): a read of at most SHORT_MAX bytes that stays inside one
+# block of every layer it reaches is one BAT lookup per layer and one system call.
+SHORT_MAX = 1 << 20
+_ZEROS = memoryview(bytes(SHORT_MAX))
+_STATE_MASK, _OFFSET_MASK = int(C.BAT_STATE_MASK), int(C.BAT_FILE_OFFSET_MASK)
+_FULLY, _PARTIALLY = int(C.PAYLOAD_BLOCK_FULLY_PRESENT), int(C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+_NOT_PRESENT = int(C.PAYLOAD_BLOCK_NOT_PRESENT)
 
 
 class Disk(io.RawIOBase):
@@ -34,6 +46,7 @@ class Disk(io.RawIOBase):
         self._parent_zeros = parent_zeros
         self._position = 0
         self.chain_info: list[dict[str, Any]] = []
+        self._short: list[tuple[Any, ...]] | None = None  # the short path's view of the chain, once built
         if image.has_parent and parent is None and not parent_zeros:
             raise UsageError("a differencing disk needs its parent (or parent_zeros=True)", path=image.path)
 
@@ -127,20 +140,89 @@ class Disk(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         """Read at the position into ``buffer``; returns the bytes read (0 at the end)."""
-        self._check_open()
-        view = memoryview(buffer).cast("B")
-        n = self.pread_into(view, self._position)
-        self._position += n
+        if self.closed:
+            raise ValueError("I/O operation on closed disk")
+        view = buffer if type(buffer) is bytearray else memoryview(buffer).cast("B")
+        pos = self._position
+        if 0 < len(view) <= SHORT_MAX and self._read_short(view, pos):
+            n = len(view)
+        else:
+            n = self._pread_general(memoryview(view), pos)
+        self._position = pos + n
         return n
 
     def pread_into(self, view: memoryview, offset: int) -> int:
         """Positional read: fill ``view`` from virtual ``offset``, clipped at the disk size."""
-        offset = as_offset(offset, "offset", self.path)
         view = memoryview(view).cast("B")
+        if type(offset) is int and offset >= 0 and 0 < len(view) <= SHORT_MAX and self._read_short(view, offset):
+            return len(view)
+        return self._pread_general(view, offset)
+
+    def _pread_general(self, view: memoryview, offset: int) -> int:
+        offset = as_offset(offset, "offset", self.path)
         n = max(0, min(len(view), self.size - offset))
         if n:
             self._read_virtual(view[:n], offset)
         return n
+
+    def _read_short(self, view: memoryview | bytearray, offset: int) -> bool:
+        """The read of a few KiB, as fast as Python allows: True when ``view`` was filled from
+        ``offset``; False (nothing promised about ``view``) sends it down the general path.
+
+        Taken when the range lies inside one block of each layer it reaches and that block is
+        present (one ``preadv``), not present (the next layer down) or reads as zeros. Anything
+        else (partially present blocks, the end of a layer, a read-only overlay of a dirty log,
+        a short read or an error) is left to the general path, which handles (and reports) it.
+        """
+        layers = self._short
+        if layers is None:
+            layers = self._short = self._short_layers()
+        if not layers:
+            return False
+        n = len(view)
+        for image, bat, entries, shift, ratio_shift, fd, size, here, down in layers:
+            if image.closed or image.bat is not bat or offset + n > size:
+                return False
+            block = offset >> shift
+            within = offset - (block << shift)
+            if within + n > 1 << shift:
+                return False
+            entry = entries[block + (block >> ratio_shift)]
+            state = entry & _STATE_MASK
+            if state in here:  # the bytes are in this file
+                try:
+                    return fd is not None and os.preadv(fd, [view], (entry & _OFFSET_MASK) + within) == n
+                except OSError:
+                    return False  # the general path reads again and reports it with the offset
+            elif state != down:  # not "the next layer down" (NOT_PRESENT in a differencing layer)
+                if state == _PARTIALLY:
+                    return False  # its sector bitmap says which sectors are here: the general path
+                break  # zeros: ZERO, UNMAPPED, UNDEFINED, or NOT_PRESENT without a parent
+        view[:] = _ZEROS[:n]
+        return True
+
+    def _short_layers(self) -> list[tuple[Any, ...]]:
+        """Per layer, leaf first, what :meth:`_read_short` needs; empty (the short path is never
+        taken) for a writable disk, whose BAT changes as it is written, or a big-endian host."""
+        layers: list[tuple[Any, ...]] = []
+        disk: Disk | None = self
+        while disk is not None:
+            im = disk.image
+            if im.writable or sys.byteorder != "little":
+                return []
+            storage = im.storage
+            fd = storage.fileno() if type(storage) is FileStorage else None  # an overlay, a test double: no
+            bs, ratio = im.block_size, im.geometry.chunk_ratio
+            # powers of two in every valid file (docs/format.md §4.3, §5.1): lookups are shifts
+            if bs & (bs - 1) or ratio & (ratio - 1):
+                return []
+            entries = memoryview(np.asarray(im.bat).view(np.uint8).data).cast("Q")
+            # the states whose bytes are in this file, and the one that sends a read to the parent
+            here = (_FULLY,) if im.has_parent else (_FULLY, _PARTIALLY)
+            down = _NOT_PRESENT if im.has_parent else -1
+            layers.append((im, im.bat, entries, bs.bit_length() - 1, ratio.bit_length() - 1, fd, im.size, here, down))
+            disk = disk.parent
+        return layers
 
     def pread(self, offset: int, length: int) -> bytes:
         """Positional read of up to ``length`` bytes from virtual ``offset`` (fewer at the end)."""

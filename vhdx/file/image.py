@@ -20,6 +20,7 @@ from ..format import layout, sniff
 from ..format.geometry import Geometry, align_up, as_offset
 from ..format.records import (Header, Metadata, MetadataItem, RegionEntry, current_header, parse_creator,
                               parse_header, parse_metadata_region, parse_region_table, validate_header_fields)
+from .buffers import readinto_file
 from .copy import Progress
 from .extents import Extent
 from .log import LogEntry, plan_replay
@@ -319,7 +320,7 @@ class Image:
                 break
             block += 1
             n += min(bs, total - done - n)
-        self.storage.readinto(view[done:done + n], file_offset)
+        readinto_file(self.storage, view[done:done + n], file_offset)
         return n
 
     def _read_partial(self, out: memoryview, block: int, in_block: int, entry: int,

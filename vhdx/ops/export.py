@@ -30,6 +30,7 @@ from ..chains.paths import PathArgs
 from ..chains.resolve import MissingParent
 from ..chains.resolve import open as open_disk
 from ..errors import DiskExistsError, UsageError, VhdxError
+from ..file.buffers import aligned_buffer
 from ..file.outputs import atomic_output
 from ..format import bat as batmod
 
@@ -199,7 +200,8 @@ class _Overlap:
     def __init__(self, pool: ThreadPoolExecutor, sink: Sink | None) -> None:
         self.pool = pool
         self.sink = sink
-        self.buffers = [bytearray(CHUNK) for _ in range(3)]
+        # Page-aligned (memory maps): the kernel copies into them at full speed (vhdx.file.buffers).
+        self.buffers = [aligned_buffer(CHUNK) for _ in range(3)]
         self.pending: list[Future | None] = [None] * len(self.buffers)
         self.slot = -1
 
@@ -210,7 +212,7 @@ class _Overlap:
         if waiting is not None:
             self.pending[self.slot] = None
             waiting.result()
-        return memoryview(self.buffers[self.slot])
+        return self.buffers[self.slot]
 
     def hand(self, piece: memoryview, offset: int) -> None:
         """Give ``piece`` (a slice of the last buffer) to the sink."""
