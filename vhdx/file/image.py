@@ -17,10 +17,12 @@ from ..format import bat as batmod
 from ..format import bitmap as bitmapmod
 from ..format import constants as C
 from ..format import layout, sniff
-from ..format.geometry import Geometry, align_up, as_offset
+from ..format.geometry import Geometry, as_offset
 from ..format.records import (Header, Metadata, MetadataItem, RegionEntry, current_header, parse_creator,
                               parse_header, parse_metadata_region, parse_region_table, validate_header_fields)
+from . import battable, parsecache
 from .copy import Progress
+from .describe import describe
 from .extents import Extent
 from .log import LogEntry, plan_replay
 from .storage import FileStorage, OverlayStorage, Storage
@@ -57,6 +59,8 @@ class Image:
         self.log_replayed_in_memory = False
         self.writer = Writer(self)
         self.creator = ""
+        self._sparse: batmod.SparseBat | None = None  # the BAT's non-zero entries, while current
+        self.bat_validated = False
 
     # ------------------------------------------------------------------ opening
 
@@ -117,12 +121,19 @@ class Image:
         self.creator = parse_creator(head, path=path)
         self._select_header(head)
         header = self.header
+        key = None
+        if not self.writable and header.log_guid == C.ZERO_GUID:
+            key = parsecache.key_of(self.storage.fileno(), head[C.HEADER1_OFFSET:C.HEADER1_OFFSET + C.HEADER_SIZE]
+                                    + head[C.HEADER2_OFFSET:C.HEADER2_OFFSET + C.HEADER_SIZE])
+            if parsecache.restore(self, parsecache.get(key), salvage=salvage, header_only=header_only):
+                return
         if header.log_guid != C.ZERO_GUID:
             self._replay_log(header)
         self._load_regions()
         self.load_metadata()
         if not header_only:
             self._load_bat(salvage=salvage)
+        parsecache.put(key, parsecache.parsed(self))
 
     def _select_header(self, head: bytes) -> None:
         """Valid CRC-32C, highest sequence number wins; identical headers are tolerated (§2.2)."""
@@ -188,30 +199,43 @@ class Image:
 
     def _load_bat(self, *, salvage: bool = False) -> None:
         r = self.region(C.BAT_REGION_GUID)
-        g = self.geometry
-        needed = g.bat_entries * 8
-        if r.length < needed:
-            raise CorruptError(f"BAT region holds {r.length // 8} entries, the disk needs {g.bat_entries}",
-                               path=self.path, offset=r.file_offset)
-        if needed > C.MAX_BAT_REGION_SIZE:
-            raise UnsupportedError(f"BAT of {needed} bytes is over the 513 MiB maximum", path=self.path,
-                                   offset=r.file_offset)
+        length = battable.entries_length(r, self.geometry, self.path)
         self.bat_region = r
-        # Read straight into the array: the BAT is the one allocation that scales with the disk.
-        self.bat = np.empty(align_up(needed, C.LOG_SECTOR_SIZE) // 8, dtype="<u8")
-        self.storage.readinto(self.bat.view(np.uint8).data, r.file_offset)
+        # A private map of the region (pages read when touched), or the region read into memory.
+        self.bat = battable.map_entries(self.storage, r.file_offset, length)
         if not salvage:
             self._validate_bat()
 
     def _validate_bat(self) -> None:
         """Refuse entries that would make reads go outside the file (docs/format.md §5.3) and,
-        for writing, entries in an invalid state or sharing space (see :mod:`vhdx.format.layout`)."""
-        alloc = layout.allocations(self.bat, self.geometry, bitmaps=self.has_parent)
+        for writing, entries in an invalid state or sharing space (see :mod:`vhdx.format.layout`).
+        From the BAT's non-zero entries, read in bounded chunks: the cost follows the data."""
         where = layout.BatPlace(self.bat_region.file_offset, self.path)
-        layout.validate_in_file(alloc, self.storage.size(), where)
-        if self.writable:
-            spans = layout.structure_spans(self.header, self.region_table)
-            layout.validate_for_writing(self.bat, self.geometry, alloc, spans, where)
+        battable.validate(self.sparse(), self.geometry, self.storage.size(), where,
+                          writing=(self.header, self.region_table) if self.writable else None)
+        self.bat_validated = True
+
+    def adopt_bat(self, region: RegionEntry, sparse: batmod.SparseBat, *, validated: bool) -> None:
+        """Use a stored scan of this unchanged file's BAT (see :mod:`vhdx.file.parsecache`)."""
+        self.bat_region = region
+        length = battable.entries_length(region, self.geometry, self.path)
+        self.bat = battable.map_entries(self.storage, region.file_offset, length)
+        self._sparse, self.bat_validated = sparse, validated
+
+    @property
+    def scanned(self) -> batmod.SparseBat | None:
+        """The BAT's non-zero entries if they were scanned and are current, else None."""
+        return self._sparse
+
+    def sparse(self) -> batmod.SparseBat:
+        """The BAT's non-zero entries (scanned in bounded chunks once, until the BAT changes)."""
+        if self._sparse is None:
+            self._sparse = battable.scan(self.storage, self.bat_region.file_offset, self.bat.size, self.geometry)
+        return self._sparse
+
+    def bat_changed(self) -> None:
+        """Called by the writer after it changed :attr:`bat`: the next question rescans."""
+        self._sparse = None
 
     # ------------------------------------------------------------------ properties
 
@@ -256,13 +280,23 @@ class Image:
         """BAT index of payload block ``block`` (sector-bitmap slots interleaved, §5.2)."""
         return self.geometry.payload_bat_index(block)
 
+    def allocated(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(blocks, file offsets, states)`` of the payload blocks that hold data (FULLY or
+        PARTIALLY_PRESENT), sorted by block: proportional to the data, not the disk."""
+        return battable.allocated(self.sparse())
+
+    def count_states(self) -> tuple[dict[str, int], dict[str, int]]:
+        """How many payload and sector-bitmap entries are in each state, by name."""
+        return batmod.sparse_counts(self.sparse(), self.geometry)
+
     def payload_states(self) -> np.ndarray:
-        """State of every payload block (uint8 array, one per block)."""
-        return batmod.states(batmod.payload_entries(self.bat, self.geometry))
+        """State of every payload block (uint8 array, one per block: as large as the disk;
+        prefer :meth:`allocated` or :meth:`sparse`)."""
+        return battable.dense_states(self.sparse(), 0, self.geometry.payload_blocks)[0]
 
     def payload_offsets(self) -> np.ndarray:
-        """File offset of every payload block (uint64 array, 0 where none)."""
-        return batmod.file_offsets(batmod.payload_entries(self.bat, self.geometry))
+        """File offset of every payload block (uint64 array, 0 where none; as large as the disk)."""
+        return battable.dense_states(self.sparse(), 0, self.geometry.payload_blocks)[1].astype(np.uint64)
 
     # ------------------------------------------------------------------ reading
 
@@ -401,49 +435,4 @@ class Image:
 
     def info(self) -> dict[str, Any]:
         """Everything about the file as JSON-ready values (``vhdx info``)."""
-        g = self.geometry
-        return {
-            "path": self.path,
-            "creator": self.creator,
-            "disk_type": self.disk_type,
-            "virtual_size": self.size,
-            "block_size": self.block_size,
-            "logical_sector_size": self.logical_sector_size,
-            "physical_sector_size": self.physical_sector_size,
-            "disk_id": str(self.metadata.page83_data),
-            "data_write_guid": str(self.header.data_write_guid),
-            "file_write_guid": str(self.header.file_write_guid),
-            "file_size": self.storage.size(),
-            "headers": self._headers_info(),
-            "headers_identical": self.headers_identical,
-            "region_table": [e.to_dict() for e in self.region_table],
-            "region_table_errors": self.region_table_errors,
-            "metadata": self.metadata.to_dict(),
-            "bat": {
-                "file_offset": self.bat_region.file_offset, "length": self.bat_region.length,
-                "chunk_ratio": g.chunk_ratio, "payload_blocks": g.payload_blocks,
-                "sector_bitmap_blocks": g.sector_bitmap_blocks, "entries": g.bat_entries,
-                "payload_states": batmod.count_states(self.payload_states(), C.PAYLOAD_STATE_NAMES),
-                "sector_bitmap_states": batmod.count_states(batmod.states(self.bat[batmod.sbm_indices(g)]),
-                                                      C.SB_STATE_NAMES),
-            },
-            "log": {
-                "offset": self.header.log_offset, "length": self.header.log_length,
-                "log_guid": str(self.header.log_guid),
-                "dirty": self.log_was_dirty,
-                "replayed_in_memory": self.log_replayed_in_memory,
-                "replayed_entries": [e.to_dict() for e in self.log_replayed],
-            },
-        }
-
-    def _headers_info(self) -> list[dict[str, Any]]:
-        headers = []
-        for i, offset in enumerate(C.HEADER_OFFSETS):
-            h = self.headers[i]
-            d: dict[str, Any] = {"offset": offset, "valid": h is not None, "current": i == self.current_header_index}
-            if h is not None:
-                d.update(h.to_dict())
-            else:
-                d["error"] = self.header_errors[i]
-            headers.append(d)
-        return headers
+        return describe(self)

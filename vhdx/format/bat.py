@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .constants import BAT_FILE_OFFSET_MASK, BAT_RESERVED_MASK, BAT_STATE_MASK, PayloadState
+from .constants import (BAT_FILE_OFFSET_MASK, BAT_RESERVED_MASK, BAT_STATE_MASK, PAYLOAD_STATE_NAMES, SB_STATE_NAMES,
+                        PayloadState)
 from .geometry import Geometry
 
 
@@ -70,3 +72,85 @@ def holds_data(state: Any) -> Any:
 def count_states(states_: np.ndarray, names: dict[int, str]) -> dict[str, int]:
     """How many entries are in each state, by the state's name (the number when it has none)."""
     return {names.get(int(s), str(int(s))): int(c) for s, c in zip(*np.unique(states_, return_counts=True))}
+
+
+# ---------------------------------------------------------------- the BAT as its non-zero entries
+
+@dataclass(frozen=True)
+class SparseBat:
+    """The non-zero entries of a BAT, the only part that grows with the data (docs/format.md §5):
+    payload entries by block and sector-bitmap entries by chunk, each ascending, and the first
+    non-zero entry past the ones the disk counts (-1 when none). Every other entry is zero."""
+
+    blocks: np.ndarray       # int64: payload blocks whose entry is not zero
+    entries: np.ndarray      # uint64: their raw entries
+    chunks: np.ndarray       # int64: chunks whose sector-bitmap entry is not zero
+    sbm_entries: np.ndarray  # uint64: their raw entries
+    tail: int = -1           # BAT index of the first non-zero entry past geometry.bat_entries
+
+    @property
+    def states(self) -> np.ndarray:
+        """The state of each listed payload entry (uint8)."""
+        return states(self.entries)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """The file offset of each listed payload entry (int64)."""
+        return file_offsets(self.entries).astype(np.int64)
+
+    def payload_bat_indexes(self, geometry: Geometry) -> np.ndarray:
+        """The BAT index of each listed payload entry."""
+        return np.asarray(geometry.payload_bat_index(self.blocks), dtype=np.int64)
+
+    def sbm_bat_indexes(self, geometry: Geometry) -> np.ndarray:
+        """The BAT index of each listed sector-bitmap entry."""
+        return np.asarray(geometry.sbm_bat_index(self.chunks), dtype=np.int64)
+
+
+_EMPTY_I = np.zeros(0, np.int64)
+_EMPTY_U = np.zeros(0, np.uint64)
+
+
+def sparse_piece(first: int, entries: np.ndarray, geometry: Geometry) -> SparseBat:
+    """The non-zero entries of ``entries``, the BAT's entries from index ``first`` on (copied:
+    ``entries`` may be a reused buffer)."""
+    nz = np.flatnonzero(entries)
+    if not nz.size:
+        return SparseBat(_EMPTY_I, _EMPTY_U, _EMPTY_I, _EMPTY_U)
+    idx = nz.astype(np.int64) + first
+    raw = entries[nz].astype(np.uint64)
+    period = geometry.chunk_ratio + 1
+    counted = idx < geometry.bat_entries
+    tail = int(idx[~counted][0]) if not counted.all() else -1
+    is_sbm = (idx % period) == period - 1
+    pay, sbm = counted & ~is_sbm, counted & is_sbm
+    return SparseBat(idx[pay] - idx[pay] // period, raw[pay], idx[sbm] // period, raw[sbm], tail)
+
+
+def sparse_join(pieces: list[SparseBat]) -> SparseBat:
+    """The pieces of one BAT (in index order) as one."""
+    if len(pieces) == 1:
+        return pieces[0]
+    tails = [p.tail for p in pieces if p.tail >= 0]
+    return SparseBat(np.concatenate([_EMPTY_I] + [p.blocks for p in pieces]),
+                     np.concatenate([_EMPTY_U] + [p.entries for p in pieces]),
+                     np.concatenate([_EMPTY_I] + [p.chunks for p in pieces]),
+                     np.concatenate([_EMPTY_U] + [p.sbm_entries for p in pieces]),
+                     min(tails) if tails else -1)
+
+
+def counted_sbm_slots(geometry: Geometry) -> int:
+    """How many sector-bitmap slots lie inside the entries the disk counts (as :func:`sbm_indices`)."""
+    return min(geometry.sector_bitmap_blocks, geometry.bat_entries // (geometry.chunk_ratio + 1))
+
+
+def sparse_counts(sparse: SparseBat, geometry: Geometry) -> tuple[dict[str, int], dict[str, int]]:
+    """How many payload and sector-bitmap entries are in each state, by name (zero entries
+    counted without being listed), as :func:`count_states` gives them."""
+    out = []
+    for st, total, names in ((sparse.states, geometry.payload_blocks, PAYLOAD_STATE_NAMES),
+                             (states(sparse.sbm_entries), counted_sbm_slots(geometry), SB_STATE_NAMES)):
+        counts = np.bincount(st, minlength=8)
+        counts[0] += total - st.size
+        out.append({names.get(s, str(s)): int(c) for s, c in enumerate(counts.tolist()) if c})
+    return out[0], out[1]
