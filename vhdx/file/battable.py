@@ -30,7 +30,7 @@ from ..format.geometry import Geometry, align_up
 from ..format.records import Header, RegionEntry
 from .storage import Storage
 
-CHUNK_ENTRIES = 1 << 19  # 4 MiB of entries per read when scanning
+CHUNK_ENTRIES = 1 << 17  # 1 MiB of entries per read when scanning
 
 
 def entries_length(region: RegionEntry, geometry: Geometry, path: str) -> int:
@@ -93,12 +93,5 @@ def allocated(sparse: batmod.SparseBat) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def dense_states(sparse: batmod.SparseBat, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(states, file offsets)`` of payload blocks ``start`` to ``stop`` (bounded by the caller),
-    zeros where the entry is zero."""
-    lo, hi = np.searchsorted(sparse.blocks, [start, stop])
-    states = np.zeros(max(stop - start, 0), dtype=np.uint8)
-    offsets = np.zeros(max(stop - start, 0), dtype=np.int64)
-    rows = sparse.blocks[lo:hi] - start
-    states[rows] = batmod.states(sparse.entries[lo:hi])
-    offsets[rows] = batmod.file_offsets(sparse.entries[lo:hi]).astype(np.int64)
-    return states, offsets
+    """``(states, file offsets)`` of payload blocks ``start`` to ``stop`` (bounded by the caller)."""
+    return batmod.dense(sparse, start, stop)

@@ -83,7 +83,7 @@ def parsed(image: Any) -> dict[str, Any]:
     """What a read-only open of ``image`` parsed and validated, to store under its key."""
     found = {name: getattr(image, name) for name in PARSED}
     sparse = image.scanned
-    if sparse is not None and sparse.blocks.size + sparse.chunks.size <= MAX_SPARSE:
+    if sparse is not None and sparse.size <= MAX_SPARSE:
         found.update(bat_region=image.bat_region, sparse=sparse, validated=image.bat_validated)
     return found
 
