@@ -60,6 +60,7 @@ class Image:
         self.writer = Writer(self)
         self.creator = ""
         self._sparse: batmod.SparseBat | None = None  # the BAT's non-zero entries, while current
+        self._cache_key: Any = None  # this unchanged file's key in parsecache (read-only opens)
         self.bat_validated = False
 
     # ------------------------------------------------------------------ opening
@@ -120,20 +121,30 @@ class Image:
                                  f"alone is 1 MiB)", path=path, offset=file_size)
         self.creator = parse_creator(head, path=path)
         self._select_header(head)
-        header = self.header
-        key = None
-        if not self.writable and header.log_guid == C.ZERO_GUID:
-            key = parsecache.key_of(self.storage.fileno(), head[C.HEADER1_OFFSET:C.HEADER1_OFFSET + C.HEADER_SIZE]
-                                    + head[C.HEADER2_OFFSET:C.HEADER2_OFFSET + C.HEADER_SIZE])
-            if parsecache.restore(self, parsecache.get(key), salvage=salvage, header_only=header_only):
-                return
-        if header.log_guid != C.ZERO_GUID:
-            self._replay_log(header)
+        if self._from_cache(head, salvage=salvage, header_only=header_only):
+            return
+        if self.header.log_guid != C.ZERO_GUID:
+            self._replay_log(self.header)
         self._load_regions()
         self.load_metadata()
         if not header_only:
             self._load_bat(salvage=salvage)
-        parsecache.put(key, parsecache.parsed(self))
+        parsecache.put(self._cache_key, parsecache.parsed(self))
+
+    def _from_cache(self, head: bytes, *, salvage: bool, header_only: bool) -> bool:
+        """Load from :mod:`.parsecache` if this file, unchanged, was parsed before (read-only
+        opens of a file with a clean log only); else note its key for after the parse."""
+        if self.writable or self.header.log_guid != C.ZERO_GUID:
+            return False
+        key = parsecache.key_of(self.storage.fileno(), head[C.HEADER1_OFFSET:C.HEADER1_OFFSET + C.HEADER_SIZE]
+                                + head[C.HEADER2_OFFSET:C.HEADER2_OFFSET + C.HEADER_SIZE])
+        self._cache_key = key
+        if not parsecache.restore(self, parsecache.get(key), salvage=salvage, header_only=header_only):
+            return False
+        if not (header_only or salvage or self.bat_validated):
+            self._validate_bat()  # a salvage open stored the entries: check them, no rescan
+            parsecache.put(key, parsecache.parsed(self))
+        return True
 
     def _select_header(self, head: bytes) -> None:
         """Valid CRC-32C, highest sequence number wins; identical headers are tolerated (§2.2)."""
@@ -207,9 +218,8 @@ class Image:
             self._validate_bat()
 
     def _validate_bat(self) -> None:
-        """Refuse entries that would make reads go outside the file (docs/format.md §5.3) and,
-        for writing, entries in an invalid state or sharing space (see :mod:`vhdx.format.layout`).
-        From the BAT's non-zero entries, read in bounded chunks: the cost follows the data."""
+        """Refuse entries that would make reads go outside the file (docs/format.md §5.3) and, for
+        writing, invalid states or shared space (:mod:`vhdx.format.layout`), from :meth:`sparse`."""
         where = layout.BatPlace(self.bat_region.file_offset, self.path)
         battable.validate(self.sparse(), self.geometry, self.storage.size(), where,
                           writing=(self.header, self.region_table) if self.writable else None)
@@ -231,6 +241,8 @@ class Image:
         """The BAT's non-zero entries (scanned in bounded chunks once, until the BAT changes)."""
         if self._sparse is None:
             self._sparse = battable.scan(self.storage, self.bat_region.file_offset, self.bat.size, self.geometry)
+            if self._cache_key is not None:  # read-only, clean log: the next open takes it from the cache
+                parsecache.put(self._cache_key, parsecache.parsed(self))
         return self._sparse
 
     def bat_changed(self) -> None:
@@ -290,8 +302,7 @@ class Image:
         return batmod.sparse_counts(self.sparse(), self.geometry)
 
     def payload_states(self) -> np.ndarray:
-        """State of every payload block (uint8 array, one per block: as large as the disk;
-        prefer :meth:`allocated` or :meth:`sparse`)."""
+        """State of every payload block (uint8, one per block: as large as the disk; see :meth:`allocated`)."""
         return battable.dense_states(self.sparse(), 0, self.geometry.payload_blocks)[0]
 
     def payload_offsets(self) -> np.ndarray:

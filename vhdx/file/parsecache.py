@@ -90,8 +90,8 @@ def parsed(image: Any) -> dict[str, Any]:
 
 def restore(image: Any, found: dict[str, Any] | None, *, salvage: bool, header_only: bool) -> bool:
     """Load ``image`` from a stored parse of its unchanged file (False when there is none good
-    enough: a full open needs the BAT's entries, validated unless ``salvage``)."""
-    if found is None or not (header_only or "sparse" in found and (salvage or found["validated"])):
+    enough: a full open needs the BAT's entries; the caller validates them if nobody did)."""
+    if found is None or not (header_only or "sparse" in found):
         return False
     for name in PARSED:
         value = found[name]
