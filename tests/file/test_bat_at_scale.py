@@ -42,6 +42,7 @@ class CountingStorage(Storage):
         self.inner = inner
         self.path = inner.path
         self.writable = inner.writable
+        self.lock_mode = inner.lock_mode
         self.bytes_read = 0
 
     def readinto(self, buf, offset: int) -> int:

@@ -119,11 +119,12 @@ class Image:
         if file_size < C.HEADER_SECTION_SIZE:
             raise TruncatedError(f"{file_size} bytes: too short for a VHDX file (the header section "
                                  f"alone is 1 MiB)", path=path, offset=file_size)
-        self.creator = parse_creator(head, path=path)
-        self._select_header(head)
         if self._from_cache(head, salvage=salvage, header_only=header_only):
             return
+        self.creator = parse_creator(head, path=path)
+        self._select_header(head)
         if self.header.log_guid != C.ZERO_GUID:
+            self._cache_key = None  # a log to replay: this open's view is not the file's
             self._replay_log(self.header)
         self._load_regions()
         self.load_metadata()
@@ -132,18 +133,20 @@ class Image:
         parsecache.put(self._cache_key, parsecache.parsed(self))
 
     def _from_cache(self, head: bytes, *, salvage: bool, header_only: bool) -> bool:
-        """Load from :mod:`.parsecache` if this file, unchanged, was parsed before (read-only
-        opens of a file with a clean log only); else note its key for after the parse."""
-        if self.writable or self.header.log_guid != C.ZERO_GUID:
-            return False
+        """Load from :mod:`.parsecache` if this file, unchanged (same headers), was parsed before by a
+        locked read-only open of it with a clean log; else note its key for after the parse."""
+        if self.writable or getattr(self.storage, "lock_mode", None) is None:
+            return False  # unlocked (--force-share): another process may be changing the file
         key = parsecache.key_of(self.storage.fileno(), head[C.HEADER1_OFFSET:C.HEADER1_OFFSET + C.HEADER_SIZE]
                                 + head[C.HEADER2_OFFSET:C.HEADER2_OFFSET + C.HEADER_SIZE])
         self._cache_key = key
-        if not parsecache.restore(self, parsecache.get(key), salvage=salvage, header_only=header_only):
+        if not parsecache.restore(self, parsecache.get(key), header_only=header_only):
             return False
-        if not (header_only or salvage or self.bat_validated):
+        if not header_only and self.scanned is None:
+            self._load_bat(salvage=salvage)  # a scan stored the headers only
+        elif not (header_only or salvage or self.bat_validated):
             self._validate_bat()  # a salvage open stored the entries: check them, no rescan
-            parsecache.put(key, parsecache.parsed(self))
+        parsecache.put(key, parsecache.parsed(self))
         return True
 
     def _select_header(self, head: bytes) -> None:
@@ -209,11 +212,7 @@ class Image:
         self.geometry = Geometry(md.virtual_disk_size, md.block_size, md.logical_sector_size, md.has_parent)
 
     def _load_bat(self, *, salvage: bool = False) -> None:
-        r = self.region(C.BAT_REGION_GUID)
-        length = battable.entries_length(r, self.geometry, self.path)
-        self.bat_region = r
-        # A private map of the region (pages read when touched), or the region read into memory.
-        self.bat = battable.map_entries(self.storage, r.file_offset, length)
+        self.adopt_bat(self.region(C.BAT_REGION_GUID), None, validated=False)
         if not salvage:
             self._validate_bat()
 
@@ -225,10 +224,11 @@ class Image:
                           writing=(self.header, self.region_table) if self.writable else None)
         self.bat_validated = True
 
-    def adopt_bat(self, region: RegionEntry, sparse: batmod.SparseBat, *, validated: bool) -> None:
-        """Use a stored scan of this unchanged file's BAT (see :mod:`vhdx.file.parsecache`)."""
-        self.bat_region = region
+    def adopt_bat(self, region: RegionEntry, sparse: batmod.SparseBat | None, *, validated: bool) -> None:
+        """Map the BAT region (privately: pages read when touched; or read it into memory), with
+        ``sparse``, a stored scan of this unchanged file's BAT (:mod:`vhdx.file.parsecache`), if any."""
         length = battable.entries_length(region, self.geometry, self.path)
+        self.bat_region = region
         self.bat = battable.map_entries(self.storage, region.file_offset, length)
         self._sparse, self.bat_validated = sparse, validated
 

@@ -88,14 +88,14 @@ def parsed(image: Any) -> dict[str, Any]:
     return found
 
 
-def restore(image: Any, found: dict[str, Any] | None, *, salvage: bool, header_only: bool) -> bool:
-    """Load ``image`` from a stored parse of its unchanged file (False when there is none good
-    enough: a full open needs the BAT's entries; the caller validates them if nobody did)."""
-    if found is None or not (header_only or "sparse" in found):
+def restore(image: Any, found: dict[str, Any] | None, *, header_only: bool) -> bool:
+    """Load ``image`` from a stored parse of its unchanged file: the headers, region table and
+    metadata, and the BAT's entries when they were stored (False when nothing was stored)."""
+    if found is None:
         return False
     for name in PARSED:
         value = found[name]
         setattr(image, name, list(value) if isinstance(value, list) else value)
-    if not header_only:
+    if not header_only and "sparse" in found:
         image.adopt_bat(found["bat_region"], found["sparse"], validated=found["validated"])
     return True
