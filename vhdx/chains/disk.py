@@ -231,9 +231,9 @@ class Disk(io.RawIOBase):
         while layer is not None:
             im = layer.image
             blocks = im.allocated()[0]  # the blocks that hold data: proportional to the data
-            cut = np.flatnonzero(blocks[1:] != blocks[:-1] + 1) + 1
-            firsts, lasts = blocks[np.concatenate([[0], cut])], blocks[np.concatenate([cut - 1, [-1]])]
             if blocks.size:
+                cut = np.flatnonzero(blocks[1:] != blocks[:-1] + 1) + 1
+                firsts, lasts = blocks[np.concatenate([[0], cut])], blocks[np.concatenate([cut - 1, [-1]])]
                 starts_all.append(firsts * im.block_size)
                 stops_all.append(np.minimum((lasts + 1) * im.block_size, im.size))
             layer = layer.parent
