@@ -12,7 +12,10 @@ process whose peak RSS is taken from ``os.wait4``:
               is the whole child's)
 
 ``info``/``check``/``open+tail`` run on the disk our ``create`` made and, as ``q-`` rows, on
-the one qemu-img made (qemu writes its BAT differently). Each row is the median of
+the one qemu-img made (qemu writes its BAT in full, every entry ZERO; ours leaves it a hole).
+``(CLI)`` rows time the whole command, Python start-up and imports included (about 0.2 s of
+CPU: see bench_read's startup row); ``(library)`` rows time the call inside a child that has
+already imported vhdx, against the whole qemu-img command. Each row is the median of
 ``--rounds`` runs; the ratio is ours / peer (time and RSS). Goals (issue 10): open + tail read
 at most 2 x pyvhdi and under 64 MiB RSS; check at most 1.0 x qemu-img in time with at most a
 quarter of its memory; create at most 1.0 x qemu-img. The disks are sparse: they take a few
@@ -45,6 +48,24 @@ t_import = time.perf_counter()
 with vhdx.open(sys.argv[1]) as d:
     data = d.pread(d.size - 4096, 4096)
 print("ELAPSED", time.perf_counter() - t_import)
+"""
+
+LIB_OURS = """
+import sys, time
+import vhdx
+from vhdx.file.image import Image
+from vhdx.ops.check import check_file
+verb, path = sys.argv[1], sys.argv[2]
+t = time.perf_counter()
+if verb == "create":
+    vhdx.create(path, 64 << 40, block_size=int(sys.argv[3])).close()
+elif verb == "info":
+    image = Image.open(path)
+    image.info()
+    image.close()
+else:
+    check_file(path)
+print("ELAPSED", time.perf_counter() - t)
 """
 
 OPEN_PYVHDI = """
@@ -117,15 +138,18 @@ def rows_for(workdir: Path, block: int, rounds: int) -> list[dict]:
                      "peer_s": b["seconds"], "peer_rss": b["rss"], "time_ratio": a["seconds"] / b["seconds"],
                      "rss_ratio": a["rss"] / b["rss"]})
 
-    a = measure([PY, "-m", "vhdx", "create", str(ours), "64T", "--block-size", bs], rounds, rm(ours))
-    b = measure(["qemu-img", "create", "-q", "-f", "vhdx", "-o", f"subformat=dynamic,block_size={bs}", str(theirs),
-                 "64T"], rounds, rm(theirs))
-    row("create", a, b, "qemu-img create")
+    qemu_create = ["qemu-img", "create", "-q", "-f", "vhdx", "-o", f"subformat=dynamic,block_size={bs}", str(theirs),
+                   "64T"]
+    b = measure(qemu_create, rounds, rm(theirs))
+    row("create (CLI)", measure([PY, "-m", "vhdx", "create", str(ours), "64T", "--block-size", bs], rounds, rm(ours)),
+        b, "qemu-img create")
+    row("create (library)", measure([PY, "-c", LIB_OURS, "create", str(ours), str(block)], rounds, rm(ours)), b,
+        "qemu-img create")
     for tag, disk in (("", ours), ("q-", theirs)):
-        row(f"{tag}info", measure([PY, "-m", "vhdx", "info", str(disk)], rounds),
-            measure(["qemu-img", "info", str(disk)], rounds), "qemu-img info")
-        row(f"{tag}check", measure([PY, "-m", "vhdx", "check", str(disk)], rounds),
-            measure(["qemu-img", "check", str(disk)], rounds), "qemu-img check")
+        for verb in ("info", "check"):
+            b = measure(["qemu-img", verb, str(disk)], rounds)
+            row(f"{tag}{verb} (CLI)", measure([PY, "-m", "vhdx", verb, str(disk)], rounds), b, f"qemu-img {verb}")
+            row(f"{tag}{verb} (library)", measure([PY, "-c", LIB_OURS, verb, str(disk)], rounds), b, f"qemu-img {verb}")
         row(f"{tag}open+tail", measure([PY, "-c", OPEN_OURS, str(disk)], rounds),
             measure([PY, "-c", OPEN_PYVHDI, str(disk)], rounds), "pyvhdi")
     for p in (ours, theirs):
@@ -156,12 +180,12 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     mib = 1 << 20
-    print(f"{'work':28} {'ours':>9} {'RSS':>8}   {'peer':16} {'peer':>9} {'RSS':>8}   {'time x':>7} {'RSS x':>6}")
+    print(f"{'work':32} {'ours':>9} {'RSS':>8}   {'peer':16} {'peer':>9} {'RSS':>8}   {'time x':>7} {'RSS x':>6}")
     for r in rows:
         if "apparent" in r:
-            print(f"{r['work']:28} {r['apparent'] / 2**40:.0f} TiB apparent, {r['on_disk'] / mib:.1f} MiB on disk")
+            print(f"{r['work']:32} {r['apparent'] / mib:.1f} MiB long, {r['on_disk'] / mib:.1f} MiB on disk")
             continue
-        print(f"{r['work']:28} {r['ours_s']:8.3f}s {r['ours_rss'] / mib:6.1f}Mi   {r['peer']:16} {r['peer_s']:8.3f}s "
+        print(f"{r['work']:32} {r['ours_s']:8.3f}s {r['ours_rss'] / mib:6.1f}Mi   {r['peer']:16} {r['peer_s']:8.3f}s "
               f"{r['peer_rss'] / mib:6.1f}Mi   {r['time_ratio']:7.2f} {r['rss_ratio']:6.2f}")
 
 

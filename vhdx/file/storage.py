@@ -60,6 +60,7 @@ def _libc() -> Any:
         lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                              ctypes.c_int64]
         lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         return lib
     except (OSError, AttributeError):
         return None
@@ -77,6 +78,8 @@ def map_private(fd: int, offset: int, length: int) -> Mapping | None:
     address = _LIBC.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, offset)
     if address in (None, _MAP_FAILED):
         return None
+    # Entries are looked up here and there: fault in one page, not a read-around window.
+    _LIBC.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), getattr(mmap, "MADV_RANDOM", 1))
     return Mapping(address, length)
 
 
