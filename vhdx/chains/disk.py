@@ -18,8 +18,6 @@ import numpy as np
 from ..errors import ReadOnlyError, UsageError
 from ..file.image import Image, zero_fill
 from ..file.storage import FileStorage
-from ..format import bitmap as bitmapmod
-from ..format import bat as batmod
 from ..format import constants as C
 from ..format.geometry import as_offset
 
@@ -308,18 +306,18 @@ class Disk(io.RawIOBase):
         """(offset, length) ranges that may hold non-zero data, through the whole chain.
 
         Everything outside them reads as zeros. Block granularity, computed from the BAT
-        states of every layer with numpy; used to skip holes when exporting or hashing.
+        states of every layer (their blocks that hold data); used to skip holes when exporting or hashing.
         """
         starts_all, stops_all = [], []
         layer: Disk | None = self
         while layer is not None:
             im = layer.image
-            st = im.payload_states()
-            data = batmod.holds_data(st)
-            starts, stops, values = bitmapmod.runs(data.astype(np.uint8))
-            keep = values == 1
-            starts_all.append(starts[keep].astype(np.int64) * im.block_size)
-            stops_all.append(np.minimum(stops[keep].astype(np.int64) * im.block_size, im.size))
+            blocks = im.allocated()[0]  # the blocks that hold data: proportional to the data
+            if blocks.size:
+                cut = np.flatnonzero(blocks[1:] != blocks[:-1] + 1) + 1
+                firsts, lasts = blocks[np.concatenate([[0], cut])], blocks[np.concatenate([cut - 1, [-1]])]
+                starts_all.append(firsts * im.block_size)
+                stops_all.append(np.minimum((lasts + 1) * im.block_size, im.size))
             layer = layer.parent
         if not starts_all:
             return []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -80,37 +81,64 @@ def _check_parameters(path: str, size: int, block_size: int, logical_sector_size
 
 @dataclass
 class _NewBat:
-    """The BAT of a new file and the size the file takes."""
+    """The BAT of a new file, described rather than built (a 64 TiB disk's BAT is 512 MiB of
+    zeros, which the newly sized file reads already): ``sbm_chunks`` eager sector bitmaps, or
+    (``fixed``) every block placed, from ``payload_start``; and the size the file takes."""
 
-    bat: np.ndarray
+    geometry: Geometry
+    length: int
+    payload_start: int
+    sbm_chunks: int
+    fixed: bool
     file_size: int
+
+    @property
+    def used_entries(self) -> int:
+        """Entries up to the last non-zero one (0 when every entry is zero)."""
+        g = self.geometry
+        if self.fixed:
+            return g.bat_entries
+        return g.sbm_bat_index(self.sbm_chunks - 1) + 1 if self.sbm_chunks else 0
+
+    def pieces(self, chunk: int = 1 << 19) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first index, entries)`` of the non-zero part of the BAT, ``chunk`` entries at a time."""
+        g = self.geometry
+        period = g.chunk_ratio + 1
+        for a in range(0, self.used_entries, chunk):
+            idx = np.arange(a, min(self.used_entries, a + chunk), dtype=np.int64)
+            is_sbm = idx % period == g.chunk_ratio
+            entries = np.zeros(idx.size, dtype="<u8")
+            if self.fixed:
+                blocks = (idx - idx // period)[~is_sbm]
+                entries[~is_sbm] = (self.payload_start + blocks * g.block_size).astype(np.uint64) | \
+                    np.uint64(C.PAYLOAD_BLOCK_FULLY_PRESENT)
+            else:
+                chunks = (idx // period)[is_sbm]
+                entries[is_sbm] = (self.payload_start + chunks * C.SECTOR_BITMAP_BLOCK_SIZE).astype(np.uint64) | \
+                    np.uint64(C.SB_BLOCK_PRESENT)
+            yield a, entries
 
 
 def _plan_bat(g: Geometry, fixed: bool) -> _NewBat:
     """The new file's BAT: empty, but with eager sector bitmaps or (fixed) every block placed."""
     bat_length = align_up(g.bat_entries * 8)
     payload_start = BAT_OFFSET + bat_length
-    bat = np.zeros(bat_length // 8, dtype=np.uint64)
     file_size = payload_start
+    sbm_chunks = 0
     if g.has_parent and g.sector_bitmap_blocks <= EAGER_BITMAP_CHUNKS:
         # Zeroed (sparse) sector bitmaps for every chunk up front. Hyper-V allocates them
         # lazily, which the spec allows, but libvhdi then reads a chunk's bitmap from file
         # offset 0 and returns garbage for an untouched checkpoint. 1 MiB per 4 GiB chunk.
-        sidx = batmod.sbm_indices(g)
-        offsets = payload_start + np.arange(sidx.size, dtype=np.uint64) * np.uint64(C.SECTOR_BITMAP_BLOCK_SIZE)
-        bat[sidx] = offsets | np.uint64(C.SB_BLOCK_PRESENT)
-        file_size = payload_start + sidx.size * C.SECTOR_BITMAP_BLOCK_SIZE
+        sbm_chunks = batmod.counted_sbm_slots(g)
+        file_size = payload_start + sbm_chunks * C.SECTOR_BITMAP_BLOCK_SIZE
     if fixed:
-        idx = batmod.payload_indices(g)
-        offsets = payload_start + np.arange(g.payload_blocks, dtype=np.uint64) * np.uint64(g.block_size)
-        bat[idx] = offsets | np.uint64(C.PAYLOAD_BLOCK_FULLY_PRESENT)
         file_size = payload_start + g.payload_blocks * g.block_size
-    return _NewBat(bat, file_size)
+    return _NewBat(g, bat_length, payload_start, sbm_chunks, fixed, file_size)
 
 
 def _write_new_file(storage: Storage, plan: _NewBat, items: list[MetadataItem], metadata: bytes) -> None:
     """Identifier, region tables, metadata and BAT, flushed; then the headers, flushed."""
-    bat_length = plan.bat.size * 8
+    bat_length = plan.length
     regions = [RegionEntry(C.BAT_REGION_GUID, BAT_OFFSET, bat_length, C.REGION_REQUIRED),
                RegionEntry(C.METADATA_REGION_GUID, METADATA_OFFSET, METADATA_LENGTH, C.REGION_REQUIRED)]
     header = Header(sequence_number=1, file_write_guid=uuid.uuid4(), data_write_guid=uuid.uuid4(),
@@ -125,9 +153,8 @@ def _write_new_file(storage: Storage, plan: _NewBat, items: list[MetadataItem], 
     # the newly sized file reads already, so it stays sparse.
     used = C.METADATA_TABLE_SIZE + sum(len(it.data) for it in items)
     storage.write(metadata[:align_up(used, C.LOG_SECTOR_SIZE)], METADATA_OFFSET)
-    nz = np.flatnonzero(plan.bat)
-    if nz.size:
-        storage.write(batmod.encode_bat(plan.bat)[:(int(nz[-1]) + 1) * 8], BAT_OFFSET)
+    for first, entries in plan.pieces():  # the rest of the BAT is zeros: holes of the sized file
+        storage.write(entries.tobytes(), BAT_OFFSET + 8 * first)
     storage.flush()
     # Headers last: until they are written the file is not a VHDX.
     storage.write(build_header(header), C.HEADER1_OFFSET)

@@ -207,6 +207,7 @@ class Transaction:
         self.writer.log_pages(pages)
         for idx, entry in changes.items():
             self.writer.image.bat[idx] = entry
+        self.writer.image.bat_changed()
 
 
 def _add_copy(copies: list[list[Any]], source: tuple[Storage, int], skip: int, dst: int, n: int) -> None:

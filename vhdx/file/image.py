@@ -17,11 +17,13 @@ from ..format import bat as batmod
 from ..format import bitmap as bitmapmod
 from ..format import constants as C
 from ..format import layout, sniff
-from ..format.geometry import Geometry, align_up, as_offset
+from ..format.geometry import Geometry, as_offset
 from ..format.records import (Header, Metadata, MetadataItem, RegionEntry, current_header, parse_creator,
                               parse_header, parse_metadata_region, parse_region_table, validate_header_fields)
+from . import battable, parsecache
 from .buffers import readinto_file
 from .copy import Progress
+from .describe import describe
 from .extents import Extent
 from .log import LogEntry, plan_replay
 from .storage import FileStorage, OverlayStorage, Storage
@@ -58,6 +60,9 @@ class Image:
         self.log_replayed_in_memory = False
         self.writer = Writer(self)
         self.creator = ""
+        self._sparse: batmod.SparseBat | None = None  # the BAT's non-zero entries, while current
+        self._cache_key: Any = None  # this unchanged file's key in parsecache (read-only opens)
+        self.bat_validated = False
 
     # ------------------------------------------------------------------ opening
 
@@ -115,15 +120,35 @@ class Image:
         if file_size < C.HEADER_SECTION_SIZE:
             raise TruncatedError(f"{file_size} bytes: too short for a VHDX file (the header section "
                                  f"alone is 1 MiB)", path=path, offset=file_size)
+        if self._from_cache(head, salvage=salvage, header_only=header_only):
+            return
         self.creator = parse_creator(head, path=path)
         self._select_header(head)
-        header = self.header
-        if header.log_guid != C.ZERO_GUID:
-            self._replay_log(header)
+        if self.header.log_guid != C.ZERO_GUID:
+            self._cache_key = None  # a log to replay: this open's view is not the file's
+            self._replay_log(self.header)
         self._load_regions()
         self.load_metadata()
         if not header_only:
             self._load_bat(salvage=salvage)
+        parsecache.put(self._cache_key, parsecache.parsed(self))
+
+    def _from_cache(self, head: bytes, *, salvage: bool, header_only: bool) -> bool:
+        """Load from :mod:`.parsecache` if this file, unchanged (same headers), was parsed before by a
+        locked read-only open of it with a clean log; else note its key for after the parse."""
+        if self.writable or getattr(self.storage, "lock_mode", None) is None:
+            return False  # unlocked (--force-share): another process may be changing the file
+        key = parsecache.key_of(self.storage.fileno(), head[C.HEADER1_OFFSET:C.HEADER1_OFFSET + C.HEADER_SIZE]
+                                + head[C.HEADER2_OFFSET:C.HEADER2_OFFSET + C.HEADER_SIZE])
+        self._cache_key = key
+        if not parsecache.restore(self, parsecache.get(key), header_only=header_only):
+            return False
+        if not header_only and self.scanned is None:
+            self._load_bat(salvage=salvage)  # a scan stored the headers only
+        elif not (header_only or salvage or self.bat_validated):
+            self._validate_bat()  # a salvage open stored the entries: check them, no rescan
+        parsecache.put(key, parsecache.parsed(self))
+        return True
 
     def _select_header(self, head: bytes) -> None:
         """Valid CRC-32C, highest sequence number wins; identical headers are tolerated (§2.2)."""
@@ -188,31 +213,42 @@ class Image:
         self.geometry = Geometry(md.virtual_disk_size, md.block_size, md.logical_sector_size, md.has_parent)
 
     def _load_bat(self, *, salvage: bool = False) -> None:
-        r = self.region(C.BAT_REGION_GUID)
-        g = self.geometry
-        needed = g.bat_entries * 8
-        if r.length < needed:
-            raise CorruptError(f"BAT region holds {r.length // 8} entries, the disk needs {g.bat_entries}",
-                               path=self.path, offset=r.file_offset)
-        if needed > C.MAX_BAT_REGION_SIZE:
-            raise UnsupportedError(f"BAT of {needed} bytes is over the 513 MiB maximum", path=self.path,
-                                   offset=r.file_offset)
-        self.bat_region = r
-        # Read straight into the array: the BAT is the one allocation that scales with the disk.
-        self.bat = np.empty(align_up(needed, C.LOG_SECTOR_SIZE) // 8, dtype="<u8")
-        self.storage.readinto(self.bat.view(np.uint8).data, r.file_offset)
+        self.adopt_bat(self.region(C.BAT_REGION_GUID), None, validated=False)
         if not salvage:
             self._validate_bat()
 
     def _validate_bat(self) -> None:
-        """Refuse entries that would make reads go outside the file (docs/format.md §5.3) and,
-        for writing, entries in an invalid state or sharing space (see :mod:`vhdx.format.layout`)."""
-        alloc = layout.allocations(self.bat, self.geometry, bitmaps=self.has_parent)
+        """Refuse entries that would make reads go outside the file (docs/format.md §5.3) and, for
+        writing, invalid states or shared space (:mod:`vhdx.format.layout`), from :meth:`sparse`."""
         where = layout.BatPlace(self.bat_region.file_offset, self.path)
-        layout.validate_in_file(alloc, self.storage.size(), where)
-        if self.writable:
-            spans = layout.structure_spans(self.header, self.region_table)
-            layout.validate_for_writing(self.bat, self.geometry, alloc, spans, where)
+        battable.validate(self.sparse(), self.geometry, self.storage.size(), where,
+                          writing=(self.header, self.region_table) if self.writable else None)
+        self.bat_validated = True
+
+    def adopt_bat(self, region: RegionEntry, sparse: batmod.SparseBat | None, *, validated: bool) -> None:
+        """Map the BAT region (privately: pages read when touched; or read it into memory), with
+        ``sparse``, a stored scan of this unchanged file's BAT (:mod:`vhdx.file.parsecache`), if any."""
+        length = battable.entries_length(region, self.geometry, self.path)
+        self.bat_region = region
+        self.bat = battable.map_entries(self.storage, region.file_offset, length)
+        self._sparse, self.bat_validated = sparse, validated
+
+    @property
+    def scanned(self) -> batmod.SparseBat | None:
+        """The BAT's non-zero entries if they were scanned and are current, else None."""
+        return self._sparse
+
+    def sparse(self) -> batmod.SparseBat:
+        """The BAT's non-zero entries (scanned in bounded chunks once, until the BAT changes)."""
+        if self._sparse is None:
+            self._sparse = battable.scan(self.storage, self.bat_region.file_offset, self.bat.size, self.geometry)
+            if self._cache_key is not None:  # read-only, clean log: the next open takes it from the cache
+                parsecache.put(self._cache_key, parsecache.parsed(self))
+        return self._sparse
+
+    def bat_changed(self) -> None:
+        """Called by the writer after it changed :attr:`bat`: the next question rescans."""
+        self._sparse = None
 
     # ------------------------------------------------------------------ properties
 
@@ -257,13 +293,22 @@ class Image:
         """BAT index of payload block ``block`` (sector-bitmap slots interleaved, §5.2)."""
         return self.geometry.payload_bat_index(block)
 
+    def allocated(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(blocks, file offsets, states)`` of the payload blocks that hold data (FULLY or
+        PARTIALLY_PRESENT), sorted by block: proportional to the data, not the disk."""
+        return battable.allocated(self.sparse())
+
+    def count_states(self) -> tuple[dict[str, int], dict[str, int]]:
+        """How many payload and sector-bitmap entries are in each state, by name."""
+        return batmod.sparse_counts(self.sparse(), self.geometry)
+
     def payload_states(self) -> np.ndarray:
-        """State of every payload block (uint8 array, one per block)."""
-        return batmod.states(batmod.payload_entries(self.bat, self.geometry))
+        """State of every payload block (uint8, one per block: as large as the disk; see :meth:`allocated`)."""
+        return battable.dense_states(self.sparse(), 0, self.geometry.payload_blocks)[0]
 
     def payload_offsets(self) -> np.ndarray:
-        """File offset of every payload block (uint64 array, 0 where none)."""
-        return batmod.file_offsets(batmod.payload_entries(self.bat, self.geometry))
+        """File offset of every payload block (uint64 array, 0 where none; as large as the disk)."""
+        return battable.dense_states(self.sparse(), 0, self.geometry.payload_blocks)[1].astype(np.uint64)
 
     # ------------------------------------------------------------------ reading
 
@@ -402,49 +447,4 @@ class Image:
 
     def info(self) -> dict[str, Any]:
         """Everything about the file as JSON-ready values (``vhdx info``)."""
-        g = self.geometry
-        return {
-            "path": self.path,
-            "creator": self.creator,
-            "disk_type": self.disk_type,
-            "virtual_size": self.size,
-            "block_size": self.block_size,
-            "logical_sector_size": self.logical_sector_size,
-            "physical_sector_size": self.physical_sector_size,
-            "disk_id": str(self.metadata.page83_data),
-            "data_write_guid": str(self.header.data_write_guid),
-            "file_write_guid": str(self.header.file_write_guid),
-            "file_size": self.storage.size(),
-            "headers": self._headers_info(),
-            "headers_identical": self.headers_identical,
-            "region_table": [e.to_dict() for e in self.region_table],
-            "region_table_errors": self.region_table_errors,
-            "metadata": self.metadata.to_dict(),
-            "bat": {
-                "file_offset": self.bat_region.file_offset, "length": self.bat_region.length,
-                "chunk_ratio": g.chunk_ratio, "payload_blocks": g.payload_blocks,
-                "sector_bitmap_blocks": g.sector_bitmap_blocks, "entries": g.bat_entries,
-                "payload_states": batmod.count_states(self.payload_states(), C.PAYLOAD_STATE_NAMES),
-                "sector_bitmap_states": batmod.count_states(batmod.states(self.bat[batmod.sbm_indices(g)]),
-                                                      C.SB_STATE_NAMES),
-            },
-            "log": {
-                "offset": self.header.log_offset, "length": self.header.log_length,
-                "log_guid": str(self.header.log_guid),
-                "dirty": self.log_was_dirty,
-                "replayed_in_memory": self.log_replayed_in_memory,
-                "replayed_entries": [e.to_dict() for e in self.log_replayed],
-            },
-        }
-
-    def _headers_info(self) -> list[dict[str, Any]]:
-        headers = []
-        for i, offset in enumerate(C.HEADER_OFFSETS):
-            h = self.headers[i]
-            d: dict[str, Any] = {"offset": offset, "valid": h is not None, "current": i == self.current_header_index}
-            if h is not None:
-                d.update(h.to_dict())
-            else:
-                d["error"] = self.header_errors[i]
-            headers.append(d)
-        return headers
+        return describe(self)

@@ -8,9 +8,13 @@ A :class:`FileStorage` takes QEMU-compatible image locks on open (:mod:`vhdx.fil
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
+import mmap
 import os
 import stat
+from typing import Any
 
 from ..errors import DiskExistsError, DiskNotFoundError, ReadOnlyError, UsageError, VhdxError
 from .locks import LOCK_MODES, FileLock, acquire_lock, release_lock
@@ -30,6 +34,54 @@ def not_regular_reason(mode: int, *, allow_block: bool = False) -> str | None:
         return None
     kind = next((name for test, name in _KINDS if test(mode)), "an unknown kind of file")
     return f"not a regular file ({kind})"
+
+class Mapping:
+    """A private (copy-on-write) memory map of part of a file: pages are read from the file
+    when first touched, writes change only this process's copy. ``numpy.asarray`` sees it as
+    a writable uint8 array (``__array_interface__``); it is unmapped when the last array over
+    it is gone. No descriptor is kept (unlike :mod:`mmap`, which keeps a dup of it)."""
+
+    def __init__(self, address: int, length: int) -> None:
+        self.address = address
+        self.length = length
+        self.__array_interface__ = {"shape": (length,), "typestr": "|u1", "data": (address, False),
+                                    "version": 3}
+
+    def __del__(self) -> None:
+        if self.address and _LIBC is not None:
+            _LIBC.munmap(ctypes.c_void_p(self.address), ctypes.c_size_t(self.length))
+            self.address = 0
+
+
+def _libc() -> Any:
+    try:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_int64]
+        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_private(fd: int, offset: int, length: int) -> Mapping | None:
+    """A private, copy-on-write mapping of ``length`` bytes of ``fd`` from ``offset``, or None
+    when it cannot be made (no libc mmap, an unaligned offset, an error)."""
+    if _LIBC is None or length <= 0 or offset % mmap.ALLOCATIONGRANULARITY:
+        return None
+    address = _LIBC.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, offset)
+    if address in (None, _MAP_FAILED):
+        return None
+    # Entries are looked up here and there: fault in one page, not a read-around window.
+    _LIBC.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), getattr(mmap, "MADV_RANDOM", 1))
+    return Mapping(address, length)
+
 
 class Storage:
     """Interface of a host file. Offsets are bytes in the host file."""
@@ -68,6 +120,16 @@ class Storage:
     def fileno(self) -> int | None:
         """The OS file descriptor, or None when there is no plain file underneath."""
         return None
+
+    def map_readonly(self, offset: int, length: int) -> Mapping | None:
+        """A private copy-on-write map of ``length`` bytes from ``offset`` (writes to it never
+        reach the file), or None when this storage cannot map (then read instead)."""
+        return None
+
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``(start, end)`` ranges inside ``[offset, offset + length)`` that may hold non-zero
+        bytes; everything else reads as zeros (file holes). Without a way to tell: all of it."""
+        return [(offset, offset + length)] if length > 0 else []
 
 
 class FileStorage(Storage):
@@ -175,6 +237,54 @@ class FileStorage(Storage):
                 return data
         return super().read(offset, length)
 
+    def map_readonly(self, offset: int, length: int) -> Mapping | None:
+        """A private map of a regular file's bytes (None for a block device, an unlocked open,
+        whose file another process may cut short under the map, or a range past the end)."""
+        fd = self._fd
+        if fd is None or self.lock_mode is None:
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or offset + length > st.st_size:
+            return None
+        # A map holds its open file description until it is unmapped, and our locks belong to
+        # ours (OFD locks): map through a description of its own, so that close releases them.
+        try:
+            own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        try:
+            mine = os.fstat(own)
+            if (mine.st_dev, mine.st_ino) != (st.st_dev, st.st_ino):
+                return None
+            return map_private(own, offset, length)
+        finally:
+            os.close(own)
+
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The data ranges of ``[offset, offset + length)`` by ``SEEK_DATA``/``SEEK_HOLE``."""
+        fd = self._fd
+        end = offset + length
+        if fd is None or length <= 0 or not hasattr(os, "SEEK_DATA"):
+            return super().data_ranges(offset, length)
+        out: list[tuple[int, int]] = []
+        pos = offset
+        try:
+            while pos < end:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:
+                        break  # only a hole up to the end of the file
+                    raise
+                if start >= end:
+                    break
+                stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+                out.append((start, stop))
+                pos = stop
+        except OSError:
+            return super().data_ranges(offset, length)
+        return out
+
     def write(self, data: bytes | memoryview, offset: int) -> None:
         """``os.pwrite`` all of ``data`` at ``offset``."""
         if not self.writable:
@@ -261,6 +371,39 @@ class OverlayStorage(Storage):
             else:
                 view[lo - offset:hi - offset] = p[lo - p_off:hi - p_off]
         return len(view)
+
+    def map_readonly(self, offset: int, length: int) -> Mapping | None:
+        """The base's private map with the replayed pages written into it (this copy only)."""
+        mapping = self.base.map_readonly(offset, length)
+        if mapping is None:
+            return None
+        for p_off, p in self.patches:
+            p_len = p if isinstance(p, int) else len(p)
+            lo, hi = max(offset, p_off), min(offset + length, p_off + p_len)
+            if lo >= hi:
+                continue
+            if isinstance(p, int):
+                ctypes.memset(mapping.address + lo - offset, 0, hi - lo)
+            else:
+                ctypes.memmove(mapping.address + lo - offset, bytes(p[lo - p_off:hi - p_off]), hi - lo)
+        return mapping
+
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The base's data ranges and every replayed patch inside the range, merged."""
+        end = offset + length
+        ranges = list(self.base.data_ranges(offset, min(length, max(0, self.base.size() - offset))))
+        for p_off, p in self.patches:
+            p_len = p if isinstance(p, int) else len(p)
+            lo, hi = max(offset, p_off), min(end, p_off + p_len)
+            if lo < hi:
+                ranges.append((lo, hi))
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(ranges):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        return merged
 
     def size(self) -> int:
         """The size the file would have after the replay."""

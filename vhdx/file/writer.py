@@ -265,6 +265,7 @@ class Writer:
         self.log_pages(self.bat_pages(set(updates), updates))
         for idx, entry in updates.items():
             self.image.bat[idx] = entry
+        self.image.bat_changed()
 
     @_changes_file
     def write_metadata_items(self, items: list[MetadataItem], *, data_change: bool = True) -> None:
@@ -300,7 +301,7 @@ class Writer:
         if self.log_writer is not None:
             raise VhdxError("trim only before the first change of a session", path=image.path)
         spans = layout.structure_spans(image.header, image.region_table)
-        end = align_up(layout.referenced_end(spans, layout.allocations(image.bat, image.geometry)))
+        end = align_up(layout.referenced_end(spans, layout.allocations_of(image.sparse(), image.geometry)))
         size = self.storage.size()
         if size <= end:
             return 0

@@ -2,7 +2,7 @@
 
 Pure functions over parsed values: the header section, the log and the regions come from the
 header and the region table (:func:`structure_spans`); the payload blocks and sector bitmap
-blocks come from the BAT as numpy arrays (:func:`allocations`). The checks on top of them say
+blocks come from the BAT's non-zero entries as numpy arrays (:func:`allocations_of`). The checks on top of them say
 whether two spans share bytes and whether a span runs past the end of the file; the file
 layer raises on the first problem, ``vhdx check`` reports them all.
 """
@@ -101,21 +101,23 @@ class Allocations:
 
 def allocations(bat: np.ndarray, geometry: Geometry, *, bitmaps: bool = True) -> Allocations:
     """Every payload block that holds data and (when ``bitmaps``) every present sector bitmap."""
-    payload = batmod.payload_entries(bat, geometry)
-    present = batmod.holds_data(batmod.states(payload))
-    blocks = np.flatnonzero(present).astype(np.int64)
-    starts = [batmod.file_offsets(payload[present]).astype(np.int64)]
+    return allocations_of(batmod.sparse_piece(0, bat, geometry), geometry, bitmaps=bitmaps)
+
+
+def allocations_of(sparse: batmod.SparseBat, geometry: Geometry, *, bitmaps: bool = True) -> Allocations:
+    """:func:`allocations` from the BAT's non-zero entries (proportional to the data)."""
+    present = batmod.holds_data(sparse.states)
+    blocks = sparse.blocks[present]
+    starts = [sparse.offsets[present]]
     lengths = [geometry.block_size]
     indexes = [np.asarray(geometry.payload_bat_index(blocks), dtype=np.int64)]
     owners = [blocks]
     if bitmaps:
-        sidx = batmod.sbm_indices(geometry)
-        entries = bat[sidx]
-        sbm = batmod.states(entries) == C.SB_BLOCK_PRESENT
-        starts.append(batmod.file_offsets(entries[sbm]).astype(np.int64))
+        sbm = batmod.states(sparse.sbm_entries) == C.SB_BLOCK_PRESENT
+        starts.append(batmod.file_offsets(sparse.sbm_entries[sbm]).astype(np.int64))
         lengths.append(C.SECTOR_BITMAP_BLOCK_SIZE)
-        indexes.append(sidx[sbm].astype(np.int64))
-        owners.append(-1 - np.flatnonzero(sbm).astype(np.int64))
+        indexes.append(sparse.sbm_bat_indexes(geometry)[sbm])
+        owners.append(-1 - sparse.chunks[sbm])
     ends = [s + length for s, length in zip(starts, lengths)]
     return Allocations(np.concatenate(starts), np.concatenate(ends), np.concatenate(indexes),
                        np.concatenate(owners))
@@ -206,26 +208,26 @@ def validate_in_file(alloc: Allocations, file_size: int, where: BatPlace) -> Non
                           f"{file_size}-byte file")
 
 
-def validate_for_writing(bat: np.ndarray, geometry: Geometry, alloc: Allocations, spans: list[Span],
+def validate_for_writing(sparse: batmod.SparseBat, geometry: Geometry, alloc: Allocations, spans: list[Span],
                          where: BatPlace) -> None:
     """Refuse to write a file whose BAT holds an invalid state, or whose blocks or sector
     bitmaps share space with each other or with a structure.
 
     Reading such a file is harmless (a reserved payload state reads as zeros, ``vhdx check``
-    reports it); writing it would spread the damage.
+    reports it); writing it would spread the damage. ``sparse`` holds the BAT's non-zero
+    entries (zero entries are valid), so the checks cost what the data costs.
     """
-    reserved = np.flatnonzero(batmod.states(batmod.payload_entries(bat, geometry)) == C.PayloadState.RESERVED_4)
+    reserved = np.flatnonzero(sparse.states == C.PayloadState.RESERVED_4)
     if reserved.size:
-        k = int(reserved[0])
+        k = int(sparse.blocks[int(reserved[0])])
         bat_index = geometry.payload_bat_index(k)
         raise where.error(CorruptError, bat_index, f"BAT entry {bat_index} (block {k}): reserved state 4; "
                           f"refusing to write")
     if geometry.has_parent:
-        sidx = batmod.sbm_indices(geometry)
-        sst = batmod.states(bat[sidx])
+        sst = batmod.states(sparse.sbm_entries)
         bad = np.flatnonzero((sst != C.SB_BLOCK_PRESENT) & (sst != C.SB_BLOCK_NOT_PRESENT))
         if bad.size:
-            bat_index = int(sidx[int(bad[0])])
+            bat_index = int(sparse.sbm_bat_indexes(geometry)[int(bad[0])])
             raise where.error(CorruptError, bat_index, f"BAT entry {bat_index}: sector bitmap in invalid state "
                               f"{int(sst[int(bad[0])])}; refusing to write")
     for span in spans:

@@ -155,9 +155,13 @@ def log_findings(image: Image) -> list[Finding]:
 
 @dataclass(frozen=True)
 class _PayloadEntries:
-    """The payload entries of an image's BAT as arrays, in block order."""
+    """The non-zero payload entries of an image's BAT as arrays, in block order (every other
+    entry is zero: NOT_PRESENT at offset 0). Read in bounded chunks, past the file's holes, so
+    checking a 64 TiB disk costs what its data costs."""
 
     image: Image
+    sparse: batmod.SparseBat
+    blocks: np.ndarray
     bat_indexes: np.ndarray
     states: np.ndarray
     offsets: np.ndarray  # int64
@@ -166,33 +170,47 @@ class _PayloadEntries:
     @classmethod
     def of(cls, image: Image) -> "_PayloadEntries":
         """The payload entries of ``image``."""
-        g = image.geometry
-        pidx = batmod.payload_indices(g)
-        entries = image.bat[:g.bat_entries][pidx]
-        st = batmod.states(entries)
-        return cls(image, pidx, st, batmod.file_offsets(entries).astype(np.int64), batmod.holds_data(st))
+        sp = image.sparse()
+        st = sp.states
+        return cls(image, sp, sp.blocks, sp.payload_bat_indexes(image.geometry), st, sp.offsets, batmod.holds_data(st))
 
     def entry_offset(self, bat_index: int) -> int:
         """File offset of BAT entry ``bat_index``."""
         return self.image.bat_region.file_offset + 8 * bat_index
 
     def report(self, mask: np.ndarray, severity: str, what: str, hint: str, limit: int = 10) -> list[Finding]:
-        """One finding per block in ``mask`` (the first ``limit``), ``what`` formatted with the
-        block and its file offset."""
+        """One finding per listed entry in ``mask`` (the first ``limit``), ``what`` formatted
+        with the block and its file offset."""
         hits = np.flatnonzero(mask)
-        out = [Finding(severity, self.entry_offset(int(self.bat_indexes[k])),
-                       what.format(block=k, offset=int(self.offsets[k]) if k < self.offsets.size else 0), hint)
-               for k in hits[:limit].tolist()]
-        if hits.size > limit:
-            out.append(Finding(severity, None, f"... and {hits.size - limit} more like that", hint))
-        return out
+        out = [Finding(severity, self.entry_offset(int(self.bat_indexes[r])),
+                       what.format(block=int(self.blocks[r]), offset=int(self.offsets[r])), hint)
+               for r in hits[:limit].tolist()]
+        return out + _more(hits.size, limit, severity, hint)
+
+    def missing(self, limit: int = 10) -> tuple[list[int], int]:
+        """The first ``limit`` blocks that hold no data, and how many there are."""
+        have = self.blocks[self.present]
+        count = self.image.geometry.payload_blocks - have.size
+        edges = np.concatenate([[-1], have, [self.image.geometry.payload_blocks]])
+        first: list[int] = []
+        for g in np.flatnonzero(np.diff(edges) > 1)[:limit].tolist():  # a gap after edges[g]
+            first.extend(range(int(edges[g]) + 1, min(int(edges[g + 1]), int(edges[g]) + 1 + limit - len(first))))
+            if len(first) >= limit:
+                break
+        return first, count
+
+
+def _more(hits: int, limit: int, severity: str, hint: str) -> list[Finding]:
+    return [Finding(severity, None, f"... and {hits - limit} more like that", hint)] if hits > limit else []
 
 
 def bat_entry_findings(image: Image, bat: _PayloadEntries) -> list[Finding]:
     """Reserved bits, reserved or legacy states, states that do not fit the disk's type."""
-    entries = image.bat[:image.geometry.bat_entries]
+    sp, g = bat.sparse, image.geometry
+    reserved = np.sort(np.concatenate([bat.bat_indexes[batmod.reserved_bits(sp.entries) != 0],
+                                       sp.sbm_bat_indexes(g)[batmod.reserved_bits(sp.sbm_entries) != 0]]))
     out = [Finding(ERROR, bat.entry_offset(k), f"BAT entry {k} has reserved bits set", "the BAT is damaged")
-           for k in np.flatnonzero(batmod.reserved_bits(entries) != 0)[:10].tolist()]
+           for k in reserved[:10].tolist()]
     st, present = bat.states, bat.present
     out += bat.report(st == C.PayloadState.RESERVED_4, ERROR, "block {block}: reserved BAT state 4",
                       "the BAT is damaged")
@@ -202,8 +220,10 @@ def bat_entry_findings(image: Image, bat: _PayloadEntries) -> list[Finding]:
         out += bat.report(st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT, ERROR,
                           "block {block}: PARTIALLY_PRESENT in a disk without a parent", "read as FULLY_PRESENT")
     if image.metadata.leave_block_allocated and not image.has_parent:
-        out += bat.report(~present, WARNING, "block {block}: not allocated in a fixed disk",
-                          "it reads as zeros; Windows keeps every block of a fixed disk allocated")
+        first, count = bat.missing()
+        hint = "it reads as zeros; Windows keeps every block of a fixed disk allocated"
+        out += [Finding(WARNING, bat.entry_offset(g.payload_bat_index(k)), f"block {k}: not allocated in a fixed disk",
+                        hint) for k in first] + _more(count, 10, WARNING, hint)
     no_data = (st == C.PAYLOAD_BLOCK_ZERO) | (st == C.PAYLOAD_BLOCK_NOT_PRESENT)
     out += bat.report((~present) & no_data & (bat.offsets != 0), WARNING,
                       "block {block}: file offset 0x{offset:x} on a block that has no data (must be 0)",
@@ -215,9 +235,7 @@ def end_of_file_findings(image: Image, bat: _PayloadEntries) -> list[Finding]:
     """Blocks whose data runs past the end of the file (a warning for the disk's last block)."""
     file_size = image.storage.size()
     past = bat.present & layout.past_end(bat.offsets + image.block_size, file_size)
-    is_last = np.zeros_like(past)
-    if is_last.size:
-        is_last[image.geometry.payload_blocks - 1] = True
+    is_last = bat.blocks == image.geometry.payload_blocks - 1
     beyond = bat.present & (bat.offsets >= file_size)
     return [*bat.report((past & ~is_last) | beyond, ERROR, "block {block}: data at 0x{offset:x} runs past the end "
                         "of the file", "the file was truncated; copy it again from its source"),
@@ -227,30 +245,29 @@ def end_of_file_findings(image: Image, bat: _PayloadEntries) -> list[Finding]:
 
 def sector_bitmap_findings(image: Image, bat: _PayloadEntries) -> list[Finding]:
     """Invalid sector bitmap states; bitmaps in a disk without a parent; partial blocks without one."""
-    g = image.geometry
-    sidx = batmod.sbm_indices(g)
-    sst = batmod.states(image.bat[:g.bat_entries][sidx])
+    g, sp = image.geometry, bat.sparse
+    sidx, chunks = sp.sbm_bat_indexes(g), sp.chunks
+    sst = batmod.states(sp.sbm_entries)
     bad_state = (sst != C.SB_BLOCK_NOT_PRESENT) & (sst != C.SB_BLOCK_PRESENT)
-    out = [Finding(ERROR, bat.entry_offset(int(sidx[k])), f"sector bitmap entry of chunk {k}: invalid state "
-                   f"{int(sst[k])}", "the BAT is damaged") for k in np.flatnonzero(bad_state)[:10].tolist()]
+    out = [Finding(ERROR, bat.entry_offset(int(sidx[r])), f"sector bitmap entry of chunk {int(chunks[r])}: invalid "
+                   f"state {int(sst[r])}", "the BAT is damaged") for r in np.flatnonzero(bad_state)[:10].tolist()]
     sbm_present = sst == C.SB_BLOCK_PRESENT
     if not image.has_parent:
-        return out + [Finding(WARNING, bat.entry_offset(int(sidx[k])), f"sector bitmap of chunk {k} is present in "
-                              "a disk without a parent", "it is ignored")
-                      for k in np.flatnonzero(sbm_present)[:10].tolist()]
-    partial_blocks = np.flatnonzero(bat.states == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
-    present_chunks = np.zeros(g.sector_bitmap_blocks, dtype=bool)
-    present_chunks[: sbm_present.size] = sbm_present
-    missing = partial_blocks[~present_chunks[partial_blocks // g.chunk_ratio]]
-    return out + [Finding(ERROR, bat.entry_offset(int(bat.bat_indexes[k])), f"block {k} is PARTIALLY_PRESENT but "
-                          "its chunk's sector bitmap is not present", "the sectors of this block cannot be read")
-                  for k in missing[:10].tolist()]
+        return out + [Finding(WARNING, bat.entry_offset(int(sidx[r])), f"sector bitmap of chunk {int(chunks[r])} is "
+                              "present in a disk without a parent", "it is ignored")
+                      for r in np.flatnonzero(sbm_present)[:10].tolist()]
+    partial = np.flatnonzero(bat.states == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+    missing = partial[~np.isin(bat.blocks[partial] // g.chunk_ratio, chunks[sbm_present])]
+    return out + [Finding(ERROR, bat.entry_offset(int(bat.bat_indexes[r])), f"block {int(bat.blocks[r])} is "
+                          "PARTIALLY_PRESENT but its chunk's sector bitmap is not present",
+                          "the sectors of this block cannot be read")
+                  for r in missing[:10].tolist()]
 
 
 def overlap_findings(image: Image) -> list[Finding]:
     """Structures, blocks and sector bitmaps that share space (the span map of format.layout)."""
     spans = layout.structure_spans(image.header, image.region_table)
-    alloc = layout.allocations(image.bat, image.geometry, bitmaps=True)
+    alloc = layout.allocations_of(image.sparse(), image.geometry, bitmaps=True)
     starts = np.concatenate([np.array([s.start for s in spans], dtype=np.int64), alloc.starts])
     ends = np.concatenate([np.array([s.end for s in spans], dtype=np.int64), alloc.ends])
     order, hits = layout.clashes(starts, ends)
@@ -269,7 +286,8 @@ def overlap_findings(image: Image) -> list[Finding]:
 def leak_findings(image: Image) -> list[Finding]:
     """Space past the last referenced structure, payload block or sector bitmap (a leak)."""
     spans = layout.structure_spans(image.header, image.region_table)
-    start, length = layout.leaked_tail(spans, layout.allocations(image.bat, image.geometry), image.storage.size())
+    alloc = layout.allocations_of(image.sparse(), image.geometry)
+    start, length = layout.leaked_tail(spans, alloc, image.storage.size())
     if not length:
         return []
     return [Finding(LEAK, start, f"{length} bytes past the last referenced structure are not used",
@@ -278,11 +296,9 @@ def leak_findings(image: Image) -> list[Finding]:
 
 def unused_entry_findings(image: Image) -> list[Finding]:
     """Non-zero BAT entries past the last block of the disk."""
-    g = image.geometry
-    tail = image.bat[g.bat_entries:]
-    if not (tail.size and np.any(tail)):
+    k = image.sparse().tail
+    if k < 0:
         return []
-    k = int(np.flatnonzero(tail)[0]) + g.bat_entries
     return [Finding(WARNING, image.bat_region.file_offset + 8 * k, "BAT entries past the last block of the disk "
                     "are not zero", "they are ignored")]
 

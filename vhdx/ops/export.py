@@ -32,7 +32,6 @@ from ..chains.resolve import open as open_disk
 from ..errors import DiskExistsError, UsageError, VhdxError
 from ..file.buffers import aligned_buffer
 from ..file.outputs import atomic_output
-from ..format import bat as batmod
 
 CHUNK = 2 << 20          # bytes read and written at a time
 KERNEL_COPY = "kernel copy"
@@ -280,16 +279,15 @@ def data_runs(disk: Disk) -> list[tuple[int, int, int]]:
     """
     im = disk.image
     bs = im.block_size
-    states = im.payload_states()
-    offsets = im.payload_offsets().astype(np.int64)
-    data = batmod.holds_data(states)
-    follows = np.zeros(states.size, bool)
-    if states.size > 1:
-        follows[1:] = data[1:] & data[:-1] & (offsets[1:] == offsets[:-1] + bs)
+    blocks, offsets, _states = im.allocated()  # the blocks that hold data, in order
+    if not blocks.size:
+        return []
+    follows = np.zeros(blocks.size, bool)
+    follows[1:] = (blocks[1:] == blocks[:-1] + 1) & (offsets[1:] == offsets[:-1] + bs)
     continued = np.append(follows[1:], False)
-    starts = np.flatnonzero(data & ~follows)
-    stops = np.flatnonzero(data & ~continued) + 1
-    return [(a * bs, min(b * bs, im.size) - a * bs, int(offsets[a]))
+    starts = np.flatnonzero(~follows)
+    stops = np.flatnonzero(~continued)
+    return [(int(blocks[a]) * bs, min((int(blocks[b]) + 1) * bs, im.size) - int(blocks[a]) * bs, int(offsets[a]))
             for a, b in zip(starts.tolist(), stops.tolist())]
 
 

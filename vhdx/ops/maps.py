@@ -16,6 +16,7 @@ import numpy as np
 from ..chains.disk import Disk
 from ..errors import UsageError
 from ..file.image import Image
+from ..format import bat as batmod
 from ..format import bitmap as bitmapmod
 from ..format import constants as C
 
@@ -65,12 +66,7 @@ def layer_ranges(image: Image) -> Iterator[Range]:
     """
     g = image.geometry
     bs, ss, size = g.block_size, g.logical_sector_size, image.size
-    states = image.payload_states()
-    codes = np.array([_KIND_CODE[_STATE_KIND.get(int(s), UNMAPPED)] for s in range(8)], dtype=np.uint8)[states]
-    if not image.has_parent:
-        codes[codes == _KIND_CODE[PARTIAL]] = _KIND_CODE[PRESENT]
-    starts, stops, values = bitmapmod.runs(codes)
-    for b0, b1, v in zip(starts.tolist(), stops.tolist(), values.tolist()):
+    for b0, b1, v in block_runs(image):
         kind = _CODE_KIND[v]
         if kind != PARTIAL:
             start = b0 * bs
@@ -91,6 +87,34 @@ def layer_ranges(image: Image) -> Iterator[Range]:
                     pending = r
         if pending is not None:
             yield pending
+
+
+def block_runs(image: Image) -> Iterator[tuple[int, int, int]]:
+    """``(first block, stop block, kind code)`` runs covering every block, from the BAT's
+    non-zero entries (every other block is NOT_PRESENT): as many runs as the data has pieces."""
+    sp = image.sparse()
+    kinds = np.array([_KIND_CODE[_STATE_KIND.get(s, UNMAPPED)] for s in range(8)], dtype=np.uint8)
+    codes = kinds[sp.states]
+    if not image.has_parent:
+        codes[codes == _KIND_CODE[PARTIAL]] = _KIND_CODE[PRESENT]
+    pieces = [(int(a), int(b), int(c)) for a, b, c in zip(*batmod.block_runs(sp.blocks, codes))]
+    pieces += [(a, b, int(kinds[s])) for a, b, s in zip(sp.run_starts.tolist(), sp.run_stops.tolist(),
+                                                        sp.run_states.tolist())]
+    pieces.sort()
+    absent, pos, run = _KIND_CODE[ABSENT], 0, None
+    for b0, b1, code in pieces + [(image.geometry.payload_blocks, image.geometry.payload_blocks, absent)]:
+        for piece in ((pos, b0, absent), (b0, b1, code)):
+            if piece[1] <= piece[0]:
+                continue
+            if run is not None and run[2] == piece[2]:
+                run = (run[0], piece[1], run[2])
+                continue
+            if run is not None:
+                yield run
+            run = piece
+        pos = b1
+    if run is not None:
+        yield run
 
 
 def merged_ranges(ranges: Iterator[Range]) -> list[Range]:

@@ -2,7 +2,9 @@
 
 The plan is computed with numpy over the sources' BATs and sector bitmaps, one window of the
 virtual disk at a time (a window holds whole blocks of every layer), so memory stays bounded
-whatever the disk size. Each source's BAT is read into a :class:`BatView` once per merge.
+whatever the disk size. Each source's used blocks are listed in a :class:`BatView` once per
+merge (the BAT's non-zero entries, read in bounded chunks): planning follows the data, not the
+virtual size.
 Each window becomes a list of extents (runs of sectors owned by one source layer, or zeros)
 that the destination writes as one transaction. The planner also counts the free space the
 merge may use and finds the other disks it would break.
@@ -64,16 +66,62 @@ class MergePlan:
 
 @dataclass(frozen=True)
 class BatView:
-    """One image's BAT as the planner reads it: block states and file offsets, computed once."""
+    """One image's BAT as the planner reads it: its non-zero entries, read in bounded chunks
+    (:class:`~vhdx.format.bat.SparseBat`: blocks listed one by one, runs of plain ZERO-like
+    blocks). Every other block is NOT_PRESENT, so the view costs what the data costs."""
 
     image: Image
-    states: np.ndarray
-    offsets: np.ndarray
+    sparse: batmod.SparseBat
 
     @classmethod
     def of(cls, image: Image) -> "BatView":
-        """Read ``image``'s payload block states and offsets (once per merge)."""
-        return cls(image, image.payload_states(), image.payload_offsets())
+        """The view of ``image`` (once per merge)."""
+        return cls(image, image.sparse())
+
+    def used_blocks(self) -> Iterator[np.ndarray]:
+        """Arrays of the blocks whose state is not NOT_PRESENT (listed blocks, then each run)."""
+        sp = self.sparse
+        yield sp.blocks[sp.states != C.PAYLOAD_BLOCK_NOT_PRESENT]
+        for a, b in zip(sp.run_starts.tolist(), sp.run_stops.tolist()):
+            yield np.arange(a, b, dtype=np.int64)
+
+    def window(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(states, offsets)`` of blocks ``start`` to ``stop``, NOT_PRESENT (0) where unused."""
+        return batmod.dense(self.sparse, start, stop)
+
+    def states_of(self, blocks: np.ndarray) -> np.ndarray:
+        """The state of each of ``blocks`` (int64 array)."""
+        sp = self.sparse
+        out = np.zeros(blocks.size, dtype=np.uint8)
+        j = np.searchsorted(sp.run_stops, blocks, side="right")
+        inside = j < sp.run_starts.size
+        inside[inside] = sp.run_starts[j[inside]] <= blocks[inside]
+        out[inside] = sp.run_states[j[inside]]
+        i = np.searchsorted(sp.blocks, blocks)
+        listed = i < sp.blocks.size
+        listed[listed] = sp.blocks[i[listed]] == blocks[listed]
+        out[listed] = batmod.states(sp.entries[i[listed]])
+        return out
+
+    def entry(self, block: int) -> tuple[int, int]:
+        """``(state, file offset)`` of one block."""
+        sp = self.sparse
+        i = int(np.searchsorted(sp.blocks, block))
+        if i < sp.blocks.size and int(sp.blocks[i]) == block:
+            raw = int(sp.entries[i])
+            return raw & C.BAT_STATE_MASK, raw & C.BAT_FILE_OFFSET_MASK
+        j = int(np.searchsorted(sp.run_stops, block, side="right"))
+        if j < sp.run_starts.size and int(sp.run_starts[j]) <= block:
+            return int(sp.run_states[j]), 0
+        return C.PAYLOAD_BLOCK_NOT_PRESENT, 0
+
+    def state(self, block: int) -> int:
+        """The state of one block."""
+        return self.entry(block)[0]
+
+    def offset(self, block: int) -> int:
+        """The file offset of one block (0 when it has none)."""
+        return self.entry(block)[1]
 
 
 # --------------------------------------------------------------------------- windows and owners
@@ -87,8 +135,8 @@ def windows(views: Sequence[BatView], window: int) -> np.ndarray:
     """Indexes of the windows in which any source defines anything (vectorised over the BATs)."""
     hits = []
     for v in views:
-        used = np.flatnonzero(v.states != C.PAYLOAD_BLOCK_NOT_PRESENT)
-        hits.append((used.astype(np.int64) * v.image.block_size) // window)
+        for used in v.used_blocks():
+            hits.append(np.unique((used * v.image.block_size) // window))
     if not hits:
         return np.zeros(0, np.int64)
     return np.unique(np.concatenate(hits))
@@ -109,7 +157,7 @@ def _source_sectors(v: BatView, i: int, start: int, length: int, ss: int) -> tup
     bs = im.block_size
     spb = bs // ss
     first_block = start // bs
-    states = v.states[first_block:-(-(start + length) // bs)]
+    states = v.window(first_block, -(-(start + length) // bs))[0]
     if not np.any(states != C.PAYLOAD_BLOCK_NOT_PRESENT):
         return None
     defined = np.isin(states, (C.PAYLOAD_BLOCK_FULLY_PRESENT,) + ZERO_STATES)
@@ -157,7 +205,7 @@ def extents(views: Sequence[BatView], start: int, length: int) -> Iterator[Exten
         while pos < end:  # split at the source's block boundaries: each block has its own file offset
             block, in_block = divmod(pos, bs)
             n = min(bs - in_block, end - pos)
-            yield pos, n, (im.storage, int(views[v].offsets[block]) + in_block), v
+            yield pos, n, (im.storage, views[v].offset(block) + in_block), v
             pos += n
 
 
@@ -212,9 +260,9 @@ def _filled_ranges(voff: int, vlen: int, dest: BatView) -> Iterator[tuple[int, i
     """File ranges ``(offset, length)`` that an extent writes in blocks the destination already has."""
     dbs = dest.image.block_size
     for b in range(voff // dbs, (voff + vlen - 1) // dbs + 1):
-        if dest.states[b] in ALLOCATED:
+        if dest.state(b) in ALLOCATED:
             lo, hi = max(voff, b * dbs), min(voff + vlen, (b + 1) * dbs)
-            yield int(dest.offsets[b]) + lo - b * dbs, hi - lo
+            yield dest.offset(b) + lo - b * dbs, hi - lo
 
 
 def _new_space(dest: BatView, touched: set[int], plan: MergePlan) -> None:
@@ -224,7 +272,7 @@ def _new_space(dest: BatView, touched: set[int], plan: MergePlan) -> None:
         return
     im = dest.image
     t = np.fromiter(touched, dtype=np.int64)
-    allocated = np.isin(dest.states[t], ALLOCATED)
+    allocated = np.isin(dest.states_of(t), ALLOCATED)
     plan.allocations = int((~allocated).sum())
     plan.bytes_to_allocate = plan.allocations * im.block_size
     if im.has_parent and plan.allocations:

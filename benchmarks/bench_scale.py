@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Cost at the largest size the format allows: 64 TiB dynamic disks, ours against qemu-img and libvhdi.
+
+For each block size (1 MiB: a 512 MiB BAT; 32 MiB: a 16 MiB BAT) it times, each in a child
+process whose peak RSS is taken from ``os.wait4``:
+
+  create      ``python -m vhdx create F 64T --block-size B``  vs  ``qemu-img create -f vhdx``
+  info        ``python -m vhdx info F``                       vs  ``qemu-img info F``
+  check       ``python -m vhdx check F``                      vs  ``qemu-img check F``
+  open+tail   ``vhdx.open(F).pread(size - 4096, 4096)``       vs  pyvhdi ``open`` + ``read_buffer_at_offset``
+              (timed inside the child, after the imports: the library's own cost; the RSS
+              is the whole child's)
+
+``info``/``check``/``open+tail`` run on the disk our ``create`` made and, as ``q-`` rows, on
+the one qemu-img made (qemu writes its BAT in full, every entry ZERO; ours leaves it a hole).
+``(CLI)`` rows time the whole command, Python start-up and imports included (about 0.2 s of
+CPU: see bench_read's startup row); ``(library)`` rows time the call inside a child that has
+already imported vhdx, against the whole qemu-img command. Each row is the median of
+``--rounds`` runs; the ratio is ours / peer (time and RSS). Goals (issue 10): open + tail read
+at most 2 x pyvhdi and under 64 MiB RSS; check at most 1.0 x qemu-img in time with at most a
+quarter of its memory; create at most 1.0 x qemu-img. The disks are sparse: they take a few
+MiB of the work folder.
+
+    python benchmarks/bench_scale.py [--rounds 5] [--workdir DIR] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64 << 40
+PY = sys.executable
+
+OPEN_OURS = """
+import sys, time
+t = time.perf_counter()
+import vhdx
+t_import = time.perf_counter()
+with vhdx.open(sys.argv[1]) as d:
+    data = d.pread(d.size - 4096, 4096)
+print("ELAPSED", time.perf_counter() - t_import)
+"""
+
+LIB_OURS = """
+import sys, time
+import vhdx
+from vhdx.file.image import Image
+from vhdx.ops.check import check_file
+verb, path = sys.argv[1], sys.argv[2]
+t = time.perf_counter()
+if verb == "create":
+    vhdx.create(path, 64 << 40, block_size=int(sys.argv[3])).close()
+elif verb == "info":
+    image = Image.open(path)
+    image.info()
+    image.close()
+else:
+    check_file(path)
+print("ELAPSED", time.perf_counter() - t)
+"""
+
+OPEN_PYVHDI = """
+import sys, time
+import pyvhdi
+t_import = time.perf_counter()
+f = pyvhdi.file()
+f.open(sys.argv[1])
+data = f.read_buffer_at_offset(4096, f.get_media_size() - 4096)
+f.close()
+print("ELAPSED", time.perf_counter() - t_import)
+"""
+
+
+def _child_wait4(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
+    """Run ``cmd``: (wall seconds, seconds it prints last on stdout or wall, peak RSS bytes, stdout)."""
+    r, w = os.pipe()
+    t = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.dup2(w, 1)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(r)
+        os.execvpe(cmd[0], cmd, env)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    _, status, usage = os.wait4(pid, 0)
+    wall = time.perf_counter() - t
+    if os.waitstatus_to_exitcode(status) not in (0, 3):  # 3: vhdx check found only a leak
+        raise RuntimeError(f"{cmd} failed with status {status}")
+    out = b"".join(chunks).decode()
+    reported = wall
+    for line in out.splitlines():
+        if line.startswith("ELAPSED "):
+            reported = float(line.split()[1])
+    return wall, reported, usage.ru_maxrss * 1024, out
+
+
+def measure(cmd: list[str], rounds: int, before=None) -> dict[str, float]:
+    """Median time (reported by the child when it prints one) and peak RSS of ``rounds`` runs."""
+    times, rss = [], []
+    env = dict(os.environ, PYTHONPATH=str(REPO), OPENBLAS_NUM_THREADS="1")
+    for _ in range(rounds):
+        if before is not None:
+            before()
+        _wall, reported, peak, _out = _child_wait4(cmd, env)
+        times.append(reported)
+        rss.append(peak)
+    return {"seconds": statistics.median(times), "rss": statistics.median(rss)}
+
+
+def rows_for(workdir: Path, block: int, rounds: int) -> list[dict]:
+    bs = f"{block >> 20}M"
+    ours, theirs = workdir / f"ours-{bs}.vhdx", workdir / f"qemu-{bs}.vhdx"
+
+    def rm(p: Path):
+        return lambda: p.unlink(missing_ok=True)
+
+    rows = []
+
+    def row(name: str, a: dict, b: dict, peer: str) -> None:
+        rows.append({"work": f"{name} ({bs} blocks)", "ours_s": a["seconds"], "ours_rss": a["rss"], "peer": peer,
+                     "peer_s": b["seconds"], "peer_rss": b["rss"], "time_ratio": a["seconds"] / b["seconds"],
+                     "rss_ratio": a["rss"] / b["rss"]})
+
+    qemu_create = ["qemu-img", "create", "-q", "-f", "vhdx", "-o", f"subformat=dynamic,block_size={bs}", str(theirs),
+                   "64T"]
+    b = measure(qemu_create, rounds, rm(theirs))
+    row("create (CLI)", measure([PY, "-m", "vhdx", "create", str(ours), "64T", "--block-size", bs], rounds, rm(ours)),
+        b, "qemu-img create")
+    row("create (library)", measure([PY, "-c", LIB_OURS, "create", str(ours), str(block)], rounds, rm(ours)), b,
+        "qemu-img create")
+    for tag, disk in (("", ours), ("q-", theirs)):
+        for verb in ("info", "check"):
+            b = measure(["qemu-img", verb, str(disk)], rounds)
+            row(f"{tag}{verb} (CLI)", measure([PY, "-m", "vhdx", verb, str(disk)], rounds), b, f"qemu-img {verb}")
+            row(f"{tag}{verb} (library)", measure([PY, "-c", LIB_OURS, verb, str(disk)], rounds), b, f"qemu-img {verb}")
+        row(f"{tag}open+tail", measure([PY, "-c", OPEN_OURS, str(disk)], rounds),
+            measure([PY, "-c", OPEN_PYVHDI, str(disk)], rounds), "pyvhdi")
+    for p in (ours, theirs):
+        st = p.stat()
+        rows.append({"work": f"file {p.name}", "apparent": st.st_size, "on_disk": st.st_blocks * 512})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--workdir")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    for tool in ("qemu-img",):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is needed")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        rows = []
+        for block in (1 << 20, 32 << 20):
+            rows += rows_for(workdir, block, args.rounds)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    mib = 1 << 20
+    print(f"{'work':32} {'ours':>9} {'RSS':>8}   {'peer':16} {'peer':>9} {'RSS':>8}   {'time x':>7} {'RSS x':>6}")
+    for r in rows:
+        if "apparent" in r:
+            print(f"{r['work']:32} {r['apparent'] / mib:.1f} MiB long, {r['on_disk'] / mib:.1f} MiB on disk")
+            continue
+        print(f"{r['work']:32} {r['ours_s']:8.3f}s {r['ours_rss'] / mib:6.1f}Mi   {r['peer']:16} {r['peer_s']:8.3f}s "
+              f"{r['peer_rss'] / mib:6.1f}Mi   {r['time_ratio']:7.2f} {r['rss_ratio']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
