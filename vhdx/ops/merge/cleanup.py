@@ -10,6 +10,7 @@ loss undid (journal "done"), is found again from the child by :func:`find_finish
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,6 +66,50 @@ def _same_file(image: Image, key: tuple[int, int]) -> bool:
     """Whether ``image`` is open on the file ``key`` (st_dev, st_ino) names (True if it cannot tell)."""
     fd = image.storage.fileno()
     return fd is None or (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == key
+
+
+def unlinked(storage: Storage) -> bool:
+    """Whether the file under ``storage`` has no name left (the merge deleted it)."""
+    fd = storage.fileno()
+    try:
+        return fd is not None and os.fstat(fd).st_nlink == 0
+    except OSError:
+        return False
+
+
+class Release:
+    """The last close of a deleted file frees its space, which takes long for a big file (the
+    kernel drops its extents and cached pages). The deletes themselves are durable already (the
+    folder is synced after each), so the held descriptors of the deleted files are closed in a
+    thread while the destination closes; merge() joins it before it returns."""
+
+    def __init__(self, held: list[Storage]) -> None:
+        self.held = held
+        self.thread: threading.Thread | None = None
+
+    def start(self, _deleted: list[str]) -> None:
+        """Close the held files that have no name left, in the background."""
+        gone = [s for s in self.held if unlinked(s)]
+        if not gone or self.thread is not None:
+            return
+        self.held[:] = [s for s in self.held if s not in gone]
+        self.thread = threading.Thread(target=close_all, args=(gone,), name="vhdx-merge-release", daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        """Wait until the deleted files are closed (their space is free)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+
+def close_all(storages: list[Storage]) -> None:
+    """Close each storage (a close that fails leaves the others to close)."""
+    for storage in storages:
+        try:
+            storage.close()
+        except Exception:  # noqa: BLE001 - a read-only descriptor of a deleted file: nothing is lost
+            pass
 
 
 def unlink_merged(member: JournalMember, original: uuid.UUID, wrap: Wrap | None) -> None:

@@ -31,8 +31,8 @@ from ...file.storage import Storage
 from ...format import constants as C
 from ...format.locator import format_linkage, parse_linkage
 from ...format.records import MetadataItem, metadata_items
-from .cleanup import (Wrap, complete, delete_members, find_finish, hold_exclusive, nearest_first, open_writable,
-                      plan_deletes, storage_wrapper)
+from .cleanup import (Release, Wrap, complete, delete_members, find_finish, hold_exclusive, nearest_first,
+                      open_writable, plan_deletes, storage_wrapper)
 from .journal import Journal, JournalState, allowed_folders, journal_item, load_journal, read_journal, resumable, without_journal
 from .plan import (BatView, MergePlan, check_free_space, dependents, no_space, plan_merge, stopped_error, used_bytes,
                    window_size, window_spans)
@@ -47,7 +47,12 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class MergeResult:
-    """What a merge did: its plan, the bytes copied and how fast, the files deleted."""
+    """What a merge did: its plan, the bytes copied and how fast, the files deleted.
+
+    ``bytes_copied`` counts every byte of data the destination received from the sources
+    (zeros not counted); ``bytes_cloned`` is the part of it that shares the sources' extents
+    (a reflink clone on XFS or btrfs: no data moved), the rest was copied.
+    """
 
     plan: MergePlan
     bytes_copied: int
@@ -55,6 +60,7 @@ class MergeResult:
     deleted: list[str]
     broken_dependents: list[str]
     new_data_write_guid: str
+    bytes_cloned: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The result as plain JSON-ready values, with the throughput in MiB/s."""
@@ -79,6 +85,8 @@ class _Job:
     on_plan: Callable[[MergePlan], None] | None
     held: list[Storage] = field(default_factory=list)
     t0: float = 0.0
+    release: Release | None = None
+
 
 
 @dataclass
@@ -148,11 +156,13 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
     """
     job = _Job(os.path.abspath(os.fspath(child)), into, progress, ignore_id_mismatch, keep, force,
                path_list(search_paths), dry_run, storage_wrapper(), on_plan)
+    job.release = Release(job.held)
     try:
         if not dry_run and os.path.isfile(job.child):
             hold_exclusive([job.child], job.held)
         return _merge(job)
     finally:
+        job.release.join()
         for storage in reversed(job.held):
             storage.close()
 
@@ -222,6 +232,8 @@ def _finish(job: _Job, images: Sequence[Image] = ()) -> MergeResult | MergePlan 
         job.on_plan(found.plan)
     if found.done:
         deleted = delete_members(nearest_first(found.members))
+        if job.release is not None:
+            job.release.start(deleted)
     else:
         dest = open_writable(found.dest.path, job.wrap)
         try:
@@ -322,8 +334,10 @@ def _run(job: _Job, chain: _Chain, dest_path: str) -> tuple[Image, MergeResult]:
     except BaseException:
         dest.close()
         raise
+    cloned = dest.writer.copier.cloned if dest.writer.copier is not None else 0
     return dest, MergeResult(plan=chain.plan, bytes_copied=copied, seconds=0.0, deleted=[],
-                             broken_dependents=chain.plan.dependents, new_data_write_guid=str(new_guid))
+                             broken_dependents=chain.plan.dependents, new_data_write_guid=str(new_guid),
+                             bytes_cloned=cloned)
 
 
 def _announce(path: str, current: uuid.UUID, new: uuid.UUID, wrap: Wrap | None) -> None:
@@ -419,6 +433,8 @@ def _clean_up(job: _Job, plan: MergePlan, dest: Image, result: MergeResult) -> M
         try:
             result.deleted = complete(dest, dest_path, job.keep, job.wrap,
                                       allowed_folders(dest_path, job.child, folders=job.search), job.child)
+            if job.release is not None:  # the deletes are durable: free their space while dest closes
+                job.release.start(result.deleted)
         finally:
             dest.close()
     except OSError as e:
