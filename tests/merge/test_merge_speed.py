@@ -7,7 +7,7 @@
   order is read at rising file offsets (counted through a read-recording storage).
 * A multi-layer merge reads each sector once, from the newest layer that holds it: an older
   layer whose data is all overwritten above it has none of its payload read.
-* The deleted files are closed (their space freed) before merge() returns, by a thread it joins.
+* The deleted files are closed (their space freed) by a background thread; wait_for_release() waits.
 * Nothing is cloned on tmpfs/ext4 and the CLI says how many bytes were cloned and copied.
 """
 
@@ -27,6 +27,7 @@ import vhdx.file.image
 from vhdx.file import copy as copymod
 from vhdx.file.storage import FileStorage, Storage
 from vhdx.format import constants as C
+from vhdx.ops.merge.run import wait_for_release
 
 from .mergekit import MiB, check_errors, cli, merge, read_disk
 
@@ -210,10 +211,13 @@ def test_multi_layer_merge_reads_each_byte_once(tmp_path: Path, recording) -> No
     assert check_errors(base) == []
 
 
-def test_deleted_files_are_closed_before_merge_returns(tmp_path: Path) -> None:
+def test_deleted_files_are_released_in_the_background(tmp_path: Path) -> None:
+    """The delete is durable when merge() returns (the name is gone, the folder synced); the last
+    close, which frees the space, runs in a thread that wait_for_release() (and exit) waits for."""
     base, child, model = reversed_child(tmp_path)
     result = merge(str(child), str(base))
     assert result.deleted == [str(child)] and not child.exists()
+    wait_for_release()
     assert not [t for t in threading.enumerate() if t.name == "vhdx-merge-release"]
     fds = os.listdir("/proc/self/fd")
     still_open = []
@@ -235,3 +239,31 @@ def test_cli_reports_cloned_and_copied_on_a_file_system_without_clones(fast_tmp:
     d = json.loads(out[out.index("{"):])
     assert d["bytes_cloned"] == 0 and d["bytes_written"] == d["bytes_copied"] > 0
     assert read_disk(base) == model
+
+
+def test_next_batch_is_hinted_to_the_kernel_after_the_copy(tmp_path: Path, monkeypatch) -> None:
+    """While a batch commits, the kernel reads ahead the next batch's first source ranges (WILLNEED),
+    in file order and at most PREFETCH_BYTES; nothing is hinted for a batch with no successor."""
+    calls = []
+    real = os.posix_fadvise
+
+    def record(fd, offset, length, advice):
+        calls.append((offset, length, advice))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    monkeypatch.setattr(copymod, "PREFETCH_BYTES", 3 * MiB)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(os.urandom(8 * MiB))
+    dst.write_bytes(bytes(MiB))
+    s, d = FileStorage(src), FileStorage(dst, writable=True)
+    try:
+        copier = copymod.Copier(d)
+        copier.upcoming = [(s, 6 * MiB, 0, 2 * MiB), (s, 2 * MiB, 0, 2 * MiB)]
+        copier.copy_all([(s, 0, 0, MiB)])
+        hints = [(off, n) for off, n, advice in calls if advice == os.POSIX_FADV_WILLNEED]
+        assert hints == [(2 * MiB, 2 * MiB), (6 * MiB, MiB)]
+    finally:
+        s.close()
+        d.close()
+    assert dst.read_bytes() == src.read_bytes()[:MiB]

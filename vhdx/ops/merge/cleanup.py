@@ -77,30 +77,29 @@ def unlinked(storage: Storage) -> bool:
         return False
 
 
-class Release:
-    """The last close of a deleted file frees its space, which takes long for a big file (the
-    kernel drops its extents and cached pages). The deletes themselves are durable already (the
-    folder is synced after each), so the held descriptors of the deleted files are closed in a
-    thread while the destination closes; merge() joins it before it returns."""
+_RELEASES: list[threading.Thread] = []
 
-    def __init__(self, held: list[Storage]) -> None:
-        self.held = held
-        self.thread: threading.Thread | None = None
 
-    def start(self, _deleted: list[str]) -> None:
-        """Close the held files that have no name left, in the background."""
-        gone = [s for s in self.held if unlinked(s)]
-        if not gone or self.thread is not None:
-            return
-        self.held[:] = [s for s in self.held if s not in gone]
-        self.thread = threading.Thread(target=close_all, args=(gone,), name="vhdx-merge-release", daemon=True)
-        self.thread.start()
+def release_in_background(storages: list[Storage]) -> None:
+    """Close ``storages`` (the held descriptors of deleted files) in a thread.
 
-    def join(self) -> None:
-        """Wait until the deleted files are closed (their space is free)."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
+    The last close of a deleted file frees its space, which takes seconds for a big file (the
+    kernel drops its extents, and with the ``discard`` mount option trims them). The deletes are
+    durable already (the folder was synced after each), so the merge need not wait: the thread
+    is not a daemon (the interpreter waits for it at exit), and :func:`wait_for_release` waits
+    for it in a long-running process that needs the space back.
+    """
+    if not storages:
+        return
+    thread = threading.Thread(target=close_all, args=(list(storages),), name="vhdx-merge-release")
+    _RELEASES[:] = [t for t in _RELEASES if t.is_alive()] + [thread]
+    thread.start()
+
+
+def wait_for_release() -> None:
+    """Wait until the files earlier merges deleted are closed, and their space is free."""
+    while _RELEASES:
+        _RELEASES.pop().join()
 
 
 def close_all(storages: list[Storage]) -> None:
