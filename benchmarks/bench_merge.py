@@ -2,6 +2,9 @@
 """Merge throughput of vhdx against ``cp`` and ``qemu-img commit``.
 
     python benchmarks/bench_merge.py [--size 2G] [--rounds 3] [--workdir DIR] [--json] [--keep]
+    python benchmarks/bench_merge.py --suite [--rows 8g-cold,2g-delete,16-layer,1t-sparse,xfs-reflink]
+
+``--suite`` runs the rows of issue 10 once each (see :func:`suite_main` below); without it:
 
 Builds once (not timed):
 
@@ -215,6 +218,8 @@ def copy_fresh(src: Path, dst: Path) -> None:
 # ------------------------------------------------------------------ main
 
 def main() -> int:
+    if "--suite" in sys.argv:  # the rows of issue 10, one run each
+        return suite_main([a for a in sys.argv[1:] if a != "--suite"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="2G", help="virtual size of the child (default 2G)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -344,6 +349,301 @@ def main() -> int:
     finally:
         if own_dir and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+
+# ------------------------------------------------------------------ the suite (issue 10's rows)
+
+SUITE_DOC = """Rows, each run once (the machine is shared: one run, spreads are wide):
+
+* ``8g-cold``: a 16 GiB child (layout above: 8.2 GiB copied) into a dynamic parent, ``keep``
+  (no delete), cold cache; against ``cp`` + fsync of a raw file of the same bytes and
+  ``qemu-img commit`` (+ fsync) of the same writes in qcow2.
+* ``2g-delete``: the same with a 4 GiB child (2.1 GiB copied), merged files deleted; reports the
+  time merge() takes (the deletes durable) and the time until the deleted child's space is free
+  (``wait_for_release``), and, separately, the unlink of the 2 GiB copy ``cp`` made.
+* ``16-layer``: 16 checkpoints over a base, 1 GiB disk, 2 MiB blocks, each layer writes an eighth
+  of the blocks, shifted per layer (every block is written by two layers: each byte is read once,
+  from the newer); warm cache; against ``cp`` of the 1 GiB result and
+  ``qemu-img commit -b base.qcow2 top.qcow2``.
+* ``1t-sparse``: a 1 TiB child with 512 changed 2 MiB blocks (1 GiB), one every 2 GiB, cold
+  cache; also the planning time (a dry run) on its own.
+* ``xfs-reflink``: 8 GiB of whole 2 MiB blocks merged on a loop-mounted XFS (``mkfs.xfs -m
+  reflink=1``), so every block is cloned; against ``cp --reflink=always`` of the child file.
+
+Peak RSS is the merge process's VmHWM. Everything is built in one temporary folder (the
+``--workdir``'s ``suite`` folder), one row at a time, and deleted after each row."""
+
+SUITE_OURS = """
+import json, sys, time
+t0 = time.perf_counter()
+from vhdx.ops.merge.run import merge, wait_for_release
+child, into, keep, plan_first = sys.argv[1], sys.argv[2], sys.argv[3] == "keep", sys.argv[4] == "plan"
+plan_s = None
+if plan_first:
+    t = time.perf_counter()
+    merge(child, into, dry_run=True, keep=keep)
+    plan_s = time.perf_counter() - t
+t1 = time.perf_counter()
+r = merge(child, into, keep=keep)
+t2 = time.perf_counter()
+wait_for_release()
+t3 = time.perf_counter()
+hwm = next((int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")), 0)
+print(json.dumps(dict(merge_s=t2 - t1, released_s=t3 - t1, plan_s=plan_s, bytes_copied=r.bytes_copied,
+                      bytes_cloned=r.bytes_cloned, deleted=len(r.deleted), vm_hwm=hwm)))
+"""
+
+GiB = 1 << 30
+
+
+def build_layers_ours(folder: Path, size: int, parent_block: int, child_block: int,
+                      layers: list[list[tuple[int, int, int]]], patterns: list[bytes]) -> list[Path]:
+    """A dynamic base and one snapshot per further writes list; base first."""
+    import vhdx
+    paths = [folder / "base.vhdx"]
+    with vhdx.create(str(paths[0]), size, block_size=parent_block) as disk:
+        for off, n, i in layers[0]:
+            disk.seek(off)
+            disk.write(patterns[i][:n])
+    for writes in layers[1:]:
+        paths.append(Path(vhdx.snapshot(str(paths[-1]), block_size=child_block)))
+        with vhdx.open(str(paths[-1]), "r+") as disk:
+            for off, n, i in writes:
+                disk.seek(off)
+                disk.write(patterns[i][:n])
+    return paths
+
+
+def build_layers_qemu(folder: Path, size: int, layers: list[list[tuple[int, int, int]]],
+                      pattern_paths: list[Path]) -> list[Path]:
+    """base.qcow2 and l1.qcow2 ... (relative backing names), with the same writes."""
+    paths = [folder / "base.qcow2"]
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(paths[0]), str(size)])
+    for k in range(1, len(layers)):
+        p = folder / f"l{k}.qcow2"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", paths[-1].name, "-F", "qcow2", p.name], cwd=folder)
+        paths.append(p)
+    for p, writes in zip(paths, layers):
+        for i in range(0, len(writes), 400):
+            cmds = []
+            for off, n, pat in writes[i:i + 400]:
+                cmds += ["-c", f"write -q -s {pattern_paths[pat]} {off} {n}"]
+            run(["qemu-io", "-f", "qcow2", *cmds, str(p)])
+    return paths
+
+
+def write_raw(path: Path, nbytes: int, patterns: list[bytes]) -> None:
+    with open(path, "wb") as f:
+        left, i = nbytes, 0
+        while left:
+            n = min(left, CHILD_BLOCK)
+            f.write(patterns[i % PATTERN_FILES][:n])
+            left -= n
+            i += 1
+
+
+def rows_layers(row: str) -> tuple[int, int, list[list[tuple[int, int, int]]], bool]:
+    """(virtual size, parent block size, writes of each layer base first, cold cache) of a row."""
+    if row in ("8g-cold", "2g-delete"):
+        size = 16 * GiB if row == "8g-cold" else 4 * GiB
+        parent, child = layout(size)
+        return size, 32 * MiB, [parent, child], True
+    if row == "16-layer":
+        size, blocks = GiB, GiB // CHILD_BLOCK
+        base = [(k * CHILD_BLOCK, CHILD_BLOCK, k % PATTERN_FILES) for k in range(0, blocks, 32)]
+        layers = [base] + [[(k * CHILD_BLOCK, CHILD_BLOCK, (k + i) % PATTERN_FILES)
+                            for k in range(blocks) if (k + i) % 8 == 0] for i in range(1, 17)]
+        return size, 32 * MiB, layers, False
+    if row == "1t-sparse":
+        size = 1 << 40
+        base = [(k * 64 * GiB, CHILD_BLOCK, k % PATTERN_FILES) for k in range(16)]
+        child = [(k * 2 * GiB + CHILD_BLOCK, CHILD_BLOCK, k % PATTERN_FILES) for k in range(512)]
+        return size, 32 * MiB, [base, child], True
+    raise SystemExit(f"unknown row {row}")
+
+
+def same_as_writes(path: Path, layers: list[list[tuple[int, int, int]]], patterns: list[bytes]) -> bool:
+    """Whether the merged disk holds every layer's writes, the newest layer winning where they overlap."""
+    import vhdx
+    expect: dict[int, tuple[int, int]] = {}
+    for writes in layers:
+        for off, n, i in writes:
+            expect[off] = (n, i)
+    with vhdx.open(str(path)) as disk:
+        for off, (n, i) in sorted(expect.items()):
+            disk.seek(off)
+            if disk.read(n) != patterns[i][:n]:
+                log(f"MISMATCH at {off}")
+                return False
+    return True
+
+
+def timed_ours(paths: list[Path], keep: bool, plan_first: bool, env: dict) -> dict:
+    wall, rss, out = run_measured([sys.executable, "-c", SUITE_OURS, str(paths[-1]), str(paths[0]),
+                                   "keep" if keep else "delete", "plan" if plan_first else "-"], env=env)
+    d = json.loads(out)
+    d["vm_hwm"] = d["vm_hwm"] or rss
+    return d
+
+
+def timed_cp(src: Path, dst: Path, reflink: str = "never") -> float:
+    t = time.perf_counter()
+    run(["cp", f"--reflink={reflink}", str(src), str(dst)])
+    fsync_path(dst)
+    return time.perf_counter() - t
+
+
+def free_gib(path: Path) -> float:
+    return shutil.disk_usage(path).free / GiB
+
+
+def suite_row(row: str, work: Path, patterns: list[bytes], pattern_paths: list[Path], env: dict,
+              have_qemu: bool) -> dict:
+    """Build, time and clean up one row (files of one method at a time, to bound disk use)."""
+    size, parent_block, layers, cold = rows_layers(row)
+    res: dict = dict(row=row, cache="cold" if cold else "warm")
+    folder = work / row
+    folder.mkdir()
+    try:
+        log(f"[{row}] building the VHDX chain ({len(layers) - 1} layers over a base) ...")
+        paths = build_layers_ours(folder, size, parent_block, CHILD_BLOCK, layers, patterns)
+        from vhdx.ops.merge.run import merge
+        plan = merge(str(paths[-1]), str(paths[0]), dry_run=True)
+        nbytes = res["bytes"] = plan.bytes_to_copy
+        if cold:
+            try_drop_caches()
+        ours = timed_ours(paths, keep=(row != "2g-delete"), plan_first=(row == "1t-sparse"), env=env)
+        assert ours["bytes_copied"] == nbytes, ours
+        res["model_ok"] = same_as_writes(paths[0], layers, patterns)
+        res.update(ours=ours["merge_s"], ours_released=ours["released_s"], plan_s=ours["plan_s"],
+                   rss_mib=ours["vm_hwm"] / MiB, cloned=ours["bytes_cloned"])
+        log(f"[{row}] ours {ours['merge_s']:.3f} s (space of deleted files free after {ours['released_s']:.3f} s)")
+        merged = paths[0]
+        for p in paths[1:]:
+            if p.exists():
+                p.unlink()
+        if have_qemu:
+            log(f"[{row}] building the qcow2 chain ...")
+            q = build_layers_qemu(folder, size, layers, pattern_paths)
+            if cold:
+                try_drop_caches()
+            t = time.perf_counter()
+            wall, qrss, _ = run_measured(["qemu-img", "commit", "-q", "-b", str(q[0]), str(q[-1])])
+            fsync_path(q[0])
+            res["qemu"], res["qemu_rss_mib"] = time.perf_counter() - t, qrss / MiB
+            log(f"[{row}] qemu-img commit {res['qemu']:.3f} s")
+            for p in q[1:]:
+                p.unlink()
+            if size <= 64 * GiB:  # qemu-img compare reads every byte of a VHDX: too slow for 1 TiB
+                c = subprocess.run(["qemu-img", "compare", "-f", "vhdx", "-F", "qcow2", str(merged), str(q[0])],
+                                   capture_output=True, text=True)
+                res["same_as_qemu"] = c.returncode == 0
+            q[0].unlink()
+        merged.unlink()
+        raw, copy = folder / "payload.raw", folder / "copy.raw"
+        write_raw(raw, nbytes, patterns)
+        if cold:
+            try_drop_caches()
+        res["cp"] = timed_cp(raw, copy)
+        log(f"[{row}] cp + fsync {res['cp']:.3f} s")
+        if row == "2g-delete":
+            t = time.perf_counter()
+            copy.unlink()
+            dfd = os.open(folder, os.O_RDONLY)
+            os.fsync(dfd)
+            os.close(dfd)
+            res["unlink_2g_s"] = time.perf_counter() - t
+        return res
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def suite_reflink(work: Path, patterns: list[bytes], env: dict) -> dict:
+    """8 GiB of whole blocks merged on a loop-mounted XFS with reflink: every block is cloned."""
+    res: dict = dict(row="xfs-reflink", cache="warm")
+    img, mnt = work / "xfs.img", work / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(20 * GiB)
+    run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(img)])
+    dev = run(["losetup", "--find", "--show", str(img)]).stdout.strip()
+    try:
+        run(["mount", dev, str(mnt)])
+        try:
+            size = 8 * GiB
+            child = [(k * CHILD_BLOCK, CHILD_BLOCK, k % PATTERN_FILES) for k in range(size // CHILD_BLOCK)]
+            log("[xfs-reflink] building an 8 GiB child on XFS ...")
+            paths = build_layers_ours(mnt, size, 32 * MiB, CHILD_BLOCK, [[], child], patterns)
+            os.sync()
+            res["cp"] = timed_cp(paths[-1], mnt / "copy.avhdx", reflink="always")
+            (mnt / "copy.avhdx").unlink()
+            ours = timed_ours(paths, keep=True, plan_first=False, env=env)
+            res.update(bytes=ours["bytes_copied"], ours=ours["merge_s"], ours_released=ours["released_s"],
+                       rss_mib=ours["vm_hwm"] / MiB, cloned=ours["bytes_cloned"])
+            log(f"[xfs-reflink] ours {ours['merge_s']:.3f} s, cloned {ours['bytes_cloned'] / GiB:.2f} GiB")
+        finally:
+            subprocess.run(["umount", str(mnt)])
+    finally:
+        subprocess.run(["losetup", "-d", dev])
+        img.unlink()
+    return res
+
+
+def ratio(a: float, b: float | None) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+def suite_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description="merge benchmark rows of issue 10 (one run each)",
+                                 epilog=SUITE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="8g-cold,2g-delete,16-layer,1t-sparse,xfs-reflink")
+    ap.add_argument("--workdir", default=os.environ.get("TMPDIR", "/var/tmp"))
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-qemu", action="store_true")
+    args = ap.parse_args(argv)
+    have_qemu = not args.no_qemu and bool(shutil.which("qemu-img") and shutil.which("qemu-io"))
+    work = Path(tempfile.mkdtemp(prefix="bench_merge_suite-", dir=args.workdir))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    results = []
+    try:
+        pattern_paths = make_patterns(work)
+        patterns = [p.read_bytes() for p in pattern_paths]
+        for row in args.rows.split(","):
+            need = 20 if row in ("8g-cold", "xfs-reflink") else 6
+            if free_gib(work) < need:
+                log(f"[{row}] skipped: {free_gib(work):.1f} GiB free, {need} GiB needed")
+                continue
+            results.append(suite_reflink(work, patterns, env) if row == "xfs-reflink" else
+                           suite_row(row, work, patterns, pattern_paths, env, have_qemu))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print("| row | copied | ours | cp + fsync | qemu-img commit | ours/cp | ours/qemu | peak RSS | notes |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        qemu = r.get("qemu")
+        notes = [f"{r['cache']} cache"]
+        if r.get("plan_s") is not None:
+            notes.append(f"plan (dry run) {r['plan_s']:.3f} s")
+        if r["row"] == "2g-delete":
+            notes.append(f"space of the deleted child free after {r['ours_released']:.2f} s; "
+                         f"unlink of cp's 2 GiB copy {r['unlink_2g_s']:.2f} s")
+        if r.get("cloned"):
+            notes.append(f"cloned {r['cloned'] / GiB:.2f} GiB")
+        if r["row"] == "xfs-reflink":
+            notes.append("peer: cp --reflink=always of the child file")
+        if not r.get("model_ok", True):
+            notes.append("CONTENT WRONG")
+        if r.get("same_as_qemu") is not None:
+            notes.append("same disk as qemu-img commit" if r["same_as_qemu"] else "DIFFERS from qemu-img commit")
+        print(f"| {r['row']} | {r['bytes'] / GiB:.2f} GiB | {r['ours']:.2f} s | {r['cp']:.2f} s | "
+              f"{f'{qemu:.2f} s' if qemu else '-'} | {r['ours'] / r['cp']:.2f} | "
+              f"{ratio(r['ours'], qemu)} | "
+              f"{r['rss_mib']:.0f} MiB | {'; '.join(notes)} |")
+    return 0
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     d = _run_one(args, args.child, args.into)
     if args.json:
         emit_json(dict(child=args.child, destination=d["plan"]["destination"], bytes_copied=d["bytes_copied"],
+                       bytes_cloned=d["bytes_cloned"], bytes_written=d["bytes_copied"] - d["bytes_cloned"],
                        blocks=d["plan"]["destination_blocks"], seconds=d["seconds"],
                        throughput_mib_s=d["throughput_mib_s"], to_delete=d["plan"]["to_delete"], deleted=d["deleted"],
                        broken_dependents=d["broken_dependents"], new_data_write_guid=d["new_data_write_guid"]))
@@ -102,6 +103,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     else:
         print(f"merged {human_bytes(d['bytes_copied'])} into {d['plan']['destination']} in {d['seconds']:.2f} s "
               f"({d['throughput_mib_s']:.0f} MiB/s)")
+        if d["bytes_cloned"]:
+            print(f"  cloned {human_bytes(d['bytes_cloned'])} (extents shared with the merged files, no data "
+                  f"moved), copied {human_bytes(d['bytes_copied'] - d['bytes_cloned'])}")
         for p in d["deleted"]:
             print(f"  deleted {p}")
         for p in d["broken_dependents"]:

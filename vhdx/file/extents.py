@@ -154,11 +154,10 @@ class Transaction:
                     _add_copy(copies, source, skip, dst, n)
                 else:
                     self.writer.write(source[skip:skip + n], dst)
-        if copies and self.writer.copier is None:
-            self.writer.copier = Copier(self.writer.storage)
-        for storage, src, dst, n in copies:
-            assert self.writer.copier is not None
-            self.writer.copier.copy(storage, src, dst, n, progress)
+        if copies:
+            if self.writer.copier is None:
+                self.writer.copier = Copier(self.writer.storage)
+            self.writer.copier.copy_all(copies, progress)  # in source-file order
 
     def mark_bitmaps(self) -> dict[int, bytearray]:
         """The sector bitmap pages with a bit set for every sector written to a partial block."""

@@ -10,6 +10,7 @@ loss undid (journal "done"), is found again from the child by :func:`find_finish
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,6 +66,49 @@ def _same_file(image: Image, key: tuple[int, int]) -> bool:
     """Whether ``image`` is open on the file ``key`` (st_dev, st_ino) names (True if it cannot tell)."""
     fd = image.storage.fileno()
     return fd is None or (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == key
+
+
+def unlinked(storage: Storage) -> bool:
+    """Whether the file under ``storage`` has no name left (the merge deleted it)."""
+    fd = storage.fileno()
+    try:
+        return fd is not None and os.fstat(fd).st_nlink == 0
+    except OSError:
+        return False
+
+
+_RELEASES: list[threading.Thread] = []
+
+
+def release_in_background(storages: list[Storage]) -> None:
+    """Close ``storages`` (the held descriptors of deleted files) in a thread.
+
+    The last close of a deleted file frees its space, which takes seconds for a big file (the
+    kernel drops its extents, and with the ``discard`` mount option trims them). The deletes are
+    durable already (the folder was synced after each), so the merge need not wait: the thread
+    is not a daemon (the interpreter waits for it at exit), and :func:`wait_for_release` waits
+    for it in a long-running process that needs the space back.
+    """
+    if not storages:
+        return
+    thread = threading.Thread(target=close_all, args=(list(storages),), name="vhdx-merge-release")
+    _RELEASES[:] = [t for t in _RELEASES if t.is_alive()] + [thread]
+    thread.start()
+
+
+def wait_for_release() -> None:
+    """Wait until the files earlier merges deleted are closed, and their space is free."""
+    while _RELEASES:
+        _RELEASES.pop().join()
+
+
+def close_all(storages: list[Storage]) -> None:
+    """Close each storage (a close that fails leaves the others to close)."""
+    for storage in storages:
+        try:
+            storage.close()
+        except Exception:  # noqa: BLE001 - a read-only descriptor of a deleted file: nothing is lost
+            pass
 
 
 def unlink_merged(member: JournalMember, original: uuid.UUID, wrap: Wrap | None) -> None:

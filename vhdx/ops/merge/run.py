@@ -16,29 +16,31 @@ idempotent) or, past the copy, only the last steps.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal, Sequence, overload
+from typing import Any, Callable, Iterator, Literal, Sequence, overload
 
 from ...chains.paths import PathArgs, file_key, path_list
 from ...chains.resolve import Layer, Resolver
 from ...chains.scan import ScanCache
 from ...errors import MergeError, VhdxError
+from ...file.copy import Copier
 from ...file.image import Image
 from ...file.storage import Storage
 from ...format import constants as C
 from ...format.locator import format_linkage, parse_linkage
 from ...format.records import MetadataItem, metadata_items
 from .cleanup import (Wrap, complete, delete_members, find_finish, hold_exclusive, nearest_first, open_writable,
-                      plan_deletes, storage_wrapper)
+                      plan_deletes, release_in_background, storage_wrapper, unlinked, wait_for_release)
 from .journal import Journal, JournalState, allowed_folders, journal_item, load_journal, read_journal, resumable, without_journal
 from .plan import (BatView, MergePlan, check_free_space, dependents, no_space, plan_merge, stopped_error, used_bytes,
                    window_size, window_spans)
 from .plan import extents as _extents  # the copy's one seam: tests/cli/test_demo.py patches run._extents
 
-__all__ = ["MergePlan", "MergeResult", "merge", "read_journal"]  # read_journal: for older imports from here
+__all__ = ["MergePlan", "MergeResult", "merge", "read_journal", "wait_for_release"]  # read_journal: for older imports from here
 
 BATCH_BYTES = 1 << 30  # destination data per transaction: each costs three flushes
 BATCH_EXTENTS = 1 << 16  # ... and at most this many extents, to bound memory
@@ -47,7 +49,12 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class MergeResult:
-    """What a merge did: its plan, the bytes copied and how fast, the files deleted."""
+    """What a merge did: its plan, the bytes copied and how fast, the files deleted.
+
+    ``bytes_copied`` counts every byte of data the destination received from the sources
+    (zeros not counted); ``bytes_cloned`` is the part of it that shares the sources' extents
+    (a reflink clone on XFS or btrfs: no data moved), the rest was copied.
+    """
 
     plan: MergePlan
     bytes_copied: int
@@ -55,6 +62,7 @@ class MergeResult:
     deleted: list[str]
     broken_dependents: list[str]
     new_data_write_guid: str
+    bytes_cloned: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The result as plain JSON-ready values, with the throughput in MiB/s."""
@@ -79,6 +87,7 @@ class _Job:
     on_plan: Callable[[MergePlan], None] | None
     held: list[Storage] = field(default_factory=list)
     t0: float = 0.0
+
 
 
 @dataclass
@@ -153,8 +162,13 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
             hold_exclusive([job.child], job.held)
         return _merge(job)
     finally:
+        # Deleted files (no name left) are closed in the background: their deletes are durable
+        # already, and the last close, which frees their space, can take seconds.
+        gone = [s for s in job.held if unlinked(s)]
         for storage in reversed(job.held):
-            storage.close()
+            if storage not in gone:
+                storage.close()
+        release_in_background(gone)
 
 
 def _merge(job: _Job) -> MergeResult | MergePlan:
@@ -322,8 +336,10 @@ def _run(job: _Job, chain: _Chain, dest_path: str) -> tuple[Image, MergeResult]:
     except BaseException:
         dest.close()
         raise
+    cloned = dest.writer.copier.cloned if dest.writer.copier is not None else 0
     return dest, MergeResult(plan=chain.plan, bytes_copied=copied, seconds=0.0, deleted=[],
-                             broken_dependents=chain.plan.dependents, new_data_write_guid=str(new_guid))
+                             broken_dependents=chain.plan.dependents, new_data_write_guid=str(new_guid),
+                             bytes_cloned=cloned)
 
 
 def _announce(path: str, current: uuid.UUID, new: uuid.UUID, wrap: Wrap | None) -> None:
@@ -354,48 +370,53 @@ def _start(dest: Image, stamp: _Stamp) -> None:
         dest.write_metadata_items(without_journal(dest) + [stamp.item(JournalState.COPYING)])
 
 
-class _Batches:
-    """Step 3's transactions: extents gathered up to BATCH_BYTES / BATCH_EXTENTS, then written."""
+Batch = list[tuple[int, int, Any]]  # (virtual offset, length, (storage, file offset) or None for zeros)
 
-    def __init__(self, dest: Image, progress: Progress | None, total: int) -> None:
-        self.dest, self.progress, self.total = dest, progress, total
-        self.extents: list[tuple[int, int, Any]] = []
-        self.bytes = 0
-        self.done = 0
 
-    def tick(self, n: int) -> None:
-        """``n`` more bytes are in place: tell the progress callback."""
-        self.done += n
-        if self.progress:
-            self.progress(self.done, self.total)
-
-    def add(self, voff: int, vlen: int, src: Any) -> None:
-        """Gather one extent (``src`` None: zeros)."""
-        self.extents.append((voff, vlen, src))
-        self.bytes += vlen
-
-    def write(self, *, unless_small: bool = False) -> None:
-        """Write the gathered extents as one transaction (with ``unless_small``, only a full batch)."""
-        if not self.extents or unless_small and self.bytes < BATCH_BYTES and len(self.extents) < BATCH_EXTENTS:
-            return
-        zeros = sum(e[1] for e in self.extents if e[2] is None)
-        self.dest.write_extents(self.extents, progress=self.tick)
-        self.tick(zeros)
-        self.extents, self.bytes = [], 0
+def _batches(chain: _Chain, dest: Image) -> Iterator[Batch]:
+    """The extents of step 3, window by window, in batches of up to BATCH_BYTES / BATCH_EXTENTS."""
+    batch: Batch = []
+    size = 0
+    for start, length in window_spans(chain.views, window_size(chain.sources + [dest]), dest.size):
+        for voff, vlen, src, _v in _extents(chain.views, start, length):
+            batch.append((voff, vlen, src))
+            size += vlen
+        if size >= BATCH_BYTES or len(batch) >= BATCH_EXTENTS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _copy(dest: Image, chain: _Chain, progress: Progress | None) -> int:
-    """Step 3: copy, one batch of windows per transaction; returns the bytes copied (zeros not counted)."""
+    """Step 3: copy, one batch of windows per transaction; returns the bytes copied (zeros not counted).
+
+    Each batch is planned before the one ahead of it is written, so that the copier can ask the
+    kernel to start reading the next batch's first source ranges while this batch's data is
+    flushed and its BAT pages go through the log (:attr:`Copier.upcoming`): the disk keeps
+    reading during the commit, and no metadata is written any earlier than before.
+    """
     plan = chain.plan
-    batches = _Batches(dest, progress, plan.bytes_to_copy + plan.bytes_of_zeros)
+    total, done = plan.bytes_to_copy + plan.bytes_of_zeros, 0
+    copier = dest.writer.copier or Copier(dest.storage)
+    dest.writer.copier = copier
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
     copied = 0
-    for start, length in window_spans(chain.views, window_size(chain.sources + [dest]), dest.size):
-        for voff, vlen, src, _v in _extents(chain.views, start, length):
-            batches.add(voff, vlen, src)
-            if src is not None:
-                copied += vlen
-        batches.write(unless_small=True)
-    batches.write()
+    ahead: Batch | None = None
+    for batch in itertools.chain(_batches(chain, dest), [None]):
+        if ahead is not None:
+            copier.upcoming = [(src[0], src[1], 0, vlen) for _voff, vlen, src in batch or () if src is not None]
+            dest.write_extents(ahead, progress=tick)
+            tick(sum(e[1] for e in ahead if e[2] is None))
+            copied += sum(e[1] for e in ahead if e[2] is not None)
+        ahead = batch
+    copier.upcoming = []
     return copied
 
 

@@ -1,0 +1,269 @@
+"""The merge's copy at disk speed: source-file order, joined runs, aligned buffers, each byte once.
+
+* :func:`vhdx.file.copy.file_order` sorts a batch of copies by source file and offset and joins
+  copies that continue each other in both files (and only those).
+* The copy buffer is page aligned (mmap-backed), not a ``bytearray`` (16 bytes past a page).
+* A merge reads each source front to back: a child whose blocks were written in reverse virtual
+  order is read at rising file offsets (counted through a read-recording storage).
+* A multi-layer merge reads each sector once, from the newest layer that holds it: an older
+  layer whose data is all overwritten above it has none of its payload read.
+* The deleted files are closed (their space freed) by a background thread; wait_for_release() waits.
+* Nothing is cloned on tmpfs/ext4 and the CLI says how many bytes were cloned and copied.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+import vhdx
+import vhdx.file.image
+from vhdx.file import copy as copymod
+from vhdx.file.storage import FileStorage, Storage
+from vhdx.format import constants as C
+from vhdx.ops.merge.run import wait_for_release
+
+from .mergekit import MiB, check_errors, cli, merge, read_disk
+
+
+class Recorder(Storage):
+    """A read-only storage that records every payload-sized read and hides its descriptor
+    (so copies go through :meth:`readinto`, and every byte read is seen)."""
+
+    reads: dict[str, list[tuple[int, int]]] = {}
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.path = inner.path
+        self.writable = False
+
+    def readinto(self, buf, offset: int) -> int:
+        Recorder.reads.setdefault(os.path.basename(self.path), []).append((offset, len(memoryview(buf))))
+        return self.inner.readinto(buf, offset)
+
+    def read(self, offset: int, length: int) -> bytes:
+        Recorder.reads.setdefault(os.path.basename(self.path), []).append((offset, length))
+        return self.inner.read(offset, length)
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    """Every file opened read-only through Image.open records its reads; copies use the buffer."""
+    real = vhdx.file.image.FileStorage
+
+    def make(path, writable: bool = False, **kwargs):
+        storage = real(path, writable, **kwargs)
+        return storage if writable else Recorder(storage)
+
+    Recorder.reads = {}
+    monkeypatch.setattr(vhdx.file.image, "FileStorage", make)
+    monkeypatch.setattr(copymod, "COPY_METHOD", "preadv")
+    yield Recorder.reads
+
+
+def payload_spans(path: Path) -> list[tuple[int, int]]:
+    """(file offset, block size) of every allocated payload block of ``path``."""
+    with vhdx.open(str(path)) as d:
+        im = d.image
+        states, offsets = im.payload_states(), im.payload_offsets()
+        bs = im.block_size
+    return [(int(offsets[b]), bs) for b in range(len(states))
+            if states[b] in (C.PAYLOAD_BLOCK_FULLY_PRESENT, C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)]
+
+
+def payload_bytes_read(reads: list[tuple[int, int]], spans: list[tuple[int, int]]) -> int:
+    """How many of the recorded bytes fall in the payload blocks ``spans``."""
+    total = 0
+    for off, n in reads:
+        for lo, bs in spans:
+            total += max(0, min(off + n, lo + bs) - max(off, lo))
+    return total
+
+
+# ------------------------------------------------------------------------------ the copy engine
+
+class Named(Storage):
+    def __init__(self, name: str) -> None:
+        self.path = name
+
+
+def test_file_order_sorts_per_source_and_joins_only_runs_contiguous_in_both() -> None:
+    a, b = Named("a"), Named("b")
+    copies = [
+        (a, 300, 9000, 100),   # a: out of order
+        (b, 50, 5000, 10),
+        (a, 100, 7000, 100),
+        (a, 200, 7100, 100),   # continues a@100 in source and destination: joined
+        (b, 60, 6000, 10),     # continues b@50 in the source only: not joined
+        (a, 0, 100, 100),
+    ]
+    got = copymod.file_order(copies)
+    assert [(s.path, src, dst, n) for s, src, dst, n in got] == [
+        ("a", 0, 100, 100), ("a", 100, 7000, 200), ("a", 300, 9000, 100),
+        ("b", 50, 5000, 10), ("b", 60, 6000, 10)]
+    assert sum(c[3] for c in got) == sum(c[3] for c in copies)
+
+
+def test_copy_buffer_is_page_aligned(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(copymod, "COPY_METHOD", "preadv")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    data = os.urandom(3 * MiB + 512)
+    src.write_bytes(data)
+    dst.write_bytes(b"")
+    s, d = FileStorage(src), FileStorage(dst, writable=True)
+    try:
+        copier = copymod.Copier(d)
+        copier.copy_all([(s, 512, 4096, 3 * MiB)])
+        assert isinstance(copier.buffer, mmap.mmap)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(copier.buffer))
+        assert address % mmap.PAGESIZE == 0
+        assert copier.copied == 3 * MiB and copier.cloned == 0
+    finally:
+        s.close()
+        d.close()
+    assert dst.read_bytes()[4096:] == data[512:512 + 3 * MiB]
+
+
+# ------------------------------------------------------------------------------ merges
+
+def reversed_child(folder: Path) -> tuple[Path, Path, bytes]:
+    """A base and a child whose 1 MiB blocks were written last block first (file order is the
+    reverse of virtual order), plus a few partial blocks. Returns (base, child, model)."""
+    size = 12 * MiB
+    base = folder / "base.vhdx"
+    model = bytearray(size)
+    with vhdx.create(str(base), size, block_size=MiB) as d:
+        d.seek(0)
+        d.write(b"\x11" * (2 * MiB))
+    model[:2 * MiB] = b"\x11" * (2 * MiB)
+    child = Path(vhdx.snapshot(str(base), block_size=MiB))
+    with vhdx.open(str(child), "r+") as d:
+        for k in reversed(range(1, 10)):
+            data = bytes([k + 1]) * MiB
+            d.seek(k * MiB)
+            d.write(data)
+            model[k * MiB:(k + 1) * MiB] = data
+        d.seek(10 * MiB + 4096)
+        d.write(b"\xaa" * 8192)
+        model[10 * MiB + 4096:10 * MiB + 12288] = b"\xaa" * 8192
+    return base, child, bytes(model)
+
+
+def test_merge_reads_the_child_front_to_back(tmp_path: Path, recording) -> None:
+    base, child, model = reversed_child(tmp_path)
+    spans = payload_spans(child)
+    starts = sorted(lo for lo, _ in spans)
+    assert [lo for lo, _ in spans] != starts, "the child's blocks should be out of virtual order in its file"
+    recording.clear()
+    result = merge(str(child), str(base))
+    reads = [(off, n) for off, n in recording.get(child.name, []) if payload_bytes_read([(off, n)], spans)]
+    offsets = [off for off, _ in reads]
+    assert offsets == sorted(offsets), f"payload reads not in file order: {offsets}"
+    # Blocks 1..9 lie back to back in the child's file: the copy joins them into big reads.
+    assert len(reads) <= 12, reads
+    assert result.bytes_copied == result.plan.bytes_to_copy and result.bytes_cloned == 0
+    assert read_disk(base) == model
+    assert check_errors(base) == []
+
+
+def test_multi_layer_merge_reads_each_byte_once(tmp_path: Path, recording) -> None:
+    """mid's blocks are all overwritten by leaf: none of mid's payload is read."""
+    size = 8 * MiB
+    base = tmp_path / "base.vhdx"
+    model = bytearray(size)
+    with vhdx.create(str(base), size, block_size=MiB) as d:
+        d.write(b"\x01" * size)
+    mid = Path(vhdx.snapshot(str(base), block_size=MiB))
+    with vhdx.open(str(mid), "r+") as d:
+        d.seek(2 * MiB)
+        d.write(b"\x02" * (4 * MiB))            # whole blocks 2..5
+        d.seek(7 * MiB + 512)
+        d.write(b"\x03" * 4096)                  # a partial block
+    leaf = Path(vhdx.snapshot(str(mid), block_size=MiB))
+    with vhdx.open(str(leaf), "r+") as d:
+        d.seek(2 * MiB)
+        d.write(b"\x04" * (4 * MiB))            # overwrites all of mid's whole blocks
+        d.seek(7 * MiB)
+        d.write(b"\x05" * (64 * 1024))           # and its partial run
+    model[:] = b"\x01" * size
+    model[2 * MiB:6 * MiB] = b"\x04" * (4 * MiB)
+    model[7 * MiB:7 * MiB + 65536] = b"\x05" * 65536
+    mid_spans, leaf_spans = payload_spans(mid), payload_spans(leaf)
+    recording.clear()
+    result = merge(str(leaf), str(base))
+    assert payload_bytes_read(recording.get(mid.name, []), mid_spans) == 0
+    leaf_read = payload_bytes_read(recording.get(leaf.name, []), leaf_spans)
+    assert leaf_read == result.bytes_copied == 4 * MiB + 65536
+    assert result.plan.per_source_bytes.get(str(mid), 0) == 0
+    assert read_disk(base) == bytes(model)
+    assert check_errors(base) == []
+
+
+def test_deleted_files_are_released_in_the_background(tmp_path: Path) -> None:
+    """The delete is durable when merge() returns (the name is gone, the folder synced); the last
+    close, which frees the space, runs in a thread that wait_for_release() (and exit) waits for."""
+    base, child, model = reversed_child(tmp_path)
+    result = merge(str(child), str(base))
+    assert result.deleted == [str(child)] and not child.exists()
+    wait_for_release()
+    assert not [t for t in threading.enumerate() if t.name == "vhdx-merge-release"]
+    fds = os.listdir("/proc/self/fd")
+    still_open = []
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(child)):
+            still_open.append(target)
+    assert still_open == [], "the deleted child is still open, its space not freed"
+    assert read_disk(base) == model
+
+
+def test_cli_reports_cloned_and_copied_on_a_file_system_without_clones(fast_tmp: Path) -> None:
+    base, child, model = reversed_child(fast_tmp)
+    code, out = cli("merge", "--json", "--no-progress", str(child))
+    assert code == 0, out
+    d = json.loads(out[out.index("{"):])
+    assert d["bytes_cloned"] == 0 and d["bytes_written"] == d["bytes_copied"] > 0
+    assert read_disk(base) == model
+
+
+def test_next_batch_is_hinted_to_the_kernel_after_the_copy(tmp_path: Path, monkeypatch) -> None:
+    """While a batch commits, the kernel reads ahead the next batch's first source ranges (WILLNEED),
+    in file order and at most PREFETCH_BYTES; nothing is hinted for a batch with no successor."""
+    calls = []
+    real = os.posix_fadvise
+
+    def record(fd, offset, length, advice):
+        calls.append((offset, length, advice))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    monkeypatch.setattr(copymod, "PREFETCH_BYTES", 3 * MiB)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(os.urandom(8 * MiB))
+    dst.write_bytes(bytes(MiB))
+    s, d = FileStorage(src), FileStorage(dst, writable=True)
+    try:
+        copier = copymod.Copier(d)
+        copier.upcoming = [(s, 6 * MiB, 0, 2 * MiB), (s, 2 * MiB, 0, 2 * MiB)]
+        copier.copy_all([(s, 0, 0, MiB)])
+        hints = [(off, n) for off, n, advice in calls if advice == os.POSIX_FADV_WILLNEED]
+        assert hints == [(2 * MiB, 2 * MiB), (6 * MiB, MiB)]
+    finally:
+        s.close()
+        d.close()
+    assert dst.read_bytes() == src.read_bytes()[:MiB]
