@@ -105,3 +105,53 @@ def test_python_blocks_need_a_marker_only_to_be_skipped() -> None:
     wrong = [(p.name, line, marker) for p in DOCS for line, lang, marker, _ in blocks(p)
              if lang == "python" and marker not in ("", "not run")]
     assert not wrong, wrong
+
+
+def command_lines(path: Path) -> list[tuple[int, str]]:
+    """(block line, command) of every ``vhdx ...`` line in the ```sh blocks and the usage
+    synopses (blocks without a language) of ``path``, continuation lines joined."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    found, i = [], 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if m is None or m["lang"] not in ("", "sh"):
+            i += 1 if m is None else 1 + _skip_fence(lines, i) - 1
+            continue
+        j = i + 1
+        while j < len(lines) and lines[j].strip() != "```":
+            line = lines[j].strip()
+            if line.startswith("vhdx ") and "VERB" not in line:
+                while j + 1 < len(lines) and lines[j + 1].startswith(" ") and lines[j + 1].strip().startswith("["):
+                    j += 1
+                    line += " " + lines[j].strip()
+                found.append((i + 1, line))
+            j += 1
+        i = j + 1
+    return found
+
+
+def as_argv(command: str) -> list[str]:
+    """A synopsis or shell line as arguments: comments, descriptions, redirections, ``[chain options]`` and
+    brackets dropped, the first of ``a|b`` taken, ``N`` and ``SIZE`` given values."""
+    command = re.sub(r"^(vhdx [\w-]+)\s+", r"\1 ", command)        # "vhdx map   DISK" (aligned)
+    command = re.split(r"\s#\s|\s>\s|\s&&\s|\s{2,}", command)[0]     # 2 blanks: a description follows
+    command = command.replace("[chain options]", "").replace("[", " ").replace("]", " ")
+    typed = {"N": "1", "SIZE": "64M"}       # placeholders of options that take a number or a size
+    return [typed.get(word, word.split("|")[0]) for word in command.split()[1:]]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_command_lines_and_synopses_name_real_verbs_and_options(doc: Path) -> None:
+    """The ```sh recipes and the synopses do not run, but what they name must exist."""
+    import vhdx.cli     # noqa: PLC0415 (the CLI is only needed here)
+    wrong = []
+    for line, command in command_lines(doc):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                vhdx.cli.build_parser().parse_args(as_argv(command))
+            except SystemExit as e:
+                if e.code in (0, None):     # --version, --help
+                    continue
+                wrong.append(f"{doc.name}:{line}: {command}\n    {err.getvalue().strip().splitlines()[-1:]}")
+    assert not wrong, "\n".join(wrong)

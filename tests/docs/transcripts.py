@@ -202,7 +202,7 @@ def regenerate(want: list[str], got: list[str], guids: dict[str, str]) -> tuple[
         return want, result
     out: list[str] = []
     steps = align(want, got, guids)
-    guids = pair_changed_lines(steps, want, got, guids)
+    guids = pair_replaced_lines(steps, want, got, guids)
     for kind, w, g in steps:
         if kind == "match":
             guids = match_line(want[w], got[g], guids) or guids
@@ -210,27 +210,23 @@ def regenerate(want: list[str], got: list[str], guids: dict[str, str]) -> tuple[
         elif kind == "ellipsis":
             if not out or out[-1] != want[w]:
                 out.append(want[w])
-        elif kind == "printed":
+        elif kind in ("printed", "replace"):
             out.append(rename_guids(got[g].rstrip(), {v: s for s, v in guids.items()}))
     return out, guids
 
 
-def pair_changed_lines(steps: list[tuple[str, int, int]], want: list[str], got: list[str],
-                       guids: dict[str, str]) -> dict[str, str]:
-    """``guids`` plus the pairs of GUIDs at the same places of changed lines.
+def pair_replaced_lines(steps: list[tuple[str, int, int]], want: list[str], got: list[str],
+                        guids: dict[str, str]) -> dict[str, str]:
+    """``guids`` plus the pairs of GUIDs at the same places of replaced lines.
 
-    Where a run of shown lines was replaced by as many printed lines, the n-th GUID of a shown
-    line is paired with the n-th GUID of its printed line (when both have as many and neither is
-    paired yet), so the regenerated output keeps the doc's GUIDs for the same objects.
+    Where a shown line was replaced by a printed one, the n-th GUID of the shown line is paired
+    with the n-th GUID of the printed line (when both have as many and neither is paired yet),
+    so the regenerated output keeps the doc's GUIDs for the same objects.
     """
     guids, taken = dict(guids), {v: k for k, v in guids.items()}
-    shown = [w for kind, w, _ in steps if kind == "shown"]
-    printed = [g for kind, _, g in steps if kind == "printed"]
-    if len(shown) != len(printed):
-        return guids
-    for w, g in zip(shown, printed):
-        old, new = re.findall(GUID, want[w]), re.findall(GUID, got[g])
-        if len(old) != len(new):
+    for kind, w, g in steps:
+        old, new = re.findall(GUID, want[w]) if kind == "replace" else [], re.findall(GUID, got[g])
+        if kind != "replace" or len(old) != len(new):
             continue
         for a, b in zip(old, new):
             a, b = a.lower(), b.lower()
@@ -240,49 +236,43 @@ def pair_changed_lines(steps: list[tuple[str, int, int]], want: list[str], got: 
 
 
 def align(want: list[str], got: list[str], guids: dict[str, str]) -> list[tuple[str, int, int]]:
-    """The cheapest alignment of shown and printed lines (edit distance; ``...`` absorbs lines).
+    """The cheapest alignment of shown and printed lines.
 
-    Steps: ("match", w, g), ("ellipsis", w, g or -1), ("printed", -1, g), ("shown", w, -1).
+    Steps: ("match", w, g) costs 0, ("ellipsis", w, g or -1) 0 (a ``...`` line absorbing printed
+    lines), ("replace", w, g) 1, ("printed", -1, g) 1 (a new line), ("shown", w, -1) 2 (a line
+    gone), so a changed line is preferably replaced in place.
     """
     n, m = len(want), len(got)
     ok = [[match_line(want[i], got[j], guids) is not None for j in range(m)] for i in range(n)]
     dots = [want[i].strip() == "..." for i in range(n)]
+    moves = {"ellipsis-end": (1, 0, 0), "ellipsis": (0, 1, 0), "match": (1, 1, 0), "replace": (1, 1, 1),
+             "printed": (0, 1, 1), "shown": (1, 0, 2)}
+
+    def allowed(kind: str, i: int, j: int) -> bool:
+        di, dj, _ = moves[kind]
+        if i + di > n or j + dj > m or (kind != "printed" and i >= n):
+            return False
+        if kind.startswith("ellipsis"):
+            return dots[i]
+        if kind in ("match", "replace", "shown") and dots[i]:
+            return False
+        return kind != "match" or ok[i][j]
+
     inf = float("inf")
     cost = [[inf] * (m + 1) for _ in range(n + 1)]
     cost[n][m] = 0
     for i in range(n, -1, -1):
         for j in range(m, -1, -1):
-            if i == n and j == m:
-                continue
-            options = []
-            if i < n and dots[i]:
-                options.append(cost[i + 1][j])
-                if j < m:
-                    options.append(cost[i][j + 1])
-            if i < n and j < m and not dots[i] and ok[i][j]:
-                options.append(cost[i + 1][j + 1])
-            if j < m:
-                options.append(cost[i][j + 1] + 1)
-            if i < n and not dots[i]:
-                options.append(cost[i + 1][j] + 1)
-            cost[i][j] = min(options)
+            for kind, (di, dj, c) in moves.items():
+                if (di or dj) and allowed(kind, i, j):
+                    cost[i][j] = min(cost[i][j], cost[i + di][j + dj] + c)
     steps, i, j = [], 0, 0
     while i < n or j < m:
-        if i < n and dots[i] and cost[i][j] == cost[i + 1][j]:
-            steps.append(("ellipsis", i, -1))
-            i += 1
-        elif i < n and dots[i] and j < m and cost[i][j] == cost[i][j + 1]:
-            steps.append(("ellipsis", i, j))
-            j += 1
-        elif i < n and j < m and not dots[i] and ok[i][j] and cost[i][j] == cost[i + 1][j + 1]:
-            steps.append(("match", i, j))
-            i, j = i + 1, j + 1
-        elif j < m and cost[i][j] == cost[i][j + 1] + 1:
-            steps.append(("printed", -1, j))
-            j += 1
-        else:
-            steps.append(("shown", i, -1))
-            i += 1
+        for kind, (di, dj, c) in moves.items():
+            if allowed(kind, i, j) and cost[i][j] == cost[i + di][j + dj] + c:
+                steps.append((kind.split("-")[0], i if di or kind != "printed" else -1, j if dj else -1))
+                i, j = i + di, j + dj
+                break
     return steps
 
 
@@ -508,10 +498,11 @@ def run_block(block: Block, session: Session, outcome: Outcome, regen: bool) -> 
             continue
         pairs = match_lines(trim(step.shown), got, session.guids)
         if pairs is None:
-            diff = "\n".join(difflib.unified_diff(step.shown, got, "shown", "printed", lineterm="", n=2))
-            outcome.failures.append(f"{block.name}: `$ {step.command}` printed other output "
-                                    f"(exit {session.status}):\n{diff}")
+            # the diff against what regen mode would write: the run's GUIDs shown as the doc's
             shown, session.guids = regenerate(step.shown, got, session.guids)
+            diff = "\n".join(difflib.unified_diff(step.shown, shown, "shown", "printed", lineterm="", n=2))
+            outcome.failures.append(f"{block.name}: `$ {step.command}` printed other output "
+                                    f"(exit {session.status}; VHDX_DOCS_REGEN=1 rewrites it):\n{diff}")
         else:
             session.guids = pairs
         new_lines.extend(step.shown)
