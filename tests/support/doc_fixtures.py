@@ -96,15 +96,23 @@ def base(path: Path, size: int, writes: list[tuple[int, int, str]], **options: i
 
 
 def sparse_copy(source: Path, destination: Path) -> None:
-    """Copy ``source`` keeping all-zero MiB runs as holes."""
-    zero = bytes(MIB)
+    """Copy ``source``'s data ranges (``SEEK_DATA``/``SEEK_HOLE``), leaving its holes holes."""
     with open(source, "rb") as src, open(destination, "wb") as out:
-        while chunk := src.read(MIB):
-            if chunk == zero[:len(chunk)]:
-                out.seek(len(chunk), os.SEEK_CUR)
-            else:
+        size, at = os.fstat(src.fileno()).st_size, 0
+        while at < size:
+            try:
+                start = os.lseek(src.fileno(), at, os.SEEK_DATA)
+            except OSError:             # ENXIO: only a hole is left
+                break
+            end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
+            src.seek(start)
+            out.seek(start)
+            while start < end:
+                chunk = src.read(min(8 * MIB, end - start))
                 out.write(chunk)
-        out.truncate(src.tell())
+                start += len(chunk)
+            at = end
+        out.truncate(size)
 
 
 def set_log_guid(path: Path, log_guid: uuid.UUID) -> None:
