@@ -10,6 +10,7 @@ The scratch folder ``ROOT`` stands for the file system root of the session: an a
 command under one of :data:`VIRTUAL_ROOTS` (``/vms``, ``/evidence``, ``/case``, ``/mnt``,
 ``/tmp``) is taken under ``ROOT``, and ``ROOT`` is removed from the output again (also in its
 Windows forms ``Z:\\...`` and ``\\\\?\\Volume{...}\\...``), so the transcript shows ``/vms/...``.
+Temporary files (``TMPDIR``, ``tempfile``) go to the session's ``/tmp`` too.
 
 ``vhdx`` commands run in this process (``vhdx.cli.main``: fast); everything else (``ls``,
 ``python3 script.py``, ``strace ... vhdx ...``, the part of a pipeline after ``vhdx``) runs in
@@ -36,6 +37,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,8 +369,9 @@ class Session:
         """``vhdx ARGV`` through ``vhdx.cli.main`` in this process, stdout and stderr as one stream."""
         buffer = io.BytesIO()
         stream = io.TextIOWrapper(buffer, encoding="utf-8", write_through=True)
-        before = Path.cwd()
+        before, temp = Path.cwd(), tempfile.tempdir
         os.chdir(self.cwd)
+        tempfile.tempdir = str(self.root / "tmp")     # the session's /tmp, whatever TMPDIR says
         try:
             with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
                 try:
@@ -377,12 +380,14 @@ class Session:
                     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
         finally:
             os.chdir(before)
+            tempfile.tempdir = temp
         stream.flush()
         return buffer.getvalue().decode("utf-8", "replace"), 0 if code is None else code
 
     def bash(self, script: str, stdin: str | None) -> tuple[str, int]:
         """``script`` in bash, in the session's folder, with its variables exported."""
         env = dict(os.environ, **self.variables)
+        env["TMPDIR"] = str(self.root / "tmp")
         env["PATH"] = f"{self.shim_folder()}{os.pathsep}{env.get('PATH', '')}"
         env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
         done = subprocess.run(["bash", "-c", script], cwd=self.cwd, env=env, input=stdin, text=True,
