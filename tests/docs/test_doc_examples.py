@@ -155,3 +155,33 @@ def test_command_lines_and_synopses_name_real_verbs_and_options(doc: Path) -> No
                     continue
                 wrong.append(f"{doc.name}:{line}: {command}\n    {err.getvalue().strip().splitlines()[-1:]}")
     assert not wrong, "\n".join(wrong)
+
+
+REPO_PATH = re.compile(r"(?<![\w/.-])(?:vhdx|tests|docs|benchmarks|fixtures|\.ci)/[\w./-]*[\w/]")
+LINK = re.compile(r"\]\((?P<file>[^)#\s]*)(?:#(?P<anchor>[^)\s]+))?\)")
+
+
+def anchors(path: Path) -> set[str]:
+    """The GitHub anchors of ``path``'s headings (lower case, punctuation dropped, blanks to -)."""
+    out = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^#{1,6}\s+(.*?)\s*$", line)
+        if m is not None:
+            out.add(re.sub(r"[^\w\- ]", "", m[1].lower()).replace(" ", "-"))
+    return out
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_named_files_and_links_exist(doc: Path) -> None:
+    """Every repository path a doc names exists, and every relative link and anchor resolves."""
+    text = doc.read_text(encoding="utf-8")
+    wrong = [f"path {p}" for p in sorted(set(REPO_PATH.findall(text))) if not (REPO / p.rstrip("/")).exists()]
+    for m in LINK.finditer(text):
+        if "://" in m["file"]:
+            continue
+        target = (doc.parent / m["file"]).resolve() if m["file"] else doc
+        if not target.exists():
+            wrong.append(f"link {m[0]}")
+        elif m["anchor"] and target.suffix == ".md" and m["anchor"] not in anchors(target):
+            wrong.append(f"anchor {m[0]}")
+    assert not wrong, f"{doc.name}: {wrong}"
