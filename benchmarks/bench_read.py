@@ -14,12 +14,23 @@ alternating rounds:
       (both as subprocesses, so Python start-up is included for ours; the ``startup-ours``
       row times ``python -c "import vhdx.cli"`` alone, to show that fixed cost).
 
+Then (issue 10) side by side with pyvhdi and qemu-img, once each unless ``--rounds`` says more:
+
+  (c) ``ours-mmap``: the same whole-disk read into a page-aligned (memory-mapped) buffer,
+      next to ``ours`` into a plain ``bytearray`` (16 bytes past a page boundary);
+  (d) random 4 KiB reads over the whole disk (ops/s, CPU time of the reading thread):
+      ``seek`` + ``readinto`` and ``pread_into`` against ``read_buffer_at_offset``;
+  (e) opening a 64-deep chain (built with vhdx, 4 KiB written in each layer) and reading
+      4 KiB through it: ``vhdx.open(leaf)`` against 64 pyvhdi handles linked by ``set_parent``;
+  (f) start-up: ``vhdx --help`` and ``python -c "import vhdx"`` against ``qemu-img --help``
+      (and ``python -c pass``, the interpreter alone).
+
 The page cache is warm (every file is read once before timing) and nothing is dropped:
 the numbers compare CPU cost per byte, not disk speed. Prints the medians, MB/s (10^6
 bytes per second of virtual disk; of the host file for cat) and time ratios; ``--json``
 prints the same as JSON.
 
-    python benchmarks/bench_read.py [--size 1G] [--rounds 3] [--workdir DIR] [--json]
+    python benchmarks/bench_read.py [--size 1G] [--rounds 3] [--workdir DIR] [--json] [--skip M]
 """
 
 from __future__ import annotations
@@ -27,8 +38,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import mmap
 import os
 import platform
+import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -42,6 +56,8 @@ sys.path.insert(0, str(REPO))
 
 BUF_SIZE = 4 << 20
 BLOCK_SIZE = 32 << 20
+RANDOM_READS = 100_000
+CHAIN_DEPTH = 64
 
 
 def parse_size(text: str) -> int:
@@ -161,6 +177,120 @@ def export_qemu(path: Path, out: Path) -> None:
     run(["qemu-img", "convert", "-f", "vhdx", "-O", "raw", str(path), str(out)])
 
 
+def read_ours_mmap(path: Path, buf: bytearray, digest=None) -> int:
+    """``read_ours`` into a page-aligned buffer of the same size (an anonymous memory map)."""
+    return read_ours(path, mmap.mmap(-1, len(buf)), digest)
+
+
+# ------------------------------------------------------------------ random reads, deep chains, start-up
+
+def random_offsets(size: int, count: int = RANDOM_READS) -> list[int]:
+    """``count`` 4 KiB-aligned offsets all over the disk, the same every run."""
+    rng = random.Random(10)
+    return [rng.randrange(0, size // 4096) * 4096 for _ in range(count)]
+
+
+def random_ours(path: Path, offsets: list[int]) -> float:
+    """CPU seconds of ``seek`` + ``readinto`` of 4 KiB at every offset (one open disk, a bytearray)."""
+    import vhdx
+    view = memoryview(bytearray(4096))
+    with vhdx.open(str(path)) as disk:
+        t = time.thread_time()
+        for offset in offsets:
+            disk.seek(offset)
+            disk.readinto(view)
+        return time.thread_time() - t
+
+
+def random_ours_pread(path: Path, offsets: list[int]) -> float:
+    """CPU seconds of ``pread_into`` of 4 KiB at every offset."""
+    import vhdx
+    view = memoryview(bytearray(4096))
+    with vhdx.open(str(path)) as disk:
+        t = time.thread_time()
+        for offset in offsets:
+            disk.pread_into(view, offset)
+        return time.thread_time() - t
+
+
+def random_libvhdi(path: Path, offsets: list[int]) -> float:
+    """CPU seconds of ``read_buffer_at_offset(4096, offset)`` at every offset."""
+    import pyvhdi
+    f = pyvhdi.file()
+    f.open(str(path))
+    try:
+        t = time.thread_time()
+        for offset in offsets:
+            f.read_buffer_at_offset(4096, offset)
+        return time.thread_time() - t
+    finally:
+        f.close()
+
+
+def build_chain(workdir: Path, depth: int = CHAIN_DEPTH) -> list[Path]:
+    """A ``depth``-deep chain of 256 MiB disks (1 MiB blocks), 4 KiB written in each layer; base first."""
+    import vhdx
+    folder = workdir / f"chain{depth}"
+    paths = [folder / "base.vhdx"] + [folder / f"layer{i:02}.avhdx" for i in range(1, depth)]
+    if paths[-1].exists():
+        return paths
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i, path in enumerate(paths):
+        disk = vhdx.create(str(path), 256 << 20, block_size=1 << 20) if i == 0 else \
+            vhdx.create(str(path), parent=str(paths[i - 1]), block_size=1 << 20)
+        with disk:
+            disk.pwrite(bytes([i + 1]) * 4096, i * (3 << 20))
+    return paths
+
+
+def chain_open_ours(paths: list[Path]) -> bytes:
+    """Open the leaf (every parent found and checked), read 4 KiB from the base's data, close."""
+    import vhdx
+    with vhdx.open(str(paths[-1])) as disk:
+        return disk.pread(0, 4096)
+
+
+def chain_open_libvhdi(paths: list[Path]) -> bytes:
+    """Open every layer in pyvhdi, link each to its parent, read 4 KiB, close."""
+    import pyvhdi
+    handles = []
+    try:
+        for path in paths:
+            handle = pyvhdi.file()
+            handle.open(str(path))
+            if handles:
+                handle.set_parent(handles[-1])
+            handles.append(handle)
+        return handles[-1].read_buffer_at_offset(4096, 0)
+    finally:
+        for handle in reversed(handles):
+            handle.close()
+
+
+def startup_command(name: str) -> list[str]:
+    """The command line of a start-up method."""
+    return {"vhdx --help": [sys.executable, "-m", "vhdx", "--help"],
+            "import vhdx": [sys.executable, "-c", "import vhdx"],
+            "python": [sys.executable, "-c", "pass"],
+            "qemu-img --help": ["qemu-img", "--help"]}[name]
+
+
+def time_startup(name: str) -> float:
+    """Wall seconds of one run of a start-up command (output discarded)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t = time.perf_counter()
+    subprocess.run(startup_command(name), check=True, cwd=str(REPO), env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this thread and of every finished child process: less
+    disturbed than wall time on a shared machine."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.thread_time() + children.ru_utime + children.ru_stime
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -206,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                          "folder that is removed afterwards")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--skip", action="append", default=[],
-                    help="leave out a method: ours, libvhdi, dissect, cat, export-ours, export-qemu, "
-                         "startup-ours")
+                    help="leave out a method: ours, ours-mmap, libvhdi, dissect, cat, export-ours, export-qemu, "
+                         "startup-ours; or a section: random, chain, startup")
     args = ap.parse_args(argv)
 
     for tool in ("qemu-img", "qemu-io"):
@@ -233,7 +363,8 @@ def bench(args, workdir: Path) -> int:
     size = args.size
     buf = bytearray(BUF_SIZE)
 
-    readers = {"ours": read_ours, "libvhdi": read_libvhdi, "dissect": read_dissect, "cat": read_cat}
+    readers = {"ours": read_ours, "ours-mmap": read_ours_mmap, "libvhdi": read_libvhdi, "dissect": read_dissect,
+               "cat": read_cat}
     readers = {k: v for k, v in readers.items() if k not in args.skip}
 
     # Correctness first (this also warms the page cache): every reader gives the same bytes.
@@ -275,13 +406,15 @@ def bench(args, workdir: Path) -> int:
     methods = {**{k: (lambda fn=fn: fn(image, buf)) for k, fn in readers.items()},
                **{k: (lambda fn=fn: fn(image, out)) for k, fn in exporters.items()}}
     times: dict[str, list[float]] = {k: [] for k in methods}
+    cpu: dict[str, list[float]] = {k: [] for k in methods}
     names = list(methods)
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]     # rotate: no method always first
         for name in order:
-            t = time.perf_counter()
+            c, t = cpu_seconds(), time.perf_counter()
             methods[name]()
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(cpu_seconds() - c)
     out.unlink(missing_ok=True)
 
     file_size = image.stat().st_size
@@ -290,33 +423,112 @@ def bench(args, workdir: Path) -> int:
         med = statistics.median(ts)
         nbytes = {"cat": file_size, "startup-ours": 0}.get(name, size)
         results[name] = {"median_s": med, "min_s": min(ts), "rounds_s": ts, "bytes": nbytes,
-                         "MB_per_s": nbytes / med / 1e6 if nbytes else None}
+                         "MB_per_s": nbytes / med / 1e6 if nbytes else None,
+                         "cpu_median_s": statistics.median(cpu[name]), "cpu_rounds_s": cpu[name]}
 
-    def ratio(a: str, b: str):
+    def ratio(a: str, b: str, key: str = "median_s"):
         if a in results and b in results:
-            return results[a]["median_s"] / results[b]["median_s"]
+            return results[a][key] / results[b][key]
         return None
 
-    ratios = {"ours/libvhdi": ratio("ours", "libvhdi"), "ours/dissect": ratio("ours", "dissect"),
-              "ours/cat": ratio("ours", "cat"), "export ours/qemu-img": ratio("export-ours", "export-qemu")}
+    ratios = {"ours/libvhdi": ratio("ours", "libvhdi"), "ours-mmap/libvhdi": ratio("ours-mmap", "libvhdi"),
+              "ours/dissect": ratio("ours", "dissect"),
+              "ours/cat": ratio("ours", "cat"), "export ours/qemu-img": ratio("export-ours", "export-qemu"),
+              "CPU ours/libvhdi (goal <= 1.0)": ratio("ours", "libvhdi", "cpu_median_s"),
+              "CPU ours-mmap/libvhdi": ratio("ours-mmap", "libvhdi", "cpu_median_s"),
+              "CPU export ours/qemu-img": ratio("export-ours", "export-qemu", "cpu_median_s")}
     report = {"virtual_size": size, "file_size": file_size, "buffer": BUF_SIZE, "rounds": args.rounds,
               "cache": "warm (nothing dropped)", "versions": versions(), "results": results,
-              "ratios_of_median_time": ratios, "contents_sha256": digests, "export_sha256": export_digests}
+              "ratios_of_median_time": ratios, "contents_sha256": digests, "export_sha256": export_digests,
+              "issue10": issue10_sections(args, workdir, image, log)}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
 
     print(f"\n{args.rounds} rounds, alternating; warm page cache; 4 MiB reused buffer; "
           f"MB = 10^6 bytes of virtual disk (cat: of the {file_size}-byte host file)")
-    print(f"{'method':<14}{'median s':>10}{'min s':>10}{'MB/s':>10}")
+    print(f"{'method':<14}{'median s':>10}{'min s':>10}{'MB/s':>10}{'CPU s':>10}")
     for name, r in results.items():
         rate = "-" if r["MB_per_s"] is None else f"{r['MB_per_s']:.0f}"
-        print(f"{name:<14}{r['median_s']:>10.3f}{r['min_s']:>10.3f}{rate:>10}")
-    print("\ntime ratios of medians (> 1: ours is slower)")
+        print(f"{name:<14}{r['median_s']:>10.3f}{r['min_s']:>10.3f}{rate:>10}{r['cpu_median_s']:>10.3f}")
+    print("\ntime ratios of medians (> 1: ours is slower; CPU: user + system time, children included)")
     for name, value in ratios.items():
-        print(f"  {name:<22}{'n/a' if value is None else f'{value:.2f}'}")
+        print(f"  {name:<34}{'n/a' if value is None else f'{value:.2f}'}")
+    print_issue10(report["issue10"])
     print("\nversions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
     return 0
+
+
+def issue10_sections(args, workdir: Path, image: Path, log) -> dict:
+    """Random 4 KiB reads, a 64-deep chain's open and start-up, each method timed ``args.rounds``
+    times in rotating order; medians, and the ratios of issue 10's goals."""
+    out: dict = {}
+    methods: dict = {}
+    if "random" not in args.skip:
+        offsets = random_offsets(args.size)
+        for name, fn in (("random ours", random_ours), ("random ours pread_into", random_ours_pread),
+                         ("random libvhdi", random_libvhdi)):
+            methods[name] = (lambda fn=fn: fn(image, offsets), len(offsets))
+    if "chain" not in args.skip:
+        t = time.perf_counter()
+        paths = build_chain(workdir)
+        log(f"chain: {len(paths)} layers in {paths[0].parent} (built/reused in {time.perf_counter() - t:.1f} s)")
+        got = {chain_open_ours(paths), chain_open_libvhdi(paths)}
+        if len(got) != 1:
+            log("warning: the chain reads differently in vhdx and libvhdi")
+        for name, fn in (("chain open ours", chain_open_ours), ("chain open libvhdi", chain_open_libvhdi)):
+            methods[name] = (lambda fn=fn: timed(lambda: fn(paths)), None)
+    if "startup" not in args.skip:
+        for name in ("vhdx --help", "import vhdx", "python", "qemu-img --help"):
+            time_startup(name)  # warm the caches
+            methods[f"startup {name}"] = (lambda name=name: time_startup(name), None)
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    cpu: dict[str, list[float]] = {k: [] for k in methods}
+    names = list(methods)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            c = cpu_seconds()
+            times[name].append(methods[name][0]())
+            cpu[name].append(cpu_seconds() - c)
+    for name, ts in times.items():
+        count = methods[name][1]
+        med = statistics.median(ts)
+        out[name] = {"median_s": med, "rounds_s": ts, "cpu_median_s": statistics.median(cpu[name]),
+                     **({"ops_per_s": count / med} if count else {})}
+
+    def q(a: str, b: str, key: str = "median_s"):
+        return out[a][key] / out[b][key] if a in out and b in out else None
+    out["ratios"] = {
+        "random 4 KiB ops/s, ours / libvhdi (goal >= 1.0)": q("random libvhdi", "random ours"),
+        "random 4 KiB ops/s, ours pread_into / libvhdi": q("random libvhdi", "random ours pread_into"),
+        "64-deep chain open, time ours / libvhdi (goal <= 2)": q("chain open ours", "chain open libvhdi"),
+        "64-deep chain open, CPU ours / libvhdi": q("chain open ours", "chain open libvhdi", "cpu_median_s"),
+        "vhdx --help / qemu-img --help (time)": q("startup vhdx --help", "startup qemu-img --help"),
+        "import vhdx / qemu-img --help (time)": q("startup import vhdx", "startup qemu-img --help"),
+        "vhdx --help / python -c pass (time)": q("startup vhdx --help", "startup python"),
+        "vhdx --help / python -c pass (CPU)": q("startup vhdx --help", "startup python", "cpu_median_s"),
+    }
+    return out
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def print_issue10(section: dict) -> None:
+    print("\nissue 10: random reads (median s: CPU of the reading thread), deep-chain open and start-up "
+          "(median s: wall; CPU s: user + system, children included)")
+    print(f"{'method':<26}{'median s':>10}{'CPU s':>10}{'ops/s':>12}")
+    for name, r in section.items():
+        if name == "ratios":
+            continue
+        ops = f"{r['ops_per_s']:.0f}" if "ops_per_s" in r else "-"
+        print(f"{name:<26}{r['median_s']:>10.4f}{r['cpu_median_s']:>10.4f}{ops:>12}")
+    print("\nratios")
+    for name, value in section["ratios"].items():
+        print(f"  {name:<52}{'n/a' if value is None else f'{value:.2f}'}")
 
 
 if __name__ == "__main__":

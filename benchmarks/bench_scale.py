@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -124,6 +125,60 @@ def measure(cmd: list[str], rounds: int, before=None) -> dict[str, float]:
     return {"seconds": statistics.median(times), "rss": statistics.median(rss)}
 
 
+CHAIN_OURS = """
+import sys, time
+import vhdx
+t = time.perf_counter()
+with vhdx.open(sys.argv[1]) as d:
+    d.pread(0, 4096)
+first = time.perf_counter() - t
+t = time.perf_counter()
+with vhdx.open(sys.argv[1]) as d:
+    d.pread(0, 4096)
+print("ELAPSED", first)
+print("AGAIN", time.perf_counter() - t)
+"""
+
+CHAIN_PYVHDI = """
+import os, sys, time
+import pyvhdi
+t = time.perf_counter()
+files = [pyvhdi.file()]
+files[0].open(sys.argv[1])
+while files[-1].get_parent_filename():
+    name = files[-1].get_parent_filename().replace("\\\\", "/").split("/")[-1]
+    parent = pyvhdi.file()
+    parent.open(os.path.join(os.path.dirname(sys.argv[1]), name))
+    files[-1].set_parent(parent)
+    files.append(parent)
+files[0].read_buffer_at_offset(4096, 0)
+print("ELAPSED", time.perf_counter() - t)
+"""
+
+
+def chain_rows(workdir: Path, rounds: int) -> list[dict]:
+    """A 64-deep chain (1 GiB, 1 MiB blocks): open it and read 4 KiB, first and again in one process."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    code = ("import sys, vhdx\np = sys.argv[1]\nwith vhdx.create(p, 1 << 30, block_size=1 << 20) as d:\n"
+            "    d.pwrite(b'x' * 4096, 0)\nfor _ in range(63):\n    p = vhdx.snapshot(p)\nprint(p)\n")
+    leaf = subprocess.run([PY, "-c", code, str(workdir / "chain.vhdx")], env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    firsts, agains, rss = [], [], []
+    for _ in range(rounds):
+        _w, first, peak, out = _child_wait4([PY, "-c", CHAIN_OURS, leaf], env)
+        firsts.append(first)
+        agains.append(float(out.split("AGAIN")[1]))
+        rss.append(peak)
+    peer = measure([PY, "-c", CHAIN_PYVHDI, leaf], rounds)
+    rows = []
+    for name, seconds in (("64-deep chain: open (first)", statistics.median(firsts)),
+                          ("64-deep chain: open (again)", statistics.median(agains))):
+        rows.append({"work": name, "ours_s": seconds, "ours_rss": statistics.median(rss), "peer": "pyvhdi",
+                     "peer_s": peer["seconds"], "peer_rss": peer["rss"], "time_ratio": seconds / peer["seconds"],
+                     "rss_ratio": statistics.median(rss) / peer["rss"]})
+    return rows
+
+
 def rows_for(workdir: Path, block: int, rounds: int) -> list[dict]:
     bs = f"{block >> 20}M"
     ours, theirs = workdir / f"ours-{bs}.vhdx", workdir / f"qemu-{bs}.vhdx"
@@ -173,6 +228,7 @@ def main() -> None:
         rows = []
         for block in (1 << 20, 32 << 20):
             rows += rows_for(workdir, block, args.rounds)
+        rows += chain_rows(workdir, args.rounds)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from contextlib import closing
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -237,3 +238,62 @@ def test_planning_a_merge_of_a_64_tib_chain_follows_the_data(big: Path) -> None:
     plan = vhdx.merge(child, dry_run=True)
     assert time.perf_counter() - t < 2.0
     assert plan.bytes_to_copy == 64 * MiB
+
+
+class NoMapStorage(CountingStorage):
+    """The same file, but no map and no hole queries: the BAT is read into memory."""
+
+    def map_readonly(self, offset: int, length: int):
+        return None
+
+    def data_ranges(self, offset: int, length: int):
+        return Storage.data_ranges(self, offset, length)
+
+
+def _dirty_copy(tmp_path: Path) -> Path:
+    """A disk whose log holds a BAT update not yet applied to the file (power lost after the log
+    entry was written and flushed)."""
+    from support.faults import FaultyStorage, PowerLoss  # the shared fault kit
+
+    base = tmp_path / "d.vhdx"
+    with vhdx.create(base, TiB, block_size=MiB) as disk:  # an 8 MiB BAT
+        disk.pwrite(b"a" * 4096, 0)
+    for n in range(1, 40):
+        probe = tmp_path / f"dirty-{n}.vhdx"
+        shutil.copyfile(base, probe)
+        storage = FaultyStorage(FileStorage(probe, writable=True, durable=False), n)
+        try:
+            with vhdx.open(probe, "r+", storage=storage) as disk:
+                disk.pwrite(b"b" * 4096, TiB - 4 * MiB)
+        except (PowerLoss, vhdx.VhdxError):
+            pass
+        finally:
+            storage.inner.close()
+        with closing(Image.open(probe)) as image:
+            if image.log_was_dirty and (TiB - 4 * MiB) // MiB in image.allocated()[0].tolist():
+                return probe
+    raise AssertionError("no crash point left a BAT update in the log")
+
+
+def test_a_replayed_log_is_laid_into_the_private_map(tmp_path: Path) -> None:
+    """Read-only opens of a dirty log map the file and write the replayed pages into their own
+    copy: the same entries as reading the BAT into memory, and the file is not changed."""
+    path = _dirty_copy(tmp_path)
+    before = path.read_bytes()[:16 * MiB]
+    parsecache.clear()
+    mapped = Image.open(path, storage=CountingStorage(FileStorage(path)))
+    read = Image.open(path, storage=NoMapStorage(FileStorage(path)))
+    try:
+        assert mapped.log_replayed_in_memory and read.log_replayed_in_memory
+        assert mapped.bat.base is not None and read.bat.base is None  # a map, and the fallback's own array
+        block = (TiB - 4 * MiB) // MiB
+        assert int(mapped.bat[mapped.bat_index(block)]) == int(read.bat[read.bat_index(block)]) != 0
+        assert np.array_equal(mapped.bat[:1 << 16], read.bat[:1 << 16])
+        assert mapped.count_states() == read.count_states()
+        buf = bytearray(4096)
+        mapped.readinto_at(memoryview(buf), TiB - 4 * MiB)
+        assert bytes(buf) == b"b" * 4096
+    finally:
+        mapped.close()
+        read.close()
+    assert path.read_bytes()[:16 * MiB] == before

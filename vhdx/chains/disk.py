@@ -140,12 +140,12 @@ class Disk(io.RawIOBase):
         """Read at the position into ``buffer``; returns the bytes read (0 at the end)."""
         if self.closed:
             raise ValueError("I/O operation on closed disk")
-        view = buffer if type(buffer) is bytearray else memoryview(buffer).cast("B")
+        view = memoryview(buffer) if type(buffer) is bytearray else memoryview(buffer).cast("B")
         pos = self._position
         if 0 < len(view) <= SHORT_MAX and self._read_short(view, pos):
             n = len(view)
         else:
-            n = self._pread_general(memoryview(view), pos)
+            n = self._pread_general(view, pos)
         self._position = pos + n
         return n
 
@@ -163,7 +163,7 @@ class Disk(io.RawIOBase):
             self._read_virtual(view[:n], offset)
         return n
 
-    def _read_short(self, view: memoryview | bytearray, offset: int) -> bool:
+    def _read_short(self, view: memoryview, offset: int) -> bool:
         """The read of a few KiB, as fast as Python allows: True when ``view`` was filled from
         ``offset``; False (nothing promised about ``view``) sends it down the general path.
 
