@@ -27,7 +27,8 @@ import numpy as np
 
 from ..chains.disk import Disk
 from ..errors import UsageError
-from .fsview import Entry, Volume, disk_image, fs_type_name, open_fs, pieces, read_file, volumes, walk
+from .fsview import (Entry, Volume, disk_image, fs_type_name, open_fs, pieces, read_file, tsk_module, volumes,
+                     walk)
 from .maps import changed_ranges
 
 CREATED, CHANGED, DELETED = "created", "changed", "deleted"
@@ -200,6 +201,7 @@ def _changed(a: Entry, b: Entry, old_fs: Any, new_fs: Any,
 def file_changes(disk: Disk, *, system: bool = False) -> FileDiff:
     """The files the checkpoint ``disk`` (a differencing disk, opened with its parent) created,
     changed or deleted, in every partition its own ranges touch."""
+    tsk_module()   # say how to install it before any work
     if disk.parent is None:
         raise UsageError("diff --files compares a checkpoint with its parent; this disk has none", path=disk.path)
     changed = Ranges([(r.start, r.end) for r in changed_ranges(disk.image)])
