@@ -29,6 +29,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -40,6 +41,7 @@ from .maps import chain_layers
 FSNAME = "vhdx"
 MAX_READ = 1 << 20          # bytes per FUSE read request (the kernel's largest with 256 pages)
 LEAF_NAME = "disk"
+WINDOW = 4 << 20            # bytes of read-ahead for a sequential reader
 UNMOUNT_WAIT = 120.0        # seconds unmount waits for the server to close the chain
 
 
@@ -73,6 +75,35 @@ def layer_names(disks: list[Disk]) -> list[str]:
     return names
 
 
+class Window:
+    """One read-ahead window: ``WINDOW`` bytes of one file, from ``start``."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(WINDOW)
+        self.name = ""
+        self.start = 0
+        self.length = 0
+
+    def clear(self) -> None:
+        """Forget the window (after a write)."""
+        self.name, self.length = "", 0
+
+    def fill(self, name: str, disk: Disk, offset: int) -> None:
+        """Read ``WINDOW`` bytes (fewer at the end of the disk) of ``disk`` from ``offset``."""
+        self.clear()
+        n = max(0, min(WINDOW, disk.size - offset))
+        disk.pread_into(memoryview(self.buffer)[:n], offset)
+        self.name, self.start, self.length = name, offset, n
+
+    def serve(self, name: str, offset: int, view: memoryview) -> bool:
+        """Copy into ``view`` if the window holds all of it; False otherwise."""
+        at = offset - self.start
+        if name != self.name or at < 0 or at + len(view) > self.length:
+            return False
+        view[:] = memoryview(self.buffer)[at:at + len(view)]
+        return True
+
+
 class DiskFiles:
     """The file system's content: a flat folder of whole-disk files (FUSE-agnostic)."""
 
@@ -84,6 +115,10 @@ class DiskFiles:
         self.files.update(zip(layer_names(layers), layers))
         self.stats = {name: os.stat(disk.path) for name, disk in self.files.items()}
         self.errors = 0
+        self.local = threading.local()     # each FUSE thread's reply buffers
+        self.lock = threading.Lock()       # one request at a time in the chain (a Disk is not thread-safe)
+        self.window = Window()
+        self.next_read: tuple[str, int] = ("", -1)
 
     def attributes(self, name: str) -> dict[str, Any]:
         """stat(2) fields of ``/name`` (``""`` is the folder)."""
@@ -97,12 +132,29 @@ class DiskFiles:
                     st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns, st_blksize=MAX_READ)
 
     def read(self, name: str, size: int, offset: int) -> Any:
-        """Up to ``size`` bytes of ``/name`` at ``offset``, as one ctypes buffer."""
+        """Up to ``size`` bytes of ``/name`` at ``offset``, in a ctypes buffer that is reused by the
+        next read of that size (the binding copies it out at once; the server is single-threaded).
+
+        A read that continues the previous one is served from a read-ahead window of
+        ``WINDOW`` bytes, so a sequential reader costs one pass down the chain per window, not
+        per request (the kernel's requests are 128 KiB with libfuse 3.14); others read exactly."""
         disk = self.files[name]
         n = max(0, min(size, disk.size - offset))
-        buf = (ctypes.c_char * n)()
-        if n:
-            disk.pread_into(memoryview(buf).cast("B"), offset)
+        buffers = self.local.__dict__.setdefault("buffers", {})
+        buf = buffers.get(n)
+        if buf is None:
+            if len(buffers) > 8:
+                buffers.clear()
+            buf = buffers[n] = (ctypes.c_char * n)()
+        view = memoryview(buf).cast("B")
+        with self.lock:
+            if n and not self.window.serve(name, offset, view):
+                if (name, offset) == self.next_read and n < WINDOW:
+                    self.window.fill(name, disk, offset)
+                    self.window.serve(name, offset, view)
+                else:
+                    disk.pread_into(view, offset)
+            self.next_read = (name, offset + n)
         return buf
 
     def write(self, name: str, data: bytes, offset: int) -> int:
@@ -112,7 +164,9 @@ class DiskFiles:
         fits = max(0, min(len(data), self.leaf.size - offset))
         if not fits and data:  # as a block device: a write at the end is ENOSPC, one across it is short
             raise OSError(errno.ENOSPC, "past the end of the disk")
-        return self.leaf.pwrite(memoryview(data)[:fits], offset)
+        with self.lock:
+            self.window.clear()   # every file shows the leaf's bytes through the window: drop it
+            return self.leaf.pwrite(memoryview(data)[:fits], offset)
 
 
 def _errno_of(e: BaseException) -> int:
@@ -149,12 +203,13 @@ def operations(files: DiskFiles, ready: Callable[[], None]) -> Any:
 
     def do_fsync(name: str, datasync: int, fh: Any) -> int:
         if files.writable and name == LEAF_NAME:
-            files.leaf.flush()
+            with files.lock:
+                files.leaf.flush()
         return 0
 
     body = dict(
         use_ns=True,
-        init=lambda self, path: ready(),
+        init_with_config=lambda self, conn, config: (tune(conn, config), ready()),
         getattr=guarded(lambda name, fh=None: files.attributes(name)),
         readdir=guarded(lambda name, fh: [".", "..", *files.files]),
         open=guarded(do_open),
@@ -166,6 +221,15 @@ def operations(files: DiskFiles, ready: Callable[[], None]) -> Any:
         statfs=guarded(lambda name: dict(f_bsize=MAX_READ, f_frsize=512, f_namemax=255)),
     )
     return type("VhdxFiles", (fuse.Operations,), body)()
+
+
+def tune(conn: Any, config: Any) -> None:
+    """Read-ahead of up to ``MAX_READ`` bytes (the kernel and libfuse's buffer may lower it: 128 KiB
+    with libfuse 3.14); the kernel keeps a file's pages between opens while its attributes stay."""
+    if conn is not None:
+        conn.max_readahead = max(conn.max_readahead, MAX_READ)
+    if config is not None and hasattr(config, "auto_cache"):
+        config.auto_cache = 1
 
 
 def fuse_options(rw: bool, allow_other: bool) -> dict[str, Any]:
