@@ -201,3 +201,22 @@ def test_missing_fuse_names_what_to_install(what: str, tmp_path: Path, monkeypat
     result = run_inprocess("mount", tmp_path / "d.vhdx", tmp_path / "mnt")
     assert_one_line_error(result, needle)
     assert not is_mounted(tmp_path / "mnt")
+
+
+def test_chain_options_find_a_moved_parent_or_read_over_zeros(tmp_path: Path) -> None:
+    built = _chain(tmp_path / "disks")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for path in built.paths[:-1]:
+        path.rename(moved / path.name)
+    leaf = built.paths[-1]
+    (tmp_path / "mnt0").mkdir()
+    assert_one_line_error(run_subprocess("mount", leaf, tmp_path / "mnt0"), "not found")
+    assert not is_mounted(tmp_path / "mnt0")
+    with mounted(leaf, tmp_path / "mnt1", "--search", moved) as mnt:
+        assert sha256_file(mnt / "disk") == sha256(built.contents[-1])
+        assert sorted(os.listdir(mnt)) == sorted(["disk", *(p.name for p in built.paths)])
+    with mounted(leaf, tmp_path / "mnt2", "--missing-parent", "zeros") as mnt:
+        assert sorted(os.listdir(mnt)) == sorted(["disk", leaf.name])
+        with vhdx.open(leaf, missing_parent="zeros") as disk:
+            assert sha256_file(mnt / "disk") == sha256(disk.pread(0, SIZE))
