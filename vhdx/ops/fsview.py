@@ -79,7 +79,7 @@ def volumes(image: Any, size: int) -> list[Volume]:
     except OSError:
         return [Volume(0, 0, size, "whole disk")]
     block = table.info.block_size
-    out = []
+    out: list[Volume] = []
     for part in table:
         if part.flags & tsk.TSK_VS_PART_FLAG_ALLOC and part.len > 0:
             desc = part.desc.decode("utf-8", "replace") if isinstance(part.desc, bytes) else str(part.desc)

@@ -209,9 +209,13 @@ def operations(files: DiskFiles, ready: Callable[[], None]) -> Any:
                 files.leaf.flush()
         return 0
 
+    def do_init(self: Any, conn: Any, config: Any) -> None:
+        tune(conn, config, files.writable)
+        ready()
+
     body = dict(
         use_ns=True,
-        init_with_config=lambda self, conn, config: (tune(conn, config, files.writable), ready()),
+        init_with_config=do_init,
         getattr=guarded(lambda name, fh=None: files.attributes(name)),
         readdir=guarded(lambda name, fh: [".", "..", *files.files]),
         open=guarded(do_open),
