@@ -274,19 +274,22 @@ def _child(path: str, mountpoint: str, write_end: int, options: dict[str, Any]) 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)  # libfuse installs its own (unmount and exit) over the defaults
     status = 1
+    reported = []
 
     def ready() -> None:
         os.write(write_end, b"ok\n")
         os.close(write_end)
+        reported.append(True)   # the descriptor number may be reused from here on: never write to it
         _detach_stdio()
 
     try:
         status = 1 if serve(path, mountpoint, ready=ready, **options) else 0
-    except BaseException as e:  # reported to the parent (if still listening), then exit
-        try:
-            os.write(write_end, f"error {e}\n".encode("utf-8", "replace"))
-        except OSError:
-            pass
+    except BaseException as e:  # reported to the parent while it is still waiting, then exit
+        if not reported:
+            try:
+                os.write(write_end, f"error {e}\n".encode("utf-8", "replace"))
+            except OSError:
+                pass
     finally:
         os._exit(status)
 
