@@ -8,6 +8,7 @@ from typing import Any
 from ..errors import DiskExistsError
 from .common import (EXIT_OK, about, add_chain_options, add_share_option, chain_options, describing_options,
                      emit_json, missing_parent, missing_parent_line)
+from .filediff_out import print_file_changes
 from .progress import human_bytes
 
 
@@ -34,6 +35,10 @@ def register(sub: Any) -> None:
         "vhdx diff checkpoint.avhdx", "vhdx diff --json checkpoint.avhdx"))
     p.add_argument("child", help="the differencing (.avhdx) file")
     p.add_argument("--json", action="store_true", help="print the ranges as JSON")
+    p.add_argument("--files", action="store_true", help="list the files the checkpoint created, changed or "
+                   "deleted (NTFS, FAT/exFAT, ext2/3/4; MBR and GPT): needs the parent and "
+                   "pip install 'vhdx[forensics]'")
+    p.add_argument("--system", action="store_true", help="with --files: also NTFS metafiles and TSK's $-entries")
     add_chain_options(p)
     add_share_option(p)
     p.set_defaults(func=cmd_diff)
@@ -74,6 +79,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     """``vhdx diff``: the sectors a checkpoint changed against its parent (a missing parent reads as zeros)."""
     from ..chains.resolve import open as open_disk
     from ..ops.maps import changed_ranges
+    if args.files:
+        return print_file_changes(args)
     opts = chain_options(args)
     opts.setdefault("missing_parent", "zeros")
     with open_disk(args.child, **opts) as disk:

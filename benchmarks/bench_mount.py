@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""``vhdx mount`` against ``vhdx export`` and libvhdi's ``vhdimount``, and ``diff --files`` at size.
+
+(a) Sequential read of a 2 GiB two-layer chain (base: every other 32 MiB block written; the
+    checkpoint: 256 MiB of 64 KiB writes scattered over it, so it has partial blocks):
+    ``dd bs=1M`` of the leaf through ``vhdx mount`` (``disk``), ``vhdx export CHILD /dev/null``
+    (a device: written densely, every byte) and ``dd`` through ``vhdimount`` of the same chain
+    (its last ``vhdiN`` file, the leaf; it too shows one file per layer). Each reader's bytes are hashed once first and must agree; the timed
+    runs are warm (page cache of the VHDX files warm, the FUSE files re-opened, and the kernel's
+    cache of the FUSE file dropped by the unmount/mount between rounds).
+(b) ``vhdx diff --files`` on a 16 GiB disk holding ext4, whose checkpoint changed 200 MiB of
+    files: the file system is made and changed through ``vhdx mount --rw`` and a loop mount of
+    ``disk`` (so this also exercises the writable mount). Goal: under 10 s.
+
+Needs root, FUSE (fuse3, mfusepy), libvhdi-utils (vhdimount), e2fsprogs and pytsk3.
+
+    python benchmarks/bench_mount.py [--size 2G] [--rounds 3] [--workdir DIR] [--skip-diff]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import vhdx  # noqa: E402
+
+MiB = 1 << 20
+ENV = dict(os.environ, PYTHONPATH=str(REPO), PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def sh(*argv: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, env=ENV, **kw)
+
+
+def vhdx_cli(*argv: str) -> subprocess.CompletedProcess:
+    return sh(sys.executable, "-m", "vhdx", *argv)
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def build_chain(work: Path, size: int) -> Path:
+    base = work / "base.vhdx"
+    rng = random.Random(1)
+    with vhdx.create(base, size, block_size=32 * MiB) as d:
+        piece = rng.randbytes(8 * MiB)
+        for block in range(0, size // (32 * MiB), 2):
+            for k in range(4):
+                d.pwrite(piece, block * 32 * MiB + k * 8 * MiB)
+    child = Path(vhdx.snapshot(base))
+    with vhdx.open(child, "r+") as d:
+        piece = rng.randbytes(64 * 1024)
+        for _ in range(256 * MiB // len(piece)):
+            d.pwrite(piece, rng.randrange(0, size // 65536) * 65536)
+    return child
+
+
+def sha_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dd(path: Path) -> None:
+    sh("dd", f"if={path}", "of=/dev/null", "bs=1M")
+
+
+class Mount:
+    def __init__(self, kind: str, disk: Path, mnt: Path) -> None:
+        self.kind, self.disk, self.mnt = kind, disk, mnt
+        mnt.mkdir(exist_ok=True)
+
+    def __enter__(self) -> Path:
+        if self.kind == "ours":
+            vhdx_cli("mount", str(self.disk), str(self.mnt))
+            return self.mnt / "disk"
+        sh("vhdimount", str(self.disk), str(self.mnt))   # vhdi1 is the base, the highest vhdiN the leaf
+        for _ in range(200):
+            layers = sorted(self.mnt.glob("vhdi*"), key=lambda p: int(p.name[4:]))
+            if layers:
+                return layers[-1]
+            time.sleep(0.05)
+        raise RuntimeError("vhdimount shows no file")
+
+    def __exit__(self, *exc) -> None:
+        if self.kind == "ours":
+            vhdx_cli("unmount", str(self.mnt))
+        else:
+            subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False, capture_output=True)
+            time.sleep(0.2)
+
+
+def bench_read(work: Path, size: int, rounds: int) -> None:
+    child = build_chain(work, size)
+    print(f"chain: {child.name} over base.vhdx, {size / MiB:.0f} MiB virtual")
+    want = vhdx.hash(child)
+    for kind in ("ours", "vhdimount"):
+        with Mount(kind, child, work / f"mnt-{kind}") as f:
+            got = sha_of(f)
+            print(f"  {kind}: sha256 {got[:16]}... {'ok' if got == want else 'DIFFERENT'}")
+    times: dict[str, list[float]] = {"mount (ours)": [], "export (ours)": [], "vhdimount": []}
+    for _ in range(rounds):
+        with Mount("ours", child, work / "mnt-ours") as f:
+            times["mount (ours)"].append(timed(lambda: dd(f)))
+        times["export (ours)"].append(timed(lambda: vhdx_cli("export", str(child), "/dev/null")))
+        with Mount("vhdimount", child, work / "mnt-vhdimount") as f:
+            times["vhdimount"].append(timed(lambda: dd(f)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, t in med.items():
+        print(f"  {k:<14} {t:7.3f} s  {size / t / 1e6:8.1f} MB/s   (runs: {', '.join(f'{x:.3f}' for x in times[k])})")
+    print(f"  throughput mount/vhdimount: {med['vhdimount'] / med['mount (ours)']:.2f} x (goal >= 0.8)")
+    print(f"  throughput mount/export:    {med['export (ours)'] / med['mount (ours)']:.2f} x")
+
+
+def bench_diff(work: Path) -> None:
+    size = 16 << 30
+    base = work / "fs16.vhdx"
+    with vhdx.create(base, size):
+        pass
+    mnt, fsdir = work / "mnt-rw", work / "fs"
+    fsdir.mkdir(exist_ok=True)
+    rng = random.Random(2)
+
+    def rw(disk: Path, action, mkfs: bool = False) -> None:
+        mnt.mkdir(exist_ok=True)
+        vhdx_cli("mount", "--rw", str(disk), str(mnt))
+        try:
+            if mkfs:
+                sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", str(mnt / "disk"))
+            sh("mount", "-o", "loop,noinit_itable", str(mnt / "disk"), str(fsdir))
+            try:
+                action()
+            finally:
+                sh("umount", str(fsdir))
+        finally:
+            vhdx_cli("unmount", str(mnt))
+
+    def populate() -> None:
+        for d in range(20):
+            (fsdir / f"d{d}").mkdir()
+            for f in range(100):
+                (fsdir / f"d{d}" / f"f{f}.bin").write_bytes(rng.randbytes(rng.randrange(1, 400_000)))
+
+    def change() -> None:
+        written = 0
+        (fsdir / "new").mkdir()
+        n = 0
+        while written < 150 * MiB:
+            data = rng.randbytes(4 * MiB)
+            (fsdir / "new" / f"n{n}.bin").write_bytes(data)
+            written += len(data)
+            n += 1
+        for k in range(200):
+            p = fsdir / f"d{k % 20}" / f"f{k // 20}.bin"
+            with open(p, "r+b") as f:
+                f.write(rng.randbytes(min(p.stat().st_size, 256 * 1024)))
+        for k in range(50):
+            (fsdir / f"d{k % 20}" / f"f{99 - k}.bin").unlink()
+
+    t = timed(lambda: rw(base, populate, mkfs=True))
+    print(f"16 GiB ext4 base made through vhdx mount --rw in {t:.1f} s")
+    child = Path(vhdx.snapshot(base))
+    t = timed(lambda: rw(child, change))
+    out = vhdx_cli("diff", str(child)).stdout.splitlines()[0]
+    print(f"checkpoint changed through the mount in {t:.1f} s: {out}")
+    t = timed(lambda: vhdx_cli("diff", str(child), "--files"))
+    summary = vhdx_cli("diff", str(child), "--files").stdout.splitlines()[0]
+    print(f"  diff --files: {t:.2f} s (goal < 10 s)\n  {summary}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="2G")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--workdir")
+    p.add_argument("--skip-diff", action="store_true")
+    p.add_argument("--skip-read", action="store_true")
+    a = p.parse_args()
+    size = int(float(a.size.rstrip("GgMm")) * (1 << 30 if a.size[-1] in "Gg" else MiB))
+    with tempfile.TemporaryDirectory(dir=a.workdir, prefix="bench-mount-") as work:
+        if not a.skip_read:
+            bench_read(Path(work), size, a.rounds)
+        if not a.skip_diff:
+            bench_diff(Path(work))
+
+
+if __name__ == "__main__":
+    main()
