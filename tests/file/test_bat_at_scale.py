@@ -297,3 +297,76 @@ def test_a_replayed_log_is_laid_into_the_private_map(tmp_path: Path) -> None:
         mapped.close()
         read.close()
     assert path.read_bytes()[:16 * MiB] == before
+
+
+def _zero_filled(path: Path, size: int, data_block: int) -> tuple[int, int]:
+    """A disk whose BAT is written out in full, every entry ZERO (as qemu-img makes them) but
+    ``data_block``, which holds data; returns (BAT offset, payload blocks)."""
+    with vhdx.create(path, size, block_size=MiB) as disk:
+        disk.pwrite(b"x" * 4096, data_block * MiB)
+    with closing(Image.open(path)) as image:
+        g, at = image.geometry, image.bat_region.file_offset
+        keep = int(image.bat[image.bat_index(data_block)])
+    entries = np.full(g.bat_entries, C.PAYLOAD_BLOCK_ZERO, dtype="<u8")
+    entries[batmod.sbm_indices(g)] = 0
+    entries[g.payload_bat_index(data_block)] = keep
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, entries.tobytes(), at)
+    finally:
+        os.close(fd)
+    return at, g.payload_blocks
+
+
+def test_a_large_written_bat_is_checked_as_reads_use_it(tmp_path: Path) -> None:
+    """Over 16 MiB of BAT data, a read-only open checks entries lazily: the open reads little,
+    but no read uses an unchecked entry, and whole-disk questions check the whole BAT."""
+    path = tmp_path / "lazy.vhdx"
+    at, blocks = _zero_filled(path, 4 * TiB, 5)  # a 32 MiB BAT, all of it data
+    bad = blocks // 2
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, batmod.make_entry(C.PAYLOAD_BLOCK_FULLY_PRESENT, 1 << 45).to_bytes(8, "little"),
+                  at + 8 * (bad + bad // (4096)))  # chunk ratio 4096 at 1 MiB blocks, 512-byte sectors
+    finally:
+        os.close(fd)
+    parsecache.clear()
+    storage = CountingStorage(FileStorage(path))
+    image = Image.open(path, storage=storage)
+    try:
+        assert image.bat_lazy and storage.bytes_read < 8 * MiB
+        buf = bytearray(4096)
+        image.readinto_at(memoryview(buf), 5 * MiB)
+        assert bytes(buf) == b"x" * 4096
+        with pytest.raises(CorruptError) as e:
+            image.readinto_at(memoryview(buf), bad * MiB)
+        assert f"block {bad}" in str(e.value)
+        with pytest.raises(CorruptError):
+            image.count_states()  # the whole BAT, checked
+        with pytest.raises(CorruptError):
+            image.readinto_at(memoryview(buf), bad * MiB)  # still refused after the failed whole check
+    finally:
+        image.close()
+    with pytest.raises(CorruptError):
+        Image.open(path, "r+")  # writers check everything at open
+    assert any(f"block {bad}" in f.message for f in check_file(path).errors)
+
+
+def test_a_lazily_checked_block_past_the_end_of_the_file_needs_the_whole_check(tmp_path: Path) -> None:
+    path = tmp_path / "cut.vhdx"
+    _zero_filled(path, 4 * TiB, 5)
+    with vhdx.open(path, "r+") as disk:
+        disk.pwrite(b"y" * 4096, 9 * MiB)  # block 9 is now last in the file, block 5 before it
+    os.truncate(path, os.stat(path).st_size - MiB // 2)  # cut block 9 short: tolerated (old qemu)
+    parsecache.clear()
+    with closing(Image.open(path)) as image:
+        assert image.bat_lazy
+        buf = bytearray(4096)
+        image.readinto_at(memoryview(buf), 9 * MiB)
+        assert bytes(buf) == b"y" * 4096 and not image.bat_lazy  # checked whole, and it passed
+    os.truncate(path, os.stat(path).st_size - MiB)  # now block 5 runs past the end, block 9 is gone: cut short
+    parsecache.clear()
+    with closing(Image.open(path)) as image:
+        with pytest.raises(vhdx.VhdxError) as e:
+            image.readinto_at(memoryview(bytearray(4096)), 5 * MiB)
+        assert type(e.value).__name__ in ("TruncatedError", "CorruptError")

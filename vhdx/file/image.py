@@ -20,7 +20,8 @@ from ..format import layout, sniff
 from ..format.geometry import Geometry, as_offset
 from ..format.records import (Header, Metadata, MetadataItem, RegionEntry, current_header, parse_creator,
                               parse_header, parse_metadata_region, parse_region_table, validate_header_fields)
-from . import battable, parsecache
+from . import parsecache
+from .batowner import BatOwner
 from .buffers import readinto_file
 from .copy import Progress
 from .describe import describe
@@ -40,7 +41,7 @@ def zero_fill(view: memoryview) -> None:
 MODES = {"r": "r", "rb": "r", "r+": "r+", "r+b": "r+", "rb+": "r+"}  # what open() accepts, as "r" or "r+"
 
 
-class Image:
+class Image(BatOwner):
     """A parsed VHDX file on a :class:`Storage`. Use :meth:`open` or :func:`vhdx.file.create.create_image`."""
 
     def __init__(self, storage: Storage, *, owns_storage: bool = True) -> None:
@@ -60,8 +61,7 @@ class Image:
         self.log_replayed_in_memory = False
         self.writer = Writer(self)
         self.creator = ""
-        self._sparse: batmod.SparseBat | None = None  # the BAT's non-zero entries, while current
-        self._cache_key: Any = None  # this unchanged file's key in parsecache (read-only opens)
+        self.cache_key: Any = None  # this unchanged file's key in parsecache (read-only opens)
         self.bat_validated = False
 
     # ------------------------------------------------------------------ opening
@@ -125,13 +125,13 @@ class Image:
         self.creator = parse_creator(head, path=path)
         self._select_header(head)
         if self.header.log_guid != C.ZERO_GUID:
-            self._cache_key = None  # a log to replay: this open's view is not the file's
+            self.cache_key = None  # a log to replay: this open's view is not the file's
             self._replay_log(self.header)
         self._load_regions()
         self.load_metadata()
         if not header_only:
-            self._load_bat(salvage=salvage)
-        parsecache.put(self._cache_key, parsecache.parsed(self))
+            self.load_bat(salvage=salvage)
+        parsecache.put(self.cache_key, parsecache.parsed(self))
 
     def _from_cache(self, head: bytes, *, salvage: bool, header_only: bool) -> bool:
         """Load from :mod:`.parsecache` if this file, unchanged (same headers), was parsed before by a
@@ -140,13 +140,13 @@ class Image:
             return False  # unlocked (--force-share): another process may be changing the file
         key = parsecache.key_of(self.storage.fileno(), head[C.HEADER1_OFFSET:C.HEADER1_OFFSET + C.HEADER_SIZE]
                                 + head[C.HEADER2_OFFSET:C.HEADER2_OFFSET + C.HEADER_SIZE])
-        self._cache_key = key
+        self.cache_key = key
         if not parsecache.restore(self, parsecache.get(key), header_only=header_only):
             return False
         if not header_only and self.scanned is None:
-            self._load_bat(salvage=salvage)  # a scan stored the headers only
+            self.load_bat(salvage=salvage)  # a scan stored the headers only
         elif not (header_only or salvage or self.bat_validated):
-            self._validate_bat()  # a salvage open stored the entries: check them, no rescan
+            self.validate_bat()  # a salvage open stored the entries: check them, no rescan
         parsecache.put(key, parsecache.parsed(self))
         return True
 
@@ -212,44 +212,6 @@ class Image:
         md = self.metadata
         self.geometry = Geometry(md.virtual_disk_size, md.block_size, md.logical_sector_size, md.has_parent)
 
-    def _load_bat(self, *, salvage: bool = False) -> None:
-        self.adopt_bat(self.region(C.BAT_REGION_GUID), None, validated=False)
-        if not salvage:
-            self._validate_bat()
-
-    def _validate_bat(self) -> None:
-        """Refuse entries that would make reads go outside the file (docs/format.md §5.3) and, for
-        writing, invalid states or shared space (:mod:`vhdx.format.layout`), from :meth:`sparse`."""
-        where = layout.BatPlace(self.bat_region.file_offset, self.path)
-        battable.validate(self.sparse(), self.geometry, self.storage.size(), where,
-                          writing=(self.header, self.region_table) if self.writable else None)
-        self.bat_validated = True
-
-    def adopt_bat(self, region: RegionEntry, sparse: batmod.SparseBat | None, *, validated: bool) -> None:
-        """Map the BAT region (privately: pages read when touched; or read it into memory), with
-        ``sparse``, a stored scan of this unchanged file's BAT (:mod:`vhdx.file.parsecache`), if any."""
-        length = battable.entries_length(region, self.geometry, self.path)
-        self.bat_region = region
-        self.bat = battable.map_entries(self.storage, region.file_offset, length)
-        self._sparse, self.bat_validated = sparse, validated
-
-    @property
-    def scanned(self) -> batmod.SparseBat | None:
-        """The BAT's non-zero entries if they were scanned and are current, else None."""
-        return self._sparse
-
-    def sparse(self) -> batmod.SparseBat:
-        """The BAT's non-zero entries (scanned in bounded chunks once, until the BAT changes)."""
-        if self._sparse is None:
-            self._sparse = battable.scan(self.storage, self.bat_region.file_offset, self.bat.size, self.geometry)
-            if self._cache_key is not None:  # read-only, clean log: the next open takes it from the cache
-                parsecache.put(self._cache_key, parsecache.parsed(self))
-        return self._sparse
-
-    def bat_changed(self) -> None:
-        """Called by the writer after it changed :attr:`bat`: the next question rescans."""
-        self._sparse = None
-
     # ------------------------------------------------------------------ properties
 
     @property
@@ -293,23 +255,6 @@ class Image:
         """BAT index of payload block ``block`` (sector-bitmap slots interleaved, §5.2)."""
         return self.geometry.payload_bat_index(block)
 
-    def allocated(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(blocks, file offsets, states)`` of the payload blocks that hold data (FULLY or
-        PARTIALLY_PRESENT), sorted by block: proportional to the data, not the disk."""
-        return battable.allocated(self.sparse())
-
-    def count_states(self) -> tuple[dict[str, int], dict[str, int]]:
-        """How many payload and sector-bitmap entries are in each state, by name."""
-        return batmod.sparse_counts(self.sparse(), self.geometry)
-
-    def payload_states(self) -> np.ndarray:
-        """State of every payload block (uint8, one per block: as large as the disk; see :meth:`allocated`)."""
-        return battable.dense_states(self.sparse(), 0, self.geometry.payload_blocks)[0]
-
-    def payload_offsets(self) -> np.ndarray:
-        """File offset of every payload block (uint64 array, 0 where none; as large as the disk)."""
-        return battable.dense_states(self.sparse(), 0, self.geometry.payload_blocks)[1].astype(np.uint64)
-
     # ------------------------------------------------------------------ reading
 
     def read_bitmap(self, block: int) -> np.ndarray:
@@ -321,6 +266,8 @@ class Image:
         if entry & C.BAT_STATE_MASK != C.SB_BLOCK_PRESENT:
             raise CorruptError(f"block {block} is PARTIALLY_PRESENT but the sector bitmap of chunk {chunk} "
                                f"is not present", path=self.path, offset=self.bat_region.file_offset + 8 * sbm_index)
+        if self.bat_lazy:
+            self.check_bitmap_entry(sbm_index, entry)
         lo, hi = g.bitmap_byte_range(block)
         raw = self.storage.read((entry & C.BAT_FILE_OFFSET_MASK) + lo, hi - lo)
         return bitmapmod.unpack(raw)
@@ -341,6 +288,8 @@ class Image:
             n = min(bs - in_block, total - done)
             entry = int(self.bat[self.bat_index(block)])
             state = entry & C.BAT_STATE_MASK
+            if self.bat_lazy and batmod.holds_data(state):
+                self.check_read_entry(block, entry)  # a large BAT is checked as reads use it
             if state == C.PAYLOAD_BLOCK_FULLY_PRESENT or (state == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT
                                                           and not has_parent):
                 n = self._read_present(view, done, pos, n, entry)
@@ -363,6 +312,8 @@ class Image:
             if nxt & C.BAT_STATE_MASK != C.PAYLOAD_BLOCK_FULLY_PRESENT or \
                     (nxt & C.BAT_FILE_OFFSET_MASK) != file_offset + n:
                 break
+            if self.bat_lazy:
+                self.check_read_entry(block + 1, nxt)
             block += 1
             n += min(bs, total - done - n)
         readinto_file(self.storage, view[done:done + n], file_offset)
