@@ -370,3 +370,24 @@ def test_a_lazily_checked_block_past_the_end_of_the_file_needs_the_whole_check(t
         with pytest.raises(vhdx.VhdxError) as e:
             image.readinto_at(memoryview(bytearray(4096)), 5 * MiB)
         assert type(e.value).__name__ in ("TruncatedError", "CorruptError")
+
+
+def test_the_disk_short_read_path_checks_lazy_entries_too(tmp_path: Path) -> None:
+    """vhdx.open's few-KiB fast path reads with one preadv: on a lazily checked BAT it must
+    refuse the hostile entry exactly as the image's own read path does."""
+    path = tmp_path / "lazy-short.vhdx"
+    at, blocks = _zero_filled(path, 4 * TiB, 5)
+    bad = blocks // 2
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, batmod.make_entry(C.PAYLOAD_BLOCK_FULLY_PRESENT, 1 << 45).to_bytes(8, "little"),
+                  at + 8 * (bad + 1 + (bad + 1) // 4096))  # past the end of the file
+    finally:
+        os.close(fd)
+    parsecache.clear()
+    with vhdx.open(path) as disk:
+        assert disk.image.bat_lazy
+        assert disk.pread(5 * MiB, 4096) == b"x" * 4096
+        with pytest.raises(CorruptError):
+            disk.pread((bad + 1) * MiB, 4096)
+        assert disk.pread(bad * MiB, 4096) == bytes(4096)  # its neighbour, unallocated, reads zeros

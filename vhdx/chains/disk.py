@@ -188,6 +188,8 @@ class Disk(io.RawIOBase):
             entry = entries[block + (block >> ratio_shift)]
             state = entry & _STATE_MASK
             if state in here:  # the bytes are in this file
+                if image.bat_lazy:  # a large read-only BAT is checked entry by entry, before first use
+                    image.check_read_entry(block, entry)
                 try:
                     return fd is not None and os.preadv(fd, [view], (entry & _OFFSET_MASK) + within) == n
                 except OSError:
