@@ -38,16 +38,20 @@ from .chains.resolve import Chain, Layer, chain, open
 from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, DiskExistsError, DiskNotFoundError,
                      LockedError, LogReplayError, MergeError, ParentMismatchError, ParentNotFoundError,
                      ReadOnlyError, TruncatedError, UnsupportedError, UsageError, VhdxError)
+from .ops.compact import CompactResult, compact
+from .ops.convert import ConvertResult, convert
 from .ops.create import create, snapshot
 from .ops.export import ExportResult, export, hash
 from .ops.merge.plan import MergePlan
 from .ops.merge.run import MergeResult, merge
 from .ops.orphans import Forest, Node, find_chains
 from .ops.reparent import reparent
+from .ops.resize import ResizeResult, minimum_size, resize
 
 __all__ = [
     "__version__", "open", "create", "Disk", "snapshot", "chain", "Chain", "Layer", "reparent",
     "find_chains", "Forest", "Node", "merge", "MergePlan", "MergeResult", "export", "hash", "ExportResult",
+    "compact", "CompactResult", "resize", "minimum_size", "ResizeResult", "convert", "ConvertResult",
     "VhdxError", "CorruptError", "ChecksumError", "TruncatedError", "UnsupportedError", "LogReplayError",
     "ChainError", "ParentNotFoundError", "ParentMismatchError", "ChainCycleError", "ReadOnlyError",
     "MergeError", "UsageError", "DiskExistsError", "DiskNotFoundError", "LockedError",
