@@ -18,7 +18,7 @@ import numpy as np
 
 import vhdx
 from support.chain import build_layers, check_problems
-from support.disk import MiB, assert_same, disk_bytes, nonzero_pattern
+from support.disk import assert_same, disk_bytes, nonzero_pattern
 from vhdx.file.image import Image
 from vhdx.file.space import units
 from vhdx.format import bat as batmod

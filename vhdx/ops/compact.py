@@ -87,7 +87,7 @@ def zero_block_entries(disk: Disk, progress: ProgressCallback | None = None) -> 
         view = memoryview(buf)[:min(g.block_size, image.size - start)]
         image.readinto_at(view, start)            # this file's own bytes; clear bits read zeros
         if progress is not None:
-            progress(n + 1, len(blocks))
+            progress((n + 1) * g.block_size, len(blocks) * g.block_size)
         if not all_zero(view):
             continue
         if not image.has_parent:
@@ -171,7 +171,7 @@ def compact(path: str | os.PathLike[str], *, dry_run: bool = False, force: bool 
     reads zeros too), blocks at the end move into the holes, and the file is cut. Crash-safe
     and restartable: after a kill, running it again finishes. A disk that other disks depend
     on is refused (:class:`ChainError`) unless ``force``. ``dry_run`` writes nothing and says
-    what would be done. ``progress(done, total)`` counts the blocks examined.
+    what would be done. ``progress(done, total)`` follows the bytes of data examined.
     ``search_paths``, ``parents`` and ``ignore_id_mismatch`` find a differencing disk's
     parents as for :func:`vhdx.open` (and ``search_paths`` its children).
     Returns a :class:`CompactResult`.
