@@ -21,6 +21,7 @@ in step with the file once the change is durable.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -106,9 +107,17 @@ def commit_entries(image: "Image", updates: dict[int, int], *, data_change: bool
     writer = image.writer
     writer.check_writable()
     writer.begin_session(data_change=data_change)
-    writer.log_pages(writer.bat_pages(set(updates), updates))
-    for idx, entry in updates.items():
-        image.bat[idx] = entry
+    new = image.bat.copy()
+    idx = np.fromiter(updates.keys(), dtype=np.int64, count=len(updates))
+    new[idx] = np.fromiter(updates.values(), dtype=np.uint64, count=len(updates))
+    per_page = C.LOG_SECTOR_SIZE // 8
+    base = image.bat_region.file_offset
+    pages = {}
+    for page in np.unique(idx // per_page).tolist():
+        raw = batmod.encode_bat(new[page * per_page:(page + 1) * per_page])
+        pages[base + page * C.LOG_SECTOR_SIZE] = raw + bytes(C.LOG_SECTOR_SIZE - len(raw))
+    writer.log_pages(pages)
+    image.bat[idx] = new[idx]
 
 
 def move_units(image: "Image", moves: list[tuple[Unit, int]], *, progress: Progress | None = None) -> int:
@@ -178,8 +187,10 @@ def region_table_pages(image: "Image", entries: list[RegionEntry]) -> dict[int, 
     return pages
 
 
-def relocate_bat(image: "Image", new_bat: np.ndarray, *, extra_pages: dict[int, bytes] | None = None) -> int:
-    """Write ``new_bat`` (a larger BAT) at the end of the file, then switch the region tables to it.
+def relocate_bat(image: "Image", new_bat: np.ndarray, *, extra_pages: dict[int, bytes] | None = None,
+                 at: int | None = None) -> int:
+    """Write ``new_bat`` at the end of the file (or at ``at``, free space), then switch the
+    region tables to it.
 
     The new BAT goes into unreferenced space and is flushed; one log entry then changes both
     region tables together with ``extra_pages`` (the metadata pages of a new size, so that the
@@ -187,9 +198,12 @@ def relocate_bat(image: "Image", new_bat: np.ndarray, *, extra_pages: dict[int, 
     """
     writer = image.writer
     writer.check_writable()
-    writer.begin_session(data_change=True)
+    writer.begin_session(data_change=extra_pages is not None)
     length = align_up(new_bat.size * 8)
-    at = writer.allocate(length)
+    if at is None:
+        at = writer.allocate(length)
+    else:
+        writer.write_zeros(at, length)
     raw = batmod.encode_bat(new_bat)
     nz = np.flatnonzero(new_bat)
     if nz.size:
@@ -237,3 +251,50 @@ def items_with_size(image: "Image", size: int) -> list[MetadataItem]:
     return [MetadataItem(it.item_id, data, it.flags)
             if it.item_id == C.VIRTUAL_DISK_SIZE_GUID and not it.flags & C.METADATA_IS_USER else it
             for it in metadata_items(image.metadata)]
+
+
+def lower_bat(image: "Image") -> bool:
+    """Move the BAT into the lowest hole below it that holds it (a BAT moved to the end by a
+    resize, or larger than the disk now needs), so that the file can be cut; True if it moved."""
+    needed = align_up(max(image.geometry.bat_entries, 1) * 8)
+    current = image.bat_region
+    others = [sp for sp in layout.structure_spans(image.header, image.region_table)
+              if sp.name != "region BAT"]
+    placed = units(image.bat, image.geometry, bitmaps=image.has_parent)
+    for start, end in holes(others + [layout.Span(current.file_offset, current.file_offset + current.length,
+                                                  "region BAT")], placed):
+        if start >= current.file_offset:
+            break
+        if end - start >= needed:
+            new_bat = np.zeros(needed // 8, dtype="<u8")
+            keep = min(image.geometry.bat_entries, image.bat.size)
+            new_bat[:keep] = image.bat[:keep]
+            relocate_bat(image, new_bat, at=start)
+            return True
+    return False
+
+
+def host_sparse(image: "Image", offset: int, length: int) -> bool:
+    """True when the virtual range lies in blocks of this file whose bytes are holes of the host
+    file (``SEEK_DATA`` finds nothing there): it reads zeros without being read. False when
+    unknown (no descriptor, no ``SEEK_DATA``) or when a block there is not FULLY_PRESENT."""
+    fd = image.storage.fileno()
+    if fd is None or not hasattr(os, "SEEK_DATA") or image.log_replayed_in_memory:
+        return False
+    bs = image.block_size
+    pos, end = offset, offset + length
+    while pos < end:
+        block, within = divmod(pos, bs)
+        n = min(bs - within, end - pos)
+        entry = int(image.bat[image.bat_index(block)])
+        if entry & C.BAT_STATE_MASK != C.PAYLOAD_BLOCK_FULLY_PRESENT:
+            return False
+        start = (entry & C.BAT_FILE_OFFSET_MASK) + within
+        try:
+            found = os.lseek(fd, start, os.SEEK_DATA)
+        except OSError:
+            found = None            # ENXIO: no data from there to the end of the file
+        if found is not None and found < start + n:
+            return False
+        pos += n
+    return True

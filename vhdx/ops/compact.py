@@ -30,7 +30,7 @@ from ..chains.paths import PathArgs
 from ..chains.resolve import open as open_disk
 from ..errors import UsageError
 from ..file.image import Image
-from ..file.space import Unit, commit_entries, move_units, plan_moves, referenced_end, shrink_file, units
+from ..file.space import Unit, commit_entries, lower_bat, move_units, plan_moves, referenced_end, shrink_file, units
 from ..format import bat as batmod
 from ..format import constants as C
 from ..format import layout
@@ -188,6 +188,7 @@ def compact(path: str | os.PathLike[str], *, dry_run: bool = False, force: bool 
             moved, nbytes, after = simulate(image, updates)
             return CompactResult(path, True, len(updates), moved, nbytes, before, after, children, kept)
         commit_entries(image, updates, data_change=False)
+        lower_bat(image)
         moved, nbytes = pack(image)
         shrink_file(image, referenced_end(image))
         after = image.storage.size()

@@ -31,8 +31,8 @@ from ..chains.paths import PathArgs
 from ..chains.resolve import open as open_disk
 from ..errors import UsageError
 from ..file.image import Image
-from ..file.space import (bat_pages_from, commit_entries, items_with_size, metadata_pages, referenced_end,
-                          relocate_bat, shrink_file)
+from ..file.space import (bat_pages_from, commit_entries, host_sparse, items_with_size, lower_bat, metadata_pages,
+                          referenced_end, relocate_bat, shrink_file)
 from ..format import bat as batmod
 from ..format import constants as C
 from ..format.geometry import Geometry, align_up
@@ -69,6 +69,9 @@ def last_data_end(disk: Disk) -> int:
         end = start + length
         while end > start:
             a = max(start, end - SCAN_PIECE)
+            if disk.parent is None and host_sparse(disk.image, a, end - a):
+                end = a                    # holes of the host file (a fixed disk's unwritten blocks)
+                continue
             view = memoryview(buf)[:end - a]
             n = disk.pread_into(view, a)
             last = last_nonzero(view[:n])
@@ -160,8 +163,8 @@ def shrink(image: Image, size: int) -> None:
     # A differencing disk's cut blocks become ZERO, not NOT_PRESENT, so that until the size
     # changes they keep reading zeros instead of the parent's data.
     cut = batmod.make_entry(C.PAYLOAD_BLOCK_ZERO if image.has_parent else C.PAYLOAD_BLOCK_NOT_PRESENT, 0)
-    updates = {int(i): cut for i in g_old.payload_bat_index(np.arange(g_new.payload_blocks, g_old.payload_blocks))
-               if int(image.bat[int(i)]) != cut}
+    held = np.flatnonzero(batmod.holds_data(image.payload_states()[g_new.payload_blocks:])) + g_new.payload_blocks
+    updates = {int(i): cut for i in g_old.payload_bat_index(held)}
     sidx = g_old.sbm_bat_index(np.arange(g_new.sector_bitmap_blocks, g_old.sector_bitmap_blocks))
     updates.update({int(i): 0 for i in sidx if int(i) < image.bat.size and int(image.bat[int(i)])})
     commit_entries(image, updates, data_change=True)
@@ -169,6 +172,7 @@ def shrink(image: Image, size: int) -> None:
     zero_block_tail(image, size)
     image.writer.log_pages(metadata_pages(image, items_with_size(image, size)))
     image.load_metadata()
+    lower_bat(image)
     shrink_file(image, referenced_end(image))
 
 
