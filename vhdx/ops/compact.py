@@ -30,12 +30,12 @@ from ..chains.paths import PathArgs
 from ..chains.resolve import open as open_disk
 from ..errors import UsageError
 from ..file.image import Image
-from ..file.space import Unit, commit_entries, lower_bat, move_units, plan_moves, referenced_end, shrink_file, units
+from ..file.space import Unit, commit_entries, host_sparse, lower_bat, move_units, plan_moves, referenced_end, shrink_file, units
 from ..format import bat as batmod
 from ..format import constants as C
 from ..format import layout
 from ..format.geometry import align_up
-from .maintenance import ProgressCallback, all_zero, refuse_children
+from .maintenance import PROBE, ProgressCallback, all_zero, refuse_children
 
 MOVE_BATCH_BYTES = 1 << 30   # bytes moved per log transaction
 MOVE_BATCH_UNITS = 512       # and blocks per transaction
@@ -85,10 +85,9 @@ def zero_block_entries(disk: Disk, progress: ProgressCallback | None = None) -> 
     for n, block in enumerate(blocks):
         start = block * g.block_size
         view = memoryview(buf)[:min(g.block_size, image.size - start)]
-        image.readinto_at(view, start)            # this file's own bytes; clear bits read zeros
         if progress is not None:
             progress((n + 1) * g.block_size, len(blocks) * g.block_size)
-        if not all_zero(view):
+        if not reads_zeros(image, view, start):
             continue
         if not image.has_parent:
             updates[g.payload_bat_index(block)] = batmod.make_entry(C.PAYLOAD_BLOCK_ZERO, 0)
@@ -97,6 +96,21 @@ def zero_block_entries(disk: Disk, progress: ProgressCallback | None = None) -> 
         else:
             kept += 1
     return updates, kept
+
+
+def reads_zeros(image: Image, view: memoryview, start: int) -> bool:
+    """Whether this file's own bytes of the block at ``start`` (``len(view)`` of them) are all
+    zeros: host holes are not read, and a block of data is told by its first bytes."""
+    if host_sparse(image, start, len(view)):
+        return True
+    probe = view[:PROBE]
+    image.readinto_at(probe, start)               # this file's own bytes; clear bits read zeros
+    if not all_zero(probe):
+        return False
+    rest = view[len(probe):]
+    if len(rest):
+        image.readinto_at(rest, start + len(probe))
+    return all_zero(rest)
 
 
 def parent_reads_zeros(disk: Disk, view: memoryview, start: int) -> bool:

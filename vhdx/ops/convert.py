@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
+
+import numpy as np
 
 from ..chains.disk import Disk
 from ..chains.paths import PathArgs
@@ -30,9 +33,10 @@ from ..file.storage import FileStorage
 from ..format import constants as C
 from ..format.geometry import align_up
 from .export import given_options, open_layer, refuse_chain_file
-from .maintenance import ProgressCallback, all_zero
+from .maintenance import PROBE, ProgressCallback, all_zero
 
-BATCH_BYTES = 256 << 20     # data handed to one write_extents transaction
+BATCH_BYTES = 128 << 20         # data read into buffers per write_extents transaction
+KERNEL_BATCH_BYTES = 1 << 30    # data copied by the kernel per transaction
 DEFAULT_BLOCK_SIZE = 32 * C.MiB
 _ZEROS = bytes(4 << 20)
 
@@ -68,6 +72,9 @@ class RawSource:
         except OSError as e:
             raise VhdxError(f"cannot open the raw image: {e.strerror}", path=path) from e
         self.file_size = os.lseek(self.fd, 0, os.SEEK_END)
+        self.storage: FileStorage | None = None   # set for a regular file: blocks are copied by the kernel
+        if stat.S_ISREG(os.fstat(self.fd).st_mode):
+            self.storage = FileStorage(path, writable=False)
         self.size = align_up(self.file_size, logical_sector_size)
         if self.size == 0:
             os.close(self.fd)
@@ -75,6 +82,8 @@ class RawSource:
 
     def close(self) -> None:
         """Close the file."""
+        if self.storage is not None:
+            self.storage.close()
         os.close(self.fd)
 
     def pread_into(self, view: memoryview, offset: int) -> int:
@@ -148,28 +157,43 @@ class _Copy:
         self.source, self.image, self.progress = source, image, progress
         self.hasher = _Hasher(sha256)
         bs = image.block_size
-        self.buffers = [bytearray(bs) for _ in range(max(1, BATCH_BYTES // bs))]
+        # np.empty: pages are touched only when read into (a bytearray would zero them all).
+        self.buffers = [np.empty(bs, np.uint8) for _ in range(max(1, BATCH_BYTES // bs))]
+        self.queued = self.used = 0
         self.pending: list[tuple[int, int, memoryview]] = []
         self.blocks = self.data = 0
 
     def run(self) -> None:
         """Copy every block, then hash the zeros up to the end."""
         bs, size = self.image.block_size, self.image.size
+        kernel = getattr(self.source, "storage", None) if self.hasher.hash is None else None
         for block in blocks_to_read(self.source.data_extents(), bs):
             start = block * bs
-            view = memoryview(self.buffers[len(self.pending)])[:min(bs, size - start)]
+            view = memoryview(self.buffers[self.used])[:min(bs, size - start)]
+            if kernel is not None and start + len(view) <= self.source.file_size:
+                self.source.pread_into(view[:PROBE], start)
+                if not all_zero(view[:PROBE]):          # data: the kernel copies it, unread by us
+                    self.pending.append((start, len(view), (kernel, start)))
+                    self.queued += len(view)
+                    self.flush_if_full()
+                    continue
             self.source.pread_into(view, start)
             self.hasher.data(view, start)
             if not all_zero(view):
                 self.pending.append((start, len(view), view))
-                if len(self.pending) == len(self.buffers):
-                    self.flush()
+                self.used += 1
+                self.flush_if_full()
             if self.progress is not None:
                 self.progress(start + len(view), size)
         self.flush()
         self.hasher.zeros_to(size)
         if self.progress is not None:
             self.progress(size, size)
+
+    def flush_if_full(self) -> None:
+        """Write the pending blocks when every buffer is taken or enough is queued for the kernel."""
+        if self.used == len(self.buffers) or self.queued >= KERNEL_BATCH_BYTES:
+            self.flush()
 
     def flush(self) -> None:
         """Write the pending blocks as one transaction."""
@@ -178,6 +202,7 @@ class _Copy:
             self.blocks += len(self.pending)
             self.data += sum(p[1] for p in self.pending)
             self.pending = []
+            self.queued = self.used = 0
 
 
 def _geometry(source: Any, disk: Disk | None, block_size: int | None, logical_sector_size: int | None,

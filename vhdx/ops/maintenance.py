@@ -66,6 +66,9 @@ def all_zero(view: Any) -> bool:
     return not words.any() and not arr[words.size * 8:].any()
 
 
+PROBE = 64 << 10   # bytes read first: a block of data is told from a block of zeros by its start
+
+
 def last_nonzero(view: Any) -> int:
     """The index of the last non-zero byte of ``view``, or -1."""
     arr = np.frombuffer(view, dtype=np.uint8)
