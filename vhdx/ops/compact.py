@@ -35,7 +35,7 @@ from ..format import bat as batmod
 from ..format import constants as C
 from ..format import layout
 from ..format.geometry import align_up
-from .maintenance import PROBE, ProgressCallback, all_zero, refuse_children
+from .maintenance import PROBE, SCAN_PIECE, ProgressCallback, all_zero, refuse_children
 
 MOVE_BATCH_BYTES = 1 << 30   # bytes moved per log transaction
 MOVE_BATCH_UNITS = 512       # and blocks per transaction
@@ -103,14 +103,15 @@ def reads_zeros(image: Image, view: memoryview, start: int) -> bool:
     zeros: host holes are not read, and a block of data is told by its first bytes."""
     if host_sparse(image, start, len(view)):
         return True
-    probe = view[:PROBE]
-    image.readinto_at(probe, start)               # this file's own bytes; clear bits read zeros
-    if not all_zero(probe):
-        return False
-    rest = view[len(probe):]
-    if len(rest):
-        image.readinto_at(rest, start + len(probe))
-    return all_zero(rest)
+    done, piece = 0, PROBE
+    while done < len(view):                       # small pieces stay in the CPU cache
+        part = view[:min(piece, len(view) - done)]
+        image.readinto_at(part, start + done)     # this file's own bytes; clear bits read zeros
+        if not all_zero(part):
+            return False
+        done += len(part)
+        piece = SCAN_PIECE
+    return True
 
 
 def parent_reads_zeros(disk: Disk, view: memoryview, start: int) -> bool:

@@ -33,7 +33,7 @@ from ..file.storage import FileStorage
 from ..format import constants as C
 from ..format.geometry import align_up
 from .export import given_options, open_layer, refuse_chain_file
-from .maintenance import PROBE, ProgressCallback, all_zero
+from .maintenance import PROBE, SCAN_PIECE, ProgressCallback, all_zero
 
 BATCH_BYTES = 128 << 20         # data read into buffers per write_extents transaction
 KERNEL_BATCH_BYTES = 1 << 30    # data copied by the kernel per transaction
@@ -171,12 +171,11 @@ class _Copy:
             start = block * bs
             view = memoryview(self.buffers[self.used])[:min(bs, size - start)]
             if kernel is not None and start + len(view) <= self.source.file_size:
-                self.source.pread_into(view[:PROBE], start)
-                if not all_zero(view[:PROBE]):          # data: the kernel copies it, unread by us
+                if not self.zeros_in_file(view, start):  # data: the kernel copies it
                     self.pending.append((start, len(view), (kernel, start)))
                     self.queued += len(view)
                     self.flush_if_full()
-                    continue
+                continue
             self.source.pread_into(view, start)
             self.hasher.data(view, start)
             if not all_zero(view):
@@ -189,6 +188,19 @@ class _Copy:
         self.hasher.zeros_to(size)
         if self.progress is not None:
             self.progress(size, size)
+
+    def zeros_in_file(self, view: memoryview, start: int) -> bool:
+        """Whether the source's ``len(view)`` bytes at ``start`` are zeros, read in small pieces
+        (``view`` as scratch) and only until the first non-zero one."""
+        done, piece = 0, PROBE
+        while done < len(view):
+            part = view[:min(piece, len(view) - done)]
+            self.source.pread_into(part, start + done)
+            if not all_zero(part):
+                return False
+            done += len(part)
+            piece = SCAN_PIECE
+        return True
 
     def flush_if_full(self) -> None:
         """Write the pending blocks when every buffer is taken or enough is queued for the kernel."""

@@ -66,7 +66,8 @@ def all_zero(view: Any) -> bool:
     return not words.any() and not arr[words.size * 8:].any()
 
 
-PROBE = 64 << 10   # bytes read first: a block of data is told from a block of zeros by its start
+PROBE = 64 << 10        # bytes read first: a block of data is told from a block of zeros by its start
+SCAN_PIECE = 1 << 20    # then the rest, a piece at a time: small pieces stay in the CPU cache
 
 
 def last_nonzero(view: Any) -> int:
