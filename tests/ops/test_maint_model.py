@@ -20,6 +20,7 @@ no parent) and libvhdi (every disk, parents attached). Example count: ``VHDX_HYP
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import vhdx
 from support.chain import check_problems
-from support.disk import MiB, assert_same, disk_bytes
+from support.disk import MiB, assert_same, disk_bytes, nonzero_pattern
+from vhdx.file.image import Image
+from vhdx.ops import convert as convert_module
 
 from .maintkit import (ChainSpec, allocated_blocks, build_chain, data_write_guid, env_examples, judge, last_data,
                        leaf_first, libvhdi_bytes, nonzero_blocks, packed_size, qemu_raw)
@@ -194,3 +197,23 @@ def test_a_fixed_disk_grows_with_its_blocks_allocated(tmp_path: Path) -> None:
     assert allocated_blocks(paths[0]) == 6
     with pytest.raises(vhdx.UsageError, match="fixed"):
         vhdx.compact(paths[0])
+
+
+def test_a_failed_write_leaves_no_output_and_no_temporary_file(tmp_path: Path, monkeypatch) -> None:
+    raw = tmp_path / "disk.img"
+    raw.write_bytes(b"".join(nonzero_pattern(i, MiB) + bytes(MiB) for i in range(8)))
+    calls = []
+    real = Image.write_extents
+
+    def failing(self, extents, **kw):
+        calls.append(len(extents))
+        if len(calls) == 2:
+            raise vhdx.VhdxError("disk full (simulated)", path=self.path)
+        return real(self, extents, **kw)
+
+    monkeypatch.setattr(Image, "write_extents", failing)
+    monkeypatch.setattr(convert_module, "KERNEL_BATCH_BYTES", 2 * MiB)
+    with pytest.raises(vhdx.VhdxError, match="simulated"):
+        vhdx.convert(raw, tmp_path / "out.vhdx", source_format="raw", block_size=MiB)
+    assert len(calls) == 2
+    assert sorted(os.listdir(tmp_path)) == ["disk.img"]

@@ -17,6 +17,7 @@ import hashlib
 import os
 import stat
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -158,10 +159,16 @@ class _Copy:
         self.hasher = _Hasher(sha256)
         bs = image.block_size
         # np.empty: pages are touched only when read into (a bytearray would zero them all).
-        self.buffers = [np.empty(bs, np.uint8) for _ in range(max(1, BATCH_BYTES // bs))]
+        # Two sets: one is read into while the other is being written by the writer thread.
+        count = max(1, BATCH_BYTES // bs)
+        self.sets = [[np.empty(bs, np.uint8) for _ in range(count)] for _ in range(2)]
+        self.buffers = self.sets[0]
+        self.scratch = memoryview(np.empty(SCAN_PIECE, np.uint8))
         self.queued = self.used = 0
-        self.pending: list[tuple[int, int, memoryview]] = []
+        self.pending: list[tuple[int, int, Any]] = []
         self.blocks = self.data = 0
+        self.writer = ThreadPoolExecutor(max_workers=1)
+        self.inflight: Future[None] | None = None
 
     def run(self) -> None:
         """Copy every block, then hash the zeros up to the end."""
@@ -171,30 +178,31 @@ class _Copy:
             start = block * bs
             view = memoryview(self.buffers[self.used])[:min(bs, size - start)]
             if kernel is not None and start + len(view) <= self.source.file_size:
-                if not self.zeros_in_file(view, start):  # data: the kernel copies it
+                if not self.zeros_in_file(len(view), start):  # data: the kernel copies it
                     self.pending.append((start, len(view), (kernel, start)))
                     self.queued += len(view)
-                    self.flush_if_full()
-                continue
-            self.source.pread_into(view, start)
-            self.hasher.data(view, start)
-            if not all_zero(view):
-                self.pending.append((start, len(view), view))
-                self.used += 1
-                self.flush_if_full()
+            else:
+                self.source.pread_into(view, start)
+                self.hasher.data(view, start)
+                if not all_zero(view):
+                    self.pending.append((start, len(view), view))
+                    self.used += 1
+            if self.used == len(self.buffers) or self.queued >= KERNEL_BATCH_BYTES:
+                self.flush()
             if self.progress is not None:
                 self.progress(start + len(view), size)
         self.flush()
+        self.wait()
         self.hasher.zeros_to(size)
         if self.progress is not None:
             self.progress(size, size)
 
-    def zeros_in_file(self, view: memoryview, start: int) -> bool:
-        """Whether the source's ``len(view)`` bytes at ``start`` are zeros, read in small pieces
-        (``view`` as scratch) and only until the first non-zero one."""
+    def zeros_in_file(self, length: int, start: int) -> bool:
+        """Whether the source's ``length`` bytes at ``start`` are zeros, read in small pieces and
+        only until the first non-zero one."""
         done, piece = 0, PROBE
-        while done < len(view):
-            part = view[:min(piece, len(view) - done)]
+        while done < length:
+            part = self.scratch[:min(piece, length - done)]
             self.source.pread_into(part, start + done)
             if not all_zero(part):
                 return False
@@ -202,19 +210,32 @@ class _Copy:
             piece = SCAN_PIECE
         return True
 
-    def flush_if_full(self) -> None:
-        """Write the pending blocks when every buffer is taken or enough is queued for the kernel."""
-        if self.used == len(self.buffers) or self.queued >= KERNEL_BATCH_BYTES:
-            self.flush()
-
     def flush(self) -> None:
-        """Write the pending blocks as one transaction."""
-        if self.pending:
-            self.image.write_extents(list(self.pending))
-            self.blocks += len(self.pending)
-            self.data += sum(p[1] for p in self.pending)
-            self.pending = []
-            self.queued = self.used = 0
+        """Hand the pending blocks to the writer thread as one transaction (after the last one
+        finished), and read on into the other set of buffers meanwhile."""
+        if not self.pending:
+            return
+        self.wait()
+        self.inflight = self.writer.submit(self.image.write_extents, list(self.pending))
+        self.blocks += len(self.pending)
+        self.data += sum(p[1] for p in self.pending)
+        self.pending = []
+        self.queued = self.used = 0
+        self.buffers = self.sets[1] if self.buffers is self.sets[0] else self.sets[0]
+
+    def wait(self) -> None:
+        """Wait for the transaction in flight (its error comes out here)."""
+        if self.inflight is not None:
+            inflight, self.inflight = self.inflight, None
+            inflight.result()
+
+    def close(self) -> None:
+        """Wait for the writer thread and stop it (errors of an abandoned transaction are dropped)."""
+        try:
+            if self.inflight is not None:
+                self.inflight.exception()
+        finally:
+            self.writer.shutdown(wait=True)
 
 
 def _geometry(source: Any, disk: Disk | None, block_size: int | None, logical_sector_size: int | None,
@@ -240,12 +261,14 @@ def _write(source: Any, out: str, kwargs: dict[str, Any], fixed: bool, overwrite
     with atomic_output(out, overwrite=overwrite) as output:
         storage = FileStorage(output.path, writable=True, durable=False)
         image = create_image(output.path, source.size, fixed=fixed, storage=storage, **kwargs)
+        copy = _Copy(source, image, progress, sha256)
         try:
-            copy = _Copy(source, image, progress, sha256)
             copy.run()
         except BaseException:
+            copy.close()
             image.abort()
             raise
+        copy.close()
         image.close()
     digest = copy.hasher.hash.hexdigest() if copy.hasher.hash is not None else None
     return ConvertResult(out, source.size, "fixed" if fixed else "dynamic", kwargs["block_size"],
