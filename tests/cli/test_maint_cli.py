@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import vhdx
+from support.chain import check_problems
 from support.cli import assert_one_line_error, cli_env, run_inprocess
 from support.disk import MiB, assert_same, disk_bytes, nonzero_pattern
 
@@ -112,3 +113,22 @@ def test_convert_leaves_no_file_when_it_fails_or_is_killed(tmp_path: Path) -> No
         assert p.returncode == 143, err
         assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == sorted(["big.img"] + (["out.vhdx"] if p.returncode == 0 else []))
+
+
+def test_compact_killed_at_random_moments_reads_the_same_and_a_rerun_finishes(tmp_path: Path) -> None:
+    pristine = tmp_path / "pristine.vhdx"
+    model = holey_disk(pristine, 48 * MiB)
+    disk = tmp_path / "d.vhdx"
+    for delay in (0.0, 0.15, 0.3, 0.45, 0.6):
+        disk.write_bytes(pristine.read_bytes())
+        p = subprocess.Popen([sys.executable, "-m", "vhdx", "compact", disk], env=cli_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+        assert_same(disk_bytes(disk), model, f"killed after {delay} s")
+        assert not check_problems(tmp_path, [disk]), f"killed after {delay} s"
+        r = run_inprocess("compact", disk)
+        assert r.returncode == 0, r.describe()
+        assert_same(disk_bytes(disk), model, f"re-run after a kill at {delay} s")
+        assert disk.stat().st_size < pristine.stat().st_size
