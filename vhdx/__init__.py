@@ -45,16 +45,20 @@ from .errors import (ChainCycleError, ChainError, ChecksumError, CorruptError, D
 if TYPE_CHECKING:
     from .chains.disk import Disk
     from .chains.resolve import Chain, Layer, chain, open
+    from .ops.compact import CompactResult, compact
+    from .ops.convert import ConvertResult, convert
     from .ops.create import create, snapshot
     from .ops.export import ExportResult, export, hash
     from .ops.merge.plan import MergePlan
     from .ops.merge.run import MergeResult, merge
     from .ops.orphans import Forest, Node, find_chains
     from .ops.reparent import reparent
+    from .ops.resize import ResizeResult, minimum_size, resize
 
 __all__ = [
     "__version__", "open", "create", "Disk", "snapshot", "chain", "Chain", "Layer", "reparent",
     "find_chains", "Forest", "Node", "merge", "MergePlan", "MergeResult", "export", "hash", "ExportResult",
+    "compact", "CompactResult", "resize", "minimum_size", "ResizeResult", "convert", "ConvertResult",
     "VhdxError", "CorruptError", "ChecksumError", "TruncatedError", "UnsupportedError", "LogReplayError",
     "ChainError", "ParentNotFoundError", "ParentMismatchError", "ChainCycleError", "ReadOnlyError",
     "MergeError", "UsageError", "DiskExistsError", "DiskNotFoundError", "LockedError",
@@ -68,7 +72,9 @@ LAZY = {
     "open": "chains.resolve", "create": "ops.create", "snapshot": "ops.create", "ExportResult": "ops.export",
     "export": "ops.export", "hash": "ops.export", "MergePlan": "ops.merge.plan", "MergeResult": "ops.merge.run",
     "merge": "ops.merge.run", "Forest": "ops.orphans", "Node": "ops.orphans", "find_chains": "ops.orphans",
-    "reparent": "ops.reparent",
+    "reparent": "ops.reparent", "compact": "ops.compact", "CompactResult": "ops.compact",
+    "convert": "ops.convert", "ConvertResult": "ops.convert", "resize": "ops.resize",
+    "minimum_size": "ops.resize", "ResizeResult": "ops.resize",
 }
 
 

@@ -36,8 +36,8 @@ def test_the_parser_has_every_readme_verb() -> None:
 def test_every_verb_module_is_imported_at_the_top() -> None:
     """No verb is dropped silently: the verb modules are plain imports of ``vhdx.cli``."""
     names = {m.__name__ for m in vhdx.cli.VERB_MODULES}
-    assert names == {f"vhdx.cli.{n}" for n in ("inspect", "disks", "chain_cmd", "merge_cmd", "map_cmd",
-                                                "mount_cmd", "demo_cmd")}
+    assert names == {f"vhdx.cli.{n}" for n in ("inspect", "disks", "chain_cmd", "merge_cmd", "maint_cmd",
+                                                "map_cmd", "mount_cmd", "demo_cmd")}
 
 
 @pytest.mark.parametrize("text, size", [("4096", 4096), ("64M", 64 << 20), ("1GiB", 1 << 30), ("1.5K", 1536)])

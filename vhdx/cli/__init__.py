@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from .._version import __version__
 from ..errors import UsageError, VhdxError
-from . import chain_cmd, demo_cmd, disks, inspect, map_cmd, merge_cmd, mount_cmd
+from . import chain_cmd, demo_cmd, disks, inspect, maint_cmd, map_cmd, merge_cmd, mount_cmd
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
 
 __all__ = ["build_parser", "main"]
@@ -26,9 +26,10 @@ __all__ = ["build_parser", "main"]
 # They are imported to build the parser, so they import only the standard library, errors and cli/ at
 # their top; each ``cmd_*`` handler imports the ops/ and chains/ names it calls (numpy, construct):
 # ``vhdx --help`` stays light (tests/test_architecture.py, tests/cli/test_startup.py).
-VERB_MODULES = (inspect, disks, chain_cmd, merge_cmd, map_cmd, mount_cmd, demo_cmd)
+VERB_MODULES = (inspect, disks, chain_cmd, merge_cmd, maint_cmd, map_cmd, mount_cmd, demo_cmd)
 
-DESCRIPTION = "Hyper-V VHDX/AVHDX disks: inspect, check, export, create, snapshot, merge."
+DESCRIPTION = ("Hyper-V VHDX/AVHDX disks: inspect, check, export, create, snapshot, merge, compact, resize, "
+               "convert.")
 EPILOG = ("Files are locked as QEMU locks images: shared while read, exclusive while written or merged. A "
           "disk that another process (a VM, qemu, another vhdx) writes is refused; the read-only verbs read "
           "it anyway with --force-share (-U), but its content may be changing under you.")

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Convert and compact speed of vhdx against ``qemu-img convert`` and ``cp``.
+
+    python benchmarks/bench_convert.py [--size 4G] [--workdir DIR] [--json] [--keep]
+
+Built once (not timed):
+
+* ``src.raw``: a raw image of ``--size`` in which every other 32 MiB chunk holds random data and
+  the others hold zeros written as data (a dense file: both tools must read the zeros to find
+  them), so half the image is zeros;
+* ``holey.vhdx``: a dynamic VHDX of ``--size`` with 32 MiB blocks, every block written, every
+  other block with zeros (the state a guest leaves after zeroing its free space);
+* ``payload.raw``: a raw file of as many bytes as the compact moves.
+
+Timed, once each, every input read just before (a warm page cache, as for a file in use):
+
+* ``convert ours``: ``python -m vhdx convert --from raw --dynamic src.raw ours.vhdx`` (a child
+  process, start-up included, output synced and renamed into place);
+* ``convert qemu-img``: ``qemu-img convert -f raw -O vhdx -o subformat=dynamic,block_size=32M
+  src.raw qemu.vhdx`` (it flushes the output at the end);
+* ``compact ours``: ``python -m vhdx compact holey.vhdx`` (start-up included); it reads every
+  block to find the zero ones, moves the blocks at the end into the holes, syncs and cuts;
+* ``cp``: ``cp --reflink=never payload.raw copy.raw`` plus an fsync: the bytes the compact moved.
+
+Checks: both converted files read the same virtual disk as the source (``qemu-img compare``),
+and the compacted disk still does (SHA-256 through ``vhdx hash`` before and after). Prints the
+times and the speed ratios qemu-img/ours and cp/ours (above 1: ours is faster; the goals are 1.0
+and 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import vhdx  # noqa: E402
+
+MiB = 1 << 20
+CHUNK = 32 * MiB
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
+    return e
+
+
+def timed(args: list[str]) -> float:
+    start = time.perf_counter()
+    r = subprocess.run(args, env=env(), capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if r.returncode:
+        sys.exit(f"{' '.join(args)} failed: {r.stdout}{r.stderr}")
+    return elapsed
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def warm(path: Path) -> None:
+    """Read ``path`` once so that every timed run starts from a warm page cache."""
+    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+
+
+def build(work: Path, size: int) -> None:
+    data = os.urandom(CHUNK)
+    zeros = bytes(CHUNK)
+    with open(work / "src.raw", "wb") as f:
+        for i in range(size // CHUNK):
+            f.write(data if i % 2 == 0 else zeros)
+    with vhdx.create(work / "holey.vhdx", size, block_size=CHUNK) as d:
+        for i in range(size // CHUNK):
+            d.pwrite(data if i % 2 == 0 else zeros, i * CHUNK)
+    os.sync()
+
+
+def bench(work: Path, size: int) -> dict[str, float | str]:
+    py = sys.executable
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        sys.exit("qemu-img is needed (apt-get install qemu-utils)")
+    out: dict[str, float | str] = {}
+    warm(work / "src.raw")
+    out["convert_ours_s"] = timed([py, "-m", "vhdx", "convert", "--no-progress", "--from", "raw", "--dynamic",
+                                   str(work / "src.raw"), str(work / "ours.vhdx")])
+    warm(work / "src.raw")
+    out["convert_qemu_s"] = timed([qemu_img, "convert", "-f", "raw", "-O", "vhdx", "-o",
+                                   "subformat=dynamic,block_size=32M", str(work / "src.raw"), str(work / "qemu.vhdx")])
+    for name in ("ours.vhdx", "qemu.vhdx"):
+        r = subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "vhdx", str(work / "src.raw"), str(work / name)],
+                           capture_output=True, text=True)
+        out[f"compare_{name}"] = "identical" if r.returncode == 0 else (r.stdout + r.stderr).strip()
+    before = vhdx.hash(work / "holey.vhdx")
+    result = vhdx.compact(work / "holey.vhdx", dry_run=True)
+    moved = result.bytes_moved
+    with open(work / "payload.raw", "wb") as f:
+        f.write(os.urandom(CHUNK) * (moved // CHUNK))
+    os.sync()
+    warm(work / "holey.vhdx")
+    out["compact_ours_s"] = timed([py, "-m", "vhdx", "compact", "--no-progress", str(work / "holey.vhdx")])
+    warm(work / "payload.raw")
+    start = time.perf_counter()
+    subprocess.run(["cp", "--reflink=never", str(work / "payload.raw"), str(work / "copy.raw")], check=True)
+    fsync_path(work / "copy.raw")
+    out["cp_moved_s"] = time.perf_counter() - start
+    out["compact_bytes_moved"] = moved
+    out["compact_reclaimed"] = result.bytes_reclaimed
+    out["compact_same_content"] = "yes" if vhdx.hash(work / "holey.vhdx") == before else "NO"
+    out["convert_speed_vs_qemu"] = out["convert_qemu_s"] / out["convert_ours_s"]  # type: ignore[operator]
+    out["compact_speed_vs_cp"] = out["cp_moved_s"] / out["compact_ours_s"]  # type: ignore[operator]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="4G")
+    ap.add_argument("--workdir")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-convert-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        print(f"building {args.size} in {work} ...", file=sys.stderr)
+        build(work, size)
+        out = bench(work, size)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return
+    print(f"convert {args.size} raw (half zeros) -> dynamic VHDX: ours {out['convert_ours_s']:.2f} s, "
+          f"qemu-img {out['convert_qemu_s']:.2f} s: speed ours/qemu-img {out['convert_speed_vs_qemu']:.2f} "
+          f"(goal >= 1.0); compare: ours {out['compare_ours.vhdx']}, qemu {out['compare_qemu.vhdx']}")
+    print(f"compact {args.size} (half its blocks zeros): ours {out['compact_ours_s']:.2f} s, cp of the "
+          f"{int(out['compact_bytes_moved']) // MiB} MiB moved {out['cp_moved_s']:.2f} s: speed ours/cp "
+          f"{out['compact_speed_vs_cp']:.2f} (goal >= 0.8); reclaimed {int(out['compact_reclaimed']) // MiB} MiB, "
+          f"same content: {out['compact_same_content']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Compact: give a dynamic or differencing disk's unused space back, like Optimize-VHD.
+
+Three steps, each crash-safe (docs/architecture.md, "Crash safety"), and each leaving the
+disk reading the same bytes at every moment:
+
+1. **Zero blocks become unallocated.** A block whose data is all zeros becomes ZERO in a disk
+   without a parent. In a differencing disk it becomes NOT_PRESENT, and only where its parent
+   also reads zeros (else the parent's data would show through). One log transaction.
+2. **Blocks at the end move into the holes.** Each is copied into free space lower in the
+   file, flushed, and only then its BAT entry points there (through the log); its old place
+   is free once that entry is durable (:mod:`vhdx.file.space`).
+3. **The file is cut** after its last referenced block, the new size logged first.
+
+A kill at any point leaves a file that opens (its log replayed) with the same content, and
+running the command again finishes the work. The DataWriteGuid is kept: nothing a reader of
+the disk sees changes, so the disk's children stay linked to it (they are still refused
+unless ``force``, since they are not checked).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..chains.disk import Disk
+from ..chains.paths import PathArgs
+from ..chains.resolve import open as open_disk
+from ..errors import UsageError
+from ..file.image import Image
+from ..file.space import Unit, commit_entries, host_sparse, lower_bat, move_units, plan_moves, referenced_end, shrink_file, units
+from ..format import bat as batmod
+from ..format import constants as C
+from ..format import layout
+from ..format.geometry import align_up
+from .maintenance import PROBE, SCAN_PIECE, ProgressCallback, all_zero, refuse_children
+
+MOVE_BATCH_BYTES = 1 << 30   # bytes moved per log transaction
+MOVE_BATCH_UNITS = 512       # and blocks per transaction
+
+
+@dataclass
+class CompactResult:
+    """What :func:`compact` did (or, with ``dry_run``, would do).
+
+    ``zero_blocks`` were unallocated, ``moved_blocks`` (``bytes_moved``) were moved toward the
+    start of the file, and the file went from ``size_before`` to ``size_after`` bytes
+    (``bytes_reclaimed``). ``children`` lists the disks that depend on this one.
+    """
+
+    path: str
+    dry_run: bool
+    zero_blocks: int
+    moved_blocks: int
+    bytes_moved: int
+    size_before: int
+    size_after: int
+    children: list[str] = field(default_factory=list)
+    kept_nonzero_parent: int = 0
+
+    @property
+    def bytes_reclaimed(self) -> int:
+        """File bytes given back."""
+        return self.size_before - self.size_after
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready values."""
+        d = asdict(self)
+        d["bytes_reclaimed"] = self.bytes_reclaimed
+        return d
+
+
+def zero_block_entries(disk: Disk, progress: ProgressCallback | None = None) -> tuple[dict[int, int], int]:
+    """The BAT entries that unallocate the blocks of ``disk``'s file reading as zeros, and how
+    many zero blocks had to stay because the parent does not read zeros there."""
+    image = disk.image
+    g = image.geometry
+    states = image.payload_states()
+    blocks = np.flatnonzero(batmod.holds_data(states)).tolist()
+    buf = bytearray(g.block_size)
+    updates: dict[int, int] = {}
+    kept = 0
+    for n, block in enumerate(blocks):
+        start = block * g.block_size
+        view = memoryview(buf)[:min(g.block_size, image.size - start)]
+        if progress is not None:
+            progress((n + 1) * g.block_size, len(blocks) * g.block_size)
+        if not reads_zeros(image, view, start):
+            continue
+        if not image.has_parent:
+            updates[g.payload_bat_index(block)] = batmod.make_entry(C.PAYLOAD_BLOCK_ZERO, 0)
+        elif parent_reads_zeros(disk, view, start):
+            updates[g.payload_bat_index(block)] = batmod.make_entry(C.PAYLOAD_BLOCK_NOT_PRESENT, 0)
+        else:
+            kept += 1
+    return updates, kept
+
+
+def reads_zeros(image: Image, view: memoryview, start: int) -> bool:
+    """Whether this file's own bytes of the block at ``start`` (``len(view)`` of them) are all
+    zeros: host holes are not read, and a block of data is told by its first bytes."""
+    if host_sparse(image, start, len(view)):
+        return True
+    done, piece = 0, PROBE
+    while done < len(view):                       # small pieces stay in the CPU cache
+        part = view[:min(piece, len(view) - done)]
+        image.readinto_at(part, start + done)     # this file's own bytes; clear bits read zeros
+        if not all_zero(part):
+            return False
+        done += len(part)
+        piece = SCAN_PIECE
+    return True
+
+
+def parent_reads_zeros(disk: Disk, view: memoryview, start: int) -> bool:
+    """Whether the parent of ``disk`` reads zeros over ``len(view)`` bytes at ``start`` (none: no)."""
+    parent = disk.parent
+    if parent is None:
+        return False
+    n = parent.pread_into(view, start)   # clipped at the parent's size: it reads zeros past it
+    return all_zero(view[:n])
+
+
+def _structures(image: Image) -> list[layout.Span]:
+    return layout.structure_spans(image.header, image.region_table)
+
+
+def _batches(moves: list[tuple[Unit, int]]) -> list[list[tuple[Unit, int]]]:
+    out: list[list[tuple[Unit, int]]] = []
+    size = 0
+    for move in moves:
+        if not out or len(out[-1]) >= MOVE_BATCH_UNITS or size + move[0].length > MOVE_BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(move)
+        size += move[0].length
+    return out
+
+
+def pack(image: Image) -> tuple[int, int]:
+    """Move blocks from the end of the file into its holes until none fits; (blocks, bytes) moved."""
+    moved = nbytes = 0
+    while True:
+        moves = plan_moves(_structures(image), units(image.bat, image.geometry, bitmaps=image.has_parent))
+        if not moves:
+            return moved, nbytes
+        for batch in _batches(moves):
+            nbytes += move_units(image, batch)
+            moved += len(batch)
+
+
+def simulate(image: Image, updates: dict[int, int]) -> tuple[int, int, int]:
+    """(blocks, bytes moved, file size after) of a compact, computed on a copy of the BAT."""
+    bat = image.bat.copy()
+    for idx, entry in updates.items():
+        bat[idx] = entry
+    moved = nbytes = 0
+    spans = _structures(image)
+    while True:
+        moves = plan_moves(spans, units(bat, image.geometry, bitmaps=image.has_parent))
+        if not moves:
+            break
+        for unit, dst in moves:
+            bat[unit.bat_index] = batmod.make_entry(int(bat[unit.bat_index]) & C.BAT_STATE_MASK, dst)
+            moved += 1
+            nbytes += unit.length
+    alloc = layout.allocations(bat, image.geometry, bitmaps=image.has_parent)
+    end = align_up(layout.referenced_end(spans, alloc))
+    return moved, nbytes, min(end, image.storage.size())
+
+
+def _check_compactable(image: Image) -> None:
+    if image.disk_type == "fixed":
+        raise UsageError("a fixed disk keeps every block allocated; convert it to a dynamic disk first "
+                         "('vhdx convert --dynamic')", path=image.path)
+
+
+def compact(path: str | os.PathLike[str], *, dry_run: bool = False, force: bool = False,
+            progress: ProgressCallback | None = None, search_paths: PathArgs = (),
+            parents: PathArgs | None = None, ignore_id_mismatch: bool = False) -> CompactResult:
+    """Compact the dynamic or differencing disk ``path`` in place, like ``Optimize-VHD``.
+
+    Blocks that read as zeros are unallocated (a differencing disk's only where its parent
+    reads zeros too), blocks at the end move into the holes, and the file is cut. Crash-safe
+    and restartable: after a kill, running it again finishes. A disk that other disks depend
+    on is refused (:class:`ChainError`) unless ``force``. ``dry_run`` writes nothing and says
+    what would be done. ``progress(done, total)`` follows the bytes of data examined.
+    ``search_paths``, ``parents`` and ``ignore_id_mismatch`` find a differencing disk's
+    parents as for :func:`vhdx.open` (and ``search_paths`` its children).
+    Returns a :class:`CompactResult`.
+    """
+    path = os.fspath(path)
+    children = refuse_children(path, "compact", force or dry_run, search_paths)
+    options: dict[str, Any] = dict(search_paths=search_paths, parents=parents, ignore_id_mismatch=ignore_id_mismatch)
+    with open_disk(path, "r" if dry_run else "r+", **options) as disk:
+        image = disk.image
+        _check_compactable(image)
+        before = image.storage.size()
+        updates, kept = zero_block_entries(disk, progress)
+        if dry_run:
+            moved, nbytes, after = simulate(image, updates)
+            return CompactResult(path, True, len(updates), moved, nbytes, before, after, children, kept)
+        commit_entries(image, updates, data_change=False)
+        lower_bat(image)
+        moved, nbytes = pack(image)
+        shrink_file(image, referenced_end(image))
+        after = image.storage.size()
+    return CompactResult(path, False, len(updates), moved, nbytes, before, after, children, kept)
