@@ -188,8 +188,10 @@ def _sectors_that_differ(old: bytes, new: bytes) -> list[tuple[int, int]]:
     return [(int(s) * SECTOR, int(e - s) * SECTOR) for s, e in zip(edges[::2], edges[1::2])]
 
 
-def build(folder: Path, fs: str, table: str, steps: list[Step], fs_size: int = 40 * MiB) -> FsChain:
-    """mkfs, the base's files (``steps[0]``), then one checkpoint per further step."""
+def build(folder: Path, fs: str, table: str, steps: list[Step], fs_size: int = 40 * MiB,
+          names: list[str] | None = None) -> FsChain:
+    """mkfs, the base's files (``steps[0]``), then one checkpoint per further step (named
+    ``names[n]`` if given, else base.vhdx and what ``vhdx.snapshot`` names them)."""
     folder.mkdir(parents=True, exist_ok=True)
     image, mnt = folder / "fs.raw", folder / "mnt"
     mnt.mkdir()
@@ -214,8 +216,11 @@ def build(folder: Path, fs: str, table: str, steps: list[Step], fs_size: int = 4
         if tail:
             raw[size - len(tail):] = tail
         if n == 0:
-            paths.append(folder / "base.vhdx")
+            paths.append(folder / (names[0] if names else "base.vhdx"))
             disk = vhdx.create(paths[0], size, block_size=MiB)
+        elif names:
+            paths.append(folder / names[n])
+            disk = vhdx.create(paths[-1], parent=paths[-2])
         else:
             paths.append(Path(vhdx.snapshot(paths[-1])))
             disk = vhdx.open(paths[-1], "r+")

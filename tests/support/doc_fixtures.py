@@ -25,6 +25,8 @@ from typing import Callable
 import vhdx
 from vhdx.format.checksum import crc32c_zeroed
 
+from forensics import fskit
+
 MIB = 1 << 20
 Specimen = Callable[[str], Path]
 
@@ -213,6 +215,26 @@ def build_evidence(root: Path, specimen: Specimen) -> None:
     set_log_guid(damaged / "log.vhdx", uuid.UUID("932b454c-84b6-4466-9346-b3a6f58fc58d"))
 
 
+def build_evidence_ext4(root: Path, specimen: Specimen) -> None:
+    """``/evidence/ws01``: WS01.vhdx holding a GPT disk with an ext4 file system (40 MiB, made with
+    mkfs.ext4, changed through a loop mount: needs root) and a checkpoint that deleted
+    ``/old/a.txt``, created ``/docs/added.txt``, appended to ``/tail.log`` and rewrote the first
+    64 KiB of ``/big.bin``; each layer holds exactly the sectors that changed (tests/forensics/fskit.py)."""
+    fskit.require("ext4")
+    where = folder(root, "/evidence/ws01")
+    rnd = random.Random(1)
+    steps = [
+        fskit.Step([("mkdir", "/docs", b""), ("write", "/docs/keep.txt", b"unchanged\n" * 50),
+                    ("write", "/big.bin", rnd.randbytes(700_000)), ("mkdir", "/old", b""),
+                    ("write", "/old/a.txt", b"a" * 5000), ("write", "/tail.log", b"log\n" * 100)]),
+        fskit.Step([("delete", "/old/a.txt", b""), ("write", "/docs/added.txt", b"late\n"),
+                    ("append", "/tail.log", b"more\n" * 10), ("overwrite", "/big.bin", rnd.randbytes(65536))]),
+    ]
+    fskit.build(where, "ext4", "gpt", steps, names=["WS01.vhdx", "WS01_5C1E4A07-2B9D-4F1E-9C3A-61D0E8B7F245.avhdx"])
+    (where / "fs.raw").unlink()
+    (where / "mnt").rmdir()
+
+
 # --------------------------------------------------------------------------------------------
 # docs/howto-merge-orphaned-checkpoints.md
 # --------------------------------------------------------------------------------------------
@@ -247,6 +269,23 @@ def build_fs01(root: Path, specimen: Specimen) -> None:
     checkpoint(fs01, "FS01_85E2FCBC-42F3-455B-A5D9-37D25813CE1F.avhdx", [(64 * MIB, 96 * MIB, "shares ")])
 
 
+# --------------------------------------------------------------------------------------------
+# docs/howto-maintenance.md
+# --------------------------------------------------------------------------------------------
+
+def build_wsl_ext4(root: Path, specimen: Specimen) -> None:
+    """``/vms/wsl/ext4.vhdx``: 1 GiB, 1 MiB blocks (as WSL makes them), 48 MiB of data and 60 MiB
+    of blocks a guest zeroed (``zerofree``) stored as data, with data behind the zeros in the file."""
+    disk = folder(root, "/vms/wsl") / "ext4.vhdx"
+    vhdx.create(disk, 1 << 30, block_size=MIB).close()
+    with vhdx.open(disk, "r+") as d:
+        d.pwrite(pattern("system ", 24 * MIB), 0)
+        d.pwrite(bytes(40 * MIB), 24 * MIB)
+        d.pwrite(pattern("home ", 16 * MIB), 64 * MIB)
+        d.pwrite(bytes(20 * MIB), 200 * MIB)
+        d.pwrite(pattern("var ", 8 * MIB), 512 * MIB)
+
+
 FIXTURES: dict[str, Callable[[Path, Specimen], None]] = {
     "guide-scripts": build_guide_scripts,
     "guide-damaged": build_guide_damaged,
@@ -255,5 +294,7 @@ FIXTURES: dict[str, Callable[[Path, Specimen], None]] = {
     "evidence": build_evidence,
     "old-host": build_old_host,
     "fs01": build_fs01,
+    "evidence-ext4": build_evidence_ext4,
+    "wsl-ext4": build_wsl_ext4,
 }
 """Every fixture a ``<!-- setup: NAME -->`` marker may name."""
