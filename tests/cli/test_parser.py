@@ -8,7 +8,7 @@ import re
 import pytest
 
 import vhdx.cli
-from forensics.chainkit import REPO
+from support.forensic_chain import REPO
 from vhdx.cli.common import parse_size
 
 
