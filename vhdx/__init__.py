@@ -43,11 +43,13 @@ from .ops.export import ExportResult, export, hash
 from .ops.merge.plan import MergePlan
 from .ops.merge.run import MergeResult, merge
 from .ops.orphans import Forest, Node, find_chains
+from .ops.repair import ReplayResult, SalvageReport, repair, replay
 from .ops.reparent import reparent
 
 __all__ = [
     "__version__", "open", "create", "Disk", "snapshot", "chain", "Chain", "Layer", "reparent",
     "find_chains", "Forest", "Node", "merge", "MergePlan", "MergeResult", "export", "hash", "ExportResult",
+    "repair", "replay", "SalvageReport", "ReplayResult",
     "VhdxError", "CorruptError", "ChecksumError", "TruncatedError", "UnsupportedError", "LogReplayError",
     "ChainError", "ParentNotFoundError", "ParentMismatchError", "ChainCycleError", "ReadOnlyError",
     "MergeError", "UsageError", "DiskExistsError", "DiskNotFoundError", "LockedError",

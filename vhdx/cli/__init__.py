@@ -17,13 +17,13 @@ from typing import Any, Callable, Sequence
 
 from .._version import __version__
 from ..errors import UsageError, VhdxError
-from . import chain_cmd, demo_cmd, disks, inspect, map_cmd, merge_cmd
+from . import chain_cmd, demo_cmd, disks, inspect, map_cmd, merge_cmd, repair_cmd
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
 
 __all__ = ["build_parser", "main"]
 
 # Every verb module, in the order of ``vhdx --help``; each adds its parsers with ``register(sub)``.
-VERB_MODULES = (inspect, disks, chain_cmd, merge_cmd, map_cmd, demo_cmd)
+VERB_MODULES = (inspect, disks, chain_cmd, merge_cmd, map_cmd, demo_cmd, repair_cmd)
 
 DESCRIPTION = "Hyper-V VHDX/AVHDX disks: inspect, check, export, create, snapshot, merge."
 EPILOG = ("Files are locked as QEMU locks images: shared while read, exclusive while written or merged. A "
