@@ -13,7 +13,7 @@ from ...errors import VhdxError
 from ...file.storage import Storage
 from ...format import bat as batmod
 from ...format import constants as C
-from ...format.locator import parse_parent_locator
+from ...format.locator import parse_linkage, parse_parent_locator
 from ...format.records import MetadataItem, RegionEntry, metadata_items, parse_metadata_region
 from ...format.structs import MetadataTableEntry
 from .report import FOUND, LOST, REPAIRED, SalvageReport
@@ -50,8 +50,16 @@ def read_metadata(storage: Storage, region: RegionEntry, report: SalvageReport) 
         return _item_by_item(buf, report)
     report.add("metadata table", FOUND)
     extras = [it for it in metadata_items(md) if it.item_id not in _SYSTEM or (it.flags & C.METADATA_IS_USER)]
+    locator_ok = md.parent_locator is None or usable_locator(md.parent_locator)
     return Params(md.block_size, md.logical_sector_size, md.physical_sector_size, md.virtual_disk_size,
-                  md.page83_data, md.has_parent, md.leave_block_allocated, md.parent_locator, False, extras)
+                  md.page83_data, md.has_parent, md.leave_block_allocated, md.parent_locator, not locator_ok, extras)
+
+
+def usable_locator(pairs: dict[str, str]) -> bool:
+    """A locator a parent can be found with: a valid parent_linkage and at least one path."""
+    if parse_linkage(pairs.get("parent_linkage")) is None:
+        return False
+    return any(pairs.get(k) for k in ("relative_path", "volume_path", "absolute_win32_path"))
 
 
 def _raw_items(buf: bytes) -> dict[uuid.UUID, bytes]:
@@ -95,6 +103,7 @@ def _item_by_item(buf: bytes, report: SalvageReport) -> Params:
     if loc is not None:
         try:
             p.locator = parse_parent_locator(loc)
+            p.locator_damaged = not usable_locator(p.locator)
         except VhdxError:
             p.locator_damaged = True
         if p.has_parent is None:
@@ -160,8 +169,6 @@ def settle(p: Params, report: SalvageReport, *, size: int | None, parent_locator
         else:
             p.virtual_disk_size = size
             report.add("virtual size", REPAIRED, f"{size} bytes, from --size")
-    elif size is not None and size != p.virtual_disk_size:
-        report.notes.append(f"--size {size} ignored: the file says {p.virtual_disk_size}")
     if p.logical_sector_size is None:
         p.logical_sector_size = 512
         report.add("logical sector", REPAIRED, "lost; 512 bytes assumed (the guest may see another sector size)")

@@ -41,7 +41,7 @@ def repair(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
     locator = _locator(parent, out) if parent is not None else None
     source = FileStorage(path, lock="shared")
     try:
-        s = salvage(source, size=size, parent_locator=locator)
+        s = salvage(source, size=size, parent_locator=locator, parent=_opt(parent))
         s.report.output = out
         if s.report.ok:
             write_copy(s, out)
@@ -49,6 +49,10 @@ def repair(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
         source.close()
     _self_check(s.report, out)
     return s.report
+
+
+def _opt(path: str | os.PathLike[str] | None) -> str | None:
+    return os.fspath(path) if path is not None else None
 
 
 def _locator(parent: str | os.PathLike[str], child: str) -> dict[str, str]:
@@ -68,7 +72,7 @@ def _in_place(path: str, *, size: int | None, parent: str | os.PathLike[str] | N
     if storage is None:
         storage = FileStorage(path, writable=True, lock="exclusive")
     try:
-        s = salvage(storage, size=size, parent_locator=locator)
+        s = salvage(storage, size=size, parent_locator=locator, parent=_opt(parent))
         s.report.in_place = True
         s.report.output = path
         if not s.report.ok:

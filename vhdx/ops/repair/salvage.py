@@ -14,6 +14,7 @@ from ...format import layout, sniff
 from ...format.geometry import Geometry
 from ...format.records import Header, RegionEntry
 from .batfix import BatRepair, read_bat
+from .parentfit import fit_to_parent
 from .meta import Params, blocks_apart, infer_block_size, read_metadata, settle
 from .report import FOUND, LOST, REPAIRED, SalvageReport
 from .scan import blank_header, find_bat, find_metadata, read_headers, read_region_tables, replay_log
@@ -40,8 +41,8 @@ class Salvage:
     bat: np.ndarray | None = None
 
 
-def salvage(storage: Storage, *, size: int | None = None,
-            parent_locator: dict[str, str] | None = None) -> Salvage:
+def salvage(storage: Storage, *, size: int | None = None, parent_locator: dict[str, str] | None = None,
+            parent: str | None = None) -> Salvage:
     """Read ``storage`` (a damaged file) into a :class:`Salvage`; ``report.unrecoverable``
     says why when no good file can be made from it."""
     report = SalvageReport(storage.path)
@@ -56,7 +57,7 @@ def salvage(storage: Storage, *, size: int | None = None,
         report.add("log", LOST, "no header names it; a dirty log could not be replayed")
     steps = (_regions, _metadata, _geometry, _locate_bat, _bat)
     for step in steps:
-        step(s, size=size, parent_locator=parent_locator)
+        step(s, size=size, parent_locator=parent_locator, parent=parent)
         if not report.ok:
             break
     return s
@@ -102,24 +103,26 @@ def _regions(s: Salvage, **_: object) -> None:
     s.report.add("metadata region", REPAIRED, f"found by its signature at 0x{s.metadata_region.file_offset:x}")
 
 
-def _metadata(s: Salvage, *, size: int | None, parent_locator: dict[str, str] | None, **_: object) -> None:
+def _metadata(s: Salvage, *, size: int | None, parent_locator: dict[str, str] | None, parent: str | None,
+              **_: object) -> None:
     assert s.metadata_region is not None
     s.params = read_metadata(s.source, s.metadata_region, s.report)
+    fit_to_parent(s.params, s.report, s.source.path, parent)
     settle(s.params, s.report, size=size, parent_locator=parent_locator)
 
 
-def _geometry(s: Salvage, **_: object) -> None:
+def _geometry(s: Salvage, *, size: int | None = None, **_: object) -> None:
     p = s.params
     assert p.logical_sector_size is not None and p.virtual_disk_size is not None
     lss = p.logical_sector_size
     if s.bat_region is not None:
         raw = s.source.read(s.bat_region.file_offset, min(s.bat_region.length, INFER_BAT_BYTES))
         entries = np.frombuffer(raw[:len(raw) // 8 * 8], dtype="<u8")
-        if p.block_size is not None and not blocks_apart(entries, p.block_size, lss, s.file_size, check_end=False):
+        if p.block_size is not None and not _fits_bat(entries, p, s.file_size):
             bs = infer_block_size(entries, lss, s.file_size, s.bat_region.length, p.virtual_disk_size)
-            if bs is not None:
-                s.report.add("block size", REPAIRED, f"the metadata's {p.block_size} makes blocks overlap; "
-                             f"{bs}, from the BAT's layout")
+            if bs is not None and bs != p.block_size:
+                s.report.add("block size", REPAIRED, f"the metadata's {p.block_size} does not fit the BAT (blocks "
+                             f"overlap, or entries lie past the disk's end); {bs}, from the BAT's layout")
                 p.block_size = bs
         elif p.block_size is None:
             p.block_size = infer_block_size(entries, lss, s.file_size, s.bat_region.length, p.virtual_disk_size)
@@ -130,9 +133,38 @@ def _geometry(s: Salvage, **_: object) -> None:
         s.report.fail("the block size is lost and the BAT's layout does not imply one")
         return
     s.geometry = Geometry(p.virtual_disk_size, p.block_size, lss, bool(p.has_parent))
-    s.report.virtual_size = p.virtual_disk_size
     if s.geometry.bat_entries * 8 > C.MAX_BAT_REGION_SIZE:
         s.report.fail(f"a BAT of {s.geometry.bat_entries} entries is over the 513 MiB maximum")
+    elif s.bat_region is not None and s.bat_region.length < s.geometry.bat_entries * 8:
+        _size_against_bat(s, size)
+    s.report.virtual_size = p.virtual_disk_size
+
+
+def _size_against_bat(s: Salvage, size: int | None) -> None:
+    """The metadata's virtual size needs more BAT entries than the BAT region holds: it is
+    damaged; ``--size`` replaces it."""
+    p = s.params
+    assert s.bat_region is not None and p.virtual_disk_size is not None and p.block_size is not None
+    need = f"virtual size {p.virtual_disk_size} needs a BAT of {s.geometry.bat_entries * 8 if s.geometry else 0} " \
+           f"bytes; the BAT region holds {s.bat_region.length}"
+    if size is None or size == p.virtual_disk_size:
+        s.report.add("virtual size", LOST, need)
+        s.report.fail(f"the {need}: give the virtual size with --size")
+        return
+    p.virtual_disk_size = size
+    s.geometry = Geometry(size, p.block_size, p.logical_sector_size or 512, bool(p.has_parent))
+    s.report.add("virtual size", REPAIRED, f"the {need}; {size} from --size")
+    if s.bat_region.length < s.geometry.bat_entries * 8:
+        s.report.fail(f"--size {size} does not fit the BAT region either")
+
+
+def _fits_bat(entries: np.ndarray, p: Params, file_size: int) -> bool:
+    """Does the metadata's block size fit the BAT: blocks apart, no entry past the disk's end?"""
+    assert p.block_size is not None and p.logical_sector_size is not None and p.virtual_disk_size is not None
+    if not blocks_apart(entries, p.block_size, p.logical_sector_size, file_size, check_end=False):
+        return False
+    g = Geometry(p.virtual_disk_size, p.block_size, p.logical_sector_size, bool(p.has_parent))
+    return not np.any(entries[g.bat_entries:])
 
 
 def _locate_bat(s: Salvage, **_: object) -> None:
