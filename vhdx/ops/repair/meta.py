@@ -41,7 +41,8 @@ _SYSTEM = {C.FILE_PARAMETERS_GUID, C.VIRTUAL_DISK_SIZE_GUID, C.PAGE83_DATA_GUID,
 
 def read_metadata(storage: Storage, region: RegionEntry, report: SalvageReport) -> Params:
     """The parameters from the metadata region: parsed whole when it is intact, else item by item."""
-    length = min(region.length, C.MAX_METADATA_REGION_SIZE)
+    length = max(C.METADATA_TABLE_SIZE, min(region.length, C.MAX_METADATA_REGION_SIZE,
+                                            storage.size() - region.file_offset))
     buf = storage.read(region.file_offset, length)
     try:
         md = parse_metadata_region(buf, path=storage.path, offset=region.file_offset)
@@ -72,7 +73,7 @@ def _raw_items(buf: bytes) -> dict[uuid.UUID, bytes]:
         if at + 32 > min(len(buf), C.METADATA_TABLE_SIZE):
             break
         e = MetadataTableEntry.parse(bytes(buf[at:at + 32]))
-        if e.item_id not in _SYSTEM or e.flags & C.METADATA_IS_USER or e.item_id in items:
+        if e.item_id not in _SYSTEM or e.item_id in items:
             continue
         if e.length > C.MAX_METADATA_ITEM_SIZE or e.offset < C.METADATA_TABLE_SIZE or e.offset + e.length > len(buf):
             continue

@@ -122,7 +122,7 @@ def _usable_prefix(entries: list[LogEntry], size: int, path: str, log_offset: in
 def read_region_tables(storage: Storage, header: Header, report: SalvageReport) -> list[RegionEntry] | None:
     """The region table: table 1 if valid, else table 2, else a ``regi`` signature found at a
     64 KiB alignment of the header section; None when none is usable."""
-    path, size = storage.path, storage.size()
+    size = storage.size()
     tables: list[list[RegionEntry] | None] = [None, None]
     errors: list[str] = ["", ""]
     for i, offset in enumerate(C.REGION_TABLE_OFFSETS):
@@ -145,17 +145,21 @@ def read_region_tables(storage: Storage, header: Header, report: SalvageReport) 
             return table
     for i in range(2):
         report.add(f"region table {i + 1}", LOST, errors[i])
-    del path
     return None
 
 
 def _region_table_at(storage: Storage, offset: int, header: Header, size: int) -> tuple[list[RegionEntry] | None, str]:
+    """The table at ``offset`` if valid; regions that run past the end of a file cut short are
+    accepted (what they held past the end is lost, and reported so by the next steps)."""
     try:
         entries = parse_region_table(storage.read(offset, C.REGION_TABLE_SIZE), path=storage.path, offset=offset)
-        layout.validate_region_table(entries, header, size, path=storage.path, offset=offset)
-        return entries, ""
+        layout.validate_region_table(entries, header, 1 << 62, path=storage.path, offset=offset)
     except VhdxError as e:
         return None, e.detail
+    outside = next((e for e in entries if e.file_offset >= size), None)
+    if outside is not None:
+        return None, f"region {outside.name} starts at 0x{outside.file_offset:x}, past the end of the file"
+    return entries, ""
 
 
 def find_metadata(storage: Storage, avoid: list[layout.Span]) -> RegionEntry | None:
