@@ -153,6 +153,15 @@ def blocks_apart(entries: np.ndarray, bs: int, lss: int, file_size: int, *, chec
     return not (check_end and offs.size) or int(offs[-1]) + bs <= -(-file_size // C.MiB) * C.MiB
 
 
+def looks_differencing(entries: np.ndarray, bs: int, lss: int) -> bool:
+    """Does the BAT, read with block size ``bs``, hold what only a differencing disk holds:
+    a present sector bitmap, or a PARTIALLY_PRESENT block?"""
+    ratio = C.SECTORS_PER_CHUNK * lss // bs
+    sbm = (np.arange(entries.size) % (ratio + 1)) == ratio
+    st = batmod.states(entries)
+    return bool(np.any(sbm & (st == C.SB_BLOCK_PRESENT)) or np.any(~sbm & (st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)))
+
+
 def _bat_fits(size: int, bs: int, lss: int, bat_length: int) -> bool:
     blocks = -(-size // bs)
     ratio = C.SECTORS_PER_CHUNK * lss // bs
@@ -160,16 +169,12 @@ def _bat_fits(size: int, bs: int, lss: int, bat_length: int) -> bool:
 
 
 def settle(p: Params, report: SalvageReport, *, size: int | None, parent_locator: dict[str, str] | None) -> None:
-    """Fill what is still unknown, except the block size: ``size`` and ``parent_locator`` from
-    the user, sector sizes and the disk id chosen and reported. Marks the report unrecoverable
-    when the virtual size or a differencing disk's locator cannot be had."""
-    if p.virtual_disk_size is None:
-        if size is None:
-            report.add("virtual size", LOST, "cannot be inferred from the file")
-            report.fail("the virtual size is lost and cannot be inferred; give it with --size")
-        else:
-            p.virtual_disk_size = size
-            report.add("virtual size", REPAIRED, f"{size} bytes, from --size")
+    """Fill what is still unknown, except the block size and a lost virtual size the user did
+    not give: ``size`` and ``parent_locator`` from the user, sector sizes and the disk id chosen
+    and reported. Marks the report unrecoverable when a differencing disk's locator cannot be had."""
+    if p.virtual_disk_size is None and size is not None:
+        p.virtual_disk_size = size
+        report.add("virtual size", REPAIRED, f"{size} bytes, from --size")
     if p.logical_sector_size is None:
         p.logical_sector_size = 512
         report.add("logical sector", REPAIRED, "lost; 512 bytes assumed (the guest may see another sector size)")
@@ -188,9 +193,9 @@ def _settle_locator(p: Params, report: SalvageReport, parent_locator: dict[str, 
             report.notes.append("--parent ignored: the file is not a differencing disk")
         return
     if p.has_parent is None:
-        p.has_parent = parent_locator is not None
-        if not p.has_parent:
-            return
+        if parent_locator is None:
+            return  # decided from the BAT's layout once the block size is known
+        p.has_parent = True
     if p.locator is not None and not p.locator_damaged:
         report.add("parent locator", FOUND)
         return

@@ -15,7 +15,7 @@ from ...format.geometry import Geometry
 from ...format.records import Header, RegionEntry
 from .batfix import BatRepair, read_bat
 from .parentfit import fit_to_parent
-from .meta import Params, blocks_apart, infer_block_size, read_metadata, settle
+from .meta import Params, blocks_apart, infer_block_size, looks_differencing, read_metadata, settle
 from .report import FOUND, LOST, REPAIRED, SalvageReport
 from .scan import blank_header, find_bat, find_metadata, read_headers, read_region_tables, replay_log
 
@@ -113,24 +113,22 @@ def _metadata(s: Salvage, *, size: int | None, parent_locator: dict[str, str] | 
 
 def _geometry(s: Salvage, *, size: int | None = None, **_: object) -> None:
     p = s.params
-    assert p.logical_sector_size is not None and p.virtual_disk_size is not None
+    assert p.logical_sector_size is not None
     lss = p.logical_sector_size
+    entries = np.zeros(0, dtype="<u8")
     if s.bat_region is not None:
         raw = s.source.read(s.bat_region.file_offset, min(s.bat_region.length, INFER_BAT_BYTES))
         entries = np.frombuffer(raw[:len(raw) // 8 * 8], dtype="<u8")
-        if p.block_size is not None and not _fits_bat(entries, p, s.file_size):
-            bs = infer_block_size(entries, lss, s.file_size, s.bat_region.length, p.virtual_disk_size)
-            if bs is not None and bs != p.block_size:
-                s.report.add("block size", REPAIRED, f"the metadata's {p.block_size} does not fit the BAT (blocks "
-                             f"overlap, or entries lie past the disk's end); {bs}, from the BAT's layout")
-                p.block_size = bs
-        elif p.block_size is None:
-            p.block_size = infer_block_size(entries, lss, s.file_size, s.bat_region.length, p.virtual_disk_size)
-            if p.block_size is not None:
-                s.report.add("block size", REPAIRED, f"{p.block_size}, inferred from the BAT's layout")
+        _block_size(s, entries)
     if p.block_size is None:
         s.report.add("block size", LOST, "cannot be inferred")
         s.report.fail("the block size is lost and the BAT's layout does not imply one")
+        return
+    if p.has_parent is None and not _decide_parent(s, entries):
+        return
+    if p.virtual_disk_size is None:
+        s.report.add("virtual size", LOST, "cannot be inferred from the file")
+        s.report.fail("the virtual size is lost and cannot be inferred; give it with --size")
         return
     s.geometry = Geometry(p.virtual_disk_size, p.block_size, lss, bool(p.has_parent))
     if s.geometry.bat_entries * 8 > C.MAX_BAT_REGION_SIZE:
@@ -138,6 +136,36 @@ def _geometry(s: Salvage, *, size: int | None = None, **_: object) -> None:
     elif s.bat_region is not None and s.bat_region.length < s.geometry.bat_entries * 8:
         _size_against_bat(s, size)
     s.report.virtual_size = p.virtual_disk_size
+
+
+def _block_size(s: Salvage, entries: np.ndarray) -> None:
+    """A lost block size inferred from the BAT; one that does not fit the BAT replaced."""
+    p = s.params
+    assert s.bat_region is not None and p.logical_sector_size is not None
+    lss = p.logical_sector_size
+    if p.block_size is not None and p.virtual_disk_size is not None and not _fits_bat(entries, p, s.file_size):
+        bs = infer_block_size(entries, lss, s.file_size, s.bat_region.length, p.virtual_disk_size)
+        if bs is not None and bs != p.block_size:
+            s.report.add("block size", REPAIRED, f"the metadata's {p.block_size} does not fit the BAT (blocks "
+                         f"overlap, or entries lie past the disk's end); {bs}, from the BAT's layout")
+            p.block_size = bs
+    elif p.block_size is None:
+        p.block_size = infer_block_size(entries, lss, s.file_size, s.bat_region.length, p.virtual_disk_size)
+        if p.block_size is not None:
+            s.report.add("block size", REPAIRED, f"{p.block_size}, inferred from the BAT's layout")
+
+
+def _decide_parent(s: Salvage, entries: np.ndarray) -> bool:
+    """File parameters lost and no --parent: a differencing disk (by its BAT) cannot go on."""
+    p = s.params
+    assert p.block_size is not None and p.logical_sector_size is not None
+    p.has_parent = looks_differencing(entries, p.block_size, p.logical_sector_size)
+    if p.has_parent:
+        s.report.add("parent locator", LOST, "lost with the file parameters; the BAT's sector bitmaps show "
+                     "a differencing disk")
+        s.report.fail("this is a differencing disk whose parent locator is lost; name the parent with --parent FILE")
+        return False
+    return True
 
 
 def _size_against_bat(s: Salvage, size: int | None) -> None:
