@@ -44,7 +44,7 @@ class InPlace:
         self.storage = storage
         self.s = s
         self.header = s.header or self._new_header()
-        self.slot = 0  # the slot holding the current header
+        self.slot = s.header_slot  # the slot holding the current header: written last
 
     def _new_header(self) -> Header:
         """A header for a file whose two headers are lost, its log in the first free 1 MiB."""

@@ -82,18 +82,21 @@ def _in_place(path: str, *, size: int | None, parent: str | os.PathLike[str] | N
             s.report.fail(f"cannot repair in place: {why}; repair to a copy (-o OUT)")
             return s.report
         InPlace(storage, s).run()
+        if not own:
+            _self_check(s.report, path, storage)
     finally:
         if own:
             storage.close()
-    _self_check(s.report, path)
+    if own:
+        _self_check(s.report, path)
     return s.report
 
 
-def _self_check(report: SalvageReport, out: str) -> None:
+def _self_check(report: SalvageReport, out: str, storage: Storage | None = None) -> None:
     """Note any error ``vhdx check`` still finds in the output (there should be none)."""
     if not report.ok:
         return
-    result = check_file(out)
+    result = check_file(out, storage=storage)
     for f in result.errors:
         report.notes.append(f"check of the output: {f.message}")
 

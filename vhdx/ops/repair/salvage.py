@@ -32,6 +32,7 @@ class Salvage:
     file_size: int
     header: Header | None = None
     header_valid: list[bool] = field(default_factory=lambda: [False, False])
+    header_slot: int = 0
     replayed: list[LogEntry] = field(default_factory=list)
     bat_region: RegionEntry | None = None
     metadata_region: RegionEntry | None = None
@@ -49,7 +50,7 @@ def salvage(storage: Storage, *, size: int | None = None, parent_locator: dict[s
     s = Salvage(report, storage, storage.size())
     if not _identify(s):
         return s
-    s.header, s.header_valid = read_headers(storage, report)
+    s.header, s.header_valid, s.header_slot = read_headers(storage, report)
     if s.header is not None:
         log = replay_log(storage, s.header, report)
         s.source, s.replayed = log.storage, log.replayed

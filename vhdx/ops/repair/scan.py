@@ -35,8 +35,9 @@ def blank_header(log_offset: int = 0, log_length: int = 0) -> Header:
                   log_length=log_length, log_offset=log_offset)
 
 
-def read_headers(storage: Storage, report: SalvageReport) -> tuple[Header | None, list[bool]]:
-    """The current header (None when both are lost) and which slots hold a valid one."""
+def read_headers(storage: Storage, report: SalvageReport) -> tuple[Header | None, list[bool], int]:
+    """The current header (None when both are lost), which slots hold a valid one, and the
+    slot of the current one."""
     path = storage.path
     found: list[Header | None] = [None, None]
     errors: list[str | None] = [None, None]
@@ -51,7 +52,7 @@ def read_headers(storage: Storage, report: SalvageReport) -> tuple[Header | None
     if not any(valid):
         for i in range(2):
             report.add(f"header {i + 1}", LOST, str(errors[i]))
-        return None, valid
+        return None, valid, 0
     try:
         index, _ = current_header(found, errors, path=path)
     except VhdxError as e:  # two valid headers, same sequence number, different fields
@@ -65,7 +66,7 @@ def read_headers(storage: Storage, report: SalvageReport) -> tuple[Header | None
             report.add(f"header {i + 1}", REPAIRED, f"{errors[i] or 'differs'}; rebuilt from header {index + 1}")
     h = found[index]
     assert h is not None
-    return h, valid
+    return h, valid, index
 
 
 @dataclass
