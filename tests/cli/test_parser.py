@@ -37,7 +37,7 @@ def test_every_verb_module_is_imported_at_the_top() -> None:
     """No verb is dropped silently: the verb modules are plain imports of ``vhdx.cli``."""
     names = {m.__name__ for m in vhdx.cli.VERB_MODULES}
     assert names == {f"vhdx.cli.{n}" for n in ("inspect", "disks", "chain_cmd", "merge_cmd", "map_cmd",
-                                                "demo_cmd")}
+                                                "demo_cmd", "repair_cmd")}
 
 
 @pytest.mark.parametrize("text, size", [("4096", 4096), ("64M", 64 << 20), ("1GiB", 1 << 30), ("1.5K", 1536)])

@@ -200,14 +200,15 @@ def find_bat(storage: Storage, geometry: Geometry, avoid: list[layout.Span]) -> 
 
 
 def _bat_score(entries: np.ndarray, offset: int, length: int, size: int) -> int:
-    """How many present entries point inside the file, or -1 when any entry is invalid."""
+    """How much ``entries`` look like a BAT at ``offset``: the present entries that point inside
+    the file, less one for each entry that is invalid (reserved bits or state, outside the
+    file, inside the table itself); a few damaged entries do not hide a real BAT, noise scores
+    below zero."""
     st = batmod.states(entries)
-    if np.any(batmod.reserved_bits(entries)) or np.any(st == C.PayloadState.RESERVED_4):
-        return -1
-    present = st == C.PAYLOAD_BLOCK_FULLY_PRESENT
-    present |= st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT
-    offs = batmod.file_offsets(entries[present]).astype(np.int64)
+    invalid = (batmod.reserved_bits(entries) != 0) | (st == C.PayloadState.RESERVED_4)
+    present = ~invalid & ((st == C.PAYLOAD_BLOCK_FULLY_PRESENT) | (st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT))
+    offs = batmod.file_offsets(entries).astype(np.int64)
     inside = (offs >= C.HEADER_SECTION_SIZE) & (offs < size) & ((offs < offset) | (offs >= offset + length))
-    if not np.all(inside):
-        return -1
-    return int(present.sum())
+    good = int((present & inside).sum())
+    bad = int(invalid.sum()) + int((present & ~inside).sum())
+    return good - bad
