@@ -25,7 +25,7 @@ from vhdx.file.image import Image
 from vhdx.file.storage import FileStorage
 from vhdx.format import constants as C
 from vhdx.ops.check import check_file
-from vhdx.ops.repair import replay
+from vhdx.ops.repair import repair_in_place, replay, replay_on
 
 from .repairkit import MiB, make_dynamic
 
@@ -106,7 +106,7 @@ def test_replay_survives_a_power_loss_at_every_point(tmp_path):
     expected = read_all(pristine)
     recorded = tmp_path / "recorded.vhdx"
     shutil.copyfile(pristine, recorded)
-    ops = record(recorded, lambda storage: replay(str(recorded), storage=storage))
+    ops = record(recorded, lambda storage: replay_on(str(recorded), storage))
     assert sum(o.kind == "flush" for o in ops) >= 3, [o.kind for o in ops]
     assert read_all(recorded) == expected
     work = tmp_path / "work.vhdx"
@@ -145,7 +145,7 @@ def test_in_place_repair_survives_a_power_loss_at_every_point(dirty, tmp_path):
     ident = identity(reference)
     recorded = tmp_path / "recorded.vhdx"
     shutil.copyfile(pristine, recorded)
-    ops = record(recorded, lambda storage: vhdx.repair(str(recorded), in_place=True, storage=storage))
+    ops = record(recorded, lambda storage: repair_in_place(str(recorded), storage=storage))
     assert read_all(recorded) == expected
     assert sum(o.kind == "flush" for o in ops) >= 6, [o.kind for o in ops]
     work = tmp_path / "work.vhdx"

@@ -13,7 +13,8 @@ Outcomes:
 * ``needs --parent``: unrecoverable without ``--parent``; with it, ``same``.
 * ``lost``: unrecoverable, with the reason (and no output).
 
-Every repaired copy passes ``vhdx check``; the input is never changed. Specimens are read from
+Every repaired copy passes ``vhdx check``, and ``qemu-img check`` when qemu-img can open it
+(512-byte sectors, no parent); the input is never changed. Specimens are read from
 the shared folder (decompressed by the fixture into a temporary folder), never copied into
 the repository.
 """
@@ -82,7 +83,18 @@ def _unreplayed(path: Path, folder: Path) -> Path:
     return copy
 
 
-def _judge(disk: str, structure: str, folder: Path, specimen) -> tuple[str, str]:
+def _qemu_check(out: Path, qemu_img: str) -> str:
+    """qemu-img check of a repaired copy it can open (512-byte sectors, no parent): "" when clean."""
+    image = Image.open(str(out))
+    opens = image.logical_sector_size == 512 and not image.has_parent
+    image.close()
+    if not opens:
+        return ""
+    r = subprocess.run([qemu_img, "check", "-f", "vhdx", str(out)], capture_output=True, text=True)
+    return "" if r.returncode == 0 else f"qemu-img check exit {r.returncode}: {r.stdout}{r.stderr}"
+
+
+def _judge(disk: str, structure: str, folder: Path, specimen, qemu_img: str) -> tuple[str, str]:
     """(outcome, problem or "")."""
     original, parent = _make(disk, folder, specimen)
     damaged = folder / ("damaged-" + original.name)
@@ -105,6 +117,9 @@ def _judge(disk: str, structure: str, folder: Path, specimen) -> tuple[str, str]
     errors = check_file(out).errors
     if errors:
         return outcome or "?", f"vhdx check: {errors[0].message}"
+    problem = _qemu_check(out, qemu_img)
+    if problem:
+        return outcome or "?", problem
     log_lost = any(s.name == "log" and s.status == "lost" for s in report.structures)
     reference = _unreplayed(original, folder) if log_lost and _was_dirty(original) else original
     where = differs_outside_lost(reference, out, report.lost_ranges())
@@ -129,9 +144,9 @@ CASES = [(disk, structure, expected) for disk, row in EXPECTED.items() for struc
 
 
 @pytest.mark.parametrize("disk,structure,expected", CASES, ids=[f"{d}-{s}".replace(" ", "_") for d, s, _ in CASES])
-def test_destroyed_structure(disk, structure, expected, tmp_path, request):
+def test_destroyed_structure(disk, structure, expected, tmp_path, request, interop_tool):
     specimen = request.getfixturevalue("specimen") if disk in SPECIMENS else None
-    outcome, problem = _judge(disk, structure, tmp_path, specimen)
+    outcome, problem = _judge(disk, structure, tmp_path, specimen, interop_tool("qemu-img"))
     assert not problem, f"{disk}, {structure} destroyed: {outcome}: {problem}"
     assert outcome == expected, f"{disk}, {structure} destroyed: {outcome}, expected {expected}"
 

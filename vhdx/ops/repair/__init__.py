@@ -8,6 +8,7 @@ tables; ``meta``: metadata items; ``batfix``: BAT entries); ``rebuild`` writes t
 """
 
 from .report import SalvageReport, Structure
-from .run import ReplayResult, fix_in_place, repair, replay
+from .run import ReplayResult, fix_in_place, repair, repair_in_place, replay, replay_on
 
-__all__ = ["repair", "replay", "fix_in_place", "ReplayResult", "SalvageReport", "Structure"]
+__all__ = ["repair", "repair_in_place", "replay", "replay_on", "fix_in_place", "ReplayResult", "SalvageReport",
+           "Structure"]

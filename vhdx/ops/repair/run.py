@@ -20,21 +20,19 @@ from .salvage import salvage
 
 
 def repair(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, in_place: bool = False,
-           size: int | None = None, parent: str | os.PathLike[str] | None = None,
-           storage: Storage | None = None) -> SalvageReport:
+           size: int | None = None, parent: str | os.PathLike[str] | None = None) -> SalvageReport:
     """Repair a damaged VHDX into the new file ``out`` (the input is only read), or, with
     ``in_place``, in the file itself, crash-safe, through the log.
 
     ``size`` gives the virtual size when the file has lost it; ``parent`` names the parent
     whose locator to rebuild when a differencing disk has lost its own. Returns the
     :class:`SalvageReport`; when ``report.unrecoverable`` is set nothing was written.
-    ``storage`` (in place only) is the file already open for writing, for tests.
     """
     path = os.fspath(path)
     if in_place == (out is not None):
         raise UsageError("give an output file, or in_place=True (not both)", path=path)
     if in_place:
-        return _in_place(path, size=size, parent=parent, storage=storage)
+        return repair_in_place(path, size=size, parent=parent)
     out = os.fspath(out)  # type: ignore[arg-type]
     if os.path.exists(out) and os.path.exists(path) and os.path.samefile(path, out):
         raise UsageError("the output is the input; use in_place=True to repair the file itself", path=out)
@@ -65,8 +63,11 @@ def _locator(parent: str | os.PathLike[str], child: str) -> dict[str, str]:
     return locator_for(os.fspath(parent), child, guid)
 
 
-def _in_place(path: str, *, size: int | None, parent: str | os.PathLike[str] | None,
-              storage: Storage | None) -> SalvageReport:
+def repair_in_place(path: str | os.PathLike[str], *, size: int | None = None,
+                    parent: str | os.PathLike[str] | None = None, storage: Storage | None = None) -> SalvageReport:
+    """``repair(path, in_place=True)``; ``storage`` is the file already open for writing (the
+    seam the kill tests record through)."""
+    path = os.fspath(path)
     locator = _locator(parent, path) if parent is not None else None
     own = storage is None
     if storage is None:
@@ -126,12 +127,17 @@ class ReplayResult:
         return f"{self.path}: replayed {n} log {'entry' if n == 1 else 'entries'} ({seq}) into the file; the log is clean"
 
 
-def replay(path: str | os.PathLike[str], *, storage: Storage | None = None) -> ReplayResult:
+def replay(path: str | os.PathLike[str]) -> ReplayResult:
     """Replay a dirty log into the file (under an exclusive lock) and mark the log clean.
 
     A log that cannot be replayed raises :class:`LogReplayError` and the file is left as it
-    was; ``vhdx repair`` salvages such a file. ``storage`` is the file open for writing, for tests.
+    was; ``vhdx repair`` salvages such a file.
     """
+    return replay_on(path)
+
+
+def replay_on(path: str | os.PathLike[str], storage: Storage | None = None) -> ReplayResult:
+    """:func:`replay`, on ``storage`` when given (the file open for writing: the kill tests' seam)."""
     path = os.fspath(path)
     own = storage is None
     if storage is None:

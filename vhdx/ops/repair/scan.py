@@ -64,9 +64,9 @@ def read_headers(storage: Storage, report: SalvageReport) -> tuple[Header | None
             report.add(f"header {i + 1}", FOUND, "current" if i == index else "older copy")
         else:
             report.add(f"header {i + 1}", REPAIRED, f"{errors[i] or 'differs'}; rebuilt from header {index + 1}")
-    h = found[index]
-    assert h is not None
-    return h, valid, index
+    current = found[index]
+    assert current is not None
+    return current, valid, index
 
 
 @dataclass
