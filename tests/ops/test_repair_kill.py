@@ -140,7 +140,9 @@ def test_in_place_repair_survives_a_power_loss_at_every_point(dirty, tmp_path):
     report = vhdx.repair(reference, in_place=True)
     assert report.ok and not report.notes, report.lines()
     assert report.lost_ranges() == ([] if dirty else [(3 * MiB, 4 * MiB)]), report.lines()
-    assert ("leaked space", "repaired") in [(st.name, st.status) for st in report.structures], report.lines()
+    # the leak is given back, unless BAT entries were dropped (the space may hold their data)
+    leak = ("leaked space", "repaired" if dirty else "found")
+    assert leak in [(st.name, st.status) for st in report.structures], report.lines()
     expected = read_all(reference)
     ident = identity(reference)
     recorded = tmp_path / "recorded.vhdx"

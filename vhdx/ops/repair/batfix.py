@@ -89,10 +89,6 @@ class BatRepair:
         present = batmod.holds_data(st)
         outside = present & ((offs < C.HEADER_SECTION_SIZE) | (offs >= self.file_size))
         self._drop(pidx[outside], "blocks outside the file", lose=outside)
-        ends = offs + self.g.block_size
-        short = present & ~outside & (ends > self.file_size)
-        for k in np.flatnonzero(short).tolist():  # the part past the end of the file is lost
-            self.report.lose(k * self.g.block_size + self.file_size - int(offs[k]), (k + 1) * self.g.block_size)
 
     def _bitmaps(self) -> None:
         g = self.g
@@ -143,9 +139,16 @@ class BatRepair:
 
     def _record(self, pidx: np.ndarray) -> None:
         bs = self.g.block_size
-        for k in np.flatnonzero(self.lost_blocks).tolist():
-            self.report.lose(k * bs, (k + 1) * bs)
-        st = batmod.states(self.bat[pidx])
+        lost = np.concatenate(([False], self.lost_blocks, [False])).astype(np.int8)
+        edges = np.flatnonzero(np.diff(lost))
+        for first, stop in zip(edges[0::2].tolist(), edges[1::2].tolist()):  # runs of lost blocks
+            self.report.lose(first * bs, stop * bs)
+        entries = self.bat[pidx]
+        offs = batmod.file_offsets(entries).astype(np.int64)
+        short = batmod.holds_data(batmod.states(entries)) & (offs + bs > self.file_size)
+        for k in np.flatnonzero(short)[:16].tolist():  # the part past the end of the file is lost
+            self.report.lose(k * bs + self.file_size - int(offs[k]), (k + 1) * bs)
+        st = batmod.states(entries)
         valid = int(batmod.holds_data(st).sum())
         if self.dropped and valid == 0 and self.lost_blocks.all():
             self.report.add("BAT", LOST, "no entry is valid: " + "; ".join(self.dropped))

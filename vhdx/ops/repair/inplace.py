@@ -11,7 +11,8 @@ next ``vhdx repair --in-place``) takes on from.
    log session of our own: each entry is durable before any header names it, its pages are
    written to their places and flushed, and only then is the LogGuid cleared. An interrupted
    session is replayed by the next open.
-5. Space past the last referenced structure is given back.
+5. Space past the last referenced structure is given back, unless BAT entries were dropped
+   (it may hold their data).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ...format.geometry import align_up
 from ...format.locator import build_parent_locator
 from ...format.records import (Header, MetadataItem, RegionEntry, build_file_identifier, build_header,
                                build_metadata_region, build_region_table, system_items)
-from .report import REPAIRED
+from .report import FOUND, REPAIRED
 from .salvage import Salvage
 from .scan import blank_header
 
@@ -162,14 +163,18 @@ class InPlace:
         self._headers(log_guid=C.ZERO_GUID)
 
     def _trim(self) -> None:
-        """Give back space past the last referenced structure (an interrupted write's leak)."""
+        """Give back space past the last referenced structure (an interrupted write's leak),
+        unless BAT entries were dropped: the space may hold their data, for a human to look at."""
         s = self.s
         assert s.bat is not None and s.geometry is not None and s.bat_region is not None and s.metadata_region
         spans = layout.structure_spans(self.header, [s.bat_region, s.metadata_region])
         end = align_up(layout.referenced_end(spans, layout.allocations(s.bat, s.geometry,
                                                                          bitmaps=s.geometry.has_parent)))
         size = self.storage.size()
-        if size - end >= C.ALIGNMENT:
+        if size - end >= C.ALIGNMENT and any(st.name == "BAT" and st.status != FOUND for st in s.report.structures):
+            s.report.add("leaked space", FOUND, f"{size - end} bytes past the last structure kept: they may hold "
+                         "the data of dropped BAT entries")
+        elif size - end >= C.ALIGNMENT:
             self.storage.truncate(end)
             self._flush()
             s.report.add("leaked space", REPAIRED, f"{size - end} bytes past the last structure given back")

@@ -55,7 +55,7 @@ def salvage(storage: Storage, *, size: int | None = None, parent_locator: dict[s
         log = replay_log(storage, s.header, report)
         s.source, s.replayed = log.storage, log.replayed
     else:
-        report.add("log", LOST, "no header names it; a dirty log could not be replayed")
+        report.add("log", LOST, "no valid header names it: if it was dirty, its last updates are lost")
     steps = (_regions, _metadata, _geometry, _locate_bat, _bat)
     for step in steps:
         step(s, size=size, parent_locator=parent_locator, parent=parent)

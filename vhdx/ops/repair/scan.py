@@ -26,6 +26,7 @@ from .report import FOUND, LOST, REPAIRED, SalvageReport
 SCAN_LIMIT = 1 << 30          # signatures and the BAT are looked for in the first GiB of the file
 SCAN_STEP = 64 * C.KiB        # structures sit at 64 KiB (region tables) or 1 MiB (regions) alignments
 METADATA_GUESS = 1 * C.MiB    # the metadata region length every known writer uses
+BAT_SAMPLE = 64 * C.KiB       # the entries of each BAT candidate that are scored
 
 
 def blank_header(log_offset: int = 0, log_length: int = 0) -> Header:
@@ -190,7 +191,7 @@ def find_bat(storage: Storage, geometry: Geometry, avoid: list[layout.Span]) -> 
     for offset in range(C.HEADER_SECTION_SIZE, min(size, SCAN_LIMIT), C.ALIGNMENT):
         if any(s.start < offset + length and offset < s.end for s in avoid):
             continue
-        raw = storage.read(offset, min(geometry.bat_entries * 8, C.MiB))
+        raw = storage.read(offset, min(geometry.bat_entries * 8, BAT_SAMPLE))
         score = _bat_score(batmod.decode_bat(raw[:len(raw) // 8 * 8]), offset, length, size)
         if score > best_score:
             best, best_score = offset, score
