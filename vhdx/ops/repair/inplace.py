@@ -48,13 +48,19 @@ class InPlace:
         self.slot = s.header_slot  # the slot holding the current header: written last
 
     def _new_header(self) -> Header:
-        """A header for a file whose two headers are lost, its log in the first free 1 MiB."""
-        spans = layout.structure_spans(blank_header(), [r for r in (self.s.bat_region, self.s.metadata_region) if r])
+        """A header for a file whose two headers are lost, its log in the first 1 MiB that no
+        structure, payload block or sector bitmap uses."""
+        s = self.s
+        spans = layout.structure_spans(blank_header(), [r for r in (s.bat_region, s.metadata_region) if r])
+        used = [(sp.start, sp.end) for sp in spans]
+        if s.bat is not None and s.geometry is not None:
+            alloc = layout.allocations(s.bat, s.geometry, bitmaps=s.geometry.has_parent)
+            used += list(zip(alloc.starts.tolist(), alloc.ends.tolist()))
         at = C.HEADER_SECTION_SIZE
-        for span in sorted(spans, key=lambda sp: sp.start):
-            if span.start >= at + C.MiB:
+        for start, end in sorted(used):
+            if start >= at + C.MiB:
                 break
-            at = max(at, align_up(span.end))
+            at = max(at, align_up(end))
         if at + C.MiB > self.storage.size():
             raise UnsupportedError("no free space for a log; repair to a copy (-o OUT) instead", path=self.storage.path)
         return blank_header(at, C.MiB)
