@@ -87,6 +87,7 @@ def replay_log(storage: Storage, header: Header, report: SalvageReport) -> LogRe
         return LogResult(storage, [])
     size = storage.size()
     entries: list[LogEntry] | None = None
+    log = b""
     if header.log_length and header.log_offset + header.log_length <= size:
         log = storage.read(header.log_offset, header.log_length)
         entries = find_active_sequence(log, header.log_guid, log_offset=header.log_offset)
@@ -101,6 +102,11 @@ def replay_log(storage: Storage, header: Header, report: SalvageReport) -> LogRe
     detail = f"dirty; {len(usable)} {'entry' if len(usable) == 1 else 'entries'} replayed"
     if dropped:
         detail += f", {dropped} after sequence {usable[-1].sequence_number} not replayed (out of bounds)"
+    damaged = later_entries(log, header.log_guid, entries[-1].sequence_number)
+    if damaged:
+        dropped += damaged
+        detail += f"; {damaged} later {'entry' if damaged == 1 else 'entries'} of this log damaged, not replayed " \
+                  "(the metadata updates they held are lost)"
     head = usable[-1]
     if head.flushed_file_offset > size:
         report.notes.append(f"the log says {head.flushed_file_offset} bytes were durable but the file has "
@@ -108,6 +114,19 @@ def replay_log(storage: Storage, header: Header, report: SalvageReport) -> LogRe
     report.add("log", REPAIRED if not dropped else LOST, detail)
     patches = [w for e in usable for w in e.writes]
     return LogResult(OverlayStorage(storage, patches, head.last_file_offset), usable)
+
+
+def later_entries(log: bytes, log_guid: uuid.UUID, head: int) -> int:
+    """How many 4 KiB positions of the log start an entry of this log (its signature and
+    LogGuid) with a sequence number past ``head``: entries written after the last valid one,
+    damaged since (a valid one would have been part of the sequence)."""
+    guid = log_guid.bytes_le
+    count = 0
+    for at in range(0, len(log) - C.LOG_ENTRY_HEADER_SIZE + 1, C.LOG_SECTOR_SIZE):
+        if log[at:at + 4] == C.SIGNATURE_LOG_ENTRY and log[at + 32:at + 48] == guid and \
+                int.from_bytes(log[at + 16:at + 24], "little") > head:
+            count += 1
+    return count
 
 
 def _usable_prefix(entries: list[LogEntry], size: int, path: str, log_offset: int) -> list[LogEntry]:
