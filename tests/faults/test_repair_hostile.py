@@ -215,3 +215,43 @@ def test_a_damaged_locator_is_rebuilt_from_parent(base_disks, tmp_path):
     assert not report.lost
     assert not _differences(out, virtual, [])
     assert os.path.getsize(src) == len(buf)
+
+
+def judge_in_place(name: str, data: bytes, expected: bytes, folder: Path) -> tuple[str, list[str]]:
+    """``repair --in-place`` of one mutated file: repaired (check clean, reads as ``expected``
+    or as the damaged file read, outside the lost ranges), or refused with the file unchanged."""
+    folder.mkdir()
+    src = folder / f"{name}.vhdx"
+    src.write_bytes(data)
+    also = _as_read(src, len(expected))
+    try:
+        report = vhdx.repair(str(src), in_place=True)
+    except vhdx.VhdxError as e:
+        problems = [] if src.read_bytes() == data else [f"refused ({e}) but the file was changed"]
+        return f"refused: {type(e).__name__}", problems
+    except Exception as e:   # noqa: BLE001 - what this test is for
+        return "crash", [f"raised {type(e).__name__}: {e}"]
+    if not report.ok:
+        return "unrecoverable", [] if src.read_bytes() == data else ["unrecoverable but the file was changed"]
+    problems = [f"vhdx check: {f.message}" for f in vhdx.ops.check.check_file(str(src)).errors]
+    if not problems:
+        problems += _differences(src, expected, report.lost_ranges(), also)
+    return "repaired", problems
+
+
+@pytest.mark.parametrize("base", ["qemu512", "ours4k"])
+def test_every_corpus_mutation_repairs_in_place_or_is_left_unchanged(base, base_disks, tmp_path):
+    file_bytes, virtual = base_disks(base)
+    counts: collections.Counter[str] = collections.Counter()
+    failures = []
+    for i, case in enumerate(CASES):
+        data, _ = _mutated(case, bytearray(file_bytes), virtual)
+        outcome, problems = judge_in_place(f"{case.name}@{base}", data, virtual, tmp_path / f"c{i}")
+        counts[outcome.split(":")[0]] += 1
+        if os.environ.get("VHDX_REPAIR_VERBOSE"):
+            print(f"  {case.name}@{base}: {outcome}")
+        failures += [f"{case.name}@{base}: {p}" for p in problems]
+    print(f"\nrepair --in-place over the corpus on {base}: {len(CASES)} files: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    assert "crash" not in counts, "\n".join(failures)
+    assert not failures, f"{len(failures)} problems:\n" + "\n".join(failures[:20])

@@ -47,23 +47,52 @@ class InPlace:
         self.header = s.header or self._new_header()
         self.slot = s.header_slot  # the slot holding the current header: written last
 
-    def _new_header(self) -> Header:
-        """A header for a file whose two headers are lost, its log in the first 1 MiB that no
-        structure, payload block or sector bitmap uses."""
+    def _used(self) -> list[tuple[int, int]]:
+        """The spans structures, payload blocks and sector bitmaps use (not the log)."""
         s = self.s
         spans = layout.structure_spans(blank_header(), [r for r in (s.bat_region, s.metadata_region) if r])
         used = [(sp.start, sp.end) for sp in spans]
         if s.bat is not None and s.geometry is not None:
             alloc = layout.allocations(s.bat, s.geometry, bitmaps=s.geometry.has_parent)
             used += list(zip(alloc.starts.tolist(), alloc.ends.tolist()))
+        return used
+
+    def _new_header(self) -> Header:
+        """A header for a file whose two headers are lost, with a log placed by :meth:`_log_place`."""
+        return blank_header(self._log_place(), C.MiB)
+
+    def _log_place(self) -> int:
+        """The first 1 MiB of the file that nothing uses, for a log."""
         at = C.HEADER_SECTION_SIZE
-        for start, end in sorted(used):
+        for start, end in sorted(self._used()):
             if start >= at + C.MiB:
                 break
             at = max(at, align_up(end))
         if at + C.MiB > self.storage.size():
             raise UnsupportedError("no free space for a log; repair to a copy (-o OUT) instead", path=self.storage.path)
-        return blank_header(at, C.MiB)
+        return at
+
+    def _usable_log(self) -> None:
+        """Move the log to free space when the header's does not lie inside the file, clear of
+        everything else (a damaged header field must not aim the log's writes anywhere)."""
+        h = self.header
+        end = h.log_offset + h.log_length
+        clash = any(start < end and h.log_offset < stop for start, stop in self._used())
+        if h.log_length < C.MiB or h.log_offset < C.HEADER_SECTION_SIZE or end > self.storage.size() or clash:
+            self.header = h.replace(log_offset=self._log_place(), log_length=C.MiB)
+            self.s.report.add("log placement", REPAIRED, f"the header's log at 0x{h.log_offset:x} ({h.log_length} "
+                              f"bytes) is not usable; moved to 0x{self.header.log_offset:x}")
+
+    def _extend(self) -> None:
+        """Grow the file to the end of its last block: a block cut short by a truncation then
+        lies inside the file, its missing part zeros (and reported lost)."""
+        s = self.s
+        assert s.bat is not None and s.geometry is not None
+        alloc = layout.allocations(s.bat, s.geometry, bitmaps=s.geometry.has_parent)
+        end = int(alloc.ends.max()) if alloc.ends.size else 0
+        if end > self.storage.size():
+            self.storage.truncate(align_up(end))
+            self._flush()
 
     def run(self) -> None:
         """Every step of the module docstring, in order."""
@@ -72,13 +101,17 @@ class InPlace:
             self._write(build_file_identifier(f"vhdx-python {__version__}"), 0)
             self._flush()
         log_clean = not s.replayed
+        if log_clean:
+            self._usable_log()
         self._headers(file_write_guid=uuid.uuid4(), **({"log_guid": C.ZERO_GUID} if log_clean else {}))
+        self._extend()
         if s.replayed:
             head = s.replayed[-1]
             plan = ReplayPlan(s.replayed, [w for e in s.replayed for w in e.writes], head.flushed_file_offset,
                               head.last_file_offset)
             apply_replay(self.storage, plan)
             self._headers(log_guid=C.ZERO_GUID)
+        self._usable_log()
         self._logged(self._pages())
         self._trim()
 
