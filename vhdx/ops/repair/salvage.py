@@ -206,6 +206,7 @@ def _locate_bat(s: Salvage, **_: object) -> None:
         s.report.fail("the BAT region is lost: blocks carry no identity to rebuild it from")
         return
     s.report.add("BAT region", REPAIRED, f"found by its content at 0x{s.bat_region.file_offset:x}")
+    s.report.add("region tables", REPAIRED, "rebuilt from the metadata and BAT regions the scan found")
 
 
 def _bat(s: Salvage, **_: object) -> None:
