@@ -37,6 +37,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support.disk import read_all, sha256_file, write_all  # noqa: E402
+from support.needs import in_ci  # noqa: E402
 
 MiB = 1 << 20
 HASH_CHUNK = 4 * MiB
@@ -190,7 +191,7 @@ def shared_dir() -> Path:
     if not (path / "specimens" / "manifest.json").is_file():
         message = (f"shared specimens folder not found at {path} "
                    f"(put it beside the repository or set VHDX_SHARED)")
-        if _in_ci():
+        if in_ci():
             pytest.fail(message + " (CI=true: the specimens are required)")
         pytest.skip(message)
     return path
@@ -318,10 +319,6 @@ def _find_peer(name: str) -> tuple[Any, str]:
     raise ValueError(f"unknown interop peer {name!r}")
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
-
-
 @pytest.fixture(scope="session")
 def _peer_cache() -> dict[str, tuple[Any, str] | LookupError]:
     return {}
@@ -346,7 +343,7 @@ def interop_tool(request: pytest.FixtureRequest,
         found = _peer_cache[name]
         if isinstance(found, LookupError):
             message = f"interop peer {name} missing: {found}"
-            if _in_ci():
+            if in_ci():
                 pytest.fail(message + " (CI=true: every peer is required)")
             pytest.skip(message)
         handle, version = found

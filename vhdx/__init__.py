@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .ops.merge.plan import MergePlan
     from .ops.merge.run import MergeResult, merge
     from .ops.orphans import Forest, Node, find_chains
+    from .ops.repair import ReplayResult, SalvageReport, repair, replay
     from .ops.reparent import reparent
     from .ops.resize import ResizeResult, minimum_size, resize
 
@@ -59,6 +60,7 @@ __all__ = [
     "__version__", "open", "create", "Disk", "snapshot", "chain", "Chain", "Layer", "reparent",
     "find_chains", "Forest", "Node", "merge", "MergePlan", "MergeResult", "export", "hash", "ExportResult",
     "compact", "CompactResult", "resize", "minimum_size", "ResizeResult", "convert", "ConvertResult",
+    "repair", "replay", "SalvageReport", "ReplayResult",
     "VhdxError", "CorruptError", "ChecksumError", "TruncatedError", "UnsupportedError", "LogReplayError",
     "ChainError", "ParentNotFoundError", "ParentMismatchError", "ChainCycleError", "ReadOnlyError",
     "MergeError", "UsageError", "DiskExistsError", "DiskNotFoundError", "LockedError",
@@ -74,7 +76,8 @@ LAZY = {
     "merge": "ops.merge.run", "Forest": "ops.orphans", "Node": "ops.orphans", "find_chains": "ops.orphans",
     "reparent": "ops.reparent", "compact": "ops.compact", "CompactResult": "ops.compact",
     "convert": "ops.convert", "ConvertResult": "ops.convert", "resize": "ops.resize",
-    "minimum_size": "ops.resize", "ResizeResult": "ops.resize",
+    "minimum_size": "ops.resize", "ResizeResult": "ops.resize", "repair": "ops.repair", "replay": "ops.repair",
+    "SalvageReport": "ops.repair", "ReplayResult": "ops.repair",
 }
 
 

@@ -28,7 +28,7 @@ import vhdx
 from vhdx.errors import DiskExistsError
 from vhdx.file.outputs import atomic_output
 
-from forensics.chainkit import REPO, cli_env, run_inprocess
+from support.forensic_chain import REPO, cli_env, run_inprocess
 
 MiB = 1 << 20
 

@@ -21,7 +21,7 @@ import vhdx
 import vhdx.cli
 from vhdx.errors import DiskExistsError
 
-from forensics.chainkit import run_inprocess
+from support.forensic_chain import run_inprocess
 
 MiB = 1 << 20
 # os functions wrapped in the forked processes: every call that changes the file system, and

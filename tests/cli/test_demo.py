@@ -13,7 +13,7 @@ import pytest
 import vhdx
 import vhdx.ops.demo
 import vhdx.ops.merge.run
-from forensics.chainkit import cli_env, run_inprocess
+from support.forensic_chain import cli_env, run_inprocess
 from vhdx.ops.check import CheckReport, Finding
 
 

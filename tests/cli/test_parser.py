@@ -8,7 +8,7 @@ import re
 import pytest
 
 import vhdx.cli
-from forensics.chainkit import REPO
+from support.forensic_chain import REPO
 from vhdx.cli.common import parse_size
 
 
@@ -37,6 +37,7 @@ def test_every_verb_module_is_imported_at_the_top() -> None:
     """No verb is dropped silently: the verb modules are plain imports of ``vhdx.cli``."""
     names = {m.__name__ for m in vhdx.cli.VERB_MODULES}
     assert names == {f"vhdx.cli.{n}" for n in ("inspect", "disks", "chain_cmd", "merge_cmd", "maint_cmd",
+                                                "repair_cmd",
                                                 "map_cmd", "mount_cmd", "demo_cmd")}
 
 

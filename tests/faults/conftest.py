@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from support.disk import MiB, sha256_file  # noqa: E402
 from support.scratch import scratch_folder  # noqa: E402
 from support.disk import nonzero_pattern as _pattern  # noqa: E402
+from support.needs import unavailable
 
 __all__ = ["MiB", "sha256_file"]
 # Per-case limits (docs/format.md §1.3 bounds every structure; nothing should need more).
@@ -154,7 +155,7 @@ def scratch(tmp_path: Path):
 def make_qemu_disk(path: Path, *, fixed: bool = False, size: str = "8M", block: str = "1M") -> Path:
     """An 8 MiB qemu-img VHDX with data in block 0, 1 and part of 5 (random, no zero bytes)."""
     if not (have("qemu-img") and have("qemu-io")):
-        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)("qemu-img/qemu-io not installed (CI=true: a missing peer fails)")
+        unavailable("qemu-img/qemu-io not installed")
     run(["qemu-img", "create", "-q", "-f", "vhdx", "-o",
          f"block_size={block},subformat={'fixed' if fixed else 'dynamic'}", str(path), size])
     src = path.with_suffix(".pattern")

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import pytest
 
-from .chainkit import REPO, cli_env, run_inprocess
+from support.forensic_chain import REPO, cli_env, run_inprocess
 
 GiB = 1 << 30
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND

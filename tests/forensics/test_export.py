@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .chainkit import (MiB, BuiltChain, LayerSpec, Op, build, run_inprocess, run_subprocess, sha256)
+from support.forensic_chain import (MiB, BuiltChain, LayerSpec, Op, build, run_inprocess, run_subprocess, sha256)
 
 ZERO_STATE, UNMAPPED_STATE = 2, 3
 

@@ -10,7 +10,7 @@ import pytest
 
 from support.cli import assert_one_line_error, run_inprocess, run_subprocess
 
-from .fskit import Step, build, require
+from support.filesystems import Step, build, require
 
 
 def _random(seed: int, n: int) -> bytes:

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import vhdx
 from vhdx.format import constants as C
 
-from .chainkit import (CODE, MiB, BuiltChain, LayerSpec, Op, assert_sorted_disjoint, build,
+from support.forensic_chain import (CODE, MiB, BuiltChain, LayerSpec, Op, assert_sorted_disjoint, build,
                        describe_mismatch, paint, run_inprocess, run_subprocess)
 
 TiB = 1 << 40

@@ -14,7 +14,7 @@ import pytest
 
 import vhdx
 
-from .chainkit import MiB, run_inprocess
+from support.forensic_chain import MiB, run_inprocess
 
 STATES = ("present", "partial", "zero", "unmapped", "absent")
 BYTES = re.compile(r"^\d+(\.\d+)? (B|KiB|MiB|GiB|TiB)$")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from forensics.chainkit import run_inprocess
+from support.forensic_chain import run_inprocess
 from vhdx.format import sniff
 
 MiB = 1 << 20

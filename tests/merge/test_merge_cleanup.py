@@ -31,7 +31,7 @@ from vhdx.file.image import Image
 from vhdx.ops.merge import cleanup
 from vhdx.ops.merge.journal import read_journal
 
-from .mergekit import MiB, cli, merge
+from support.merging import MiB, cli, merge
 
 Usage = namedtuple("Usage", "total used free")
 

@@ -96,7 +96,7 @@ def test_dry_run_sees_a_pending_finish(tmp_path: Path) -> None:
 def test_a_resumed_merge_gives_back_space_an_interrupted_run_allocated(tmp_path: Path) -> None:
     """Blocks allocated by an interrupted batch but never put in the BAT are trimmed on resume:
     whatever the crash point, the finished destination is no bigger than after a clean merge."""
-    from .mergekit import FaultPlan, PowerLoss, copy_folder, merge_through
+    from support.merging import FaultPlan, PowerLoss, copy_folder, merge_through
     pristine = tmp_path / "pristine"
     base, mid, leaf, model = small_chain(pristine)
     names = [Path(p).name for p in (base, mid, leaf)]

@@ -23,7 +23,7 @@ from vhdx.format import constants as C
 from vhdx.format.records import MetadataItem, metadata_items
 from vhdx.file.image import Image
 
-from .mergekit import MiB, cli, data_write_guid, merge, sha256_file
+from support.merging import MiB, cli, data_write_guid, merge, sha256_file
 
 JOURNAL_GUID = vhdx.ops.merge.journal.MERGE_JOURNAL_GUID
 

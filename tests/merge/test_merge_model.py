@@ -28,7 +28,7 @@ import vhdx
 from vhdx.errors import MergeError
 from vhdx.format import constants as C
 
-from .mergekit import (MiB, LayerSpec, MergeResult, assert_same, build_chain, chain_paths, check_errors, cli,
+from support.merging import (MiB, LayerSpec, MergeResult, assert_same, build_chain, chain_paths, check_errors, cli,
                        data_write_guid, first_difference, folder_hashes, libvhdi_blind_spots, libvhdi_read, merge,
                        qemu_check_and_convert, read_disk, standard_writes)
 

@@ -18,7 +18,7 @@ import pytest
 import vhdx
 from vhdx.errors import ParentMismatchError, ParentNotFoundError
 
-from .mergekit import assert_same, check_errors, cli, merge, read_disk
+from support.merging import assert_same, check_errors, cli, merge, read_disk
 from .test_merge_rails import SIZE, small_chain
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -12,7 +12,7 @@ import vhdx.ops.merge.run
 from vhdx.errors import MergeError
 from vhdx.file.image import Image
 
-from .mergekit import merge
+from support.merging import merge
 from .test_merge_finish import small_chain
 
 

@@ -31,7 +31,7 @@ from vhdx.errors import MergeError, ParentMismatchError, ParentNotFoundError, Vh
 from vhdx.file.image import Image
 from vhdx.file.storage import Storage
 
-from .mergekit import (MiB, FaultPlan, LayerSpec, PowerLoss, all_checks_pass, assert_same, build_chain,
+from support.merging import (MiB, FaultPlan, LayerSpec, PowerLoss, all_checks_pass, assert_same, build_chain,
                        check_errors, cli, copy_folder, data_write_guid, folder_hashes, merge,
                        merge_through, rand_bytes, read_disk, vhdx_files)
 

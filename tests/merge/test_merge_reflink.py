@@ -25,16 +25,15 @@ from typing import Iterator
 import pytest
 
 import vhdx
+from support.needs import unavailable
 
-from .mergekit import MiB, check_errors, cli, merge, read_disk
+from support.merging import MiB, check_errors, cli, merge, read_disk
 
 IMAGE_SIZE = 320 * MiB  # XFS wants about 300 MiB at least
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"reflink test cannot run: {reason} (CI=true: loop devices and mkfs tools are required)")
-    pytest.skip(reason)
+    unavailable(f"reflink test cannot run: {reason}")
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:

@@ -29,7 +29,7 @@ from vhdx.file.storage import FileStorage, Storage
 from vhdx.format import constants as C
 from vhdx.ops.merge.run import wait_for_release
 
-from .mergekit import MiB, check_errors, cli, merge, read_disk
+from support.merging import MiB, check_errors, cli, merge, read_disk
 
 
 class Recorder(Storage):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import vhdx
-from .mountkit import is_mounted, mounted, require_fuse
+from support.mounting import is_mounted, mounted, require_fuse
 from support.chain import build_layers, check_problems
 from support.cli import assert_one_line_error, run_inprocess, run_subprocess
 from support.faults import FaultPlan

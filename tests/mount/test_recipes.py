@@ -10,11 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from forensics.fskit import build, require
+from support.filesystems import build, require
 from support.cli import REPO, cli_env, run_inprocess
 from support.disk import sha256_file
 
-from .mountkit import force_unmount, is_mounted, require_fuse
+from support.mounting import force_unmount, is_mounted, require_fuse
 
 DOC = REPO / "docs" / "howto-forensics.md"
 ASSIGNMENTS = re.compile(r"^(\s*[A-Z_]+=\S+)+\s*$")
@@ -48,7 +48,7 @@ def run_recipe(name: str, tmp_path: Path, **inputs: str) -> str:
 
 
 def _steps():
-    from forensics.fskit import Step
+    from support.filesystems import Step
     return [Step([("mkdir", "/docs", b""), ("write", "/docs/a.txt", b"first\n"), ("write", "/b.bin", b"b" * 9000)]),
             Step([("write", "/docs/c.txt", b"in the checkpoint\n"), ("delete", "/b.bin", b"")])]
 

@@ -26,7 +26,7 @@ from support.disk import MiB, nonzero_pattern
 from support.faults import FaultPlan, materialize, wrapping_writable_files
 from support.scratch import scratch_folder
 
-from .maintkit import packed_size
+from support.maintenance import packed_size
 
 HEAD = 16 * MiB
 BIG = 140_000 * MiB + 512      # more blocks (1 MiB) than a 1 MiB BAT region holds: the BAT moves

@@ -13,7 +13,7 @@ from pathlib import Path
 import vhdx
 from support.disk import MiB, assert_same, disk_bytes, nonzero_pattern
 
-from .maintkit import ChainSpec, allocated_blocks, build_chain, judge, libvhdi_bytes, qemu_raw
+from support.maintenance import ChainSpec, allocated_blocks, build_chain, judge, libvhdi_bytes, qemu_raw
 
 
 def qemu(exe: str, *args: object) -> None:

@@ -33,7 +33,7 @@ from support.disk import MiB, assert_same, disk_bytes, nonzero_pattern
 from vhdx.file.image import Image
 from vhdx.ops import convert as convert_module
 
-from .maintkit import (ChainSpec, allocated_blocks, build_chain, data_write_guid, env_examples, judge, last_data,
+from support.maintenance import (ChainSpec, allocated_blocks, build_chain, data_write_guid, env_examples, judge, last_data,
                        leaf_first, libvhdi_bytes, nonzero_blocks, packed_size, qemu_raw)
 
 EXAMPLES = env_examples(8)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from .._version import __version__
 from ..errors import UsageError, VhdxError
-from . import chain_cmd, demo_cmd, disks, inspect, maint_cmd, map_cmd, merge_cmd, mount_cmd
+from . import chain_cmd, demo_cmd, disks, inspect, maint_cmd, map_cmd, merge_cmd, mount_cmd, repair_cmd
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
 
 __all__ = ["build_parser", "main"]
@@ -26,7 +26,7 @@ __all__ = ["build_parser", "main"]
 # They are imported to build the parser, so they import only the standard library, errors and cli/ at
 # their top; each ``cmd_*`` handler imports the ops/ and chains/ names it calls (numpy, construct):
 # ``vhdx --help`` stays light (tests/test_architecture.py, tests/cli/test_startup.py).
-VERB_MODULES = (inspect, disks, chain_cmd, merge_cmd, maint_cmd, map_cmd, mount_cmd, demo_cmd)
+VERB_MODULES = (inspect, disks, chain_cmd, merge_cmd, maint_cmd, repair_cmd, map_cmd, mount_cmd, demo_cmd)
 
 DESCRIPTION = ("Hyper-V VHDX/AVHDX disks: inspect, check, export, create, snapshot, merge, compact, resize, "
                "convert.")

@@ -44,6 +44,8 @@ def register(sub: Any) -> None:
         "vhdx check disk.vhdx", "vhdx check --search /backup checkpoint.avhdx"))
     p.add_argument("path", help="the .vhdx or .avhdx file")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("-r", "--repair", action="store_true", help="first fix in place what is safe to fix (a dirty "
+                   "log, a stale or invalid header, leaked space), like qemu-img check -r; see also 'vhdx repair'")
     add_chain_options(p)
     add_share_option(p)
     p.set_defaults(func=cmd_check, error_exit=EXIT_UNREADABLE)
@@ -136,6 +138,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     """``vhdx check``: the structural and chain check; exit codes as qemu-img check: 0 clean (warnings
     allowed), 1 the check could not be completed, 2 errors found, 3 leaked space only."""
     from ..ops.check import LEAK, check_chain, check_file
+    if getattr(args, "repair", False):
+        _repair_first(args)
     report = check_file(args.path, share=args.force_share)
     if not report.opened and not args.json:
         # The file cannot be opened as a VHDX at all: one line, like every other error.
@@ -155,6 +159,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not report.opened:
         return EXIT_UNREADABLE  # the file could not be opened as a VHDX at all
     return EXIT_CORRUPT if errors else EXIT_LEAKS if leaks else EXIT_OK
+
+
+def _repair_first(args: argparse.Namespace) -> None:
+    """``check --repair``: the safe in-place fixes, one line each (on stderr with --json)."""
+    from ..ops.repair import fix_in_place
+    for line in fix_in_place(args.path) or ["nothing that check --repair fixes"]:
+        print(f"fixed: {line}", file=sys.stderr if args.json else sys.stdout)
 
 
 def _emit_check_json(report: CheckReport, findings: list[Finding], errors: list[Finding]) -> None:

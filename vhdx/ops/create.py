@@ -85,7 +85,7 @@ def _create_over(path: str, parent: str, pdisk: Disk, block_size: int | None) ->
     """Write the child file (published when complete), its locator naming ``parent`` from ``path``."""
     pimg = pdisk.image
     if pimg.log_was_dirty:
-        raise ChainError("the parent's log needs replaying first (open it r+ once)", path=parent)
+        raise ChainError(f"the parent's log needs replaying first: run 'vhdx replay {parent}'", path=parent)
     locator = locator_for(parent, path, pimg.header.data_write_guid)
     return create_image(path, pimg.size, block_size=block_size or 2 * C.MiB,
                         logical_sector_size=pimg.logical_sector_size,

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import vhdx
+from support.needs import need
 
 MiB = 1 << 20
 SECTOR = 512
@@ -28,30 +28,19 @@ MOUNT = {"ext4": ["-t", "ext4", "-o", "loop,noatime"], "ntfs": ["-t", "ntfs-3g",
 MBR_TYPE = {"ext4": 0x83, "fat": 0x0E, "ntfs": 0x07}
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
-
-
-def _need(ok: bool, message: str) -> None:
-    if not ok:
-        if _in_ci():
-            pytest.fail(message + " (CI=true: required)")
-        pytest.skip(message)
-
-
 def require(fs: str) -> None:
     """Root (for loop mounts), the mkfs tool of ``fs`` and pytsk3."""
-    _need(os.geteuid() == 0, "loop mounts need root")
+    need(os.geteuid() == 0, "loop mounts need root")
     tool, package = MKFS[fs]
     if fs == "fat":
-        _need(bool(shutil.which("mcopy")), "mcopy is missing: apt-get install mtools")
-    _need(bool(shutil.which(tool[0], path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")),
+        need(bool(shutil.which("mcopy")), "mcopy is missing: apt-get install mtools")
+    need(bool(shutil.which(tool[0], path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")),
           f"{tool[0]} is missing: apt-get install {package}")
     try:
         import pytsk3
         del pytsk3
     except ImportError:
-        _need(False, "pytsk3 is missing: pip install 'vhdx[forensics]'")
+        need(False, "pytsk3 is missing: pip install 'vhdx[forensics]'")
 
 
 def _run(*argv: str) -> None:

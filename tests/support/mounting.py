@@ -10,13 +10,9 @@ import subprocess
 from pathlib import Path
 from typing import Iterator
 
-import pytest
 
 from support.cli import run_subprocess
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
+from support.needs import need_tool, unavailable
 
 
 def fuse_problem() -> str | None:
@@ -42,20 +38,12 @@ def require_fuse() -> None:
     """Skip (fail under CI=true) when FUSE is unusable."""
     problem = fuse_problem()
     if problem:
-        if _in_ci():
-            pytest.fail(problem + " (CI=true: the mount tests are required)")
-        pytest.skip(problem)
+        unavailable(problem)
 
 
 def require_tool(name: str, package: str) -> str:
     """The path of a command-line tool; skip (fail under CI=true) without it."""
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if not found:
-        message = f"{name} is missing: apt-get install {package}"
-        if _in_ci():
-            pytest.fail(message + " (CI=true: it is required)")
-        pytest.skip(message)
-    return found
+    return need_tool(name, package)
 
 
 def is_mounted(mountpoint: Path) -> bool:
