@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Callable
 
 import vhdx
+from vhdx.file.image import Image
+from vhdx.format import constants as C
 from vhdx.format.checksum import crc32c_zeroed
 
-from forensics import fskit
+from support import filesystems
 
 MIB = 1 << 20
 Specimen = Callable[[str], Path]
@@ -219,18 +221,18 @@ def build_evidence_ext4(root: Path, specimen: Specimen) -> None:
     """``/evidence/ws01``: WS01.vhdx holding a GPT disk with an ext4 file system (40 MiB, made with
     mkfs.ext4, changed through a loop mount: needs root) and a checkpoint that deleted
     ``/old/a.txt``, created ``/docs/added.txt``, appended to ``/tail.log`` and rewrote the first
-    64 KiB of ``/big.bin``; each layer holds exactly the sectors that changed (tests/forensics/fskit.py)."""
-    fskit.require("ext4")
+    64 KiB of ``/big.bin``; each layer holds exactly the sectors that changed (tests/support/filesystems.py)."""
+    filesystems.require("ext4")
     where = folder(root, "/evidence/ws01")
     rnd = random.Random(1)
     steps = [
-        fskit.Step([("mkdir", "/docs", b""), ("write", "/docs/keep.txt", b"unchanged\n" * 50),
+        filesystems.Step([("mkdir", "/docs", b""), ("write", "/docs/keep.txt", b"unchanged\n" * 50),
                     ("write", "/big.bin", rnd.randbytes(700_000)), ("mkdir", "/old", b""),
                     ("write", "/old/a.txt", b"a" * 5000), ("write", "/tail.log", b"log\n" * 100)]),
-        fskit.Step([("delete", "/old/a.txt", b""), ("write", "/docs/added.txt", b"late\n"),
+        filesystems.Step([("delete", "/old/a.txt", b""), ("write", "/docs/added.txt", b"late\n"),
                     ("append", "/tail.log", b"more\n" * 10), ("overwrite", "/big.bin", rnd.randbytes(65536))]),
     ]
-    fskit.build(where, "ext4", "gpt", steps, names=["WS01.vhdx", "WS01_5C1E4A07-2B9D-4F1E-9C3A-61D0E8B7F245.avhdx"])
+    filesystems.build(where, "ext4", "gpt", steps, names=["WS01.vhdx", "WS01_5C1E4A07-2B9D-4F1E-9C3A-61D0E8B7F245.avhdx"])
     (where / "fs.raw").unlink()
     (where / "mnt").rmdir()
 
@@ -286,6 +288,51 @@ def build_wsl_ext4(root: Path, specimen: Specimen) -> None:
         d.pwrite(pattern("var ", 8 * MIB), 512 * MIB)
 
 
+# --------------------------------------------------------------------------------------------
+# docs/howto-repair.md
+# --------------------------------------------------------------------------------------------
+
+def put(path: Path, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` of ``path`` (damage done from outside the library)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def build_repair_damaged(root: Path, specimen: Specimen) -> None:
+    """``/vms/damaged/SRV01.vhdx``: 1 GiB, 1 MiB blocks, 8 MiB written; header 1 and region
+    table 1 zeroed, region table 2's signature overwritten, block 1's BAT entry pointing far past
+    the end of the file."""
+    disk = base(folder(root, "/vms/damaged") / "SRV01.vhdx", 1 << 30, [(0, 8 * MIB, "SRV01 data ")],
+                block_size=MIB)
+    image = Image.open(str(disk))
+    entry = image.bat_region.file_offset + 8 * image.bat_index(1)
+    image.close()
+    put(disk, C.HEADER1_OFFSET, bytes(4096))
+    put(disk, C.REGION_TABLE1_OFFSET, bytes(4096))
+    put(disk, C.REGION_TABLE2_OFFSET, b"xxxx")
+    put(disk, entry, ((1 << 40) | 6).to_bytes(8, "little"))
+
+
+def build_repair_crashed(root: Path, specimen: Specimen) -> None:
+    """``/vms/crashed/disk.vhdx``: 64 MiB, 4 MiB written; then a 4 KiB write whose metadata
+    update reached the log only (the writer stopped as a crash would stop it)."""
+    path = base(folder(root, "/vms/crashed") / "disk.vhdx", 64 * MIB, [(0, 4 * MIB, "before ")])
+    disk = vhdx.open(path, "r+")
+    disk.pwrite(pattern("last write ", 4096), 40 * MIB)
+    disk.flush()
+    disk.image.writer.fail(RuntimeError("simulated crash"))
+    disk.close()
+
+
+def build_repair_leaked(root: Path, specimen: Specimen) -> None:
+    """``/vms/leaked/disk.vhdx``: 64 MiB, 4 MiB written; header 2 damaged (one byte changed)
+    and 3 MiB of zeros past the last structure, as an interrupted write leaves them."""
+    path = base(folder(root, "/vms/leaked") / "disk.vhdx", 64 * MIB, [(0, 4 * MIB, "data ")])
+    flip_byte(path, C.HEADER2_OFFSET + 0x100)
+    os.truncate(path, path.stat().st_size + 3 * MIB)
+
+
 FIXTURES: dict[str, Callable[[Path, Specimen], None]] = {
     "guide-scripts": build_guide_scripts,
     "guide-damaged": build_guide_damaged,
@@ -296,5 +343,8 @@ FIXTURES: dict[str, Callable[[Path, Specimen], None]] = {
     "fs01": build_fs01,
     "evidence-ext4": build_evidence_ext4,
     "wsl-ext4": build_wsl_ext4,
+    "repair-damaged": build_repair_damaged,
+    "repair-crashed": build_repair_crashed,
+    "repair-leaked": build_repair_leaked,
 }
 """Every fixture a ``<!-- setup: NAME -->`` marker may name."""
