@@ -1,4 +1,4 @@
-"""``vhdx diff --files`` on chains whose layers hold real file systems (ext4, FAT, NTFS; no
+"""``vhdx diff --files`` on chains whose layers hold real file systems (ext4, FAT, exFAT, NTFS; no
 table, MBR, GPT): each checkpoint reports exactly the files it created, changed and deleted."""
 
 from __future__ import annotations
@@ -34,13 +34,15 @@ def _steps() -> list[Step]:
 
 def _reported(child: Path) -> dict[str, set[str]]:
     out = run_inprocess("diff", child, "--files", "--json").json()
-    got: dict[str, set[str]] = {"created": set(), "changed": set(), "deleted": set()}
+    got: dict[str, set[str]] = {"created": set(), "changed": set(), "deleted": set(),
+                                "fs_type": {v["fs_type"] for v in out["volumes"]}}
     for f in out["files"]:
         got[f["change"]].add(f["path"])
     return got
 
 
-@pytest.mark.parametrize("fs, table", [("ext4", "none"), ("ext4", "gpt"), ("fat", "mbr"), ("ntfs", "gpt")])
+@pytest.mark.parametrize("fs, table", [("ext4", "none"), ("ext4", "gpt"), ("fat", "mbr"), ("ntfs", "gpt"),
+                                       ("exfat", "mbr"), ("exfat", "gpt")])
 def test_each_checkpoint_reports_exactly_its_files(fs: str, table: str, tmp_path: Path) -> None:
     require(fs)
     chain = build(tmp_path / "disks", fs, table, _steps())
@@ -48,6 +50,7 @@ def test_each_checkpoint_reports_exactly_its_files(fs: str, table: str, tmp_path
         step = chain.steps[n]
         got = _reported(chain.paths[n])
         case = f"{fs}/{table} checkpoint {n}"
+        assert len(got["fs_type"]) == 1 and got["fs_type"].pop().startswith(fs), case   # read as the fs made
         assert got["created"] == step.created, case
         assert got["deleted"] == step.deleted, case
         assert got["changed"] == step.changed, case

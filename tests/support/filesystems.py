@@ -1,5 +1,6 @@
-"""Chains whose layers hold real file systems: made with mkfs.ext4 / mkfs.fat / mkntfs, changed
-through a kernel (ext4), ntfs-3g (NTFS) mount of a raw image or mtools (FAT: no vfat module needed), and written layer by layer into a VHDX chain,
+"""Chains whose layers hold real file systems: made with mkfs.ext4 / mkfs.fat / mkntfs / mkfs.exfat,
+changed through a kernel (ext4), ntfs-3g (NTFS) or exfat-fuse (exFAT: no kernel exfat module needed)
+mount of a raw image or mtools (FAT: no vfat module needed), and written layer by layer into a VHDX chain,
 each checkpoint holding exactly the sectors that changed. Needs root (loop mounts); a missing
 tool skips the test, or fails it under CI=true."""
 
@@ -23,9 +24,10 @@ MiB = 1 << 20
 SECTOR = 512
 PART_OFFSET = MiB            # the partition starts at LBA 2048
 MKFS = {"ext4": (["mkfs.ext4", "-q", "-F"], "e2fsprogs"), "fat": (["mkfs.fat"], "dosfstools"),
-        "ntfs": (["mkntfs", "-q", "-F", "-f"], "ntfs-3g")}
-MOUNT = {"ext4": ["-t", "ext4", "-o", "loop,noatime"], "ntfs": ["-t", "ntfs-3g", "-o", "noatime"]}
-MBR_TYPE = {"ext4": 0x83, "fat": 0x0E, "ntfs": 0x07}
+        "ntfs": (["mkntfs", "-q", "-F", "-f"], "ntfs-3g"), "exfat": (["mkfs.exfat"], "exfatprogs")}
+MOUNT = {"ext4": ["-t", "ext4", "-o", "loop,noatime"], "ntfs": ["-t", "ntfs-3g", "-o", "noatime"],
+         "exfat": ["-t", "exfat-fuse", "-o", "loop,noatime"]}
+MBR_TYPE = {"ext4": 0x83, "fat": 0x0E, "ntfs": 0x07, "exfat": 0x07}
 
 
 def require(fs: str) -> None:
@@ -34,6 +36,10 @@ def require(fs: str) -> None:
     tool, package = MKFS[fs]
     if fs == "fat":
         need(bool(shutil.which("mcopy")), "mcopy is missing: apt-get install mtools")
+    if fs == "exfat":   # a FUSE mount: the kernel's exfat module is often absent
+        need(bool(shutil.which("mount.exfat-fuse", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")),
+             "mount.exfat-fuse is missing: apt-get install exfat-fuse")
+        need(os.path.exists("/dev/fuse"), "/dev/fuse is missing: exFAT is written through exfat-fuse")
     need(bool(shutil.which(tool[0], path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")),
           f"{tool[0]} is missing: apt-get install {package}")
     try:
