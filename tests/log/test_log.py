@@ -77,7 +77,7 @@ def test_entry_wrapping_past_the_end():
 
 def test_highest_sequence_wins_over_stale_entries():
     log = bytearray(LOG)
-    pos = put(log, 0, entry(100, 0, [(3 << 20, page(1))]))
+    put(log, 0, entry(100, 0, [(3 << 20, page(1))]))
     put(log, 20 * 4096, entry(200, 20 * 4096, [(3 << 20, page(2))]))
     seq = find_active_sequence(bytes(log), G)
     assert seq[-1].sequence_number == 200 and seq[-1].writes[0][1] == page(2)
