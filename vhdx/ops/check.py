@@ -150,7 +150,8 @@ def log_findings(image: Image) -> list[Finding]:
     return [Finding(WARNING, image.header.log_offset,
                     f"the log is dirty: {n} {'entry' if n == 1 else 'entries'} to replay (this check replayed "
                     f"{'it' if n == 1 else 'them'} in memory)",
-                    "open the disk read-write (vhdx check is read-only) to replay it; qemu-img refuses it")]
+                    "vhdx replay DISK (or check --repair) writes it into the file; check alone is read-only, "
+                    "qemu-img refuses it")]
 
 
 @dataclass(frozen=True)
