@@ -15,10 +15,13 @@ skip locally and FAIL under ``CI=true`` (``.ci/run`` installs xfsprogs and btrfs
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import shutil
 import subprocess
+import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +29,7 @@ import pytest
 
 import vhdx
 from support.needs import unavailable
+from vhdx.ops.merge.run import wait_for_release
 
 from support.merging import MiB, check_errors, cli, merge, read_disk
 
@@ -70,9 +74,24 @@ def mounted(request, tmp_path: Path) -> Iterator[Path]:
         try:
             yield mnt
         finally:
-            _run(["umount", str(mnt)])
+            _unmount(mnt)
     finally:
         _run(["losetup", "-d", device])
+
+
+def _unmount(mnt: Path) -> None:
+    """Unmount, after the merge's background release of deleted files and any unreachable open
+    file; retried, then detached lazily (the loop device goes when nothing uses it), never left."""
+    wait_for_release()
+    gc.collect()
+    for _ in range(5):
+        done = _run(["umount", str(mnt)])
+        if done.returncode == 0:
+            return
+        time.sleep(0.5)
+        gc.collect()
+    lazy = _run(["umount", "-l", str(mnt)])
+    warnings.warn(f"{mnt} was busy ({done.stderr.strip()}); detached lazily: {lazy.returncode == 0}")
 
 
 def make_chain(folder: Path) -> tuple[Path, Path, bytes]:
