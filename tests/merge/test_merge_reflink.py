@@ -28,10 +28,10 @@ from typing import Iterator
 import pytest
 
 import vhdx
-from support.needs import unavailable
 from vhdx.ops.merge.run import wait_for_release
 
 from support.merging import MiB, check_errors, cli, merge, read_disk
+from support.needs import unavailable
 
 IMAGE_SIZE = 320 * MiB  # XFS wants about 300 MiB at least
 
