@@ -86,8 +86,7 @@ def build_small(folder: Path) -> None:
 
 
 def compact_one_move_per_batch(folder: Path) -> Any:
-    """compact with one block per log transaction: the file's end is logged smaller and cut
-    after every move, while the next move's data is flushed."""
+    """compact with one block per log transaction: many batches of moves (data, flush, entry)."""
     saved = compact_module.MOVE_BATCH_UNITS
     compact_module.MOVE_BATCH_UNITS = 1
     try:

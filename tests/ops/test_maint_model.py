@@ -31,8 +31,6 @@ import vhdx
 from support.chain import check_problems
 from support.disk import MiB, assert_same, disk_bytes, nonzero_pattern
 from vhdx.file.image import Image
-from vhdx.file.writer import Writer
-from vhdx.ops import compact as compact_module
 from vhdx.ops import convert as convert_module
 
 from support.maintenance import (ChainSpec, allocated_blocks, build_chain, data_write_guid, env_examples, judge, last_data,
@@ -219,60 +217,3 @@ def test_a_failed_write_leaves_no_output_and_no_temporary_file(tmp_path: Path, m
         vhdx.convert(raw, tmp_path / "out.vhdx", source_format="raw", block_size=MiB)
     assert len(calls) == 2
     assert sorted(os.listdir(tmp_path)) == ["disk.img"]
-
-
-def build_striped(path: Path, blocks: int = 12) -> bytes:
-    """A dynamic disk of ``blocks`` 1 MiB blocks, every other one data, the rest zeros written."""
-    content = b"".join(nonzero_pattern(b + 1, MiB) if b % 2 else bytes(MiB) for b in range(blocks))
-    with vhdx.create(str(path), len(content), block_size=MiB) as d:
-        d.pwrite(content, 0)
-    return content
-
-
-def test_compact_in_small_batches_cuts_the_file_on_a_thread_as_it_goes(tmp_path: Path, monkeypatch) -> None:
-    """One block per log transaction: the end is cut after each (on a second thread, the file
-    being a plain descriptor) while the next block is flushed; the content stays the same."""
-    target = tmp_path / "striped.vhdx"
-    content = build_striped(target)
-    cuts: list[int] = []
-    real = Writer.truncate
-
-    def counting(self, size: int) -> None:
-        cuts.append(size)
-        real(self, size)
-
-    monkeypatch.setattr(Writer, "truncate", counting)
-    monkeypatch.setattr(compact_module, "MOVE_BATCH_UNITS", 1)
-    result = vhdx.compact(target)
-    assert result.moved_blocks >= 3
-    assert len(cuts) == result.moved_blocks, "one cut per batch of moves"
-    assert cuts == sorted(cuts, reverse=True)
-    judge(target, content, "compacted in batches")
-    size, used = packed_size(target)
-    assert size == used
-    assert not check_problems(tmp_path)
-
-
-def test_a_failed_cut_on_the_thread_stops_the_compact_and_a_rerun_finishes(tmp_path: Path, monkeypatch) -> None:
-    target = tmp_path / "striped.vhdx"
-    content = build_striped(target)
-    calls: list[int] = []
-    real = Writer.truncate
-
-    def failing(self, size: int) -> None:
-        calls.append(size)
-        if len(calls) == 2:
-            raise vhdx.VhdxError("cannot resize (simulated)", path=str(target))
-        real(self, size)
-
-    monkeypatch.setattr(Writer, "truncate", failing)
-    monkeypatch.setattr(compact_module, "MOVE_BATCH_UNITS", 1)
-    with pytest.raises(vhdx.VhdxError, match="simulated"):
-        vhdx.compact(target)
-    judge(target, content, "after the failed cut")
-    assert not check_problems(tmp_path)
-    monkeypatch.setattr(Writer, "truncate", real)
-    vhdx.compact(target)
-    judge(target, content, "after the re-run")
-    size, used = packed_size(target)
-    assert size == used

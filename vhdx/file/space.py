@@ -22,7 +22,6 @@ in step with the file once the change is durable.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -121,51 +120,10 @@ def commit_entries(image: "Image", updates: dict[int, int], *, data_change: bool
     image.bat[idx] = new[idx]
 
 
-class PendingCut:
-    """A cut of the file to ``size`` bytes whose new size is already durable in the log
-    (:func:`log_file_size`), carried out while the next batch of moves is flushed.
-
-    The cut runs on a second thread when the file is a plain descriptor (the kernel frees the
-    blocks while the flush waits for the disk), else in line; in both cases it starts after the
-    next batch's data is copied (that data lies below ``size``) and ends before that batch's
-    entries are logged, so the order of durable events is that of :func:`shrink_file`.
-    """
-
-    def __init__(self, image: "Image", size: int) -> None:
-        self.image = image
-        self.size = size
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        try:
-            self.image.writer.truncate(self.size)
-        except BaseException as e:  # noqa: BLE001 - handed to finish() on the caller's thread
-            self.error = e
-
-    def start(self) -> None:
-        """Begin the cut (on a thread where the file allows it)."""
-        if self.image.storage.fileno() is None:
-            self._run()
-            return
-        self.thread = threading.Thread(target=self._run, name="vhdx-cut", daemon=True)
-        self.thread.start()
-
-    def finish(self) -> None:
-        """Wait for the cut; raise its error."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            raise self.error
-
-
-def move_units(image: "Image", moves: list[tuple[Unit, int]], *, progress: Progress | None = None,
-               cut: PendingCut | None = None) -> int:
+def move_units(image: "Image", moves: list[tuple[Unit, int]], *, progress: Progress | None = None) -> int:
     """Copy each unit to its new offset, flush, then point its entry there through the log.
 
     Returns the bytes copied. The destinations must be free space (see :func:`plan_moves`).
-    A ``cut`` (of space past every destination) is carried out between the copies and the flush.
     """
     if not moves:
         return 0
@@ -183,13 +141,7 @@ def move_units(image: "Image", moves: list[tuple[Unit, int]], *, progress: Progr
         writer.copier.copy(image.storage, unit.start, dst, unit.length, progress)
         updates[unit.bat_index] = batmod.make_entry(entry & C.BAT_STATE_MASK, dst)
         copied += unit.length
-    if cut is not None:
-        cut.start()
-    try:
-        writer.sync()  # data first: no entry may point at data that is not durable (§7.4)
-    finally:
-        if cut is not None:
-            cut.finish()
+    writer.sync()  # data first: no entry may point at data that is not durable (§7.4)
     commit_entries(image, updates, data_change=False)
     return copied
 
@@ -212,22 +164,15 @@ def shrink_file(image: "Image", size: int) -> int:
     before = image.storage.size()
     if before <= size:
         return 0
-    log_file_size(image, size)
-    writer.truncate(size)
-    writer.sync()
-    return before - size
-
-
-def log_file_size(image: "Image", size: int) -> None:
-    """Make an empty log entry carrying the file size ``size`` durable: the file may be cut to
-    ``size`` from then on (§8.2). ``size`` must lie past everything the file references."""
     if size < referenced_end(image):
         raise UsageError(f"cannot cut the file to {size} bytes: it references space up to "
                          f"{referenced_end(image)}", path=image.path)
-    writer = image.writer
     writer.begin_session(data_change=False)
     assert writer.log_writer is not None
     writer.log_writer.write_entry([], file_size=size)
+    writer.truncate(size)
+    writer.sync()
+    return before - size
 
 
 def region_table_pages(image: "Image", entries: list[RegionEntry]) -> dict[int, bytes]:

@@ -30,16 +30,15 @@ from ..chains.paths import PathArgs
 from ..chains.resolve import open as open_disk
 from ..errors import UsageError
 from ..file.image import Image
-from ..file.space import (PendingCut, Unit, commit_entries, host_sparse, log_file_size, lower_bat, move_units,
-                          plan_moves, referenced_end, shrink_file, units)
+from ..file.space import Unit, commit_entries, host_sparse, lower_bat, move_units, plan_moves, referenced_end, shrink_file, units
 from ..format import bat as batmod
 from ..format import constants as C
 from ..format import layout
 from ..format.geometry import align_up
 from .maintenance import PROBE, SCAN_PIECE, ProgressCallback, all_zero, refuse_children
 
-MOVE_BATCH_BYTES = 256 << 20  # bytes moved per log transaction: the file's end is cut after each
-MOVE_BATCH_UNITS = 512        # and blocks per transaction
+MOVE_BATCH_BYTES = 1 << 30   # bytes moved per log transaction
+MOVE_BATCH_UNITS = 512       # and blocks per transaction
 
 
 @dataclass
@@ -140,38 +139,16 @@ def _batches(moves: list[tuple[Unit, int]]) -> list[list[tuple[Unit, int]]]:
     return out
 
 
-def _next_cut(image: Image) -> PendingCut | None:
-    """After a batch of moves: log the smaller file size the batch allows and return the cut
-    (carried out while the next batch is flushed), or None when the file cannot shrink."""
-    end = referenced_end(image)
-    if end >= image.storage.size():
-        return None
-    log_file_size(image, end)
-    return PendingCut(image, end)
-
-
 def pack(image: Image) -> tuple[int, int]:
-    """Move blocks from the end of the file into its holes until none fits; (blocks, bytes) moved.
-
-    Moves go in batches, the highest blocks first; after each batch the file's end is logged
-    smaller, and cut while the next batch's data is flushed (the kernel frees the space
-    while the disk writes).
-    """
+    """Move blocks from the end of the file into its holes until none fits; (blocks, bytes) moved."""
     moved = nbytes = 0
-    cut: PendingCut | None = None
     while True:
         moves = plan_moves(_structures(image), units(image.bat, image.geometry, bitmaps=image.has_parent))
         if not moves:
-            break
+            return moved, nbytes
         for batch in _batches(moves):
-            nbytes += move_units(image, batch, cut=cut)
+            nbytes += move_units(image, batch)
             moved += len(batch)
-            cut = _next_cut(image)
-    if cut is not None:
-        cut.start()
-        cut.finish()
-        image.writer.sync()
-    return moved, nbytes
 
 
 def simulate(image: Image, updates: dict[int, int]) -> tuple[int, int, int]:
