@@ -21,6 +21,7 @@ from typing import Any, Callable
 import pytest
 
 import vhdx
+from vhdx.ops import compact as compact_module
 from support.chain import check_problems, copy_folder
 from support.disk import MiB, nonzero_pattern
 from support.faults import FaultPlan, materialize, wrapping_writable_files
@@ -84,8 +85,19 @@ def build_small(folder: Path) -> None:
         d.pwrite(nonzero_pattern(5, 1000), 4 * MiB)
 
 
+def compact_one_move_per_batch(folder: Path) -> Any:
+    """compact with one block per log transaction: many batches of moves (data, flush, entry)."""
+    saved = compact_module.MOVE_BATCH_UNITS
+    compact_module.MOVE_BATCH_UNITS = 1
+    try:
+        return vhdx.compact(folder / "base.vhdx")
+    finally:
+        compact_module.MOVE_BATCH_UNITS = saved
+
+
 SCENARIOS = {
     "compact-base": Scenario("compact-base", build_holey, lambda f: vhdx.compact(f / "base.vhdx"), packs=True),
+    "compact-batched": Scenario("compact-batched", build_holey, compact_one_move_per_batch, packs=True),
     "compact-child": Scenario("compact-child", build_child, lambda f: vhdx.compact(f / "child.avhdx"),
                               target="child.avhdx", packs=True),
     "grow": Scenario("grow", build_small, lambda f: vhdx.resize(f / "base.vhdx", 10 * MiB)),
@@ -155,7 +167,8 @@ def test_a_fault_at_every_write_index(name: str, mode: str, scratch: Path) -> No
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:12])
 
 
-@pytest.mark.parametrize("name", ["compact-base", "compact-child", "grow-moving-the-bat", "shrink-to-minimum"])
+@pytest.mark.parametrize("name", ["compact-base", "compact-batched", "compact-child", "grow-moving-the-bat",
+                                  "shrink-to-minimum"])
 def test_every_power_loss_prefix(name: str, scratch: Path) -> None:
     scenario = SCENARIOS[name]
     pristine, recorded, work = scratch / "pristine", scratch / "recorded", scratch / "work"

@@ -29,6 +29,7 @@ from ..chains.disk import Disk
 from ..chains.paths import PathArgs
 from ..chains.resolve import open as open_disk
 from ..errors import UsageError
+from ..file.buffers import aligned_buffer
 from ..file.image import Image
 from ..file.space import Unit, commit_entries, host_sparse, lower_bat, move_units, plan_moves, referenced_end, shrink_file, units
 from ..format import bat as batmod
@@ -79,12 +80,12 @@ def zero_block_entries(disk: Disk, progress: ProgressCallback | None = None) -> 
     g = image.geometry
     states = image.payload_states()
     blocks = np.flatnonzero(batmod.holds_data(states)).tolist()
-    buf = bytearray(g.block_size)
+    buf = aligned_buffer(g.block_size)   # page-aligned: the kernel copies into it at full speed
     updates: dict[int, int] = {}
     kept = 0
     for n, block in enumerate(blocks):
         start = block * g.block_size
-        view = memoryview(buf)[:min(g.block_size, image.size - start)]
+        view = buf[:min(g.block_size, image.size - start)]
         if progress is not None:
             progress((n + 1) * g.block_size, len(blocks) * g.block_size)
         if not reads_zeros(image, view, start):
