@@ -167,7 +167,7 @@ def make_qemu_disk(path: Path, *, fixed: bool = False, size: str = "8M", block: 
 
 
 def make_our_disk(path: Path, *, logical_sector_size: int = 4096, fixed: bool = False) -> Path:
-    vhdx = pytest.importorskip("vhdx")
+    import vhdx
     with vhdx.create(str(path), 8 * MiB, block_size=MiB, logical_sector_size=logical_sector_size,
                      physical_sector_size=4096, fixed=fixed) as disk:
         disk.seek(0)
@@ -183,7 +183,7 @@ PARENT_NAME = "parent.vhdx"
 def make_our_child(path: Path) -> Path:
     """A differencing child (512-byte sectors, 1 MiB blocks) of ``parent.vhdx`` in the same folder:
     the parent holds the first pattern, the child the second, as in make_our_disk."""
-    vhdx = pytest.importorskip("vhdx")
+    import vhdx
     parent = path.parent / PARENT_NAME
     with vhdx.create(str(parent), 8 * MiB, block_size=MiB, logical_sector_size=512,
                      physical_sector_size=4096) as disk:

@@ -38,7 +38,7 @@ from support.disk import read_all as read_disk
 from support.faults import FaultyStorage, PowerLoss
 from support.needs import unavailable
 
-vhdx = pytest.importorskip("vhdx")
+import vhdx
 from vhdx.file.storage import FileStorage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

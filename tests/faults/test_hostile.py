@@ -38,7 +38,7 @@ from support.cli import run_subprocess
 from conftest import (PARENT_NAME, MiB, CaseTimeout, Guard, have, mark_unwritten, read_disk, sha256_file,
                       stamp_of)
 
-vhdx = pytest.importorskip("vhdx")
+import vhdx
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -31,7 +31,7 @@ import pytest
 import vhdxbits as vb
 from conftest import Guard
 
-vhdx = pytest.importorskip("vhdx")
+import vhdx
 import vhdx.ops.check  # noqa: E402
 from vhdx.errors import LogReplayError, UsageError  # noqa: E402
 from vhdx.file.image import Image  # noqa: E402

@@ -28,22 +28,12 @@ import vhdxbits as vb
 from conftest import PARENT_NAME, have
 from test_hostile import CASES, LOCATOR_CASES, LOG_CASES, _dirty
 
-vhdx = pytest.importorskip("vhdx")
+import vhdx  # noqa: E402
 from vhdx.file.image import Image  # noqa: E402
 
+from support.repair import outside  # noqa: E402
+
 BASES = ("qemu512", "ours4k", "child")
-
-
-def _ranges_outside(lost: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
-    """The complement of ``lost`` in [0, size)."""
-    out, at = [], 0
-    for s, e in lost:
-        if s > at:
-            out.append((at, s))
-        at = max(at, e)
-    if at < size:
-        out.append((at, size))
-    return out
 
 
 def qemu_can_open(out: Path) -> bool:
@@ -66,7 +56,7 @@ def _differences(out: Path, expected: bytes, lost: list[tuple[int, int]], also: 
     chain = dict(parents=[str(parent)], ignore_id_mismatch=True) if parent is not None else {}
     with vhdx.open(str(out), **chain) as disk:
         common = min(disk.size, len(expected), len(also) if also is not None else disk.size)
-        for s, e in _ranges_outside(lost, common):
+        for s, e in outside(lost, common):
             disk.seek(s)
             got = disk.read(e - s)
             if got == expected[s:e] or (also is not None and got == also[s:e]):

@@ -27,7 +27,7 @@ from vhdx.format import constants as C
 from vhdx.ops.check import check_file
 from vhdx.ops.repair import repair_in_place, replay, replay_on
 
-from .repairkit import MiB, make_dynamic
+from support.repair import MiB, make_dynamic
 
 SEEDS = int(os.environ.get("VHDX_POWER_PREFIX_SEEDS", "1"))
 

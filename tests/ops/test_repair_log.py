@@ -5,7 +5,7 @@ from __future__ import annotations
 import vhdx
 from vhdx.file.image import Image
 
-from .repairkit import MiB, make_dynamic
+from support.repair import MiB, make_dynamic
 
 
 def dirty_with_two_entries(path):

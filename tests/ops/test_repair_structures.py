@@ -33,7 +33,7 @@ from vhdx.format import constants as C
 from vhdx.format.records import build_header
 from vhdx.ops.check import check_file
 
-from .repairkit import DESTROY, differs_outside_lost, file_sha256, make_child, make_dynamic, make_two_page_bat, places
+from support.repair import DESTROY, differs_outside_lost, file_sha256, make_child, make_dynamic, make_two_page_bat, places
 
 STRUCTURES = list(DESTROY)
 

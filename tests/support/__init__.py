@@ -7,7 +7,8 @@ tool, peer or device is missing (and fails it under ``CI=true``). Kits of one do
 those: ``support.merging`` (chains with a byte model, judges of a merge), ``support.maintenance``
 (random disks for compact / resize / convert), ``support.forensic_chain`` (chains with a model
 of every layer's map), ``support.filesystems`` (real file systems inside chains),
-``support.mounting`` (FUSE mounts that are always unmounted).
+``support.mounting`` (FUSE mounts that are always unmounted), ``support.repair`` (damaged
+disks and the structures a repair test destroys).
 Nothing here imports a test folder: the folders import the kit (tests/conftest.py puts tests/ on
 ``sys.path``).
 """

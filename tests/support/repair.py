@@ -80,6 +80,7 @@ def file_sha256(path: Path) -> str:
 
 
 def outside(lost: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The complement of the sorted ranges ``lost`` in [0, size)."""
     out, at = [], 0
     for s, e in lost:
         if s > at:
