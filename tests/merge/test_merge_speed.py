@@ -18,15 +18,18 @@ import json
 import mmap
 import os
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 import vhdx
 import vhdx.file.image
+from vhdx.file.image import Image
 from vhdx.file import copy as copymod
 from vhdx.file.storage import FileStorage, Storage
 from vhdx.format import constants as C
+from vhdx.ops.merge.plan import TRANSPARENT, BatView, extents, owners, planning_unit
 from vhdx.ops.merge.run import wait_for_release
 
 from support.merging import MiB, check_errors, cli, merge, read_disk
@@ -267,3 +270,26 @@ def test_next_batch_is_hinted_to_the_kernel_after_the_copy(tmp_path: Path, monke
         s.close()
         d.close()
     assert dst.read_bytes() == src.read_bytes()[:MiB]
+
+
+def test_windows_of_whole_blocks_are_planned_per_block_and_partial_ones_per_sector(tmp_path: Path) -> None:
+    """The planner's unit: a whole block where no differencing source has a partially present
+    block in the window (a sparse 1 TiB merge plans in milliseconds), a sector where one has; both
+    give the same extents as planning every sector."""
+    base = tmp_path / "base.vhdx"
+    vhdx.create(str(base), 256 * MiB, block_size=MiB).close()
+    child = vhdx.snapshot(str(base), block_size=MiB)
+    with vhdx.open(child, "r+") as d:
+        d.pwrite(b"\x07" * MiB, 3 * MiB)             # a whole block
+        d.pwrite(b"\x09" * 4096, 70 * MiB + 8192)    # a partial block, in the second 64 MiB window
+    with closing(Image.open(child)) as im:
+        views = [BatView.of(im)]
+        assert planning_unit(views, 0, 64 * MiB) == MiB
+        assert planning_unit(views, 64 * MiB, 64 * MiB) == im.logical_sector_size
+        for start in (0, 64 * MiB):
+            fast = list(extents(views, start, 64 * MiB))
+            per_sector = owners(views, start, 64 * MiB)
+            defined = int((per_sector != TRANSPARENT).sum())
+            assert sum(n for _, n, _, _ in fast) == defined * im.logical_sector_size
+        assert [(o, n) for o, n, _, _ in extents(views, 0, 64 * MiB)] == [(3 * MiB, MiB)]
+        assert [(o, n) for o, n, _, _ in extents(views, 64 * MiB, 64 * MiB)] == [(70 * MiB + 8192, 4096)]
