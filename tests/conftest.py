@@ -37,7 +37,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support.disk import read_all, sha256_file, write_all  # noqa: E402
-from support.needs import in_ci  # noqa: E402
+from support.needs import unavailable  # noqa: E402
 
 MiB = 1 << 20
 HASH_CHUNK = 4 * MiB
@@ -191,9 +191,7 @@ def shared_dir() -> Path:
     if not (path / "specimens" / "manifest.json").is_file():
         message = (f"shared specimens folder not found at {path} "
                    f"(put it beside the repository or set VHDX_SHARED)")
-        if in_ci():
-            pytest.fail(message + " (CI=true: the specimens are required)")
-        pytest.skip(message)
+        unavailable(message)
     return path
 
 
@@ -343,9 +341,7 @@ def interop_tool(request: pytest.FixtureRequest,
         found = _peer_cache[name]
         if isinstance(found, LookupError):
             message = f"interop peer {name} missing: {found}"
-            if in_ci():
-                pytest.fail(message + " (CI=true: every peer is required)")
-            pytest.skip(message)
+            unavailable(message)
         handle, version = found
         request.node.user_properties.append(("peer", version))
         request.config._vhdx_peer_versions[name] = version  # type: ignore[attr-defined]

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import pytest
 
 from support.forensic_chain import REPO, cli_env, run_inprocess
+from support.needs import unavailable
 
 GiB = 1 << 30
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -353,7 +354,7 @@ def test_a_dirty_log_is_replayed_in_memory_only(name: str, specimen, file_sha256
 def test_orphans_over_the_specimen_folder_changes_nothing(specimen, file_sha256, request: pytest.FixtureRequest,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     if ENTRIES is None:
-        pytest.skip("no specimens")
+        unavailable("no specimens: the shared specimens folder was not found")
     runslow = request.config.getoption("--runslow")
     paths = [specimen(_short(e["file"])) for e in ENTRIES if runslow or not _is_lvm2(e)]
     folder = paths[0].parent
