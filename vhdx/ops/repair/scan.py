@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import VhdxError
-from ...file.log import LogEntry, check_replay_bounds, find_active_sequence
+from ...file.log import LogEntry, find_active_sequence, replayable_prefix
 from ...file.storage import OverlayStorage, Storage
 from ...format import bat as batmod
 from ...format import constants as C
@@ -131,13 +131,7 @@ def later_entries(log: bytes, log_guid: uuid.UUID, head: int) -> int:
 
 def _usable_prefix(entries: list[LogEntry], size: int, path: str, log_offset: int) -> list[LogEntry]:
     """The longest prefix of ``entries`` whose replay passes the log's bounds checks."""
-    for n in range(len(entries), 0, -1):
-        try:
-            check_replay_bounds(entries[:n], size, path=path, log_offset=log_offset)
-            return entries[:n]
-        except VhdxError:
-            continue
-    return []
+    return entries[:replayable_prefix(entries, size, path=path, log_offset=log_offset)]
 
 
 def read_region_tables(storage: Storage, header: Header, report: SalvageReport) -> list[RegionEntry] | None:
