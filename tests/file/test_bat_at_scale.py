@@ -216,7 +216,7 @@ def test_writable_opens_never_take_the_cache(big: Path) -> None:
     assert parsecache.size() == 1
     storage = CountingStorage(FileStorage(big, writable=True))
     Image.open(big, "r+", storage=storage).close()
-    assert storage.bytes_read > 1 * MiB  # parsed from the file: metadata region and all
+    assert storage.bytes_read >= 2 * C.REGION_TABLE_SIZE + C.METADATA_TABLE_SIZE  # parsed from the file
 
 
 def test_writes_through_the_mapped_bat_reach_the_file(big: Path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Mapping
 
 from ..errors import ChainCycleError, ChainError, ParentMismatchError, ParentNotFoundError, UsageError
@@ -47,8 +47,8 @@ class Layer:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """The layer as a plain dict (for JSON)."""
-        return asdict(self)
+        """The layer as a plain dict (for JSON); every field is a plain value but ``tried``."""
+        return dict(vars(self), tried=list(self.tried))
 
 
 def _check_sizes(child: Image, parent: Image | Disk, layer: Layer, strict: bool) -> None:

@@ -79,6 +79,8 @@ def validate(sparse: batmod.SparseBat, geometry: Geometry, file_size: int, where
              writing: tuple[Header, list[RegionEntry]] | None = None) -> None:
     """Refuse entries that would make reads go outside the file (docs/format.md §5.3) and, when
     ``writing`` (the header and region table), entries in an invalid state or sharing space."""
+    if sparse.size == 0 and writing is None:
+        return  # every entry zero (NOT_PRESENT): nothing can point anywhere
     alloc = layout.allocations_of(sparse, geometry, bitmaps=geometry.has_parent)
     layout.validate_in_file(alloc, file_size, where)
     if writing is not None:

@@ -12,19 +12,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import CorruptError, ReadOnlyError, TruncatedError, UnsupportedError, UsageError, VhdxError
+from ..errors import CorruptError, ReadOnlyError, UsageError
 from ..format import bat as batmod
 from ..format import bitmap as bitmapmod
 from ..format import constants as C
-from ..format import layout, sniff
-from ..format.geometry import Geometry, as_offset
-from ..format.records import (Header, Metadata, MetadataItem, RegionEntry, current_header, parse_creator,
-                              parse_header, parse_metadata_region, parse_region_table, validate_header_fields)
+from ..format.geometry import as_offset
+from ..format.records import Header, MetadataItem, RegionEntry
 from . import parsecache
 from .batowner import BatOwner
 from .buffers import readinto_file
 from .copy import Progress
 from .describe import describe
+from .headsection import HeaderSection
 from .extents import Extent
 from .log import LogEntry, plan_replay
 from .storage import FileStorage, OverlayStorage, Storage
@@ -41,7 +40,7 @@ def zero_fill(view: memoryview) -> None:
 MODES = {"r": "r", "rb": "r", "r+": "r+", "r+b": "r+", "rb+": "r+"}  # what open() accepts, as "r" or "r+"
 
 
-class Image(BatOwner):
+class Image(HeaderSection, BatOwner):
     """A parsed VHDX file on a :class:`Storage`. Use :meth:`open` or :func:`vhdx.file.create.create_image`."""
 
     def __init__(self, storage: Storage, *, owns_storage: bool = True) -> None:
@@ -60,7 +59,6 @@ class Image(BatOwner):
         self.log_was_dirty = False
         self.log_replayed_in_memory = False
         self.writer = Writer(self)
-        self.creator = ""
         self.cache_key: Any = None  # this unchanged file's key in parsecache (read-only opens)
         self.bat_validated = False
 
@@ -111,35 +109,26 @@ class Image(BatOwner):
         """Parse everything; ``salvage`` (for ``vhdx check``) skips the BAT checks that
         :func:`vhdx.check.check_image` reports as findings instead; ``header_only`` stops
         before the BAT."""
-        path = self.path
-        file_size = self.storage.size()
-        head = self.storage.read(0, min(file_size, C.REGION_TABLE2_OFFSET + C.REGION_TABLE_SIZE))
-        if head[:8] != C.SIGNATURE_FILE:  # name the format it is (a VHD, a qcow2...) if we can
-            tail = self.storage.read(max(0, file_size - sniff.TAIL_SIZE), min(file_size, sniff.TAIL_SIZE))
-            raise CorruptError(sniff.not_vhdx_message(head, tail, file_size), path=path, offset=0)
-        if file_size < C.HEADER_SECTION_SIZE:
-            raise TruncatedError(f"{file_size} bytes: too short for a VHDX file (the header section "
-                                 f"alone is 1 MiB)", path=path, offset=file_size)
-        if self._from_cache(head, salvage=salvage, header_only=header_only):
+        self.read_identifier(self.storage.size())
+        pair = self.read_headers()
+        if self._from_cache(pair, salvage=salvage, header_only=header_only):
             return
-        self.creator = parse_creator(head, path=path)
-        self._select_header(head)
+        self.select_header(pair)
         if self.header.log_guid != C.ZERO_GUID:
             self.cache_key = None  # a log to replay: this open's view is not the file's
             self._replay_log(self.header)
-        self._load_regions()
+        self.load_regions()
         self.load_metadata()
         if not header_only:
             self.load_bat(salvage=salvage)
         parsecache.put(self.cache_key, parsecache.parsed(self))
 
-    def _from_cache(self, head: bytes, *, salvage: bool, header_only: bool) -> bool:
+    def _from_cache(self, pair: bytes, *, salvage: bool, header_only: bool) -> bool:
         """Load from :mod:`.parsecache` if this file, unchanged (same headers), was parsed before by a
         locked read-only open of it with a clean log; else note its key for after the parse."""
         if self.writable or getattr(self.storage, "lock_mode", None) is None:
             return False  # unlocked (--force-share): another process may be changing the file
-        key = parsecache.key_of(self.storage.fileno(), head[C.HEADER1_OFFSET:C.HEADER1_OFFSET + C.HEADER_SIZE]
-                                + head[C.HEADER2_OFFSET:C.HEADER2_OFFSET + C.HEADER_SIZE])
+        key = parsecache.key_of(self.storage.fileno(), pair)
         self.cache_key = key
         if not parsecache.restore(self, parsecache.get(key), header_only=header_only):
             return False
@@ -150,25 +139,6 @@ class Image(BatOwner):
         parsecache.put(key, parsecache.parsed(self))
         return True
 
-    def _select_header(self, head: bytes) -> None:
-        """Valid CRC-32C, highest sequence number wins; identical headers are tolerated (§2.2)."""
-        for i, offset in enumerate(C.HEADER_OFFSETS):
-            try:
-                h = parse_header(head[offset:offset + C.HEADER_SIZE], path=self.path, offset=offset)
-                validate_header_fields(h, path=self.path, offset=offset)
-                self.headers[i] = h
-            except VhdxError as e:
-                self.header_errors[i] = e.detail
-        self.current_header_index, self.headers_identical = current_header(self.headers, self.header_errors,
-                                                                            path=self.path)
-
-    @property
-    def header(self) -> Header:
-        """The current header."""
-        h = self.headers[self.current_header_index]
-        assert h is not None
-        return h
-
     def _replay_log(self, header: Header) -> None:
         plan = plan_replay(self.storage, header.log_offset, header.log_length, header.log_guid)
         self.log_was_dirty = True
@@ -178,39 +148,6 @@ class Image(BatOwner):
         else:
             self.storage = OverlayStorage(self.storage, plan.patches, plan.last_file_offset)
             self.log_replayed_in_memory = True
-
-    def _load_regions(self) -> None:
-        errors: list[VhdxError] = []
-        for i, offset in enumerate(C.REGION_TABLE_OFFSETS):
-            try:
-                entries = parse_region_table(self.storage.read(offset, C.REGION_TABLE_SIZE),
-                                             path=self.path, offset=offset)
-                layout.validate_region_table(entries, self.header, self.storage.size(), path=self.path,
-                                             offset=offset)
-            except VhdxError as e:
-                self.region_table_errors[i] = e.detail
-                errors.append(e)
-                continue
-            if not self.region_table:
-                self.region_table = entries
-        if not self.region_table:
-            raise errors[0]
-
-    def region(self, guid: uuid.UUID) -> RegionEntry:
-        """The region table entry of region ``guid``."""
-        return next(e for e in self.region_table if e.guid == guid)
-
-    def load_metadata(self) -> None:
-        """(Re)read the metadata region and the geometry it gives."""
-        r = self.region(C.METADATA_REGION_GUID)
-        if r.length > C.MAX_METADATA_REGION_SIZE:
-            raise UnsupportedError(f"metadata region of {r.length} bytes is over our 128 MiB limit",
-                                   path=self.path, offset=r.file_offset)
-        self.metadata_region = r
-        self.metadata: Metadata = parse_metadata_region(self.storage.read(r.file_offset, r.length),
-                                                        path=self.path, offset=r.file_offset)
-        md = self.metadata
-        self.geometry = Geometry(md.virtual_disk_size, md.block_size, md.logical_sector_size, md.has_parent)
 
     # ------------------------------------------------------------------ properties
 

@@ -74,7 +74,7 @@ def size() -> int:
         return len(_entries)
 
 
-PARSED = ("creator", "headers", "header_errors", "current_header_index", "headers_identical", "region_table",
+PARSED = ("creator_field", "headers", "header_errors", "current_header_index", "headers_identical", "region_table",
           "region_table_errors", "metadata_region", "metadata", "geometry")
 MAX_SPARSE = 1 << 16  # rows (about 1 MiB) kept per file; a BAT with more non-zero entries is scanned again
 

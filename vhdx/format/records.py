@@ -257,9 +257,11 @@ KNOWN_SYSTEM_ITEMS = {C.FILE_PARAMETERS_GUID, C.VIRTUAL_DISK_SIZE_GUID, C.PAGE83
                       C.CHS_PARAMETERS_GUID, C.PMEM_LABEL_GUID}
 
 
-def parse_metadata_region(buf: bytes, *, path: str | None = None, offset: int = 0) -> Metadata:
-    """The metadata table and its known items; ``offset`` is the region's file offset."""
-    entries, items = parse_metadata_table(buf, path=path, offset=offset)
+def parse_metadata_region(buf: bytes, *, path: str | None = None, offset: int = 0,
+                          region_length: int | None = None) -> Metadata:
+    """The metadata table and its known items; ``offset`` is the region's file offset. ``buf`` is
+    the region, or its first bytes up to :func:`metadata_items_end` of a ``region_length`` one."""
+    entries, items = parse_metadata_table(buf, path=path, offset=offset, region_length=region_length)
     where = _ItemReader(items, path, offset)
     fp = FileParameters.parse(where.item(C.FILE_PARAMETERS_GUID, 8))
     size = VirtualDiskSize.parse(where.item(C.VIRTUAL_DISK_SIZE_GUID, 8)).virtual_disk_size
@@ -277,10 +279,27 @@ def parse_metadata_region(buf: bytes, *, path: str | None = None, offset: int = 
                     has_parent, size, lss, pss, page83, locator)
 
 
-def parse_metadata_table(buf: bytes, *, path: str | None = None,
-                         offset: int = 0) -> tuple[list[MetadataEntry], dict[tuple[uuid.UUID, bool], bytes]]:
-    """The table's entries, checked, and each item's bytes keyed by (item id, is user)."""
-    if len(buf) < C.METADATA_TABLE_SIZE:
+def metadata_items_end(table: bytes) -> int:
+    """Where the last item listed by the metadata ``table`` (the region's first 64 KiB or more)
+    ends, counted from the region's start: how much of the region an open must read. Not a check:
+    :func:`parse_metadata_table` refuses what lies outside the region."""
+    end = C.METADATA_TABLE_SIZE
+    if len(table) < C.METADATA_TABLE_SIZE:
+        return end
+    count = min(int.from_bytes(table[10:12], "little"), C.MAX_METADATA_ENTRIES)
+    for i in range(count):
+        e = MetadataTableEntry.parse(table[32 + 32 * i:64 + 32 * i])
+        end = max(end, e.offset + min(e.length, C.MAX_METADATA_ITEM_SIZE))
+    return end
+
+
+def parse_metadata_table(buf: bytes, *, path: str | None = None, offset: int = 0,
+                         region_length: int | None = None
+                         ) -> tuple[list[MetadataEntry], dict[tuple[uuid.UUID, bool], bytes]]:
+    """The table's entries, checked against the region's length (``len(buf)`` unless given), and
+    each item's bytes keyed by (item id, is user)."""
+    region_length = len(buf) if region_length is None else region_length
+    if len(buf) < C.METADATA_TABLE_SIZE or region_length < C.METADATA_TABLE_SIZE:
         raise CorruptError("metadata region: shorter than its 64 KiB table", path=path, offset=offset)
     head = parse_at(MetadataTableHeader, bytes(buf[:32]), what="metadata table", path=path, offset=offset)
     if head.entry_count > C.MAX_METADATA_ENTRIES:
@@ -292,7 +311,10 @@ def parse_metadata_table(buf: bytes, *, path: str | None = None,
         e = MetadataTableEntry.parse(bytes(buf[at:at + 32]))
         entry = MetadataEntry(e.item_id, e.offset, e.length, e.flags)
         key = (entry.item_id, entry.is_user)
-        _check_metadata_entry(entry, len(buf), key in items, path=path, offset=offset + at)
+        _check_metadata_entry(entry, region_length, key in items, path=path, offset=offset + at)
+        if entry.offset + entry.length > len(buf) and entry.length:
+            raise CorruptError(f"metadata item {entry.name}: past the {len(buf)} bytes read of the region",
+                               path=path, offset=offset + at)
         entries.append(entry)
         items[key] = bytes(buf[entry.offset:entry.offset + entry.length])
     return entries, items
