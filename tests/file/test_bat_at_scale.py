@@ -156,8 +156,15 @@ def test_a_hostile_entry_deep_in_a_large_sparse_bat_is_refused(big: Path) -> Non
         block = image.geometry.payload_blocks // 2
         index = image.bat_index(block)
     _poke_entry(big, index, batmod.make_entry(C.PAYLOAD_BLOCK_FULLY_PRESENT, 1 << 45))
+    with closing(Image.open(big)) as image:  # read-only: checked by the read that uses it, and whole
+        with pytest.raises(CorruptError) as e:
+            image.readinto_at(memoryview(bytearray(4096)), block * image.block_size)
+        assert f"block {block}" in str(e.value)
+        with pytest.raises(CorruptError) as e:
+            image.count_states()
+        assert f"block {block}" in str(e.value)
     with pytest.raises(CorruptError) as e:
-        Image.open(big)
+        Image.open(big, "r+")  # a writer checks every entry at open
     assert f"block {block}" in str(e.value)
     report = check_file(big)
     assert any(f"block {block}" in f.message for f in report.errors)
@@ -206,8 +213,8 @@ def test_a_cached_parse_is_used_for_an_unchanged_file_and_dropped_when_it_change
         block = image.geometry.payload_blocks // 3
         index = image.bat_index(block)
     _poke_entry(big, index, batmod.make_entry(C.PAYLOAD_BLOCK_FULLY_PRESENT, 1 << 45), keep_mtime=True)
-    with pytest.raises(CorruptError):
-        Image.open(big)
+    with closing(Image.open(big)) as image, pytest.raises(CorruptError):
+        image.allocated()  # parsed again: the new entry is seen and refused
 
 
 def test_writable_opens_never_take_the_cache(big: Path) -> None:

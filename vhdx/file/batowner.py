@@ -3,10 +3,10 @@
 :class:`BatOwner` is the part of ``Image`` that holds the BAT (see :mod:`vhdx.file.battable`):
 ``bat`` (the mapped entries), ``sparse()`` (the non-zero entries, read in bounded chunks) and
 the answers built from them. Writable opens check every entry before any write. A read-only
-open checks every entry at once unless the BAT holds more than :data:`LAZY_OVER` bytes of data
-(a 64 TiB disk that qemu-img filled with ZERO entries: 512 MiB); then each entry is checked
-when a read first uses it (:meth:`check_read_entry`), and the whole BAT as soon as anything
-asks a whole-disk question (``sparse()``): no read ever uses an entry that was not checked.
+open checks none at open (the BAT may be 512 MiB: a 64 TiB disk that qemu-img filled with ZERO
+entries; and a chain of 64 files should open in milliseconds): each entry is checked when a
+read first uses it (:meth:`check_read_entry`), and the whole BAT as soon as anything asks a
+whole-disk question (``sparse()``): no read ever uses an entry that was not checked.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from ..format import constants as C
 from ..format import layout
 from ..format.records import RegionEntry
 from . import battable, parsecache
-
-LAZY_OVER = 16 * C.MiB  # bytes of BAT data (past its holes) above which a read-only open checks lazily
 
 
 class BatOwner:
@@ -43,12 +41,11 @@ class BatOwner:
     _file_size = 0
 
     def load_bat(self, *, salvage: bool = False) -> None:
-        """Map the BAT and check it: whole (writable opens, small BATs), or lazily (see the module)."""
+        """Map the BAT and check it: whole (writable opens), or lazily (read-only: see the module)."""
         self.adopt_bat(self.region(C.BAT_REGION_GUID), None, validated=False)
         if salvage:
             return
-        data = sum(hi - lo for lo, hi in self.storage.data_ranges(self.bat_region.file_offset, self.bat.size * 8))
-        if self.writable or data <= LAZY_OVER:
+        if self.writable:
             self.validate_bat()
         else:
             self.bat_lazy, self._file_size = True, self.storage.size()
