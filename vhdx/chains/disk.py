@@ -29,6 +29,7 @@ SHORT_MAX = 1 << 20
 _ZEROS = memoryview(bytes(SHORT_MAX))
 _STATE_MASK, _OFFSET_MASK = int(C.BAT_STATE_MASK), int(C.BAT_FILE_OFFSET_MASK)
 _FULLY, _PARTIALLY = int(C.PAYLOAD_BLOCK_FULLY_PRESENT), int(C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+_HEADER_SECTION = int(C.HEADER_SECTION_SIZE)  # no block starts inside the header section
 _NOT_PRESENT = int(C.PAYLOAD_BLOCK_NOT_PRESENT)
 
 
@@ -178,7 +179,7 @@ class Disk(io.RawIOBase):
         if not layers:
             return False
         n = len(view)
-        for image, bat, entries, shift, ratio_shift, fd, size, here, down in layers:
+        for image, bat, entries, shift, ratio_shift, fd, size, here, down, limit in layers:
             if image.closed or image.bat is not bat or offset + n > size:
                 return False
             block = offset >> shift
@@ -188,8 +189,10 @@ class Disk(io.RawIOBase):
             entry = entries[block + (block >> ratio_shift)]
             state = entry & _STATE_MASK
             if state in here:  # the bytes are in this file
-                if image.bat_lazy:  # a large read-only BAT is checked entry by entry, before first use
-                    image.check_read_entry(block, entry)
+                if image.bat_lazy:  # a read-only BAT is checked entry by entry, before first use
+                    start = entry & _OFFSET_MASK
+                    if start < _HEADER_SECTION or start + (1 << shift) > limit:  # inline: the common case passes
+                        image.check_read_entry(block, entry)
                 try:
                     return fd is not None and os.preadv(fd, [view], (entry & _OFFSET_MASK) + within) == n
                 except OSError:
@@ -220,7 +223,8 @@ class Disk(io.RawIOBase):
             # the states whose bytes are in this file, and the one that sends a read to the parent
             here = (_FULLY,) if im.has_parent else (_FULLY, _PARTIALLY)
             down = _NOT_PRESENT if im.has_parent else -1
-            layers.append((im, im.bat, entries, bs.bit_length() - 1, ratio.bit_length() - 1, fd, im.size, here, down))
+            layers.append((im, im.bat, entries, bs.bit_length() - 1, ratio.bit_length() - 1, fd, im.size, here, down,
+                           im.checked_file_size))
             disk = disk.parent
         return layers
 

@@ -38,7 +38,7 @@ class BatOwner:
     cache_key: Any = None
     bat_validated = False
     bat_lazy = False  # entries are checked as reads use them (large read-only BATs)
-    _file_size = 0
+    checked_file_size = 0  # what lazy entry checks compare with: the file's size at open
 
     def load_bat(self, *, salvage: bool = False) -> None:
         """Map the BAT and check it: whole (writable opens), or lazily (read-only: see the module)."""
@@ -48,7 +48,7 @@ class BatOwner:
         if self.writable:
             self.validate_bat()
         else:
-            self.bat_lazy, self._file_size = True, self.storage.size()
+            self.bat_lazy, self.checked_file_size = True, self.storage.size()
 
     def region(self, guid: Any) -> RegionEntry:  # pragma: no cover - Image's
         """The region table entry of region ``guid``."""
@@ -80,7 +80,7 @@ class BatOwner:
         """Before a read uses payload ``entry`` of a lazily checked BAT: refuse data outside the
         file as the whole-BAT check does; data that runs past the end needs the whole BAT (only
         the block last in the file may), so that check runs then."""
-        start, size = entry & C.BAT_FILE_OFFSET_MASK, self._file_size
+        start, size = entry & C.BAT_FILE_OFFSET_MASK, self.checked_file_size
         if start < C.HEADER_SECTION_SIZE or start >= size:
             index = self.geometry.payload_bat_index(block)
             raise CorruptError(f"BAT entry {index} (block {block}): data at 0x{start:x}, outside the {size}-byte file",
@@ -90,7 +90,7 @@ class BatOwner:
 
     def check_bitmap_entry(self, index: int, entry: int) -> None:
         """Before a read uses sector-bitmap ``entry`` (BAT index ``index``) of a lazily checked BAT."""
-        start, size = entry & C.BAT_FILE_OFFSET_MASK, self._file_size
+        start, size = entry & C.BAT_FILE_OFFSET_MASK, self.checked_file_size
         if start < C.HEADER_SECTION_SIZE or start + C.SECTOR_BITMAP_BLOCK_SIZE > size:
             raise CorruptError(f"BAT entry {index}: sector bitmap outside the {size}-byte file", path=self.path,
                                offset=self.bat_region.file_offset + 8 * index)
