@@ -189,10 +189,9 @@ class Disk(io.RawIOBase):
             entry = entries[block + (block >> ratio_shift)]
             state = entry & _STATE_MASK
             if state in here:  # the bytes are in this file
-                if image.bat_lazy:  # a read-only BAT is checked entry by entry, before first use
-                    start = entry & _OFFSET_MASK
-                    if start < _HEADER_SECTION or start + (1 << shift) > limit:  # inline: the common case passes
-                        image.check_read_entry(block, entry)
+                # a lazily checked BAT: the entry is checked before first use (inline, the common case)
+                if not _HEADER_SECTION <= entry & _OFFSET_MASK <= limit:
+                    image.check_read_entry(block, entry)
                 try:
                     return fd is not None and os.preadv(fd, [view], (entry & _OFFSET_MASK) + within) == n
                 except OSError:
@@ -223,8 +222,10 @@ class Disk(io.RawIOBase):
             # the states whose bytes are in this file, and the one that sends a read to the parent
             here = (_FULLY,) if im.has_parent else (_FULLY, _PARTIALLY)
             down = _NOT_PRESENT if im.has_parent else -1
+            # the last start a whole block fits after, in a lazily checked BAT; checked ones need no test
+            limit = im.checked_file_size - bs if im.bat_lazy else 1 << 64
             layers.append((im, im.bat, entries, bs.bit_length() - 1, ratio.bit_length() - 1, fd, im.size, here, down,
-                           im.checked_file_size))
+                           limit))
             disk = disk.parent
         return layers
 
