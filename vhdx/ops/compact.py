@@ -36,6 +36,7 @@ from ..format import bat as batmod
 from ..format import constants as C
 from ..format import layout
 from ..format.geometry import align_up
+from .fsfree import free_blocks
 from .maintenance import PROBE, SCAN_PIECE, ProgressCallback, all_zero, refuse_children
 
 MOVE_BATCH_BYTES = 1 << 30   # bytes moved per log transaction
@@ -46,7 +47,9 @@ MOVE_BATCH_UNITS = 512       # and blocks per transaction
 class CompactResult:
     """What :func:`compact` did (or, with ``dry_run``, would do).
 
-    ``zero_blocks`` were unallocated, ``moved_blocks`` (``bytes_moved``) were moved toward the
+    ``zero_blocks`` were unallocated (``trimmed_blocks`` of them because they lie in the free
+    space of a file system on the disk, with ``trim``; ``trim`` lists each volume examined),
+    ``moved_blocks`` (``bytes_moved``) were moved toward the
     start of the file, and the file went from ``size_before`` to ``size_after`` bytes
     (``bytes_reclaimed``). ``children`` lists the disks that depend on this one.
     """
@@ -60,6 +63,8 @@ class CompactResult:
     size_after: int
     children: list[str] = field(default_factory=list)
     kept_nonzero_parent: int = 0
+    trimmed_blocks: int = 0
+    trim: list[dict[str, Any]] | None = None
 
     @property
     def bytes_reclaimed(self) -> int:
@@ -73,30 +78,48 @@ class CompactResult:
         return d
 
 
-def zero_block_entries(disk: Disk, progress: ProgressCallback | None = None) -> tuple[dict[int, int], int]:
-    """The BAT entries that unallocate the blocks of ``disk``'s file reading as zeros, and how
-    many zero blocks had to stay because the parent does not read zeros there."""
+@dataclass
+class Unallocations:
+    """The BAT entries that unallocate blocks, how many of those lie in file-system free space
+    (``trimmed``), and how many blocks reading zeros had to stay (``kept``: the parent's data)."""
+
+    updates: dict[int, int] = field(default_factory=dict)
+    trimmed: int = 0
+    kept: int = 0
+
+
+def zero_block_entries(disk: Disk, progress: ProgressCallback | None = None,
+                       free: np.ndarray | None = None) -> Unallocations:
+    """The BAT entries that unallocate the blocks of ``disk``'s file that read as zeros or that
+    ``free`` flags (wholly in a file system's free space, see :mod:`vhdx.ops.fsfree`).
+
+    A disk without a parent gets ZERO entries. A differencing disk's block becomes NOT_PRESENT
+    only where its parent reads zeros, for a free-space block as for a zero block: dropping it
+    elsewhere would show the parent's older bytes there, so it stays.
+    """
     image = disk.image
     g = image.geometry
     states = image.payload_states()
     blocks = np.flatnonzero(batmod.holds_data(states)).tolist()
     buf = aligned_buffer(g.block_size)   # page-aligned: the kernel copies into it at full speed
-    updates: dict[int, int] = {}
-    kept = 0
+    out = Unallocations()
     for n, block in enumerate(blocks):
         start = block * g.block_size
         view = buf[:min(g.block_size, image.size - start)]
         if progress is not None:
             progress((n + 1) * g.block_size, len(blocks) * g.block_size)
-        if not reads_zeros(image, view, start):
+        in_free = free is not None and block < free.size and bool(free[block])
+        if not in_free and not reads_zeros(image, view, start):
             continue
         if not image.has_parent:
-            updates[g.payload_bat_index(block)] = batmod.make_entry(C.PAYLOAD_BLOCK_ZERO, 0)
+            out.updates[g.payload_bat_index(block)] = batmod.make_entry(C.PAYLOAD_BLOCK_ZERO, 0)
         elif parent_reads_zeros(disk, view, start):
-            updates[g.payload_bat_index(block)] = batmod.make_entry(C.PAYLOAD_BLOCK_NOT_PRESENT, 0)
+            out.updates[g.payload_bat_index(block)] = batmod.make_entry(C.PAYLOAD_BLOCK_NOT_PRESENT, 0)
         else:
-            kept += 1
-    return updates, kept
+            out.kept += 1
+            continue
+        out.trimmed += in_free
+    return out
 
 
 def reads_zeros(image: Image, view: memoryview, start: int) -> bool:
@@ -178,13 +201,17 @@ def _check_compactable(image: Image) -> None:
                          "('vhdx convert --dynamic')", path=image.path)
 
 
-def compact(path: str | os.PathLike[str], *, dry_run: bool = False, force: bool = False,
+def compact(path: str | os.PathLike[str], *, dry_run: bool = False, force: bool = False, trim: bool = False,
             progress: ProgressCallback | None = None, search_paths: PathArgs = (),
             parents: PathArgs | None = None, ignore_id_mismatch: bool = False) -> CompactResult:
     """Compact the dynamic or differencing disk ``path`` in place, like ``Optimize-VHD``.
 
     Blocks that read as zeros are unallocated (a differencing disk's only where its parent
-    reads zeros too), blocks at the end move into the holes, and the file is cut. Crash-safe
+    reads zeros too), blocks at the end move into the holes, and the file is cut. With
+    ``trim``, blocks lying wholly in the free space of the disk's file systems (ext2/3/4, FAT,
+    NTFS, in MBR or GPT partitions; read with pytsk3, the ``forensics`` extra) are unallocated
+    as if they read zeros (by the same rule for a differencing disk); ``trim`` in the result
+    says what each volume gave. Crash-safe
     and restartable: after a kill, running it again finishes. A disk that other disks depend
     on is refused (:class:`ChainError`) unless ``force``. ``dry_run`` writes nothing and says
     what would be done. ``progress(done, total)`` follows the bytes of data examined.
@@ -199,13 +226,16 @@ def compact(path: str | os.PathLike[str], *, dry_run: bool = False, force: bool 
         image = disk.image
         _check_compactable(image)
         before = image.storage.size()
-        updates, kept = zero_block_entries(disk, progress)
+        free_map = free_blocks(disk, image.block_size) if trim else None
+        found = zero_block_entries(disk, progress, None if free_map is None else free_map.free)
+        volumes = None if free_map is None else [v.to_dict() for v in free_map.volumes]
+        counts = dict(children=children, kept_nonzero_parent=found.kept, trimmed_blocks=found.trimmed, trim=volumes)
         if dry_run:
-            moved, nbytes, after = simulate(image, updates)
-            return CompactResult(path, True, len(updates), moved, nbytes, before, after, children, kept)
-        commit_entries(image, updates, data_change=False)
+            moved, nbytes, after = simulate(image, found.updates)
+            return CompactResult(path, True, len(found.updates), moved, nbytes, before, after, **counts)
+        commit_entries(image, found.updates, data_change=False)
         lower_bat(image)
         moved, nbytes = pack(image)
         shrink_file(image, referenced_end(image))
         after = image.storage.size()
-    return CompactResult(path, False, len(updates), moved, nbytes, before, after, children, kept)
+    return CompactResult(path, False, len(found.updates), moved, nbytes, before, after, **counts)
