@@ -114,10 +114,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
     verb = "would reclaim" if result.dry_run else "reclaimed"
     print(f"{args.disk}: {verb} {human_bytes(result.bytes_reclaimed)} ({result.bytes_reclaimed} bytes): "
           f"{human_bytes(result.size_before)} -> {human_bytes(result.size_after)}; "
-          f"{result.zero_blocks} zero blocks unallocated, {result.moved_blocks} blocks moved "
-          f"({human_bytes(result.bytes_moved)})")
+          f"{_unallocated(result)}, {result.moved_blocks} blocks moved ({human_bytes(result.bytes_moved)})")
     if result.trim is not None:
-        print(f"  trim: {result.trimmed_blocks} of those blocks lie in file-system free space")
         for vol in result.trim:
             print(f"  volume at {vol['offset']} ({human_bytes(vol['length'])}): {vol['kind']}, "
                   f"{human_bytes(vol['free_bytes'])} free" + (f"; {vol['note']}" if vol['note'] else ""))
@@ -128,6 +126,12 @@ def cmd_compact(args: argparse.Namespace) -> int:
     if result.dry_run:
         print("dry run: nothing was written")
     return EXIT_OK
+
+
+def _unallocated(result: Any) -> str:
+    if result.trim is None:
+        return f"{result.zero_blocks} zero blocks unallocated"
+    return f"{result.zero_blocks} blocks unallocated ({result.trimmed_blocks} in file-system free space)"
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
