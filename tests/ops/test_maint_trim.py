@@ -147,17 +147,18 @@ def crafted_ext(**fields: int) -> bytes:
     """An ext superblock (in a 64 KiB volume) with chosen fields."""
     raw = bytearray(64 * 1024)
     sb = {"blocks": (0x4, 64), "first": (0x14, 1), "log": (0x18, 0), "per_group": (0x20, 8192),
-          "magic": (0x38, 0xEF53), "incompat": (0x60, 0), "ro": (0x64, 0)}
+          "magic": (0x38, 0xEF53), "incompat": (0x60, 0), "ro": (0x64, 0), "state": (0x3A, 1)}
     for name, (at, value) in sb.items():
         value = fields.get(name, value)
-        struct.pack_into("<H" if name == "magic" else "<I", raw, 1024 + at, value)
+        struct.pack_into("<H" if name in ("magic", "state") else "<I", raw, 1024 + at, value)
     struct.pack_into("<I", raw, 2048, fields.get("bitmap", 3))          # group 0's bitmap block
     return bytes(raw)
 
 
 @pytest.mark.parametrize("fields", [dict(blocks=0xFFFFFFFF), dict(log=40),
                                     dict(per_group=0), dict(per_group=1 << 20), dict(bitmap=1 << 30),
-                                    dict(incompat=0x4), dict(first=64), dict(ro=0x200)])
+                                    dict(incompat=0x4), dict(first=64), dict(ro=0x200),
+                                    dict(state=0), dict(state=3)])
 def test_a_crafted_ext_superblock_is_refused(fields: dict[str, int]) -> None:
     raw = crafted_ext(**fields)
 
@@ -178,16 +179,37 @@ def test_a_sane_crafted_ext_reads_its_bitmap() -> None:
     assert [(s.tolist(), e.tolist()) for s, e in runs] == [([61 * 1024], [64 * 1024])]
 
 
-@pytest.mark.parametrize("patch", [{13: 3}, {16: 9}, {22: 0, 36: 0}, {22: 1}, {19: 0xFF, 20: 0xFF, 32: 0}])
-def test_a_crafted_fat_boot_sector_is_refused(patch: dict[int, int]) -> None:
+FAT_SECTORS = 8400          # 1-sector clusters: some 8300 of them, a FAT16
+
+
+def crafted_fat(patch: dict[int, int], clean: bool = True) -> bytes:
+    """A FAT16 volume of ``FAT_SECTORS`` 512-byte sectors, its boot sector bytes patched."""
     boot = bytearray(512)
     boot[0], boot[510], boot[511] = 0xEB, 0x55, 0xAA
-    struct.pack_into("<HBHBHHBH", boot, 11, 512, 4, 1, 2, 512, 2048, 0xF8, 8)
+    struct.pack_into("<HBHBHHBH", boot, 11, 512, 1, 1, 2, 512, 0, 0xF8, 40)
+    struct.pack_into("<I", boot, 32, FAT_SECTORS)
     for at, value in patch.items():
         boot[at] = value
-    raw = bytes(boot) + bytes(2048 * 512 - 512)
+    raw = bytearray(boot) + bytearray(FAT_SECTORS * 512 - 512)
+    for fat in (1, 41):                                   # entries 0 and 1 of both FATs
+        raw[fat * 512:fat * 512 + 4] = b"\xf8\xff" + (b"\xff\xff" if clean else b"\xff\x7f")
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("patch", [{13: 3}, {16: 9}, {22: 0, 36: 0}, {22: 1}, {19: 0xFF, 20: 0xFF, 32: 0}])
+def test_a_crafted_fat_boot_sector_is_refused(patch: dict[int, int]) -> None:
+    raw = crafted_fat(patch)
     with pytest.raises(FsUnreadable):
-        list(fat_free(lambda o, n: raw[o:o + n], 1024 * 512))
+        list(fat_free(lambda o, n: raw[o:o + n], len(raw)))
+
+
+def test_a_fat_marked_dirty_is_refused() -> None:
+    volume = crafted_fat({}, clean=True)
+    runs = list(fat_free(lambda o, n: volume[o:o + n], len(volume)))      # a clean one reads: all free
+    assert [(s.tolist(), e.tolist()) for s, e in runs] == [([(1 + 80 + 32) * 512], [FAT_SECTORS * 512])]
+    raw = crafted_fat({}, clean=False)
+    with pytest.raises(FsUnreadable, match="dirty"):
+        list(fat_free(lambda o, n: raw[o:o + n], len(raw)))
 
 
 def test_unknown_data_and_overlapping_partitions_trim_nothing(tmp_path: Path) -> None:

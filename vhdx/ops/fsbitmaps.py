@@ -13,7 +13,8 @@ We trust a file system's own bitmap for what is free, but never for how much to 
 size, count and offset is checked against the volume before it drives a read or a loop, so a
 crafted file system gives :class:`FsUnreadable` (nothing trimmed there), never an unbounded
 read. What the readers refuse, rather than guess: an ext file system whose journal needs
-recovery (its bitmaps may be stale), ``meta_bg`` and ``bigalloc`` layouts, and an ext group whose
+recovery or that was not cleanly unmounted (its bitmaps may be stale), a FAT marked dirty,
+``meta_bg`` and ``bigalloc`` layouts, and an ext group whose
 bitmap is not initialised (``BLOCK_UNINIT``: treated as wholly in use).
 """
 
@@ -37,6 +38,9 @@ EXT_RO_COMPAT_GDT_CSUM = 0x10
 EXT_RO_COMPAT_BIGALLOC = 0x200
 EXT_RO_COMPAT_METADATA_CSUM = 0x400
 EXT_BG_BLOCK_UNINIT = 0x2
+EXT_STATE_VALID = 0x1
+EXT_STATE_ERRORS = 0x2
+FAT_CLEAN = {16: 0x8000, 32: 0x08000000}      # FAT[1]: clear while mounted or after a crash
 FAT_PIECE = 1 << 20          # FAT entries examined at a time
 
 
@@ -71,6 +75,8 @@ class ExtLayout:
         incompat, ro = _u32(sb, 0x60), _u32(sb, 0x64)
         if incompat & EXT_INCOMPAT_RECOVER:
             raise FsUnreadable("its journal needs recovery (the bitmaps may be stale)")
+        if _u16(sb, 0x3A) & (EXT_STATE_VALID | EXT_STATE_ERRORS) != EXT_STATE_VALID:
+            raise FsUnreadable("it was not cleanly unmounted or has errors (run e2fsck)")
         if incompat & EXT_INCOMPAT_META_BG or ro & EXT_RO_COMPAT_BIGALLOC:
             raise FsUnreadable("meta_bg and bigalloc layouts are not read")
         log = _u32(sb, 0x18)
@@ -167,6 +173,12 @@ def fat_entries(raw: bytes, bits: int, count: int) -> np.ndarray:
     return np.where(n % 2 == 1, word >> 4, word & 0xFFF)
 
 
+def check_fat_clean(raw: bytes, bits: int) -> None:
+    """:class:`FsUnreadable` when FAT[1] says the volume was not cleanly unmounted (FAT16/32)."""
+    if bits in FAT_CLEAN and not int(fat_entries(raw, bits, 2)[1]) & FAT_CLEAN[bits]:
+        raise FsUnreadable("it is marked dirty (not cleanly unmounted: run fsck.fat)")
+
+
 def fat_free(read: Reader, volume_length: int) -> Iterator[Runs]:
     """The free clusters of a FAT12/16/32 file system (free in every copy of the FAT), as byte runs."""
     lay = FatLayout(read(0, 512), volume_length)
@@ -180,6 +192,7 @@ def fat_free(read: Reader, volume_length: int) -> Iterator[Runs]:
             raw = read(lay.fat_start + copy * fat_bytes + lo, min(hi, fat_bytes) - lo)
             used |= fat_entries(raw, lay.bits, count) != 0
         if first == 0:
+            check_fat_clean(raw, lay.bits)
             used[:2] = True                    # entries 0 and 1 are not clusters
         starts, ends = free_runs(used)
         yield (lay.data_start + (starts + first - 2) * lay.cluster,

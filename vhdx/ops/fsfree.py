@@ -23,6 +23,7 @@ from ..errors import VhdxError
 from .fsbitmaps import FsUnreadable, Reader, Runs, ext_free, fat_free, free_runs, is_ext
 
 NTFS_PIECE = 1 << 20      # bytes of $Bitmap read at a time
+NTFS_VOLUME_INFORMATION = 0x70
 
 
 class TrimNeedsForensicsError(VhdxError):
@@ -129,6 +130,20 @@ def volume_reader(disk: Disk, vol: VolumeFree) -> Reader:
     return read
 
 
+def ntfs_dirty(fs: Any) -> bool:
+    """Whether the NTFS's ``$Volume`` says it is dirty (its $VOLUME_INFORMATION flags, bit 0);
+    an unreadable one counts as dirty."""
+    try:
+        volume = fs.open("/$Volume")
+        for attr in volume:
+            if int(attr.info.type) == NTFS_VOLUME_INFORMATION:
+                info = volume.read_random(0, min(int(attr.info.size), 64), attr.info.type, attr.info.id)
+                return len(info) < 12 or bool(int.from_bytes(info[10:12], "little") & 0x1)
+    except OSError:
+        pass
+    return True
+
+
 def ntfs_free(image: Any, vol: VolumeFree) -> Iterator[Runs]:
     """The free clusters of the NTFS at ``vol``, from its ``$Bitmap``, as byte runs."""
     mod = tsk()
@@ -137,6 +152,8 @@ def ntfs_free(image: Any, vol: VolumeFree) -> Iterator[Runs]:
         bitmap = fs.open("/$Bitmap")
     except OSError as e:
         raise FsUnreadable(f"its $Bitmap does not open: {e}") from None
+    if ntfs_dirty(fs):
+        raise FsUnreadable("it is marked dirty (not cleanly unmounted: run chkdsk)")
     cluster, count = int(fs.info.block_size), int(fs.info.block_count)
     size = int(bitmap.info.meta.size)
     if cluster <= 0 or count * cluster > vol.length or size * 8 < count:
