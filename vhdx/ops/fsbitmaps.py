@@ -68,17 +68,22 @@ def is_ext(boot: bytes) -> bool:
     return len(boot) >= 2048 and _u16(boot, 1024 + 0x38) == EXT_MAGIC
 
 
+def check_ext_state(sb: bytes, incompat: int, ro: int) -> None:
+    """:class:`FsUnreadable` for an ext file system whose bitmaps may be stale or that we do not read."""
+    if incompat & EXT_INCOMPAT_RECOVER:
+        raise FsUnreadable("its journal needs recovery (the bitmaps may be stale)")
+    if _u16(sb, 0x3A) & (EXT_STATE_VALID | EXT_STATE_ERRORS) != EXT_STATE_VALID:
+        raise FsUnreadable("it was not cleanly unmounted or has errors (run e2fsck)")
+    if incompat & EXT_INCOMPAT_META_BG or ro & EXT_RO_COMPAT_BIGALLOC:
+        raise FsUnreadable("meta_bg and bigalloc layouts are not read")
+
+
 class ExtLayout:
     """The numbers of an ext superblock that place the block bitmaps, each checked."""
 
     def __init__(self, sb: bytes, volume_length: int) -> None:
         incompat, ro = _u32(sb, 0x60), _u32(sb, 0x64)
-        if incompat & EXT_INCOMPAT_RECOVER:
-            raise FsUnreadable("its journal needs recovery (the bitmaps may be stale)")
-        if _u16(sb, 0x3A) & (EXT_STATE_VALID | EXT_STATE_ERRORS) != EXT_STATE_VALID:
-            raise FsUnreadable("it was not cleanly unmounted or has errors (run e2fsck)")
-        if incompat & EXT_INCOMPAT_META_BG or ro & EXT_RO_COMPAT_BIGALLOC:
-            raise FsUnreadable("meta_bg and bigalloc layouts are not read")
+        check_ext_state(sb, incompat, ro)
         log = _u32(sb, 0x18)
         if log > 6:
             raise FsUnreadable(f"block size 1024 << {log} is out of range")
