@@ -30,6 +30,7 @@ from ..chains.paths import PathArgs
 from ..chains.resolve import open as open_disk
 from ..errors import UsageError
 from ..file.buffers import aligned_buffer
+from ..file.holes import Puncher
 from ..file.image import Image
 from ..file.space import Unit, commit_entries, host_sparse, lower_bat, move_units, plan_moves, referenced_end, shrink_file, units
 from ..format import bat as batmod
@@ -88,6 +89,9 @@ class Unallocations:
     kept: int = 0
 
 
+FREE, ZERO, MAYBE = "free", "zero", "maybe"     # a block in free space, read as zeros, to be read further
+
+
 def zero_block_entries(disk: Disk, progress: ProgressCallback | None = None,
                        free: np.ndarray | None = None) -> Unallocations:
     """The BAT entries that unallocate the blocks of ``disk``'s file that read as zeros or that
@@ -96,30 +100,81 @@ def zero_block_entries(disk: Disk, progress: ProgressCallback | None = None,
     A disk without a parent gets ZERO entries. A differencing disk's block becomes NOT_PRESENT
     only where its parent reads zeros, for a free-space block as for a zero block: dropping it
     elsewhere would show the parent's older bytes there, so it stays.
+
+    Two passes: the first bytes of every block tell most blocks of data at once; then the
+    blocks that may be zeros are read to the end, those beyond the file's expected end first,
+    and each found all zeros there is punched out of the host file on a second thread while
+    the reading goes on (:mod:`vhdx.file.holes`: it reads zeros before and after, so the file
+    never changes for a reader; the final cut then has little left to free).
     """
     image = disk.image
     g = image.geometry
-    states = image.payload_states()
-    blocks = np.flatnonzero(batmod.holds_data(states)).tolist()
+    blocks = np.flatnonzero(batmod.holds_data(image.payload_states())).tolist()
     buf = aligned_buffer(g.block_size)   # page-aligned: the kernel copies into it at full speed
+    kinds = classify_blocks(image, blocks, buf, free)
+    tail = expected_end(image, len(kinds))
+    order = sorted(kinds, key=lambda b: block_file_offset(image, b) < tail)   # beyond the end first
     out = Unallocations()
-    for n, block in enumerate(blocks):
-        start = block * g.block_size
-        view = buf[:min(g.block_size, image.size - start)]
-        if progress is not None:
-            progress((n + 1) * g.block_size, len(blocks) * g.block_size)
-        in_free = free is not None and block < free.size and bool(free[block])
-        if not in_free and not reads_zeros(image, view, start):
-            continue
-        if not image.has_parent:
-            out.updates[g.payload_bat_index(block)] = batmod.make_entry(C.PAYLOAD_BLOCK_ZERO, 0)
-        elif parent_reads_zeros(disk, view, start):
-            out.updates[g.payload_bat_index(block)] = batmod.make_entry(C.PAYLOAD_BLOCK_NOT_PRESENT, 0)
-        else:
-            out.kept += 1
-            continue
-        out.trimmed += in_free
+    resolved = len(blocks) - len(kinds)
+    with Puncher(image.storage) as puncher:
+        for n, block in enumerate(order):
+            start = block * g.block_size
+            view = buf[:min(g.block_size, image.size - start)]
+            if progress is not None:
+                progress((resolved + n + 1) * g.block_size, len(blocks) * g.block_size)
+            if kinds[block] == MAYBE and not rest_reads_zeros(image, view, start):
+                continue
+            if image.has_parent and not parent_reads_zeros(disk, view, start):
+                out.kept += 1
+                continue
+            state = C.PAYLOAD_BLOCK_NOT_PRESENT if image.has_parent else C.PAYLOAD_BLOCK_ZERO
+            out.updates[g.payload_bat_index(block)] = batmod.make_entry(state, 0)
+            out.trimmed += kinds[block] == FREE
+            if kinds[block] == MAYBE and block_file_offset(image, block) >= tail and punchable(image, block):
+                puncher.punch(block_file_offset(image, block), len(view))
     return out
+
+
+def punchable(image: Image, block: int) -> bool:
+    """Whether the file's bytes of the block are exactly what it reads (FULLY_PRESENT, no log
+    overlay): then bytes read as zeros may become a hole."""
+    entry = int(image.bat[image.geometry.payload_bat_index(block)])
+    return entry & C.BAT_STATE_MASK == C.PAYLOAD_BLOCK_FULLY_PRESENT and not image.log_replayed_in_memory
+
+
+def block_file_offset(image: Image, block: int) -> int:
+    """Where payload block ``block``'s data sits in the file."""
+    return int(image.bat[image.geometry.payload_bat_index(block)]) & C.BAT_FILE_OFFSET_MASK
+
+
+def classify_blocks(image: Image, blocks: list[int], buf: memoryview, free: np.ndarray | None) -> dict[int, str]:
+    """The blocks that may be unallocated: FREE (in file-system free space), ZERO (host holes),
+    MAYBE (their first bytes are zeros: read the rest to know). Blocks of data are left out."""
+    g = image.geometry
+    kinds: dict[int, str] = {}
+    for block in blocks:
+        start = block * g.block_size
+        length = min(g.block_size, image.size - start)
+        if free is not None and block < free.size and free[block]:
+            kinds[block] = FREE
+        elif host_sparse(image, start, length):
+            kinds[block] = ZERO
+        else:
+            head = buf[:min(PROBE, length)]
+            image.readinto_at(head, start)   # this file's own bytes; clear bits read zeros
+            if all_zero(head):
+                kinds[block] = MAYBE if length > PROBE else ZERO
+    return kinds
+
+
+def expected_end(image: Image, candidates: int) -> int:
+    """Where the file would end if every candidate block were dropped and the rest packed behind
+    the structures; zero blocks at or past it are not where moved blocks will go. A guess (for
+    speed only): a structure placed late, or holes too small, make it larger (fewer punched)."""
+    spans = _structures(image)
+    placed = units(image.bat, image.geometry, bitmaps=image.has_parent)
+    kept = sum(u.length for u in placed) - candidates * image.block_size
+    return align_up(max(s.end for s in spans) + max(kept, 0))
 
 
 def reads_zeros(image: Image, view: memoryview, start: int) -> bool:
@@ -127,14 +182,21 @@ def reads_zeros(image: Image, view: memoryview, start: int) -> bool:
     zeros: host holes are not read, and a block of data is told by its first bytes."""
     if host_sparse(image, start, len(view)):
         return True
-    done, piece = 0, PROBE
-    while done < len(view):                       # small pieces stay in the CPU cache
-        part = view[:min(piece, len(view) - done)]
+    head = view[:min(PROBE, len(view))]
+    image.readinto_at(head, start)
+    return all_zero(head) and rest_reads_zeros(image, view, start)
+
+
+def rest_reads_zeros(image: Image, view: memoryview, start: int) -> bool:
+    """Whether the bytes of the block at ``start`` past its first ``PROBE`` are all zeros (read a
+    piece at a time into ``view``: small pieces stay in the CPU cache)."""
+    done = PROBE
+    while done < len(view):
+        part = view[:min(SCAN_PIECE, len(view) - done)]
         image.readinto_at(part, start + done)     # this file's own bytes; clear bits read zeros
         if not all_zero(part):
             return False
         done += len(part)
-        piece = SCAN_PIECE
     return True
 
 
