@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+import sys
 import subprocess
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 import pytest
 
 import vhdx
-from support.cli import run_inprocess as run_cli
+from support.cli import assert_one_line_error, run_inprocess as run_cli
 from support.disk import MiB, disk_bytes
 from support.filesystems import PART_OFFSET, Step, build, mbr, require
 from support.needs import need_tool
@@ -237,3 +238,15 @@ def test_the_cli_dry_run_reports_what_trim_would_reclaim(tmp_path: Path) -> None
     assert "would reclaim" in done.stdout and "in file-system free space)" in done.stdout
     assert re.search(r"volume at 0 \(.*\): fat, .* free", done.stdout), done.stdout
     assert flat.read_bytes() == raw
+
+
+def test_trim_without_pytsk3_is_one_readable_error_and_changes_nothing(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "d.vhdx"
+    with vhdx.create(path, 8 * MiB, block_size=MiB) as d:
+        d.pwrite(bytes(MiB), 0)
+    raw = path.read_bytes()
+    monkeypatch.setitem(sys.modules, "pytsk3", None)          # import pytsk3 -> ImportError
+    done = run_cli("compact", "--trim", str(path))
+    assert_one_line_error(done, "pip install", "forensics")
+    assert path.read_bytes() == raw
