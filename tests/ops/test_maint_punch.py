@@ -145,3 +145,24 @@ def test_a_fault_at_every_write_of_the_compact_after_the_punches(tmp_path: Path,
         if disk_bytes(work / "base.vhdx") != before or size != used:
             failures.append(f"{where}: the re-run does not finish")
     assert not failures, "\n".join(failures[:12])
+
+
+def test_ordered_map_keeps_the_order_raises_at_the_item_and_stops_its_threads() -> None:
+    import threading
+    import time
+
+    from vhdx.ops.maintenance import ordered_map
+
+    def slow_square(x: int) -> int:
+        time.sleep(0.001 * (x % 3))
+        if x == 7:
+            raise ValueError("seven")
+        return x * x
+
+    assert list(ordered_map(slow_square, range(7), workers=3)) == [x * x for x in range(7)]
+    got = []
+    with pytest.raises(ValueError, match="seven"):
+        for value in ordered_map(slow_square, range(20), workers=2):
+            got.append(value)
+    assert got == [x * x for x in range(7)]
+    assert not [t for t in threading.enumerate() if t.name == "vhdx-scan"]

@@ -19,7 +19,9 @@ unless ``force``, since they are not checked).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,10 +40,11 @@ from ..format import constants as C
 from ..format import layout
 from ..format.geometry import align_up
 from .fsfree import free_blocks
-from .maintenance import PROBE, SCAN_PIECE, ProgressCallback, all_zero, refuse_children
+from .maintenance import PROBE, SCAN_PIECE, ProgressCallback, all_zero, ordered_map, refuse_children
 
 MOVE_BATCH_BYTES = 1 << 30   # bytes moved per log transaction
 MOVE_BATCH_UNITS = 512       # and blocks per transaction
+SCAN_THREADS = 2             # threads reading the blocks that may be zeros
 
 
 @dataclass
@@ -116,13 +119,14 @@ def zero_block_entries(disk: Disk, progress: ProgressCallback | None = None,
     order = sorted(kinds, key=lambda b: block_file_offset(image, b) < tail)   # beyond the end first
     out = Unallocations()
     resolved = len(blocks) - len(kinds)
-    with Puncher(image.storage) as puncher:
-        for n, block in enumerate(order):
+    verdicts = ordered_map(Verifier(image, kinds).zeros, order, SCAN_THREADS)
+    with Puncher(image.storage) as puncher, contextlib.closing(verdicts):
+        for n, (block, zeros) in enumerate(zip(order, verdicts)):
             start = block * g.block_size
             view = buf[:min(g.block_size, image.size - start)]
             if progress is not None:
                 progress((resolved + n + 1) * g.block_size, len(blocks) * g.block_size)
-            if kinds[block] == MAYBE and not rest_reads_zeros(image, view, start):
+            if not zeros:
                 continue
             if image.has_parent and not parent_reads_zeros(disk, view, start):
                 out.kept += 1
@@ -133,6 +137,38 @@ def zero_block_entries(disk: Disk, progress: ProgressCallback | None = None,
             if kinds[block] == MAYBE and block_file_offset(image, block) >= tail and punchable(image, block):
                 puncher.punch(block_file_offset(image, block), len(view))
     return out
+
+
+class Verifier:
+    """Reads the blocks classified MAYBE past their first bytes, on several threads: each has
+    its own buffer; a block whose file bytes are what it reads (:func:`punchable`) is read from
+    the file directly, any other through the image, one thread at a time."""
+
+    def __init__(self, image: Image, kinds: dict[int, str]) -> None:
+        self.image, self.kinds = image, kinds
+        self.local = threading.local()
+        self.image_lock = threading.Lock()
+
+    def zeros(self, block: int) -> bool:
+        """Whether the block reads zeros (FREE and ZERO blocks: without reading)."""
+        if self.kinds[block] != MAYBE:
+            return True
+        image = self.image
+        buf = getattr(self.local, "buf", None)
+        if buf is None:
+            buf = self.local.buf = aligned_buffer(SCAN_PIECE)
+        start = block * image.block_size
+        length = min(image.block_size, image.size - start)
+        if punchable(image, block):
+            base = block_file_offset(image, block)
+            for at in range(PROBE, length, SCAN_PIECE):
+                part = buf[:min(SCAN_PIECE, length - at)]
+                image.storage.readinto(part, base + at)
+                if not all_zero(part):
+                    return False
+            return True
+        with self.image_lock:
+            return rest_reads_zeros(image, buf, start, length)
 
 
 def punchable(image: Image, block: int) -> bool:
@@ -184,15 +220,15 @@ def reads_zeros(image: Image, view: memoryview, start: int) -> bool:
         return True
     head = view[:min(PROBE, len(view))]
     image.readinto_at(head, start)
-    return all_zero(head) and rest_reads_zeros(image, view, start)
+    return all_zero(head) and rest_reads_zeros(image, view, start, len(view))
 
 
-def rest_reads_zeros(image: Image, view: memoryview, start: int) -> bool:
-    """Whether the bytes of the block at ``start`` past its first ``PROBE`` are all zeros (read a
-    piece at a time into ``view``: small pieces stay in the CPU cache)."""
+def rest_reads_zeros(image: Image, buf: memoryview, start: int, length: int) -> bool:
+    """Whether the ``length`` bytes of the block at ``start`` past its first ``PROBE`` are all
+    zeros (read a piece at a time into ``buf``: small pieces stay in the CPU cache)."""
     done = PROBE
-    while done < len(view):
-        part = view[:min(SCAN_PIECE, len(view) - done)]
+    while done < length:
+        part = buf[:min(SCAN_PIECE, length - done, len(buf))]
         image.readinto_at(part, start + done)     # this file's own bytes; clear bits read zeros
         if not all_zero(part):
             return False
