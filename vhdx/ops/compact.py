@@ -5,7 +5,11 @@ disk reading the same bytes at every moment:
 
 1. **Zero blocks become unallocated.** A block whose data is all zeros becomes ZERO in a disk
    without a parent. In a differencing disk it becomes NOT_PRESENT, and only where its parent
-   also reads zeros (else the parent's data would show through). One log transaction.
+   also reads zeros (else the parent's data would show through). One log transaction. With
+   ``trim``, blocks wholly in the free space of the disk's file systems count as zeros
+   (:mod:`vhdx.ops.fsfree`). While the blocks are read, those found all zeros past the file's
+   future end are punched out of the host file on a second thread (:mod:`vhdx.file.holes`):
+   a hole reads zeros too, so no byte changes, and the final cut has less to free.
 2. **Blocks at the end move into the holes.** Each is copied into free space lower in the
    file, flushed, and only then its BAT entry points there (through the log); its old place
    is free once that entry is durable (:mod:`vhdx.file.space`).
