@@ -33,7 +33,7 @@ from support.disk import MiB, disk_bytes
 from support.filesystems import PART_OFFSET, Step, build, mbr, require
 from support.needs import need_tool
 from vhdx.ops.fsbitmaps import FsUnreadable, ext_free, fat_free
-from vhdx.ops.fsfree import free_blocks, tsk, tsk_image
+from vhdx.ops.fsfree import Coverage, free_blocks, tsk, tsk_image
 
 FS_SIZE = 24 * MiB
 KEEP = {"/keep.bin": 1_500_000, "/small.txt": 3000}
@@ -158,7 +158,7 @@ def crafted_ext(**fields: int) -> bytes:
 
 @pytest.mark.parametrize("fields", [dict(blocks=0xFFFFFFFF), dict(log=40),
                                     dict(per_group=0), dict(per_group=1 << 20), dict(bitmap=1 << 30),
-                                    dict(incompat=0x4), dict(first=64), dict(ro=0x200),
+                                    dict(incompat=0x4), dict(first=64), dict(ro=0x200), dict(per_group=8),
                                     dict(state=0), dict(state=3)])
 def test_a_crafted_ext_superblock_is_refused(fields: dict[str, int]) -> None:
     raw = crafted_ext(**fields)
@@ -250,3 +250,15 @@ def test_trim_without_pytsk3_is_one_readable_error_and_changes_nothing(tmp_path:
     done = run_cli("compact", "--trim", str(path))
     assert_one_line_error(done, "pip install", "forensics")
     assert path.read_bytes() == raw
+
+
+def test_coverage_flags_a_block_only_when_every_byte_of_it_is_free() -> None:
+    cover = Coverage(10 * MiB, MiB)
+    half = MiB // 2
+    cover.add(np.array([half, 3 * MiB + half, 9 * MiB + half]), np.array([3 * MiB + half, 4 * MiB, 10 * MiB]))
+    cover.add(np.array([8 * MiB]), np.array([9 * MiB + half]))
+    cover.add(np.array([5 * MiB + 1]), np.array([6 * MiB]))          # one byte short
+    assert np.flatnonzero(cover.free()).tolist() == [1, 2, 3, 8, 9]
+    short = Coverage(9 * MiB + half, MiB)                             # a last block of half a MiB
+    short.add(np.array([9 * MiB, 0]), np.array([20 * MiB, MiB - 1]))   # clipped at the disk's end
+    assert np.flatnonzero(short.free()).tolist() == [9]

@@ -38,10 +38,13 @@ EXT_RO_COMPAT_GDT_CSUM = 0x10
 EXT_RO_COMPAT_BIGALLOC = 0x200
 EXT_RO_COMPAT_METADATA_CSUM = 0x400
 EXT_BG_BLOCK_UNINIT = 0x2
+EXT_MIN_PER_GROUP = 256      # mke2fs's least: bounds the groups, hence the reads, by the volume / 256
+EXT_GDT_PIECE = 4096         # group descriptors read at a time
 EXT_STATE_VALID = 0x1
 EXT_STATE_ERRORS = 0x2
 FAT_CLEAN = {16: 0x8000, 32: 0x08000000}      # FAT[1]: clear while mounted or after a crash
 FAT_PIECE = 1 << 20          # FAT entries examined at a time
+FAT32_MAX_CLUSTERS = 0x0FFFFFF5 - 2
 
 
 class FsUnreadable(VhdxError):
@@ -94,8 +97,8 @@ class ExtLayout:
         self.per_group = _u32(sb, 0x20)
         self.desc_size = _u16(sb, 0xFE) if self.wide else 32
         self.uninit_flags = bool(ro & (EXT_RO_COMPAT_GDT_CSUM | EXT_RO_COMPAT_METADATA_CSUM))
-        if not 0 < self.per_group <= 8 * self.block_size or self.per_group % 8:
-            raise FsUnreadable(f"{self.per_group} blocks per group does not fit one bitmap block")
+        if not EXT_MIN_PER_GROUP <= self.per_group <= 8 * self.block_size or self.per_group % 8:
+            raise FsUnreadable(f"{self.per_group} blocks per group is out of range")
         if self.wide and (self.desc_size < 64 or self.desc_size > 1024 or self.desc_size & (self.desc_size - 1)):
             raise FsUnreadable(f"group descriptor size {self.desc_size} is not valid")
         if not self.first < self.blocks or self.blocks * self.block_size > volume_length:
@@ -112,9 +115,13 @@ def ext_free(read: Reader, volume_length: int) -> Iterator[Runs]:
     """The free blocks of an ext2/3/4 file system, as byte runs, one block group at a time."""
     lay = ExtLayout(read(1024, 1024), volume_length)
     bs = lay.block_size
-    gdt = read((lay.first + 1) * bs, lay.groups * lay.desc_size)
+    gdt = b""
     for g in range(lay.groups):
-        desc = gdt[g * lay.desc_size:(g + 1) * lay.desc_size]
+        if g % EXT_GDT_PIECE == 0:
+            count = min(EXT_GDT_PIECE, lay.groups - g)
+            gdt = read((lay.first + 1) * bs + g * lay.desc_size, count * lay.desc_size)
+        at = g % EXT_GDT_PIECE * lay.desc_size
+        desc = gdt[at:at + lay.desc_size]
         if lay.uninit_flags and _u16(desc, 0x12) & EXT_BG_BLOCK_UNINIT:
             continue                           # no bitmap written yet: counted as in use
         where = lay.bitmap_block(desc)
@@ -147,6 +154,8 @@ class FatLayout:
             raise FsUnreadable("the FATs fill the volume")
         self.clusters = (total * self.sector - self.data_start) // self.cluster
         self.bits = 12 if self.clusters < 4085 else 16 if self.clusters < 65525 else 32
+        if self.clusters > FAT32_MAX_CLUSTERS:
+            raise FsUnreadable(f"{self.clusters} clusters is more than FAT32 can number")
         if (self.clusters + 2) * self.bits > self.fat_sectors * self.sector * 8:
             raise FsUnreadable(f"a FAT of {self.fat_sectors} sectors cannot describe {self.clusters} clusters")
 

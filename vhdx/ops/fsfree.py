@@ -199,12 +199,16 @@ class Coverage:
         s, e = s[keep], e[keep]
         first, last = s // self.bs, (e - 1) // self.bs
         one = first == last
-        np.add.at(self.partial, first[one], (e - s)[one])
         f, la, s2, e2 = first[~one], last[~one], s[~one], e[~one]
-        np.add.at(self.partial, f, (f + 1) * self.bs - s2)
-        np.add.at(self.partial, la, e2 - la * self.bs)
-        np.add.at(self.whole, f + 1, 1)
-        np.add.at(self.whole, la, -1)
+        self._count(self.partial, np.concatenate((first[one], f, la)),
+                    np.concatenate(((e - s)[one], (f + 1) * self.bs - s2, e2 - la * self.bs)))
+        self._count(self.whole, np.concatenate((f + 1, la)),
+                    np.concatenate((np.ones(f.size, np.int64), -np.ones(la.size, np.int64))))
+
+    def _count(self, into: np.ndarray, at: np.ndarray, amounts: np.ndarray) -> None:
+        """``into[at] += amounts``, repeated indexes summed (bincount: exact below 2**53)."""
+        if at.size:
+            into += np.rint(np.bincount(at, weights=amounts, minlength=into.size)).astype(np.int64)
 
     def free(self) -> np.ndarray:
         """One flag per block: all of its bytes were counted free."""
