@@ -209,8 +209,10 @@ def classify_blocks(image: Image, blocks: list[int], buf: memoryview, free: np.n
 
 def expected_end(image: Image, candidates: int) -> int:
     """Where the file would end if every candidate block were dropped and the rest packed behind
-    the structures; zero blocks at or past it are not where moved blocks will go. A guess (for
-    speed only): a structure placed late, or holes too small, make it larger (fewer punched)."""
+    the structures; zero blocks at or past it are not where moved blocks will go. A guess, for
+    speed only: a structure placed late makes it too large (fewer blocks punched); holes too
+    small to pack into make the real end larger than it (a punched block may then receive a
+    moved one: slower, never wrong, since every punch is over before the first write)."""
     spans = _structures(image)
     placed = units(image.bat, image.geometry, bitmaps=image.has_parent)
     kept = sum(u.length for u in placed) - candidates * image.block_size
