@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Convert and compact speed of vhdx against ``qemu-img convert`` and ``cp``.
 
-    python benchmarks/bench_convert.py [--size 4G] [--workdir DIR] [--json] [--keep]
+    python benchmarks/bench_convert.py [--size 4G] [--rounds 5] [--workdir DIR] [--json] [--keep]
 
 Built once (not timed):
 
@@ -16,15 +16,19 @@ The library is byte-compiled first (``compileall``), as an installed package is:
 ``PYTHONDONTWRITEBYTECODE`` set and no ``__pycache__``, every run would compile some 60 modules
 (about 0.1 s) before doing anything.
 
-Timed, once each, every input read just before (a warm page cache, as for a file in use):
+Timed, every input read just before (a warm page cache, as for a file in use); convert once each,
+compact and ``cp`` in ``--rounds`` alternating rounds (the machine may be shared: medians of the
+wall and of the CPU time, user + system, are printed):
 
 * ``convert ours``: ``python -m vhdx convert --from raw --dynamic src.raw ours.vhdx`` (a child
   process, start-up included, output synced and renamed into place);
 * ``convert qemu-img``: ``qemu-img convert -f raw -O vhdx -o subformat=dynamic,block_size=32M
   src.raw qemu.vhdx`` (it flushes the output at the end);
-* ``compact ours``: ``python -m vhdx compact holey.vhdx`` (start-up included); it reads every
-  block to find the zero ones, moves the blocks at the end into the holes, syncs and cuts;
-* ``cp``: ``cp --reflink=never payload.raw copy.raw`` plus an fsync: the bytes the compact moved.
+* ``compact ours``: ``python -m vhdx compact work.vhdx`` (start-up included) on a fresh dense
+  copy of ``holey.vhdx`` (``cp --sparse=never``, not timed); it reads every block to find the
+  zero ones, moves the blocks at the end into the holes, syncs and cuts;
+* ``cp``: ``cp --reflink=never payload.raw copy.raw`` plus ``sync`` of the copy: the bytes the
+  compact moved.
 
 Checks: both converted files read the same virtual disk as the source (``qemu-img compare``),
 and the compacted disk still does (SHA-256 through ``vhdx hash`` before and after). Prints the
@@ -37,7 +41,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,6 +79,19 @@ def timed(args: list[str]) -> float:
     return elapsed
 
 
+def timed_cpu(args: list[str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of a child process: user + system time, its children included."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = timed(args)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
+def median_pair(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """The medians of the wall and of the CPU times."""
+    return statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -98,7 +117,7 @@ def build(work: Path, size: int) -> None:
     os.sync()
 
 
-def bench(work: Path, size: int) -> dict[str, float | str]:
+def bench(work: Path, size: int, rounds: int) -> dict[str, float | str]:
     py = sys.executable
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
@@ -121,16 +140,23 @@ def bench(work: Path, size: int) -> dict[str, float | str]:
     with open(work / "payload.raw", "wb") as f:
         f.write(os.urandom(CHUNK) * (moved // CHUNK))
     os.sync()
-    warm(work / "holey.vhdx")
-    out["compact_ours_s"] = timed([py, "-m", "vhdx", "compact", "--no-progress", str(work / "holey.vhdx")])
-    warm(work / "payload.raw")
-    start = time.perf_counter()
-    subprocess.run(["cp", "--reflink=never", str(work / "payload.raw"), str(work / "copy.raw")], check=True)
-    fsync_path(work / "copy.raw")
-    out["cp_moved_s"] = time.perf_counter() - start
+    ours, peer = [], []
+    for _ in range(rounds):    # alternating: a fresh dense copy of the disk each round (not timed)
+        subprocess.run(["cp", "--reflink=never", "--sparse=never", str(work / "holey.vhdx"), str(work / "work.vhdx")],
+                       check=True)
+        os.sync()
+        warm(work / "work.vhdx")
+        ours.append(timed_cpu([py, "-m", "vhdx", "compact", "--no-progress", str(work / "work.vhdx")]))
+        warm(work / "payload.raw")
+        peer.append(timed_cpu(["sh", "-c", f"cp --reflink=never '{work / 'payload.raw'}' '{work / 'copy.raw'}' && "
+                                           f"sync '{work / 'copy.raw'}'"]))
+        os.unlink(work / "copy.raw")
+    out["compact_ours_s"], out["compact_ours_cpu_s"] = median_pair(ours)
+    out["cp_moved_s"], out["cp_moved_cpu_s"] = median_pair(peer)
+    out["compact_rounds"] = rounds
     out["compact_bytes_moved"] = moved
     out["compact_reclaimed"] = result.bytes_reclaimed
-    out["compact_same_content"] = "yes" if vhdx.hash(work / "holey.vhdx") == before else "NO"
+    out["compact_same_content"] = "yes" if vhdx.hash(work / "work.vhdx") == before else "NO"
     out["convert_speed_vs_qemu"] = out["convert_qemu_s"] / out["convert_ours_s"]  # type: ignore[operator]
     out["compact_speed_vs_cp"] = out["cp_moved_s"] / out["compact_ours_s"]  # type: ignore[operator]
     return out
@@ -142,6 +168,7 @@ def main() -> None:
     ap.add_argument("--workdir")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating compact / cp rounds (medians; default 5)")
     args = ap.parse_args()
     size = parse_size(args.size)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-convert-", dir="/var/tmp"))
@@ -149,7 +176,7 @@ def main() -> None:
     try:
         print(f"building {args.size} in {work} ...", file=sys.stderr)
         build(work, size)
-        out = bench(work, size)
+        out = bench(work, size, args.rounds)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -160,8 +187,10 @@ def main() -> None:
     print(f"convert {args.size} raw (half zeros) -> dynamic VHDX: ours {out['convert_ours_s']:.2f} s, "
           f"qemu-img {out['convert_qemu_s']:.2f} s: speed ours/qemu-img {out['convert_speed_vs_qemu']:.2f} "
           f"(goal >= 1.0); compare: ours {out['compare_ours.vhdx']}, qemu {out['compare_qemu.vhdx']}")
-    print(f"compact {args.size} (half its blocks zeros): ours {out['compact_ours_s']:.2f} s, cp of the "
-          f"{int(out['compact_bytes_moved']) // MiB} MiB moved {out['cp_moved_s']:.2f} s: speed ours/cp "
+    print(f"compact {args.size} (half its blocks zeros), medians of {args.rounds} alternating rounds: ours "
+          f"{out['compact_ours_s']:.2f} s (CPU {out['compact_ours_cpu_s']:.2f} s), cp of the "
+          f"{int(out['compact_bytes_moved']) // MiB} MiB moved {out['cp_moved_s']:.2f} s (CPU "
+          f"{out['cp_moved_cpu_s']:.2f} s): speed ours/cp "
           f"{out['compact_speed_vs_cp']:.2f} (goal >= 0.8); reclaimed {int(out['compact_reclaimed']) // MiB} MiB, "
           f"same content: {out['compact_same_content']}")
 

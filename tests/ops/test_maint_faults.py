@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 import random
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +25,7 @@ import vhdx
 from vhdx.ops import compact as compact_module
 from support.chain import check_problems, copy_folder
 from support.disk import MiB, nonzero_pattern
+from support.needs import need_tool
 from support.faults import FaultPlan, materialize, wrapping_writable_files
 from support.scratch import scratch_folder
 
@@ -85,6 +87,22 @@ def build_small(folder: Path) -> None:
         d.pwrite(nonzero_pattern(5, 1000), 4 * MiB)
 
 
+def build_fat(folder: Path) -> None:
+    """A 12 MiB FAT16 disk made over random bytes (its free space holds old data), with one file
+    kept and one deleted: ``compact --trim`` drops the blocks in free space, plain compact none."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = folder / "fat.raw"
+    raw.write_bytes(nonzero_pattern(9, 12 * MiB))
+    subprocess.run([need_tool("mkfs.fat", "dosfstools"), "-F", "16", str(raw)], check=True, capture_output=True)
+    for name, seed, size in (("keep.bin", 10, 2 * MiB + 100), ("gone.bin", 11, 3 * MiB)):
+        (folder / name).write_bytes(nonzero_pattern(seed, size))
+        subprocess.run([need_tool("mcopy", "mtools"), "-i", str(raw), str(folder / name), f"::{name}"], check=True)
+        (folder / name).unlink()
+    subprocess.run([need_tool("mdel", "mtools"), "-i", str(raw), "::gone.bin"], check=True)
+    vhdx.convert(raw, folder / "base.vhdx", source_format="raw", block_size=MiB)
+    raw.unlink()
+
+
 def compact_one_move_per_batch(folder: Path) -> Any:
     """compact with one block per log transaction: many batches of moves (data, flush, entry)."""
     saved = compact_module.MOVE_BATCH_UNITS
@@ -100,6 +118,8 @@ SCENARIOS = {
     "compact-batched": Scenario("compact-batched", build_holey, compact_one_move_per_batch, packs=True),
     "compact-child": Scenario("compact-child", build_child, lambda f: vhdx.compact(f / "child.avhdx"),
                               target="child.avhdx", packs=True),
+    "compact-trim": Scenario("compact-trim", build_fat, lambda f: vhdx.compact(f / "base.vhdx", trim=True),
+                             packs=True),
     "grow": Scenario("grow", build_small, lambda f: vhdx.resize(f / "base.vhdx", 10 * MiB)),
     "grow-moving-the-bat": Scenario("grow-moving-the-bat", build_small, lambda f: vhdx.resize(f / "base.vhdx", BIG)),
     "shrink-to-minimum": Scenario("shrink-to-minimum", build_small,
@@ -167,7 +187,8 @@ def test_a_fault_at_every_write_index(name: str, mode: str, scratch: Path) -> No
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:12])
 
 
-@pytest.mark.parametrize("name", ["compact-base", "compact-batched", "compact-child", "grow-moving-the-bat",
+@pytest.mark.parametrize("name", ["compact-base", "compact-batched", "compact-child", "compact-trim",
+                                  "grow-moving-the-bat",
                                   "shrink-to-minimum"])
 def test_every_power_loss_prefix(name: str, scratch: Path) -> None:
     scenario = SCENARIOS[name]

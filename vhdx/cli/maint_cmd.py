@@ -26,10 +26,14 @@ def _register_compact(sub: Any) -> None:
                                "the holes and cut the file. What the disk reads does not change. Crash-safe: "
                                "after an interruption, run it again. A disk that other disks depend on is "
                                "refused unless --force.",
-                               "vhdx compact disk.vhdx", "vhdx compact --dry-run ext4.vhdx"))
+                               "vhdx compact disk.vhdx", "vhdx compact --dry-run ext4.vhdx",
+                               "vhdx compact --trim --dry-run disk.vhdx"))
     p.add_argument("disk", help="the dynamic or differencing disk to compact")
     p.add_argument("--dry-run", action="store_true", help="say what would be done and write nothing")
     p.add_argument("--force", action="store_true", help="compact even though other disks depend on it")
+    p.add_argument("--trim", action="store_true",
+                   help="also unallocate the blocks that lie wholly in the free space of the disk's file systems "
+                        "(ext2/3/4, FAT, NTFS; needs pytsk3: pip install 'vhdx[forensics]')")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     add_chain_options(p)
     add_progress_options(p)
@@ -101,7 +105,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     """``vhdx compact``: compact (or plan, with --dry-run) and print what was reclaimed."""
     from ..ops.compact import compact
     progress = Progress(f"compact {os.path.basename(args.disk)}", enabled=args.progress)
-    result = compact(args.disk, dry_run=args.dry_run, force=args.force, progress=progress,
+    result = compact(args.disk, dry_run=args.dry_run, force=args.force, trim=args.trim, progress=progress,
                      **_search_options(args))
     progress.finish()
     if args.json:
@@ -110,15 +114,24 @@ def cmd_compact(args: argparse.Namespace) -> int:
     verb = "would reclaim" if result.dry_run else "reclaimed"
     print(f"{args.disk}: {verb} {human_bytes(result.bytes_reclaimed)} ({result.bytes_reclaimed} bytes): "
           f"{human_bytes(result.size_before)} -> {human_bytes(result.size_after)}; "
-          f"{result.zero_blocks} zero blocks unallocated, {result.moved_blocks} blocks moved "
-          f"({human_bytes(result.bytes_moved)})")
+          f"{_unallocated(result)}, {result.moved_blocks} blocks moved ({human_bytes(result.bytes_moved)})")
+    if result.trim is not None:
+        for vol in result.trim:
+            print(f"  volume at {vol['offset']} ({human_bytes(vol['length'])}): {vol['kind']}, "
+                  f"{human_bytes(vol['free_bytes'])} free" + (f"; {vol['note']}" if vol['note'] else ""))
     if result.kept_nonzero_parent:
-        print(f"  {result.kept_nonzero_parent} zero blocks kept: the parent does not read zeros there")
+        print(f"  {result.kept_nonzero_parent} zero or free blocks kept: the parent does not read zeros there")
     if result.children:
         print(f"  note: {len(result.children)} disk(s) depend on it; what they read has not changed")
     if result.dry_run:
         print("dry run: nothing was written")
     return EXIT_OK
+
+
+def _unallocated(result: Any) -> str:
+    if result.trim is None:
+        return f"{result.zero_blocks} zero blocks unallocated"
+    return f"{result.zero_blocks} blocks unallocated ({result.trimmed_blocks} in file-system free space)"
 
 
 def cmd_resize(args: argparse.Namespace) -> int:

@@ -8,7 +8,8 @@ by the same linkage rules as ``vhdx orphans``.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -17,6 +18,8 @@ from ..errors import ChainError
 from .orphans import find_chains
 
 ProgressCallback = Callable[[int, int], None]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def folders_of(path: str, search_paths: PathArgs = ()) -> list[str]:
@@ -63,7 +66,9 @@ def all_zero(view: Any) -> bool:
     """True when every byte of ``view`` is zero (8 bytes at a time where the length allows)."""
     arr = np.frombuffer(view, dtype=np.uint8)
     words = arr[:arr.size // 8 * 8].view(np.uint64)
-    return not words.any() and not arr[words.size * 8:].any()
+    if words.size and words.max():      # max: a plain SIMD reduction, twice as fast as any() here
+        return False
+    return not arr[words.size * 8:].any()
 
 
 PROBE = 64 << 10        # bytes read first: a block of data is told from a block of zeros by its start
@@ -75,3 +80,48 @@ def last_nonzero(view: Any) -> int:
     arr = np.frombuffer(view, dtype=np.uint8)
     nz = np.flatnonzero(arr)
     return int(nz[-1]) if nz.size else -1
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int = 2) -> Iterator[R]:
+    """``fn(item)`` for each item, computed on ``workers`` threads, yielded in the items' order.
+
+    For work that releases the GIL (``os.preadv``, numpy reductions): reading zeros on two
+    cores. An exception raised by ``fn`` is raised here, at its item. Closing the iterator (or
+    leaving it by an exception) stops the threads before it returns.
+    """
+    todo = list(items)
+    results: dict[int, Any] = {}
+    cond = threading.Condition()
+    state = {"next": 0, "stop": False}
+
+    def work() -> None:
+        while True:
+            with cond:
+                if state["stop"] or state["next"] >= len(todo):
+                    return
+                i = state["next"]
+                state["next"] += 1
+            try:
+                value: Any = (True, fn(todo[i]))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+                value = (False, e)
+            with cond:
+                results[i] = value
+                cond.notify_all()
+
+    threads = [threading.Thread(target=work, name="vhdx-scan", daemon=True) for _ in range(max(1, workers))]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(len(todo)):
+            with cond:
+                cond.wait_for(lambda: i in results)
+                ok, value = results.pop(i)
+            if not ok:
+                raise value
+            yield value
+    finally:
+        with cond:
+            state["stop"] = True
+        for t in threads:
+            t.join()
