@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import os
-import random
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from vhdx.ops import compact as compact_module
 from support.chain import check_problems, copy_folder
 from support.disk import MiB, nonzero_pattern
 from support.needs import need_tool
-from support.faults import FaultPlan, materialize, wrapping_writable_files
+from support.faults import FaultPlan, power_loss_prefixes, record, wrapping_writable_files
 from support.scratch import scratch_folder
 
 from support.maintenance import packed_size
@@ -192,23 +190,19 @@ def test_a_fault_at_every_write_index(name: str, mode: str, scratch: Path) -> No
                                   "shrink-to-minimum"])
 def test_every_power_loss_prefix(name: str, scratch: Path) -> None:
     scenario = SCENARIOS[name]
-    pristine, recorded, work = scratch / "pristine", scratch / "recorded", scratch / "work"
+    pristine = scratch / "pristine"
     scenario.build(pristine)
     old = scenario.state(pristine)
-    copy_folder(pristine, recorded)
-    originals = {os.path.abspath(p): p.read_bytes() for p in recorded.iterdir()}
-    plan = FaultPlan(None, record=True)
-    with wrapping_writable_files(plan):
-        scenario.run(recorded)
-    new = scenario.state(recorded)
-    ops = plan.ops
+
+    def run(folder: Path, plan: FaultPlan) -> None:
+        with wrapping_writable_files(plan):
+            scenario.run(folder)
+
+    rec = record(pristine, scratch / "recorded", run)
+    new = scenario.state(rec.recorded)
+    ops = rec.ops
     failures: list[str] = []
-    for cut in range(len(ops) + 1):
-        copy_folder(pristine, work)
-        for path, data in materialize(ops, cut, originals, random.Random(cut)).items():
-            target = work / Path(path).relative_to(recorded)
-            assert data is not None
-            target.write_bytes(data)
-        failures += verify_after_fault(scenario, work, old, new, f"cut {cut}/{len(ops)}")
+    for where in power_loss_prefixes(rec, scratch / "work"):
+        failures += verify_after_fault(scenario, scratch / "work", old, new, where)
     print(f"{name}: {len(ops)} recorded calls, {len(ops) + 1} prefixes")
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:12])

@@ -14,8 +14,9 @@ truncate, flush). At the ``fail_at``-th call:
   every later call works, as after a transient error of a real disk.
 
 With ``record`` the plan keeps every mutating call (and every ``os.unlink`` made inside
-:func:`recording_unlinks`) in :attr:`FaultPlan.ops`, for the power-loss prefix simulation
-(:func:`materialize`).
+:func:`recording_unlinks`) in :attr:`FaultPlan.ops`, for the power-loss prefix simulation:
+:func:`record` runs an operation once that way, :func:`power_loss_prefixes` rebuilds the files
+as every prefix of its calls would leave them (:func:`materialize`).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator
 
 import vhdx.file.create
 import vhdx.file.image
 import vhdx.ops.merge.run
 from vhdx.ops.merge.cleanup import Wrap, wrapping_merge_storage
 from vhdx.file.storage import Storage
+from support.chain import copy_folder
 
 PAGE = 4096
 
@@ -310,3 +313,44 @@ def materialize(ops: list[Op], cut: int, originals: dict[str, bytes], rng: rando
                 buf[pos:stop] = op.data[pos - op.offset:stop - op.offset]
             pos = stop
     return {p: (bytes(b) if b is not None else None) for p, b in files.items()}
+
+
+@dataclass(frozen=True)
+class Recording:
+    """An operation's mutating calls, recorded on a copy (``recorded``) of its ``pristine`` folder."""
+
+    pristine: Path
+    recorded: Path
+    originals: dict[str, bytes]
+    ops: list[Op]
+
+
+def record(pristine: Path, recorded: Path, run: Callable[[Path, FaultPlan], None]) -> Recording:
+    """Copy ``pristine`` to ``recorded`` and ``run(recorded, plan)`` once with a recording plan;
+    ``run`` routes the files it writes through the plan (:func:`wrapping_writable_files`,
+    :func:`merge_through`, :func:`recording_unlinks`)."""
+    copy_folder(pristine, recorded)
+    originals = {os.path.abspath(p): p.read_bytes() for p in recorded.iterdir()}
+    plan = FaultPlan(None, record=True)
+    run(recorded, plan)
+    return Recording(pristine, recorded, originals, plan.ops)
+
+
+def power_loss_prefixes(rec: Recording, work: Path, seeds: int = 1) -> Iterator[str]:
+    """For every cut point (none of the calls made, ..., all of them) and ``seeds`` random subsets
+    of each file's unflushed pages: lay ``work`` out as the files would be after a power loss
+    there (the pristine folder, the touched files materialized, unlinked ones removed) and yield
+    where it was cut, for messages."""
+    ops = rec.ops
+    for cut in range(len(ops) + 1):
+        for seed in range(seeds):
+            copy_folder(rec.pristine, work)
+            for path, data in materialize(ops, cut, rec.originals, random.Random(cut * 1000 + seed)).items():
+                target = work / Path(path).relative_to(rec.recorded)
+                if data is None:
+                    target.unlink()
+                else:
+                    target.write_bytes(data)
+            after = f" (after {ops[cut - 1].kind} of {Path(ops[cut - 1].path).name})" if cut else ""
+            yield f"cut {cut}/{len(ops)} seed {seed}{after}"
+
