@@ -39,6 +39,7 @@ from ..chains.disk import Disk
 from ..chains.resolve import open as open_disk
 from ..errors import UsageError, VhdxError
 from .maps import chain_layers
+from .writebuffer import WriteBuffer
 
 FSNAME = "vhdx"
 MAX_READ = 1 << 20          # bytes per FUSE read request (the kernel's largest with 256 pages)
@@ -121,6 +122,7 @@ class DiskFiles:
         self.lock = threading.Lock()       # one request at a time in the chain (a Disk is not thread-safe)
         self.window = Window()
         self.next_read: tuple[str, int] = ("", -1)
+        self.pending = WriteBuffer(leaf) if writable else None
 
     def attributes(self, name: str) -> dict[str, Any]:
         """stat(2) fields of ``/name`` (``""`` is the folder)."""
@@ -156,19 +158,36 @@ class DiskFiles:
                     self.window.serve(name, offset, view)
                 else:
                     disk.pread_into(view, offset)
+            if n and disk is self.leaf and self.pending:
+                self.pending.overlay(view, offset)   # buffered writes over the file's (or window's) bytes
             self.next_read = (name, offset + n)
         return buf
 
     def write(self, name: str, data: bytes, offset: int) -> int:
-        """Write ``data`` to the leaf at ``offset`` (only ``disk``, only with ``rw``)."""
-        if not (self.writable and name == LEAF_NAME):
+        """Write ``data`` to the leaf at ``offset`` (only ``disk``, only with ``rw``): into the
+        write buffer, applied as one transaction when it is full (see :meth:`commit`)."""
+        if not (self.writable and name == LEAF_NAME) or self.pending is None:
             raise PermissionError(errno.EROFS, "read-only")
         fits = max(0, min(len(data), self.leaf.size - offset))
         if not fits and data:  # as a block device: a write at the end is ENOSPC, one across it is short
             raise OSError(errno.ENOSPC, "past the end of the disk")
         with self.lock:
             self.window.clear()   # every file shows the leaf's bytes through the window: drop it
-            return self.leaf.pwrite(memoryview(data)[:fits], offset)
+            self.pending.write(memoryview(data)[:fits], offset)
+            if self.pending.full():
+                self.pending.apply()
+        return fits
+
+    def commit(self, durable: bool = False) -> None:
+        """Apply the buffered writes (one transaction); with ``durable``, flush the leaf too
+        (fsync: the writes are on stable storage when this returns)."""
+        if self.pending is None:
+            return
+        with self.lock:
+            self.window.clear()
+            self.pending.apply()
+            if durable:
+                self.leaf.flush()
 
 
 def _errno_of(e: BaseException) -> int:
@@ -205,8 +224,12 @@ def operations(files: DiskFiles, ready: Callable[[], None]) -> Any:
 
     def do_fsync(name: str, datasync: int, fh: Any) -> int:
         if files.writable and name == LEAF_NAME:
-            with files.lock:
-                files.leaf.flush()
+            files.commit(durable=True)
+        return 0
+
+    def do_flush(name: str, fh: Any) -> int:    # each close(2), and release: apply what is buffered
+        if files.writable and name == LEAF_NAME:
+            files.commit()
         return 0
 
     def do_init(self: Any, conn: Any, config: Any) -> None:
@@ -223,7 +246,8 @@ def operations(files: DiskFiles, ready: Callable[[], None]) -> Any:
         write=guarded(lambda name, data, offset, fh: files.write(name, data, offset)),
         truncate=guarded(do_truncate),
         fsync=guarded(do_fsync),
-        flush=guarded(lambda name, fh: 0),
+        flush=guarded(do_flush),
+        release=guarded(do_flush),
         statfs=guarded(lambda name: dict(f_bsize=MAX_READ, f_frsize=512, f_namemax=255)),
     )
     return type("VhdxFiles", (fuse.Operations,), body)()
@@ -258,7 +282,10 @@ def serve(path: str, mountpoint: str, *, rw: bool = False, allow_other: bool = F
     with open_disk(path, "r+" if rw else "rb", **chain_options) as leaf:
         files = DiskFiles(leaf, rw)
         ops = operations(files, ready)
-        fuse.FUSE(ops, mountpoint, **fuse_options(rw, allow_other))
+        try:
+            fuse.FUSE(ops, mountpoint, **fuse_options(rw, allow_other))
+        finally:
+            files.commit()   # unmounted (or stopped): what is still buffered goes in before the close
         return files.errors
 
 
