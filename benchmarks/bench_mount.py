@@ -184,6 +184,64 @@ def bench_diff(work: Path) -> None:
     print(f"  diff --files: {t:.2f} s (goal < 10 s)\n  {summary}")
 
 
+def write_round(code: Path, child: Path, mnt: Path, source: Path, how: str) -> tuple[float, float]:
+    """(seconds for the dd with its fsync, seconds for the unmount) of one write of ``source``
+    into ``child`` through ``vhdx mount --rw`` run from the tree ``code``: ``dd bs=1M`` to
+    ``disk`` (FUSE requests of 128 KiB) or through a loop device over ``disk`` (4 KiB pages)."""
+    env = dict(ENV, PYTHONPATH=str(code))
+    # cwd too: ``python -m vhdx`` puts the current folder first on sys.path
+    run = lambda *argv: subprocess.run(argv, check=True, capture_output=True, text=True, env=env,  # noqa: E731
+                                       cwd=str(code))
+    mnt.mkdir(exist_ok=True)
+    run(sys.executable, "-m", "vhdx", "mount", "--rw", str(child), str(mnt))
+    loop = ""
+    try:
+        target = mnt / "disk"
+        if how == "loop":
+            loop = run("losetup", "-f", "--show", str(target)).stdout.strip()
+            target = Path(loop)
+        took = timed(lambda: run("dd", f"if={source}", f"of={target}", "bs=1M", "conv=fsync,notrunc"))
+    finally:
+        if loop:
+            run("losetup", "-d", loop)
+        t = time.perf_counter()
+        run(sys.executable, "-m", "vhdx", "unmount", str(mnt))
+        gone = time.perf_counter() - t
+    return took, gone
+
+
+def bench_write(work: Path, old_code: Path | None, rounds: int, mib: int = 128) -> None:
+    """Writes through ``vhdx mount --rw`` into a fresh checkpoint of a 4 GiB disk, MiB/s: this
+    tree against ``old_code`` (a tree before the write buffer), rounds interleaved."""
+    base = work / "wbase.vhdx"
+    with vhdx.create(base, 4 << 30):
+        pass
+    source = work / "payload.bin"
+    source.write_bytes(os.urandom(mib * MiB))
+    codes = {"buffered (this tree)": REPO}
+    if old_code:
+        codes["one transaction per write (old)"] = old_code
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for _ in range(rounds):
+        for how in ("dd bs=1M to disk", "loop device"):
+            for label, code in codes.items():
+                child = work / "wchild.avhdx"
+                child.unlink(missing_ok=True)
+                vhdx.create(child, parent=base).close()
+                times.setdefault((how, label), []).append(
+                    write_round(code, child, work / "mnt-w", source, "loop" if how == "loop device" else "dd"))
+                check = subprocess.run([sys.executable, "-m", "vhdx", "check", str(child)], env=ENV,
+                                       capture_output=True, text=True)
+                assert check.returncode == 0, check.stdout + check.stderr
+    print(f"write {mib} MiB through vhdx mount --rw into a new checkpoint (medians of {rounds}):")
+    for (how, label), runs in times.items():
+        dd_s = statistics.median(r[0] for r in runs)
+        um_s = statistics.median(r[1] for r in runs)
+        print(f"  {how:<17} {label:<32} dd+fsync {dd_s:7.2f} s  {mib / dd_s:7.1f} MiB/s   unmount {um_s:5.2f} s"
+              f"   (runs: {', '.join(f'{r[0]:.2f}' for r in runs)})")
+    source.unlink()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="2G")
@@ -191,9 +249,14 @@ def main() -> None:
     p.add_argument("--workdir")
     p.add_argument("--skip-diff", action="store_true")
     p.add_argument("--skip-read", action="store_true")
+    p.add_argument("--write", action="store_true", help="only the --rw write benchmark")
+    p.add_argument("--old-code", help="a tree of vhdx to compare the writes with (git archive of an older commit)")
     a = p.parse_args()
     size = int(float(a.size.rstrip("GgMm")) * (1 << 30 if a.size[-1] in "Gg" else MiB))
     with tempfile.TemporaryDirectory(dir=a.workdir, prefix="bench-mount-") as work:
+        if a.write:
+            bench_write(Path(work), Path(a.old_code) if a.old_code else None, a.rounds)
+            return
         if not a.skip_read:
             bench_read(Path(work), size, a.rounds)
         if not a.skip_diff:

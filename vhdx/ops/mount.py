@@ -269,6 +269,10 @@ def fuse_options(rw: bool, allow_other: bool) -> dict[str, Any]:
                                 subtype=FSNAME, max_read=MAX_READ, default_permissions=True)
     if not rw:
         opts["ro"] = True
+    elif getattr(fuse_module(), "fuse_version_major", 3) == 2:
+        # libfuse 2 (which mfusepy loads when both are installed) hands writes over one page
+        # (4 KiB) at a time unless asked for big writes; libfuse 3 always does them.
+        opts.update(big_writes=True, max_write=MAX_READ)
     if allow_other:
         opts["allow_other"] = True
     return opts
