@@ -93,3 +93,35 @@ def test_diff_files_needs_the_parent_and_names_pytsk3(tmp_path: Path, monkeypatc
     (tmp_path / "base.vhdx").rename(tmp_path / "elsewhere" / "base.vhdx")
     assert_one_line_error(run_subprocess("diff", child, "--files"), "not found")
     assert json.loads(run_inprocess("diff", child, "--json").stdout)["changed_bytes"] == 0
+
+
+def _many_files_steps() -> list[Step]:
+    """2,000 files in 20 folders and a small folder; then one file created, then one changed in place."""
+    base: list[tuple[str, str, bytes]] = [("mkdir", "/small", b""), ("write", "/small/a.txt", b"a\n")]
+    for d in range(20):
+        base.append(("mkdir", f"/d{d}", b""))
+        base += [("write", f"/d{d}/f{f}.txt", b"%d %d\n" % (d, f) * 20) for f in range(100)]
+    return [Step(base), Step([("write", "/small/new.txt", b"created\n")]),
+            Step([("overwrite", "/d7/f42.txt", b"CHANGED")])]
+
+
+@pytest.mark.parametrize("fs", ["ext4", "ntfs"])
+def test_the_cost_follows_the_change_not_the_number_of_files(fs: str, tmp_path: Path) -> None:
+    """Among 2,000 files, a checkpoint that creates one file or changes one opens a handful of
+    metadata records (not 2,000); the created file is named from its folder's listing alone."""
+    require(fs)
+    chain = build(tmp_path / "disks", fs, "gpt", _many_files_steps())
+    for n in (1, 2):
+        out = run_inprocess("diff", chain.paths[n], "--files", "--json").json()
+        step = chain.steps[n]
+        got = {c: {f["path"] for f in out["files"] if f["change"] == c} for c in ("created", "changed", "deleted")}
+        assert got == {"created": step.created, "changed": step.changed, "deleted": step.deleted}, (fs, n)
+        vol = out["volumes"][0]
+        assert vol["method"] == "records", vol
+        assert vol["records_changed"] <= 8 and vol["records_examined"] <= 40, vol
+        if fs == "ntfs":
+            assert vol["names_listed"] == 0 and not vol["folder_walk"], vol
+        elif n == 1:     # ext: named from the changed folders (/small and the root) alone
+            assert not vol["folder_walk"] and vol["names_listed"] <= 60, vol
+        else:            # ext, a file changed in place: its folder did not change; a folder walk names it
+            assert vol["folder_walk"], vol
