@@ -23,11 +23,14 @@ def _steps() -> list[Step]:
         Step([("mkdir", "/docs", b""), ("write", "/docs/keep.txt", b"unchanged\n" * 50),
               ("write", "/docs/edit.txt", b"first version\n"), ("write", "/big.bin", _random(1, 700_000)),
               ("write", "/gone.txt", b"to be deleted\n"), ("write", "/same-size.bin", _random(2, 200_000)),
-              ("mkdir", "/old", b""), ("write", "/old/a.txt", b"a" * 5000), ("write", "/tail.log", b"log\n" * 100)]),
+              ("mkdir", "/old", b""), ("write", "/old/a.txt", b"a" * 5000), ("write", "/tail.log", b"log\n" * 100),
+              ("mkdir", "/empty", b"")]),
         Step([("append", "/docs/edit.txt", b"second version\n"), ("delete", "/gone.txt", b""),
               ("mkdir", "/new", b""), ("write", "/new/n1.bin", _random(3, 300_000)),
               ("overwrite", "/same-size.bin", _random(4, 4096))]),
         Step([("delete", "/old/a.txt", b""), ("write", "/docs/added.txt", b"late\n"),
+              ("rename", "/docs/keep.txt", b"/docs/kept.txt"), ("mkdir", "/old/sub", b""),
+              ("rename", "/old/sub", b"/moved"), ("rename", "/empty", b"/renamed"),
               ("append", "/tail.log", b"more\n" * 10), ("overwrite", "/big.bin", _random(5, 65536))]),
     ]
 

@@ -236,12 +236,10 @@ def _touched_at_all(e: Entry, changed: Ranges) -> bool:
 
 
 def _needs_a_name(a: Entry | None, b: Entry | None, changed: Ranges) -> bool:
-    """Whether a changed record may be a changed file: not when only its atime changed (a read),
-    nor when it is a folder in both views (a folder's listing shows as its entries)."""
-    if a is None or b is None or a.kind != b.kind:
+    """Whether a changed record may be a changed file: not when only its atime changed (a read).
+    A folder always is (it may have moved; naming one costs its own listing and its parent's)."""
+    if a is None or b is None or a.kind != b.kind or a.kind == "dir":
         return True
-    if a.kind == "dir":
-        return False
     return a.stat_fields() != b.stat_fields() or _touched_at_all(a, changed) or _touched_at_all(b, changed)
 
 
