@@ -183,7 +183,7 @@ def record_tables(fs_type: str, fs: Any, disk: Disk, base: int, length: int) -> 
     return None
 
 
-def _runs_of_records(table: Table, changed: Ranges) -> Iterator[tuple[int, int]]:
+def records_meeting(table: Table, changed: Ranges) -> Iterator[tuple[int, int]]:
     """(first index, end index) of the table's records that meet the changed ranges."""
     end = table.offset + table.count * table.size
     for s, e in changed.overlaps(table.offset, end):
@@ -199,7 +199,7 @@ def changed_records(tables: list[Tables], changed: Ranges, old: Disk, new: Disk)
         if t in seen:
             continue
         seen.add(t)
-        for first, end in _runs_of_records(t, changed):
+        for first, end in records_meeting(t, changed):
             step = max(1, COMPARE_CHUNK // t.size)
             for at in range(first, end, step):
                 n = min(step, end - at)

@@ -1,0 +1,69 @@
+"""The record tables of diff --files from crafted bytes: every field that drives a read, an
+allocation or a loop is checked, and a loop among folders ends."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from vhdx.ops.fsmeta import MAX_GROUP_TABLE, Ranges, Table, records_meeting, ext_layout, resolve_up
+
+
+def _superblock(**fields: int) -> bytearray:
+    sb = bytearray(1024)
+    values = dict(inodes=8192, first_data=0, log_bs=2, bpg=32768, ipg=8192, rev=1, isize=256, incompat=0x2C2,
+                  dsize=64)
+    values.update(fields)
+    struct.pack_into("<I", sb, 0, values["inodes"])
+    struct.pack_into("<II", sb, 20, values["first_data"], values["log_bs"])
+    struct.pack_into("<I", sb, 32, values["bpg"])
+    struct.pack_into("<I", sb, 40, values["ipg"])
+    struct.pack_into("<H", sb, 56, 0xEF53)
+    struct.pack_into("<I", sb, 76, values["rev"])
+    struct.pack_into("<H", sb, 88, values["isize"])
+    struct.pack_into("<I", sb, 96, values["incompat"])
+    struct.pack_into("<H", sb, 254, values["dsize"])
+    return sb
+
+
+def test_a_sane_superblock_gives_its_layout() -> None:
+    lay = ext_layout(bytes(_superblock()))
+    assert lay is not None and lay.block_size == 4096 and lay.groups == 1 and lay.wide
+    assert lay.descriptors_at == 1 and lay.inode_size == 256
+
+
+@pytest.mark.parametrize("fields", [
+    dict(log_bs=7),                          # 128 KiB blocks
+    dict(incompat=0x2C2 | 0x10),             # meta_bg: descriptors elsewhere
+    dict(isize=300), dict(isize=8192), dict(isize=64),
+    dict(ipg=0), dict(ipg=4096 * 8 + 1), dict(bpg=0),
+    dict(dsize=16), dict(dsize=4096),
+    dict(first_data=7),
+    dict(inodes=0xFFFFFFFF, ipg=1),          # 4 G groups: a 256 GiB descriptor table
+])
+def test_a_crafted_superblock_is_refused(fields: dict[str, int]) -> None:
+    assert ext_layout(bytes(_superblock(**fields))) is None
+
+
+def test_the_descriptor_table_is_bounded() -> None:
+    lay = ext_layout(bytes(_superblock(inodes=(MAX_GROUP_TABLE // 64) * 8, ipg=8)))
+    assert lay is not None and lay.groups * lay.descriptor_size <= MAX_GROUP_TABLE
+    assert ext_layout(bytes(_superblock(inodes=(MAX_GROUP_TABLE // 64 + 1) * 8, ipg=8))) is None
+    assert ext_layout(b"\0" * 1024) is None and ext_layout(b"") is None
+
+
+def test_changed_sectors_map_to_the_records_they_hold() -> None:
+    table = Table(offset=1 << 20, count=100, size=256, first=1)
+    changed = Ranges([(0, 512), ((1 << 20) + 256 * 10, (1 << 20) + 256 * 10 + 1), ((1 << 20) + 256 * 99, 1 << 30)])
+    assert list(records_meeting(table, changed)) == [(10, 11), (99, 100)]
+
+
+def test_a_loop_among_folders_ends_unnamed() -> None:
+    """Folder 10's parent is 11, 11's is 10 (a crafted '..'): no path, no endless walk."""
+    up = {10: (11, "a"), 11: (10, "b"), 12: (2, "c"), 13: (12, "d")}
+    cache: dict[int, str | None] = {2: ""}
+    assert resolve_up(10, cache, up.get) is None
+    assert resolve_up(13, cache, up.get) == "/c/d"
+    deep = {i: (i + 1, f"n{i}") for i in range(100, 100_000)}
+    assert resolve_up(100, {2: ""}, deep.get) is None      # deeper than MAX_DEPTH: given up, not recursed
