@@ -5,14 +5,17 @@ whole virtual disk as it reads at that layer (the base alone, the base plus the 
 checkpoint, ... up to the leaf), and ``disk``, the leaf. The chain is opened with
 :func:`vhdx.open`, so files are opened read-only (O_RDONLY), a dirty log is replayed in memory
 and locks are held as for any reader. With ``rw`` the leaf is opened ``"r+"`` and ``disk`` is
-writable through the normal write path (log, locks); parents are never written.
+writable through the normal write path (log, locks); parents are never written. Writes are
+gathered in a :class:`~.writebuffer.WriteBuffer` and applied as one transaction per 32 MiB, at
+each flush, fsync (durable when it returns) and release, and at unmount.
 
-The binding is ``mfusepy`` (ctypes over libfuse 3, the maintained successor of fusepy). It is
+The binding is ``mfusepy`` (ctypes over libfuse 3, or libfuse 2 when that is installed too: it
+looks for ``libfuse.so.2`` first; the maintained successor of fusepy). It is
 imported only here, inside functions, so the package works without it. The file system runs
 single-threaded (a :class:`~vhdx.chains.disk.Disk` is not shared between threads; a lock guards
 it all the same, and a multi-threaded loop measured slower, the callbacks contending for the
 GIL). A request is served into a reused ctypes buffer with no per-sector Python work; the
-kernel's requests are at most 128 KiB with libfuse 3.14, so a sequential reader is served from a
+kernel's requests are at most 128 KiB (32 pages), so a sequential reader is served from a
 4 MiB read-ahead window (:class:`Window`) and costs one pass down the chain per window.
 
 In the background (the default) :func:`mount` forks a server process that opens the chain,
@@ -141,7 +144,7 @@ class DiskFiles:
 
         A read that continues the previous one is served from a read-ahead window of
         ``WINDOW`` bytes, so a sequential reader costs one pass down the chain per window, not
-        per request (the kernel's requests are 128 KiB with libfuse 3.14); others read exactly."""
+        per request (the kernel's requests are 128 KiB); others read exactly."""
         disk = self.files[name]
         n = max(0, min(size, disk.size - offset))
         buffers = self.local.__dict__.setdefault("buffers", {})
