@@ -98,31 +98,40 @@ def test_diff_files_needs_the_parent_and_names_pytsk3(tmp_path: Path, monkeypatc
     assert json.loads(run_inprocess("diff", child, "--json").stdout)["changed_bytes"] == 0
 
 
-def _many_files_steps() -> list[Step]:
-    """2,000 files in 20 folders and a small folder; then one file created, then one changed in place."""
+def _many_files_steps(folders: int = 20) -> list[Step]:
+    """100 files in each of ``folders`` folders and a small folder; then one file created, then
+    one changed in place."""
     base: list[tuple[str, str, bytes]] = [("mkdir", "/small", b""), ("write", "/small/a.txt", b"a\n")]
-    for d in range(20):
+    for d in range(folders):
         base.append(("mkdir", f"/d{d}", b""))
         base += [("write", f"/d{d}/f{f}.txt", b"%d %d\n" % (d, f) * 20) for f in range(100)]
     return [Step(base), Step([("write", "/small/new.txt", b"created\n")]),
             Step([("overwrite", "/d7/f42.txt", b"CHANGED")])]
 
 
-@pytest.mark.parametrize("fs", ["ext4", "ntfs"])
+@pytest.mark.parametrize("fs", ["ext4", "ntfs", "fat", "exfat"])
 def test_the_cost_follows_the_change_not_the_number_of_files(fs: str, tmp_path: Path) -> None:
-    """Among 2,000 files, a checkpoint that creates one file or changes one opens a handful of
-    metadata records (not 2,000); the created file is named from its folder's listing alone."""
+    """Among 2,000 files (800 on FAT, written one mtools call each), a checkpoint that creates
+    one file or changes one opens a handful of metadata records, not every file; on ext4 the
+    created file is named from its folder's listing alone."""
     require(fs)
-    chain = build(tmp_path / "disks", fs, "gpt", _many_files_steps())
+    chain = build(tmp_path / "disks", fs, "gpt", _many_files_steps(8 if fs == "fat" else 20))
     for n in (1, 2):
         out = run_inprocess("diff", chain.paths[n], "--files", "--json").json()
         step = chain.steps[n]
         got = {c: {f["path"] for f in out["files"] if f["change"] == c} for c in ("created", "changed", "deleted")}
         assert got == {"created": step.created, "changed": step.changed, "deleted": step.deleted}, (fs, n)
         vol = out["volumes"][0]
+        if fs in ("fat", "exfat") and n == 2 and vol["method"] == "walk":
+            # times in 2-second steps: an overwrite soon after the write may leave the entry as
+            # it was; then only a walk finds the file, and the volume says so
+            assert vol["why"].startswith("data rewritten in place"), vol
+            continue
         assert vol["method"] == "records", vol
         assert vol["records_changed"] <= 8 and vol["records_examined"] <= 40, vol
-        if fs == "ntfs":
+        if fs in ("fat", "exfat"):
+            assert vol["names_listed"] < 2 * 1000, vol   # the folder walk stops once the file is named
+        elif fs == "ntfs":
             assert vol["names_listed"] == 0 and not vol["folder_walk"], vol
         elif n == 1:     # ext: named from the changed folders (/small and the root) alone
             assert not vol["folder_walk"] and vol["names_listed"] <= 60, vol

@@ -67,3 +67,11 @@ def test_a_loop_among_folders_ends_unnamed() -> None:
     assert resolve_up(13, cache, up.get) == "/c/d"
     deep = {i: (i + 1, f"n{i}") for i in range(100, 100_000)}
     assert resolve_up(100, {2: ""}, deep.get) is None      # deeper than MAX_DEPTH: given up, not recursed
+
+
+def test_uncovered_counts_the_bytes_no_range_covers() -> None:
+    from vhdx.ops.fsfat import uncovered
+    assert uncovered([(0, 100)], []) == 100
+    assert uncovered([(0, 100)], [(0, 100)]) == 0
+    assert uncovered([(0, 100), (200, 300)], [(50, 250), (10, 20), (290, 400)]) == 50 - 10 + 40
+    assert uncovered([(0, 10), (20, 30)], [(5, 5), (25, 26)]) == 19

@@ -27,9 +27,10 @@ import numpy as np
 
 from ..chains.disk import Disk
 from ..errors import UsageError
+from .fsfat import uncovered
 from .fsmeta import NTFS_FIRST_USER, ExtNames, NtfsNames, Ranges, View, changed_records, record_tables
-from .fsview import (Entry, Volume, disk_image, fs_type_name, hidden, make_entry, open_fs, pieces, read_file,
-                     tsk_module, volumes, walk)
+from .fsview import (Entry, Volume, data_runs, disk_image, fs_type_name, hidden, make_entry, open_fs, pieces,
+                     read_file, tsk_module, volumes, walk)
 from .maps import changed_ranges
 
 CREATED, CHANGED, DELETED = "created", "changed", "deleted"
@@ -210,20 +211,31 @@ class Views:
     system: bool
 
 
+def _entries_of_volume(vol: Volume, v: Views, old_fs: Any, new_fs: Any,
+                       fs_type: str) -> tuple[dict[str, Entry], dict[str, Entry], dict[str, Any]]:
+    """Both views' entries to compare, by path: from the changed metadata records where the file
+    system has tables we map (:func:`by_records`), else from a walk of every name."""
+    both = old_fs is not None and new_fs is not None
+    tables = [t for t in (record_tables(fs_type, fs, d, vol.offset, vol.length)
+                          for fs, d in ((old_fs, v.old_disk), (new_fs, v.new_disk)) if fs is not None) if t]
+    found = by_records(tables, old_fs, new_fs, vol.offset, v) if both and tables else None
+    if found is not None:
+        return found
+    old = walk(old_fs, vol.offset, system=v.system) if old_fs is not None else {}
+    new = walk(new_fs, vol.offset, system=v.system) if new_fs is not None else {}
+    cost: dict[str, Any] = dict(method="walk", files_before=len(old), files_after=len(new))
+    if both and tables:
+        cost["why"] = "data rewritten in place with its directory entry unchanged"
+    return old, new, cost
+
+
 def _diff_volume(vol: Volume, v: Views, changes: list[FileChange]) -> dict[str, Any]:
     old_fs, new_fs = open_fs(v.old_img, vol.offset), open_fs(v.new_img, vol.offset)
     info = vol.to_dict()
     if new_fs is None and old_fs is None:
         return dict(info, fs_type=None, note="no file system recognised in either view")
     fs_type = fs_type_name(new_fs if new_fs is not None else old_fs)
-    tables = [t for t in (record_tables(fs_type, fs, d, vol.offset, vol.length)
-                          for fs, d in ((old_fs, v.old_disk), (new_fs, v.new_disk)) if fs is not None) if t]
-    if old_fs is not None and new_fs is not None and tables:
-        old, new, cost = by_records(tables, old_fs, new_fs, vol.offset, v)
-    else:
-        old = walk(old_fs, vol.offset, system=v.system) if old_fs is not None else {}
-        new = walk(new_fs, vol.offset, system=v.system) if new_fs is not None else {}
-        cost = dict(method="walk", files_before=len(old), files_after=len(new))
+    old, new, cost = _entries_of_volume(vol, v, old_fs, new_fs, fs_type)
     found = compare(old, new, old_fs, new_fs, v.changed, vol.index, fs_type)
     changes.extend(found)
     note = "" if old_fs is not None and new_fs is not None else \
@@ -274,16 +286,42 @@ def _named(namer: Any, entries: dict[int, Entry], folders: set[int], system: boo
     return out
 
 
+def _unexplained(area: Any, records: set[int], views: tuple[View, View], folders: list[tuple[int, int]],
+                 changed: Ranges) -> int:
+    """FAT/exFAT: bytes the checkpoint changed in the data area that neither a changed folder
+    sector nor the data of a changed entry (either view) nor exFAT's bitmap and up-case table
+    holds: data rewritten in place with its entry unchanged (times kept in 2-second steps)."""
+    tsk = tsk_module()
+    cover = list(folders)
+    for view in views:
+        block = view.fs.info.block_size
+        files = [view.file(r) for r in sorted(records)]
+        for name in ("/$ALLOC_BITMAP", "/$UPCASE_TABLE"):
+            try:
+                files.append(view.fs.open(name))
+            except OSError:
+                pass
+        for f in files:
+            if f is not None:
+                cover += [(d, d + n) for _, d, n in data_runs(tsk, f, view.base, block)[0]]
+    spans = changed.overlaps(area.offset, area.offset + area.count * area.size)
+    return uncovered(spans, cover)
+
+
 def by_records(tables: list[Any], old_fs: Any, new_fs: Any, base: int,
-               v: Views) -> tuple[dict[str, Entry], dict[str, Entry], dict[str, Any]]:
+               v: Views) -> tuple[dict[str, Entry], dict[str, Entry], dict[str, Any]] | None:
     """The two views' entries of the files whose metadata records the checkpoint changed (see
-    :mod:`.fsmeta`), by path, and what it cost (records opened, folder entries listed)."""
+    :mod:`.fsmeta`), by path, and what it cost (records opened, folder entries listed); None
+    when the records do not explain the change (FAT/exFAT: then the caller walks)."""
     tsk = tsk_module()
     kind = tables[0].kind
-    records = changed_records(tables, v.changed, v.old_disk, v.new_disk)
+    folder_sectors: list[tuple[int, int]] = []
+    records = changed_records(tables, v.changed, v.old_disk, v.new_disk, folder_sectors)
     if kind == "ntfs" and not v.system:
         records = {r for r in records if r >= NTFS_FIRST_USER}
     views = (View(old_fs, base), View(new_fs, base))
+    if kind in ("fat", "exfat") and _unexplained(tables[0].tables[0], records, views, folder_sectors, v.changed):
+        return None
     entries, folders = _changed_entries(records, views, base, v.changed)
     namers = [(NtfsNames if kind == "ntfs" else ExtNames)(view) for view in views]
     maps = [_named(namers[k], entries[k], folders[k], v.system) for k in (0, 1)]

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..chains.disk import Disk
+from .fsfat import FIRST_ENTRY_ADDRESS, SLOT, changed_entries, fat_area
 from .fsview import MAX_DEPTH, data_runs, tsk_module
 
 EXT_MAGIC = 0xEF53
@@ -175,11 +176,18 @@ def ntfs_tables(fs: Any, disk: Disk, base: int) -> Tables | None:
 
 def record_tables(fs_type: str, fs: Any, disk: Disk, base: int, length: int) -> Tables | None:
     """The record tables of the file system (``fs_type`` as :func:`.fsview.fs_type_name` says),
-    or None where we have none (FAT, exFAT, others: the caller walks the folder tree)."""
+    or None where we have none (others: the caller walks the folder tree). FAT and exFAT: the
+    area of their directory entries (see :mod:`.fsfat`)."""
     if fs_type.startswith("ext"):
         return ext_tables(disk, base, length)
     if fs_type.startswith("ntfs"):
         return ntfs_tables(fs, disk, base)
+    if fs_type.startswith("fat") or fs_type == "exfat":
+        area = fat_area(disk, base, length, fs_type == "exfat")
+        if area is None:
+            return None
+        return Tables(fs_type if fs_type == "exfat" else "fat",
+                      [Table(area[0], (area[1] - area[0]) // SLOT, SLOT, FIRST_ENTRY_ADDRESS)])
     return None
 
 
@@ -190,15 +198,21 @@ def records_meeting(table: Table, changed: Ranges) -> Iterator[tuple[int, int]]:
         yield (s - table.offset) // table.size, (e - 1 - table.offset) // table.size + 1
 
 
-def changed_records(tables: list[Tables], changed: Ranges, old: Disk, new: Disk) -> set[int]:
+def changed_records(tables: list[Tables], changed: Ranges, old: Disk, new: Disk,
+                    folders: list[tuple[int, int]] | None = None) -> set[int]:
     """Numbers of the records in changed sectors whose bytes differ between the two views
-    (``tables`` from either view: a table that moved or grew is looked at in both)."""
+    (``tables`` from either view: a table that moved or grew is looked at in both). On FAT and
+    exFAT the changed folder sectors are added to ``folders``."""
     out: set[int] = set()
     seen: set[Table] = set()
-    for t in (t for ts in tables for t in ts.tables):
+    for ts, t in ((ts, t) for ts in tables for t in ts.tables):
         if t in seen:
             continue
         seen.add(t)
+        if ts.kind in ("fat", "exfat"):     # entries inside folder clusters: only folder sectors count
+            spans = changed.overlaps(t.offset, t.offset + t.count * t.size)
+            out |= changed_entries(t.offset, spans, old, new, ts.kind == "exfat", folders if folders is not None else [])
+            continue
         for first, end in records_meeting(t, changed):
             step = max(1, COMPARE_CHUNK // t.size)
             for at in range(first, end, step):
