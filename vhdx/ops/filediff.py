@@ -243,22 +243,10 @@ def _diff_volume(vol: Volume, v: Views, changes: list[FileChange]) -> dict[str, 
     return dict(info, fs_type=fs_type, **cost, changes=len(found), **({"note": note} if note else {}))
 
 
-def _touched_at_all(e: Entry, changed: Ranges) -> bool:
-    return e.resident or any(changed.overlaps(d, d + n) for _, d, n in e.runs)
-
-
-def _needs_a_name(a: Entry | None, b: Entry | None, changed: Ranges) -> bool:
-    """Whether a changed record may be a changed file: not when only its atime changed (a read).
-    A folder always is (it may have moved; naming one costs its own listing and its parent's)."""
-    if a is None or b is None or a.kind != b.kind or a.kind == "dir":
-        return True
-    return a.stat_fields() != b.stat_fields() or _touched_at_all(a, changed) or _touched_at_all(b, changed)
-
-
-def _changed_entries(records: set[int], views: tuple[View, View], base: int,
-                     changed: Ranges) -> tuple[list[dict[int, Entry]], list[set[int]]]:
-    """Per view: the entries of the changed records that may be changed files (by record), and
-    the changed records that are folders."""
+def _changed_entries(records: set[int], views: tuple[View, View],
+                     base: int) -> tuple[list[dict[int, Entry]], list[set[int]]]:
+    """Per view: the entries of the changed records (by record; an access time alone was not
+    counted as a change, :data:`.fsmeta.EXT_ATIME`), and the changed records that are folders."""
     tsk = tsk_module()
     entries: list[dict[int, Entry]] = [{}, {}]
     folders: list[set[int]] = [set(), set()]
@@ -269,7 +257,7 @@ def _changed_entries(records: set[int], views: tuple[View, View], base: int,
             pair.append(make_entry(tsk, f, "", base, view.fs.info.block_size) if f is not None else None)
             if f is not None and pair[-1].kind == "dir":   # type: ignore[union-attr]
                 folders[k].add(r)
-        if r != views[0].root and _needs_a_name(pair[0], pair[1], changed):
+        if r != views[0].root:      # a changed record may be a renamed file with its times kept
             for k in (0, 1):
                 if pair[k] is not None:
                     entries[k][r] = pair[k]   # type: ignore[assignment]
@@ -322,7 +310,7 @@ def by_records(tables: list[Any], old_fs: Any, new_fs: Any, base: int,
     views = (View(old_fs, base), View(new_fs, base))
     if kind in ("fat", "exfat") and _unexplained(tables[0].tables[0], records, views, folder_sectors, v.changed):
         return None
-    entries, folders = _changed_entries(records, views, base, v.changed)
+    entries, folders = _changed_entries(records, views, base)
     namers = [(NtfsNames if kind == "ntfs" else ExtNames)(view) for view in views]
     maps = [_named(namers[k], entries[k], folders[k], v.system) for k in (0, 1)]
     for k in (0, 1):      # a path seen in one view only: is it there in the other?

@@ -93,7 +93,10 @@ def changed_entries(start: int, spans: list[tuple[int, int]], old: Disk, new: Di
             y = np.frombuffer(b, np.uint8).reshape(-1, SLOTS, SLOT)
             folder = _plausible(x, exfat) | _plausible(y, exfat)
             folders.extend((at + int(r) * 512, at + int(r) * 512 + 512) for r in np.flatnonzero(folder))
-            differ = (x != y).any(axis=2) & (_entries(x, exfat) | _entries(y, exfat)) & folder[:, None]
+            bytes_differ = x != y
+            if not exfat:
+                bytes_differ[:, :, 18:20] = False     # the access date: a read changes it
+            differ = bytes_differ.any(axis=2) & (_entries(x, exfat) | _entries(y, exfat)) & folder[:, None]
             slots = np.flatnonzero(differ.ravel()) + (at - start) // SLOT + FIRST_ENTRY_ADDRESS
             out.update(slots.tolist())
     return out
