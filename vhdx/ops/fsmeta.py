@@ -3,7 +3,8 @@
 ``vhdx diff --files`` must cost what the checkpoint changed, not what the disk holds. A file
 system keeps one fixed-size record per file in tables at known places: ext2/3/4's inode tables
 (one per block group, found through the group descriptors) and NTFS's $MFT (its data runs, from
-record 0). :func:`record_tables` finds those tables from the file system's own structures (read
+record 0); FAT and exFAT keep it in directory entries, which :mod:`.fsfat` finds in the changed
+folder sectors. :func:`record_tables` finds those tables from the file system's own structures (read
 here, each field checked: a crafted file system must not make us loop or allocate without bound);
 :func:`changed_records` intersects them with the checkpoint's ranges and compares the records
 there between the parent's and the child's view, so only records whose bytes differ are
@@ -15,7 +16,8 @@ path is a walk up a few records (:class:`NtfsNames`). An ext inode does not: :cl
 lists the folders among the changed records (a name created, deleted or renamed changes its
 folder's inode: its mtime), walks up through ``..``, and only for an inode none of those folders
 names (a file changed in place: its folder did not change) falls back to a walk of the folder tree,
-which lists every folder's names (never a file's data) and stops once every inode is named.
+which lists every folder's names (never a file's data) and stops once every inode is named. FAT
+and exFAT entries are named the same way (their folders' listings, then the walk).
 """
 
 from __future__ import annotations
