@@ -75,3 +75,32 @@ def test_uncovered_counts_the_bytes_no_range_covers() -> None:
     assert uncovered([(0, 100)], [(0, 100)]) == 0
     assert uncovered([(0, 100), (200, 300)], [(50, 250), (10, 20), (290, 400)]) == 50 - 10 + 40
     assert uncovered([(0, 10), (20, 30)], [(5, 5), (25, 26)]) == 19
+
+
+def _sfn(name: bytes, attr: int = 0x20) -> bytes:
+    e = bytearray(32)
+    e[0:11] = name
+    e[11] = attr
+    return bytes(e)
+
+
+def test_folder_sectors_are_told_from_file_data() -> None:
+    """Sixteen well-formed entries make a folder sector; random data, text and zeros do not."""
+    import random
+    import numpy as np
+    from vhdx.ops import fsfat
+
+    def rows(data: bytes):
+        return np.frombuffer(data, np.uint8).reshape(-1, 16, 32)
+    folder = _sfn(b".          ", 0x10) + _sfn(b"..         ", 0x10) + _sfn(b"KEEP    TXT") + \
+        _sfn(b"\xe5DIT    TXT") + bytes(32 * 12)
+    assert fsfat.folder_rows(rows(folder), False).tolist() == [True]
+    rng = random.Random(1)
+    noise = rng.randbytes(512 * 2000)
+    text = (b"The quick brown fox jumps over the lazy dog 0123456789.\n" * 20)[:512]
+    assert not fsfat.folder_rows(rows(noise), False).any()
+    assert not fsfat.folder_rows(rows(noise), True).any()
+    assert fsfat.folder_rows(rows(text + bytes(512)), False).tolist() == [False, False]
+    exfat = bytes([0x85, 2]) + bytes(30) + bytes([0xC0]) + bytes(31) + bytes([0xC1]) + bytes(31) + bytes(32 * 13)
+    assert fsfat.folder_rows(rows(exfat), True).tolist() == [True]
+    assert fsfat.folder_rows(rows(bytes(512)), True).tolist() == [False]

@@ -52,7 +52,7 @@ def fat_area(disk: Disk, base: int, length: int, exfat: bool) -> tuple[int, int]
     return (base + start, base + length) if 0 < start < length else None
 
 
-def _plausible(x: np.ndarray, exfat: bool) -> np.ndarray:
+def folder_rows(x: np.ndarray, exfat: bool) -> np.ndarray:
     """Per 512-byte row of slots (rows, 16, 32): every slot well formed and one at least in use."""
     first = x[:, :, 0]
     if exfat:
@@ -91,7 +91,7 @@ def changed_entries(start: int, spans: list[tuple[int, int]], old: Disk, new: Di
                 continue
             x = np.frombuffer(a, np.uint8).reshape(-1, SLOTS, SLOT)
             y = np.frombuffer(b, np.uint8).reshape(-1, SLOTS, SLOT)
-            folder = _plausible(x, exfat) | _plausible(y, exfat)
+            folder = folder_rows(x, exfat) | folder_rows(y, exfat)
             folders.extend((at + int(r) * 512, at + int(r) * 512 + 512) for r in np.flatnonzero(folder))
             bytes_differ = x != y
             if not exfat:
