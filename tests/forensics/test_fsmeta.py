@@ -104,3 +104,18 @@ def test_folder_sectors_are_told_from_file_data() -> None:
     exfat = bytes([0x85, 2]) + bytes(30) + bytes([0xC0]) + bytes(31) + bytes([0xC1]) + bytes(31) + bytes(32 * 13)
     assert fsfat.folder_rows(rows(exfat), True).tolist() == [True]
     assert fsfat.folder_rows(rows(bytes(512)), True).tolist() == [False]
+
+
+def test_ext_folder_blocks_parse_and_a_crafted_record_length_ends_the_block() -> None:
+    from vhdx.ops.fsext import parse_block
+
+    def entry(inode: int, name: bytes, kind: int, rec_len: int | None = None) -> bytes:
+        n = rec_len or (8 + len(name) + 3) // 4 * 4
+        return struct.pack("<IHBB", inode, n, len(name), kind) + name + bytes(n - 8 - len(name))
+    head = entry(2, b".", 2) + entry(2, b"..", 2) + entry(12, b"docs", 2) + entry(0, b"gone", 1) + entry(13, b"a.txt", 1)
+    block = head + entry(14, b"last", 0, 1024 - len(head))
+    assert parse_block(block) == [(".", 2, True), ("..", 2, True), ("docs", 12, True), ("a.txt", 13, False),
+                                  ("last", 14, None)]
+    assert parse_block(entry(5, b"x", 1) + struct.pack("<IHBB", 6, 0, 1, 1) + bytes(1000)) == [("x", 5, False)]
+    assert parse_block(entry(5, b"x", 1) + struct.pack("<IHBB", 6, 4000, 1, 1) + bytes(1000)) == [("x", 5, False)]
+    assert parse_block(struct.pack("<IHBB", 0, 1024, 0, 0) + bytes(1016)) == []      # an htree index block

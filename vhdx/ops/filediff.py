@@ -296,6 +296,14 @@ def _unexplained(area: Any, records: set[int], views: tuple[View, View], folders
     return uncovered(spans, cover)
 
 
+def _views(kind: str, old_fs: Any, new_fs: Any, base: int, v: Views) -> tuple[View, View]:
+    """Both views of the file system; ext folders are read from their blocks (names only, no
+    inode per entry: :mod:`.fsext`)."""
+    if kind == "ext":
+        return View(old_fs, base, v.old_disk), View(new_fs, base, v.new_disk)
+    return View(old_fs, base), View(new_fs, base)
+
+
 def by_records(tables: list[Any], old_fs: Any, new_fs: Any, base: int,
                v: Views) -> tuple[dict[str, Entry], dict[str, Entry], dict[str, Any]] | None:
     """The two views' entries of the files whose metadata records the checkpoint changed (see
@@ -307,7 +315,7 @@ def by_records(tables: list[Any], old_fs: Any, new_fs: Any, base: int,
     records = changed_records(tables, v.changed, v.old_disk, v.new_disk, folder_sectors)
     if kind == "ntfs" and not v.system:
         records = {r for r in records if r >= NTFS_FIRST_USER}
-    views = (View(old_fs, base), View(new_fs, base))
+    views = _views(kind, old_fs, new_fs, base, v)
     if kind in ("fat", "exfat") and _unexplained(tables[0].tables[0], records, views, folder_sectors, v.changed):
         return None
     entries, folders = _changed_entries(records, views, base)

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..chains.disk import Disk
+from .fsext import folder_entries
 from .fsfat import FIRST_ENTRY_ADDRESS, SLOT, changed_entries, fat_area
 from .fsview import MAX_DEPTH, data_runs, tsk_module
 
@@ -242,9 +243,10 @@ class View:
     """One file system in one view (the parent's or the child's), read through TSK, with counts
     of the records opened and the folder entries listed (what the cost follows)."""
 
-    def __init__(self, fs: Any, base: int) -> None:
+    def __init__(self, fs: Any, base: int, disk: Disk | None = None) -> None:
         self.fs = fs
         self.base = base
+        self.disk = disk            # given for ext: folders are read from their blocks (.fsext)
         self.tsk = tsk_module()
         self.root = int(fs.info.root_inum)
         self.records = 0
@@ -279,21 +281,27 @@ class View:
         """(name, inode, is a folder: None when the entry does not say) of the folder's
         allocated names, '.' and '..' included."""
         if inode not in self._lists:
-            out: list[tuple[str, int, bool | None]] = []
-            try:
-                folder = self.fs.open_dir(inode=inode)
-                for f in folder:
-                    name = f.info.name
-                    self.names += 1
-                    if name.flags & self.tsk.TSK_FS_NAME_FLAG_UNALLOC:
-                        continue
-                    kind = None if name.type == self.tsk.TSK_FS_NAME_TYPE_UNDEF else \
-                        name.type == self.tsk.TSK_FS_NAME_TYPE_DIR
-                    out.append((name.name.decode("utf-8", "surrogateescape"), int(name.meta_addr), kind))
-            except OSError:
-                pass
-            self._lists[inode] = out
+            f = self.file(inode) if self.disk is not None else None
+            raw = folder_entries(self.tsk, f, self.disk, self.base, self.fs.info.block_size) \
+                if f is not None and self.disk is not None else None
+            self.names += len(raw or ())
+            self._lists[inode] = raw if raw is not None else self._tsk_listing(inode)
         return self._lists[inode]
+
+    def _tsk_listing(self, inode: int) -> list[tuple[str, int, bool | None]]:
+        out: list[tuple[str, int, bool | None]] = []
+        try:
+            for f in self.fs.open_dir(inode=inode):
+                name = f.info.name
+                self.names += 1
+                if name.flags & self.tsk.TSK_FS_NAME_FLAG_UNALLOC:
+                    continue
+                kind = None if name.type == self.tsk.TSK_FS_NAME_TYPE_UNDEF else \
+                    name.type == self.tsk.TSK_FS_NAME_TYPE_DIR
+                out.append((name.name.decode("utf-8", "surrogateescape"), int(name.meta_addr), kind))
+        except OSError:
+            pass
+        return out
 
 
 def resolve_up(inode: int, cache: dict[int, str | None], step: Any) -> str | None:
