@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import random
 import statistics
@@ -128,60 +129,162 @@ def bench_read(work: Path, size: int, rounds: int) -> None:
     print(f"  throughput mount/export:    {med['export (ours)'] / med['mount (ours)']:.2f} x")
 
 
-def bench_diff(work: Path) -> None:
-    size = 16 << 30
-    base = work / "fs16.vhdx"
-    with vhdx.create(base, size):
-        pass
-    mnt, fsdir = work / "mnt-rw", work / "fs"
-    fsdir.mkdir(exist_ok=True)
-    rng = random.Random(2)
+def diff_files(child: Path, code: Path = REPO) -> tuple[float, dict]:
+    """(seconds, JSON) of ``vhdx diff CHILD --files --json`` run from the tree ``code``."""
+    env = dict(ENV, PYTHONPATH=str(code))
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "vhdx", "diff", str(child), "--files", "--json"], check=True,
+                          capture_output=True, text=True, env=env, cwd=str(code))
+    return time.perf_counter() - t, json.loads(done.stdout)
 
-    def rw(disk: Path, action, mkfs: bool = False) -> None:
-        mnt.mkdir(exist_ok=True)
-        vhdx_cli("mount", "--rw", str(disk), str(mnt))
+
+def report_diff(label: str, child: Path, old_code: Path | None) -> None:
+    t, out = diff_files(child)
+    vol = next(v for v in out["volumes"] if v.get("fs_type"))
+    counts = {k: sum(1 for f in out["files"] if f["change"] == k) for k in ("created", "changed", "deleted")}
+    cost = {k: vol[k] for k in ("method", "records_changed", "records_examined", "names_listed", "folder_walk")
+            if k in vol}
+    print(f"  {label}: diff --files {t:.2f} s; checkpoint wrote {out['changed_bytes'] / MiB:.1f} MiB; {counts}; {cost}")
+    if old_code:
+        t_old, old = diff_files(child, old_code)
+        same = sorted((f["change"], f["path"]) for f in old["files"]) == \
+            sorted((f["change"], f["path"]) for f in out["files"])
+        print(f"    the same with {old_code} (walks every name): {t_old:.2f} s; same files: {same}")
+
+
+class ExtOnMount:
+    """An ext4 file system inside a VHDX, changed through ``vhdx mount --rw`` and a loop mount."""
+
+    def __init__(self, work: Path) -> None:
+        self.mnt, self.fsdir = work / "mnt-rw", work / "fs"
+        self.fsdir.mkdir(exist_ok=True)
+
+    def run(self, disk: Path, action, mkfs: bool = False) -> float:
+        self.mnt.mkdir(exist_ok=True)
+        t = time.perf_counter()
+        vhdx_cli("mount", "--rw", str(disk), str(self.mnt))
         try:
             if mkfs:
-                sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", str(mnt / "disk"))
-            sh("mount", "-o", "loop,noinit_itable", str(mnt / "disk"), str(fsdir))
+                sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", str(self.mnt / "disk"))
+            sh("mount", "-o", "loop,noinit_itable", str(self.mnt / "disk"), str(self.fsdir))
             try:
-                action()
+                action(self.fsdir)
             finally:
-                sh("umount", str(fsdir))
+                sh("umount", str(self.fsdir))
         finally:
-            vhdx_cli("unmount", str(mnt))
+            vhdx_cli("unmount", str(self.mnt))
+        return time.perf_counter() - t
 
-    def populate() -> None:
+
+def bench_diff(work: Path, old_code: Path | None) -> None:
+    """(b) 16 GiB ext4, 2,000 files, a checkpoint of about 200 MiB; (c) the same disk with 100,000
+    small files, a checkpoint that creates 10 and changes 10 in place."""
+    rng = random.Random(2)
+    ext = ExtOnMount(work)
+
+    def populate(root: Path) -> None:
         for d in range(20):
-            (fsdir / f"d{d}").mkdir()
+            (root / f"d{d}").mkdir()
             for f in range(100):
-                (fsdir / f"d{d}" / f"f{f}.bin").write_bytes(rng.randbytes(rng.randrange(1, 400_000)))
+                (root / f"d{d}" / f"f{f}.bin").write_bytes(rng.randbytes(rng.randrange(1, 400_000)))
 
-    def change() -> None:
-        written = 0
-        (fsdir / "new").mkdir()
-        n = 0
+    def change(root: Path) -> None:
+        written, n = 0, 0
+        (root / "new").mkdir()
         while written < 150 * MiB:
             data = rng.randbytes(4 * MiB)
-            (fsdir / "new" / f"n{n}.bin").write_bytes(data)
+            (root / "new" / f"n{n}.bin").write_bytes(data)
             written += len(data)
             n += 1
         for k in range(200):
-            p = fsdir / f"d{k % 20}" / f"f{k // 20}.bin"
+            p = root / f"d{k % 20}" / f"f{k // 20}.bin"
             with open(p, "r+b") as f:
                 f.write(rng.randbytes(min(p.stat().st_size, 256 * 1024)))
         for k in range(50):
-            (fsdir / f"d{k % 20}" / f"f{99 - k}.bin").unlink()
+            (root / f"d{k % 20}" / f"f{99 - k}.bin").unlink()
 
-    t = timed(lambda: rw(base, populate, mkfs=True))
-    print(f"16 GiB ext4 base made through vhdx mount --rw in {t:.1f} s")
+    def many(root: Path) -> None:
+        for d in range(100):
+            (root / f"m{d}").mkdir()
+            for f in range(1000):
+                (root / f"m{d}" / f"s{f}.txt").write_bytes(b"%d/%d\n" % (d, f) * 64)
+
+    def few(root: Path) -> None:
+        for k in range(10):
+            (root / f"m{k * 7}" / f"added{k}.txt").write_bytes(b"new\n")
+            with open(root / f"m{k * 9}" / f"s{k * 31}.txt", "r+b") as f:
+                f.write(b"CHANGED")
+
+    base = work / "fs16.vhdx"
+    with vhdx.create(base, 16 << 30):
+        pass
+    print(f"16 GiB ext4 base (2,000 files) made through vhdx mount --rw in {ext.run(base, populate, mkfs=True):.1f} s")
     child = Path(vhdx.snapshot(base))
-    t = timed(lambda: rw(child, change))
-    out = vhdx_cli("diff", str(child)).stdout.splitlines()[0]
-    print(f"checkpoint changed through the mount in {t:.1f} s: {out}")
-    t = timed(lambda: vhdx_cli("diff", str(child), "--files"))
-    summary = vhdx_cli("diff", str(child), "--files").stdout.splitlines()[0]
-    print(f"  diff --files: {t:.2f} s (goal < 10 s)\n  {summary}")
+    print(f"checkpoint (~200 MiB) written through the mount in {ext.run(child, change):.1f} s")
+    report_diff("16 GiB ext4, 2,000 files, ~200 MiB changed (goal < 10 s)", child, old_code)
+    child2 = Path(vhdx.snapshot(child))
+    print(f"100,000 small files added through the mount in {ext.run(child2, many):.1f} s")
+    child3 = Path(vhdx.snapshot(child2))
+    ext.run(child3, few)
+    report_diff("102,000 files, 10 created + 10 changed in place", child3, old_code)
+
+
+def write_round(code: Path, child: Path, mnt: Path, source: Path, how: str) -> tuple[float, float]:
+    """(seconds for the dd with its fsync, seconds for the unmount) of one write of ``source``
+    into ``child`` through ``vhdx mount --rw`` run from the tree ``code``: ``dd bs=1M`` to
+    ``disk`` (FUSE requests of 128 KiB) or through a loop device over ``disk`` (4 KiB pages)."""
+    env = dict(ENV, PYTHONPATH=str(code))
+    # cwd too: ``python -m vhdx`` puts the current folder first on sys.path
+    run = lambda *argv: subprocess.run(argv, check=True, capture_output=True, text=True, env=env,  # noqa: E731
+                                       cwd=str(code))
+    mnt.mkdir(exist_ok=True)
+    run(sys.executable, "-m", "vhdx", "mount", "--rw", str(child), str(mnt))
+    loop = ""
+    try:
+        target = mnt / "disk"
+        if how == "loop":
+            loop = run("losetup", "-f", "--show", str(target)).stdout.strip()
+            target = Path(loop)
+        took = timed(lambda: run("dd", f"if={source}", f"of={target}", "bs=1M", "conv=fsync,notrunc"))
+    finally:
+        if loop:
+            run("losetup", "-d", loop)
+        t = time.perf_counter()
+        run(sys.executable, "-m", "vhdx", "unmount", str(mnt))
+        gone = time.perf_counter() - t
+    return took, gone
+
+
+def bench_write(work: Path, old_code: Path | None, rounds: int, mib: int = 128) -> None:
+    """Writes through ``vhdx mount --rw`` into a fresh checkpoint of a 4 GiB disk, MiB/s: this
+    tree against ``old_code`` (a tree before the write buffer), rounds interleaved."""
+    base = work / "wbase.vhdx"
+    with vhdx.create(base, 4 << 30):
+        pass
+    source = work / "payload.bin"
+    source.write_bytes(os.urandom(mib * MiB))
+    codes = {"buffered (this tree)": REPO}
+    if old_code:
+        codes["one transaction per write (old)"] = old_code
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for _ in range(rounds):
+        for how in ("dd bs=1M to disk", "loop device"):
+            for label, code in codes.items():
+                child = work / "wchild.avhdx"
+                child.unlink(missing_ok=True)
+                vhdx.create(child, parent=base).close()
+                times.setdefault((how, label), []).append(
+                    write_round(code, child, work / "mnt-w", source, "loop" if how == "loop device" else "dd"))
+                check = subprocess.run([sys.executable, "-m", "vhdx", "check", str(child)], env=ENV,
+                                       capture_output=True, text=True)
+                assert check.returncode == 0, check.stdout + check.stderr
+    print(f"write {mib} MiB through vhdx mount --rw into a new checkpoint (medians of {rounds}):")
+    for (how, label), runs in times.items():
+        dd_s = statistics.median(r[0] for r in runs)
+        um_s = statistics.median(r[1] for r in runs)
+        print(f"  {how:<17} {label:<32} dd+fsync {dd_s:7.2f} s  {mib / dd_s:7.1f} MiB/s   unmount {um_s:5.2f} s"
+              f"   (runs: {', '.join(f'{r[0]:.2f}' for r in runs)})")
+    source.unlink()
 
 
 def main() -> None:
@@ -191,13 +294,18 @@ def main() -> None:
     p.add_argument("--workdir")
     p.add_argument("--skip-diff", action="store_true")
     p.add_argument("--skip-read", action="store_true")
+    p.add_argument("--write", action="store_true", help="only the --rw write benchmark")
+    p.add_argument("--old-code", help="a tree of vhdx to compare the writes with (git archive of an older commit)")
     a = p.parse_args()
     size = int(float(a.size.rstrip("GgMm")) * (1 << 30 if a.size[-1] in "Gg" else MiB))
     with tempfile.TemporaryDirectory(dir=a.workdir, prefix="bench-mount-") as work:
+        if a.write:
+            bench_write(Path(work), Path(a.old_code) if a.old_code else None, a.rounds)
+            return
         if not a.skip_read:
             bench_read(Path(work), size, a.rounds)
         if not a.skip_diff:
-            bench_diff(Path(work))
+            bench_diff(Path(work), Path(a.old_code) if a.old_code else None)
 
 
 if __name__ == "__main__":

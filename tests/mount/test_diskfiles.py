@@ -75,5 +75,8 @@ def test_writes_go_to_the_leaf_and_clear_the_window(tmp_path: Path) -> None:
         with pytest.raises(OSError) as info:
             files.write(built.paths[0].name, b"x", 0)
         assert info.value.errno == errno.EROFS
+        assert files.pending is not None and len(files.pending) > 0     # buffered, not yet written
+        files.commit()
+        assert len(files.pending) == 0 and files.pending.applied == 1   # one transaction for them all
     with vhdx.open(built.paths[-1]) as leaf:
         assert leaf.pread(0, SIZE)[:SIZE - 4] == bytes(model[:SIZE - 4])

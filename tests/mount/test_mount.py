@@ -7,14 +7,16 @@ import errno
 import os
 import random
 import re
+import signal
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 import vhdx
-from support.mounting import is_mounted, mounted, require_fuse
+from support.mounting import force_unmount, is_mounted, mounted, require_fuse
 from support.chain import build_layers, check_problems
 from support.cli import assert_one_line_error, run_inprocess, run_subprocess
 from support.faults import FaultPlan
@@ -131,6 +133,65 @@ def test_rw_writes_the_leaf_through_the_write_path(tmp_path: Path) -> None:
     assert check.returncode == 0, check.stdout + check.stderr
     with vhdx.open(leaf) as disk:
         assert sha256(disk.pread(0, SIZE)) == sha256(model)
+    assert _hashes(built.paths[:-1]) == parents, "a parent was written"
+
+
+def _wait_gone(pid: int) -> None:
+    for _ in range(500):
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+                if f.read().rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+                    return
+        except OSError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the server {pid} did not die")
+
+
+def test_a_killed_rw_server_loses_at_most_the_writes_not_yet_fsynced(tmp_path: Path) -> None:
+    """Writes are buffered in the server; fsync makes them durable. SIGKILL the server with a
+    buffered write pending: the fsynced writes are there, the pending one is lost whole (never
+    half), the leaf passes ``vhdx check`` and the parents are unchanged."""
+    built = _chain(tmp_path / "disks")
+    leaf, mnt = built.paths[-1], tmp_path / "mnt"
+    parents = _hashes(built.paths[:-1])
+    model = bytearray(built.contents[-1])
+    old = bytes(model)
+    durable = [(2 * MiB + 100, pattern(80, 300_000)), (9 * MiB, pattern(81, 4096))]
+    pending = (15 * MiB + 4096, pattern(82, 200_000))
+    mnt.mkdir()
+    done = run_subprocess("mount", leaf, mnt, "--rw", timeout=120)
+    assert done.returncode == 0, done.stderr
+    try:
+        pid = mountmod.mounted_server(str(mnt))
+        assert pid is not None
+        fd = os.open(mnt / "disk", os.O_RDWR)
+        try:
+            for offset, data in durable:
+                assert os.pwrite(fd, data, offset) == len(data)
+                model[offset:offset + len(data)] = data
+            os.fsync(fd)
+            assert os.pwrite(fd, pending[1], pending[0]) == len(pending[1])
+            # reads see the buffered write (through the same descriptor: a close would apply it)
+            assert os.pread(fd, len(pending[1]), pending[0]) == pending[1]
+            os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid)
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    finally:
+        force_unmount(mnt)
+    assert not is_mounted(mnt)
+    check = run_subprocess("check", leaf)
+    assert check.returncode == 0, check.stdout + check.stderr
+    with vhdx.open(leaf) as disk:
+        got = disk.pread(0, SIZE)
+    offset, data = pending
+    assert got[offset:offset + len(data)] in (old[offset:offset + len(data)], data)
+    model[offset:offset + len(data)] = got[offset:offset + len(data)]
+    assert got == bytes(model), "an fsynced write is missing, or something else changed"
     assert _hashes(built.paths[:-1]) == parents, "a parent was written"
 
 

@@ -112,6 +112,8 @@ def _mounted_op(root: Path, op: str, path: str, data: bytes) -> None:
             f.write(data)
     elif op == "delete":
         target.unlink()
+    elif op == "rename":    # data: the new path
+        target.rename(root / data.decode().lstrip("/"))
     else:
         raise ValueError(op)
 
@@ -123,6 +125,8 @@ def _mtools_op(image: Path, op: str, path: str, data: bytes) -> None:
         _run("mmd", "-i", str(image), where)
     elif op == "delete":
         _run("mdel", "-i", str(image), where)
+    elif op == "rename":
+        _run("mren", "-i", str(image), where, f"::{data.decode()}")
     else:
         local = image.with_name("mtools.tmp")
         if op == "write":
@@ -136,8 +140,13 @@ def _mtools_op(image: Path, op: str, path: str, data: bytes) -> None:
         local.unlink()
 
 
-def expect(step: Step, op: str, path: str, existing: set[str]) -> None:
-    """Keep ``step``'s expected sets in step with one operation."""
+def expect(step: Step, op: str, path: str, existing: set[str], data: bytes = b"") -> None:
+    """Keep ``step``'s expected sets in step with one operation (a rename is the old path
+    deleted and the new one created)."""
+    if op == "rename":
+        expect(step, "delete", path, existing)
+        expect(step, "write", data.decode(), existing)
+        return
     if op == "delete":
         existing.discard(path)
         if path in step.created:
@@ -156,13 +165,13 @@ def apply(fs: str, image: Path, mnt: Path, step: Step, existing: set[str]) -> No
     if fs == "fat":
         for op, path, data in step.ops:
             _mtools_op(image, op, path, data)
-            expect(step, op, path, existing)
+            expect(step, op, path, existing, data)
         return
     _run("mount", *MOUNT[fs], str(image), str(mnt))
     try:
         for op, path, data in step.ops:
             _mounted_op(mnt, op, path, data)
-            expect(step, op, path, existing)
+            expect(step, op, path, existing, data)
     finally:
         _run("umount", str(mnt))
 

@@ -19,7 +19,7 @@ metafiles and TSK's $MBR/$FAT at the root) are left out unless ``system`` is set
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,33 +27,15 @@ import numpy as np
 
 from ..chains.disk import Disk
 from ..errors import UsageError
-from .fsview import (Entry, Volume, disk_image, fs_type_name, open_fs, pieces, read_file, tsk_module, volumes,
-                     walk)
+from .fsfat import uncovered
+from .fsmeta import NTFS_FIRST_USER, ExtNames, NtfsNames, Ranges, View, changed_records, record_tables
+from .fsview import (Entry, Volume, data_runs, disk_image, fs_type_name, hidden, make_entry, open_fs, pieces,
+                     read_file, tsk_module, volumes, walk)
 from .maps import changed_ranges
 
 CREATED, CHANGED, DELETED = "created", "changed", "deleted"
 COMPARE_PIECE = 1 << 20
 GRAIN = 512   # changed byte ranges of a file are reported in 512-byte granules
-
-
-class Ranges:
-    """Sorted, disjoint [start, end) byte ranges with fast intersection."""
-
-    def __init__(self, spans: list[tuple[int, int]]) -> None:
-        spans = sorted(spans)
-        self.starts = np.array([s for s, _ in spans], dtype=np.int64)
-        self.ends = np.array([e for _, e in spans], dtype=np.int64)
-
-    def overlaps(self, start: int, end: int) -> list[tuple[int, int]]:
-        """The parts of [start, end) inside the ranges."""
-        i = int(np.searchsorted(self.ends, start, side="right"))
-        j = int(np.searchsorted(self.starts, end, side="left"))
-        return [(max(start, int(s)), min(end, int(e))) for s, e in zip(self.starts[i:j], self.ends[i:j])
-                if min(end, int(e)) > max(start, int(s))]
-
-    def total(self) -> int:
-        """Bytes covered."""
-        return int((self.ends - self.starts).sum())
 
 
 @dataclass
@@ -212,22 +194,150 @@ def file_changes(disk: Disk, *, system: bool = False) -> FileDiff:
         if not changed.overlaps(vol.offset, vol.offset + vol.length):
             result.volumes.append(dict(vol.to_dict(), fs_type=None, note="not touched by the checkpoint"))
             continue
-        result.volumes.append(_diff_volume(vol, old_img, new_img, changed, system, result.changes))
+        views = Views(disk.parent, disk, old_img, new_img, changed, system)
+        result.volumes.append(_diff_volume(vol, views, result.changes))
     return result
 
 
-def _diff_volume(vol: Volume, old_img: Any, new_img: Any, changed: Ranges, system: bool,
-                 changes: list[FileChange]) -> dict[str, Any]:
-    old_fs, new_fs = open_fs(old_img, vol.offset), open_fs(new_img, vol.offset)
+@dataclass
+class Views:
+    """The two views of a disk (the parent's and the checkpoint's) and what the diff needs of them."""
+
+    old_disk: Disk
+    new_disk: Disk
+    old_img: Any
+    new_img: Any
+    changed: Ranges
+    system: bool
+
+
+def _entries_of_volume(vol: Volume, v: Views, old_fs: Any, new_fs: Any,
+                       fs_type: str) -> tuple[dict[str, Entry], dict[str, Entry], dict[str, Any]]:
+    """Both views' entries to compare, by path: from the changed metadata records where the file
+    system has tables we map (:func:`by_records`), else from a walk of every name."""
+    both = old_fs is not None and new_fs is not None
+    tables = [t for t in (record_tables(fs_type, fs, d, vol.offset, vol.length)
+                          for fs, d in ((old_fs, v.old_disk), (new_fs, v.new_disk)) if fs is not None) if t]
+    found = by_records(tables, old_fs, new_fs, vol.offset, v) if both and tables else None
+    if found is not None:
+        return found
+    old = walk(old_fs, vol.offset, system=v.system) if old_fs is not None else {}
+    new = walk(new_fs, vol.offset, system=v.system) if new_fs is not None else {}
+    cost: dict[str, Any] = dict(method="walk", files_before=len(old), files_after=len(new))
+    if both and tables:
+        cost["why"] = "data rewritten in place with its directory entry unchanged"
+    return old, new, cost
+
+
+def _diff_volume(vol: Volume, v: Views, changes: list[FileChange]) -> dict[str, Any]:
+    old_fs, new_fs = open_fs(v.old_img, vol.offset), open_fs(v.new_img, vol.offset)
     info = vol.to_dict()
     if new_fs is None and old_fs is None:
         return dict(info, fs_type=None, note="no file system recognised in either view")
     fs_type = fs_type_name(new_fs if new_fs is not None else old_fs)
-    old = walk(old_fs, vol.offset, system=system) if old_fs is not None else {}
-    new = walk(new_fs, vol.offset, system=system) if new_fs is not None else {}
-    found = compare(old, new, old_fs, new_fs, changed, vol.index, fs_type)
+    old, new, cost = _entries_of_volume(vol, v, old_fs, new_fs, fs_type)
+    found = compare(old, new, old_fs, new_fs, v.changed, vol.index, fs_type)
     changes.extend(found)
     note = "" if old_fs is not None and new_fs is not None else \
         ("no file system in the parent's view" if old_fs is None else "no file system in the checkpoint's view")
-    return dict(info, fs_type=fs_type, files_before=len(old), files_after=len(new), changes=len(found),
-                **({"note": note} if note else {}))
+    return dict(info, fs_type=fs_type, **cost, changes=len(found), **({"note": note} if note else {}))
+
+
+def _changed_entries(records: set[int], views: tuple[View, View],
+                     base: int) -> tuple[list[dict[int, Entry]], list[set[int]]]:
+    """Per view: the entries of the changed records (by record; an access time alone was not
+    counted as a change, :data:`.fsmeta.EXT_ATIME`), and the changed records that are folders."""
+    tsk = tsk_module()
+    entries: list[dict[int, Entry]] = [{}, {}]
+    folders: list[set[int]] = [set(), set()]
+    for r in sorted(records):
+        pair: list[Entry | None] = []
+        for k, view in enumerate(views):
+            f = view.file(r)
+            pair.append(make_entry(tsk, f, "", base, view.fs.info.block_size) if f is not None else None)
+            if f is not None and pair[-1].kind == "dir":   # type: ignore[union-attr]
+                folders[k].add(r)
+        if r != views[0].root:      # a changed record may be a renamed file with its times kept
+            for k in (0, 1):
+                if pair[k] is not None:
+                    entries[k][r] = pair[k]   # type: ignore[assignment]
+    return entries, folders
+
+
+def _named(namer: Any, entries: dict[int, Entry], folders: set[int], system: bool) -> dict[str, Entry]:
+    """The entries by path (a record with several names under each), guest files only."""
+    out: dict[str, Entry] = {}
+    for r, paths in namer.paths(set(entries), folders).items():
+        for p in paths:
+            if not hidden(p[1:], p.count("/") == 1, system):
+                out[p] = replace(entries[r], path=p)
+    return out
+
+
+def _unexplained(area: Any, records: set[int], views: tuple[View, View], folders: list[tuple[int, int]],
+                 changed: Ranges) -> int:
+    """FAT/exFAT: bytes the checkpoint changed in the data area that neither a changed folder
+    sector nor the data of a changed entry (either view) nor exFAT's bitmap and up-case table
+    holds: data rewritten in place with its entry unchanged (times kept in 2-second steps)."""
+    tsk = tsk_module()
+    cover = list(folders)
+    for view in views:
+        block = view.fs.info.block_size
+        files = [view.file(r) for r in sorted(records)]
+        for name in ("/$ALLOC_BITMAP", "/$UPCASE_TABLE"):
+            try:
+                files.append(view.fs.open(name))
+            except OSError:
+                pass
+        for f in files:
+            if f is not None:
+                cover += [(d, d + n) for _, d, n in data_runs(tsk, f, view.base, block)[0]]
+    spans = changed.overlaps(area.offset, area.offset + area.count * area.size)
+    return uncovered(spans, cover)
+
+
+def _views(kind: str, old_fs: Any, new_fs: Any, base: int, v: Views) -> tuple[View, View]:
+    """Both views of the file system; ext folders are read from their blocks (names only, no
+    inode per entry: :mod:`.fsext`)."""
+    if kind == "ext":
+        return View(old_fs, base, v.old_disk), View(new_fs, base, v.new_disk)
+    return View(old_fs, base), View(new_fs, base)
+
+
+def by_records(tables: list[Any], old_fs: Any, new_fs: Any, base: int,
+               v: Views) -> tuple[dict[str, Entry], dict[str, Entry], dict[str, Any]] | None:
+    """The two views' entries of the files whose metadata records the checkpoint changed (see
+    :mod:`.fsmeta`), by path, and what it cost (records opened, folder entries listed); None
+    when the records do not explain the change (FAT/exFAT: then the caller walks)."""
+    tsk = tsk_module()
+    kind = tables[0].kind
+    folder_sectors: list[tuple[int, int]] = []
+    records = changed_records(tables, v.changed, v.old_disk, v.new_disk, folder_sectors)
+    if kind == "ntfs" and not v.system:
+        records = {r for r in records if r >= NTFS_FIRST_USER}
+    views = _views(kind, old_fs, new_fs, base, v)
+    if kind in ("fat", "exfat") and _unexplained(tables[0].tables[0], records, views, folder_sectors, v.changed):
+        return None
+    entries, folders = _changed_entries(records, views, base)
+    namers = [(NtfsNames if kind == "ntfs" else ExtNames)(view) for view in views]
+    maps = [_named(namers[k], entries[k], folders[k], v.system) for k in (0, 1)]
+    for k in (0, 1):      # a path seen in one view only: is it there in the other?
+        found = {p: _lookup(tsk, views[k], p) for p in set(maps[1 - k]) - set(maps[k])}
+        maps[k].update({p: e for p, e in found.items() if e is not None})
+    cost = dict(method="records", records_changed=len(records),
+                records_examined=sum(w.records for w in views), names_listed=sum(w.names for w in views),
+                folder_walk=any(getattr(n, "walked", False) for n in namers))
+    return maps[0], maps[1], cost
+
+
+def _lookup(tsk: Any, view: View, path: str) -> Entry | None:
+    """The entry at ``path`` in ``view`` (TSK resolves it folder by folder), or None."""
+    view.records += 1
+    try:
+        f = view.fs.open(path.encode("utf-8", "surrogateescape").decode("utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+    meta = f.info.meta
+    if meta is None or not meta.flags & tsk.TSK_FS_META_FLAG_ALLOC:
+        return None
+    return make_entry(tsk, f, path, view.base, view.fs.info.block_size)

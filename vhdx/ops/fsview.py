@@ -156,7 +156,8 @@ def data_runs(tsk: Any, f: Any, base: int, block: int) -> tuple[list[tuple[int, 
     return runs, False
 
 
-def _entry(tsk: Any, f: Any, path: str, base: int, block: int) -> Entry:
+def make_entry(tsk: Any, f: Any, path: str, base: int, block: int) -> Entry:
+    """The :class:`Entry` of the TSK file ``f`` (its metadata loaded) under the name ``path``."""
     meta = f.info.meta
     kind = _kind(tsk, meta.type)
     e = Entry(path, int(meta.addr), kind, int(meta.size), int(meta.mode), int(meta.uid), int(meta.gid), _times(meta))
@@ -165,13 +166,19 @@ def _entry(tsk: Any, f: Any, path: str, base: int, block: int) -> Entry:
     return e
 
 
+def hidden(name: str, at_root: bool, system: bool) -> bool:
+    """TSK's virtual $OrphanFiles (listing it scans every inode), and, unless ``system``, the
+    $-files at the root (NTFS metafiles, TSK's $MBR/$FAT1/$FAT2)."""
+    return at_root and name.startswith("$") and (not system or name == "$OrphanFiles")
+
+
 def _skipped(tsk: Any, f: Any, name: str, at_root: bool, system: bool) -> bool:
     """Names that are not files of the guest: '.', '..', unallocated names, TSK's virtual
     $OrphanFiles (listing it scans every inode), and, unless ``system``, the $-files at the
     root (NTFS metafiles, TSK's $MBR/$FAT1/$FAT2)."""
     if name in (".", "..") or f.info.meta is None or f.info.name.flags & tsk.TSK_FS_NAME_FLAG_UNALLOC:
         return True
-    return at_root and name.startswith("$") and (not system or name == "$OrphanFiles")
+    return hidden(name, at_root, system)
 
 
 def walk(fs: Any, base: int, *, system: bool = False) -> dict[str, Entry]:
@@ -187,7 +194,7 @@ def walk(fs: Any, base: int, *, system: bool = False) -> dict[str, Entry]:
             name = f.info.name.name.decode("utf-8", "surrogateescape")
             if _skipped(tsk, f, name, not parent, system):
                 continue
-            e = _entry(tsk, f, f"{parent}/{name}", base, block)
+            e = make_entry(tsk, f, f"{parent}/{name}", base, block)
             out[e.path] = e
             if e.kind == "dir" and e.inode not in seen and depth < MAX_DEPTH:
                 seen.add(e.inode)

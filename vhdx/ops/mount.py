@@ -5,14 +5,17 @@ whole virtual disk as it reads at that layer (the base alone, the base plus the 
 checkpoint, ... up to the leaf), and ``disk``, the leaf. The chain is opened with
 :func:`vhdx.open`, so files are opened read-only (O_RDONLY), a dirty log is replayed in memory
 and locks are held as for any reader. With ``rw`` the leaf is opened ``"r+"`` and ``disk`` is
-writable through the normal write path (log, locks); parents are never written.
+writable through the normal write path (log, locks); parents are never written. Writes are
+gathered in a :class:`~.writebuffer.WriteBuffer` and applied as one transaction per 32 MiB, at
+each flush, fsync (durable when it returns) and release, and at unmount.
 
-The binding is ``mfusepy`` (ctypes over libfuse 3, the maintained successor of fusepy). It is
+The binding is ``mfusepy`` (ctypes over libfuse 3, or libfuse 2 when that is installed too: it
+looks for ``libfuse.so.2`` first; the maintained successor of fusepy). It is
 imported only here, inside functions, so the package works without it. The file system runs
 single-threaded (a :class:`~vhdx.chains.disk.Disk` is not shared between threads; a lock guards
 it all the same, and a multi-threaded loop measured slower, the callbacks contending for the
 GIL). A request is served into a reused ctypes buffer with no per-sector Python work; the
-kernel's requests are at most 128 KiB with libfuse 3.14, so a sequential reader is served from a
+kernel's requests are at most 128 KiB (32 pages), so a sequential reader is served from a
 4 MiB read-ahead window (:class:`Window`) and costs one pass down the chain per window.
 
 In the background (the default) :func:`mount` forks a server process that opens the chain,
@@ -39,6 +42,7 @@ from ..chains.disk import Disk
 from ..chains.resolve import open as open_disk
 from ..errors import UsageError, VhdxError
 from .maps import chain_layers
+from .writebuffer import WriteBuffer
 
 FSNAME = "vhdx"
 MAX_READ = 1 << 20          # bytes per FUSE read request (the kernel's largest with 256 pages)
@@ -121,6 +125,7 @@ class DiskFiles:
         self.lock = threading.Lock()       # one request at a time in the chain (a Disk is not thread-safe)
         self.window = Window()
         self.next_read: tuple[str, int] = ("", -1)
+        self.pending = WriteBuffer(leaf) if writable else None
 
     def attributes(self, name: str) -> dict[str, Any]:
         """stat(2) fields of ``/name`` (``""`` is the folder)."""
@@ -139,7 +144,7 @@ class DiskFiles:
 
         A read that continues the previous one is served from a read-ahead window of
         ``WINDOW`` bytes, so a sequential reader costs one pass down the chain per window, not
-        per request (the kernel's requests are 128 KiB with libfuse 3.14); others read exactly."""
+        per request (the kernel's requests are 128 KiB); others read exactly."""
         disk = self.files[name]
         n = max(0, min(size, disk.size - offset))
         buffers = self.local.__dict__.setdefault("buffers", {})
@@ -156,19 +161,36 @@ class DiskFiles:
                     self.window.serve(name, offset, view)
                 else:
                     disk.pread_into(view, offset)
+            if n and disk is self.leaf and self.pending:
+                self.pending.overlay(view, offset)   # buffered writes over the file's (or window's) bytes
             self.next_read = (name, offset + n)
         return buf
 
     def write(self, name: str, data: bytes, offset: int) -> int:
-        """Write ``data`` to the leaf at ``offset`` (only ``disk``, only with ``rw``)."""
-        if not (self.writable and name == LEAF_NAME):
+        """Write ``data`` to the leaf at ``offset`` (only ``disk``, only with ``rw``): into the
+        write buffer, applied as one transaction when it is full (see :meth:`commit`)."""
+        if not (self.writable and name == LEAF_NAME) or self.pending is None:
             raise PermissionError(errno.EROFS, "read-only")
         fits = max(0, min(len(data), self.leaf.size - offset))
         if not fits and data:  # as a block device: a write at the end is ENOSPC, one across it is short
             raise OSError(errno.ENOSPC, "past the end of the disk")
         with self.lock:
             self.window.clear()   # every file shows the leaf's bytes through the window: drop it
-            return self.leaf.pwrite(memoryview(data)[:fits], offset)
+            self.pending.write(memoryview(data)[:fits], offset)
+            if self.pending.full():
+                self.pending.apply()
+        return fits
+
+    def commit(self, durable: bool = False) -> None:
+        """Apply the buffered writes (one transaction); with ``durable``, flush the leaf too
+        (fsync: the writes are on stable storage when this returns)."""
+        if self.pending is None:
+            return
+        with self.lock:
+            self.window.clear()
+            self.pending.apply()
+            if durable:
+                self.leaf.flush()
 
 
 def _errno_of(e: BaseException) -> int:
@@ -205,8 +227,12 @@ def operations(files: DiskFiles, ready: Callable[[], None]) -> Any:
 
     def do_fsync(name: str, datasync: int, fh: Any) -> int:
         if files.writable and name == LEAF_NAME:
-            with files.lock:
-                files.leaf.flush()
+            files.commit(durable=True)
+        return 0
+
+    def do_flush(name: str, fh: Any) -> int:    # each close(2), and release: apply what is buffered
+        if files.writable and name == LEAF_NAME:
+            files.commit()
         return 0
 
     def do_init(self: Any, conn: Any, config: Any) -> None:
@@ -223,7 +249,8 @@ def operations(files: DiskFiles, ready: Callable[[], None]) -> Any:
         write=guarded(lambda name, data, offset, fh: files.write(name, data, offset)),
         truncate=guarded(do_truncate),
         fsync=guarded(do_fsync),
-        flush=guarded(lambda name, fh: 0),
+        flush=guarded(do_flush),
+        release=guarded(do_flush),
         statfs=guarded(lambda name: dict(f_bsize=MAX_READ, f_frsize=512, f_namemax=255)),
     )
     return type("VhdxFiles", (fuse.Operations,), body)()
@@ -245,6 +272,10 @@ def fuse_options(rw: bool, allow_other: bool) -> dict[str, Any]:
                                 subtype=FSNAME, max_read=MAX_READ, default_permissions=True)
     if not rw:
         opts["ro"] = True
+    elif getattr(fuse_module(), "fuse_version_major", 3) == 2:
+        # libfuse 2 (which mfusepy loads when both are installed) hands writes over one page
+        # (4 KiB) at a time unless asked for big writes; libfuse 3 always does them.
+        opts.update(big_writes=True, max_write=MAX_READ)
     if allow_other:
         opts["allow_other"] = True
     return opts
@@ -258,7 +289,10 @@ def serve(path: str, mountpoint: str, *, rw: bool = False, allow_other: bool = F
     with open_disk(path, "r+" if rw else "rb", **chain_options) as leaf:
         files = DiskFiles(leaf, rw)
         ops = operations(files, ready)
-        fuse.FUSE(ops, mountpoint, **fuse_options(rw, allow_other))
+        try:
+            fuse.FUSE(ops, mountpoint, **fuse_options(rw, allow_other))
+        finally:
+            files.commit()   # unmounted (or stopped): what is still buffered goes in before the close
         return files.errors
 
 
