@@ -29,7 +29,7 @@ def _superblock(**fields: int) -> bytearray:
 
 def test_a_sane_superblock_gives_its_layout() -> None:
     lay = ext_layout(bytes(_superblock()))
-    assert lay is not None and lay.block_size == 4096 and lay.groups == 1 and lay.wide
+    assert lay is not None and lay.block_size == 4096 and lay.groups_by_inodes == 1 and lay.wide
     assert lay.descriptors_at == 1 and lay.inode_size == 256
 
 
@@ -48,7 +48,7 @@ def test_a_crafted_superblock_is_refused(fields: dict[str, int]) -> None:
 
 def test_the_descriptor_table_is_bounded() -> None:
     lay = ext_layout(bytes(_superblock(inodes=(MAX_GROUP_TABLE // 64) * 8, ipg=8)))
-    assert lay is not None and lay.groups * lay.descriptor_size <= MAX_GROUP_TABLE
+    assert lay is not None and lay.groups_by_inodes * lay.descriptor_size <= MAX_GROUP_TABLE
     assert ext_layout(bytes(_superblock(inodes=(MAX_GROUP_TABLE // 64 + 1) * 8, ipg=8))) is None
     assert ext_layout(b"\0" * 1024) is None and ext_layout(b"") is None
 

@@ -33,7 +33,8 @@ from support.disk import MiB, disk_bytes
 from support.filesystems import PART_OFFSET, Step, build, mbr, require
 from support.needs import need_tool
 from vhdx.ops.fsbitmaps import FsUnreadable, ext_free, fat_free
-from vhdx.ops.fsfree import Coverage, free_blocks, tsk, tsk_image
+from vhdx.ops.fsfree import Coverage, free_blocks, tsk
+from vhdx.ops.fsview import disk_image
 
 FS_SIZE = 24 * MiB
 KEEP = {"/keep.bin": 1_500_000, "/small.txt": 3000}
@@ -58,7 +59,7 @@ def make_chain(folder: Path, fs: str, table: str) -> list[Path]:
 def file_hashes(path: Path, offset: int) -> dict[str, str]:
     """SHA-256 of each KEEP file, read through pytsk3 from the disk at ``path``."""
     with vhdx.open(path) as d:
-        fs = tsk().FS_Info(tsk_image(d), offset=offset)
+        fs = tsk().FS_Info(disk_image(d), offset=offset)
         out = {}
         for name in KEEP:
             f = fs.open(name)
@@ -147,7 +148,7 @@ def test_a_child_drops_a_free_block_only_where_its_parent_reads_zeros(tmp_path: 
 def crafted_ext(**fields: int) -> bytes:
     """An ext superblock (in a 64 KiB volume) with chosen fields."""
     raw = bytearray(64 * 1024)
-    sb = {"blocks": (0x4, 64), "first": (0x14, 1), "log": (0x18, 0), "per_group": (0x20, 8192),
+    sb = {"inodes": (0x0, 16), "blocks": (0x4, 64), "first": (0x14, 1), "inodes_per_group": (0x28, 16), "log": (0x18, 0), "per_group": (0x20, 8192),
           "magic": (0x38, 0xEF53), "incompat": (0x60, 0), "ro": (0x64, 0), "state": (0x3A, 1)}
     for name, (at, value) in sb.items():
         value = fields.get(name, value)

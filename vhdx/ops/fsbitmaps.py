@@ -26,22 +26,15 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import VhdxError
+from . import extsuper
+from .extsuper import Superblock
 
 Reader = Callable[[int, int], bytes]
 Runs = tuple[np.ndarray, np.ndarray]
 
-EXT_MAGIC = 0xEF53
-EXT_INCOMPAT_RECOVER = 0x4
-EXT_INCOMPAT_META_BG = 0x10
-EXT_INCOMPAT_64BIT = 0x80
-EXT_RO_COMPAT_GDT_CSUM = 0x10
-EXT_RO_COMPAT_BIGALLOC = 0x200
-EXT_RO_COMPAT_METADATA_CSUM = 0x400
 EXT_BG_BLOCK_UNINIT = 0x2
 EXT_MIN_PER_GROUP = 256      # mke2fs's least: bounds the groups, hence the reads, by the volume / 256
 EXT_GDT_PIECE = 4096         # group descriptors read at a time
-EXT_STATE_VALID = 0x1
-EXT_STATE_ERRORS = 0x2
 FAT_CLEAN = {16: 0x8000, 32: 0x08000000}      # FAT[1]: clear while mounted or after a crash
 FAT_PIECE = 1 << 20          # FAT entries examined at a time
 FAT32_MAX_CLUSTERS = 0x0FFFFFF5 - 2
@@ -66,49 +59,37 @@ def _u32(raw: bytes, at: int) -> int:
     return int(struct.unpack_from("<I", raw, at)[0])
 
 
-def is_ext(boot: bytes) -> bool:
-    """Whether the volume's first 2 KiB hold an ext2/3/4 superblock."""
-    return len(boot) >= 2048 and _u16(boot, 1024 + 0x38) == EXT_MAGIC
-
-
-def check_ext_state(sb: bytes, incompat: int, ro: int) -> None:
+def check_ext_state(sb: Superblock) -> None:
     """:class:`FsUnreadable` for an ext file system whose bitmaps may be stale or that we do not read."""
-    if incompat & EXT_INCOMPAT_RECOVER:
+    if sb.incompat & extsuper.INCOMPAT_RECOVER:
         raise FsUnreadable("its journal needs recovery (the bitmaps may be stale)")
-    if _u16(sb, 0x3A) & (EXT_STATE_VALID | EXT_STATE_ERRORS) != EXT_STATE_VALID:
+    if sb.state & (extsuper.STATE_VALID | extsuper.STATE_ERRORS) != extsuper.STATE_VALID:
         raise FsUnreadable("it was not cleanly unmounted or has errors (run e2fsck)")
-    if incompat & EXT_INCOMPAT_META_BG or ro & EXT_RO_COMPAT_BIGALLOC:
+    if sb.incompat & extsuper.INCOMPAT_META_BG or sb.ro_compat & extsuper.RO_COMPAT_BIGALLOC:
         raise FsUnreadable("meta_bg and bigalloc layouts are not read")
 
 
 class ExtLayout:
-    """The numbers of an ext superblock that place the block bitmaps, each checked."""
+    """Where an ext file system's block bitmaps are described, from its superblock, each number checked."""
 
-    def __init__(self, sb: bytes, volume_length: int) -> None:
-        incompat, ro = _u32(sb, 0x60), _u32(sb, 0x64)
-        check_ext_state(sb, incompat, ro)
-        log = _u32(sb, 0x18)
-        if log > 6:
-            raise FsUnreadable(f"block size 1024 << {log} is out of range")
-        self.block_size = 1024 << log
-        self.wide = bool(incompat & EXT_INCOMPAT_64BIT)
-        self.blocks = _u32(sb, 0x4) | (_u32(sb, 0x150) << 32 if self.wide else 0)
-        self.first = _u32(sb, 0x14)
-        self.per_group = _u32(sb, 0x20)
-        self.desc_size = _u16(sb, 0xFE) if self.wide else 32
-        self.uninit_flags = bool(ro & (EXT_RO_COMPAT_GDT_CSUM | EXT_RO_COMPAT_METADATA_CSUM))
-        if not EXT_MIN_PER_GROUP <= self.per_group <= 8 * self.block_size or self.per_group % 8:
+    def __init__(self, raw: bytes, volume_length: int) -> None:
+        try:
+            sb = extsuper.parse_superblock(raw)
+        except extsuper.ExtUnreadable as e:
+            raise FsUnreadable(e.detail) from None
+        check_ext_state(sb)
+        self.sb, self.block_size, self.first = sb, sb.block_size, sb.first_data_block
+        self.blocks, self.per_group, self.desc_size = sb.blocks, sb.blocks_per_group, sb.descriptor_size
+        self.uninit_flags = bool(sb.ro_compat & (extsuper.RO_COMPAT_GDT_CSUM | extsuper.RO_COMPAT_METADATA_CSUM))
+        if self.per_group < EXT_MIN_PER_GROUP or self.per_group % 8:
             raise FsUnreadable(f"{self.per_group} blocks per group is out of range")
-        if self.wide and (self.desc_size < 64 or self.desc_size > 1024 or self.desc_size & (self.desc_size - 1)):
-            raise FsUnreadable(f"group descriptor size {self.desc_size} is not valid")
         if not self.first < self.blocks or self.blocks * self.block_size > volume_length:
             raise FsUnreadable(f"{self.blocks} blocks of {self.block_size} bytes do not fit the volume")
         self.groups = -(-(self.blocks - self.first) // self.per_group)
 
     def bitmap_block(self, desc: bytes) -> int:
         """The block holding a group's bitmap (from its descriptor)."""
-        low = _u32(desc, 0)
-        return low | (_u32(desc, 0x20) << 32 if self.wide and self.desc_size >= 64 else 0)
+        return self.sb.descriptor_block(desc, 0, 0x20)
 
 
 def ext_free(read: Reader, volume_length: int) -> Iterator[Runs]:

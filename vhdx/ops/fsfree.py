@@ -19,15 +19,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..chains.disk import Disk
-from ..errors import VhdxError
-from .fsbitmaps import FsUnreadable, Reader, Runs, ext_free, fat_free, free_runs, is_ext
+from .extsuper import is_ext
+from .fsbitmaps import FsUnreadable, Reader, Runs, ext_free, fat_free, free_runs
+from .fsview import disk_image, read_bytes, tsk_module, volumes
 
 NTFS_PIECE = 1 << 20      # bytes of $Bitmap read at a time
 NTFS_VOLUME_INFORMATION = 0x70
-
-
-class TrimNeedsForensicsError(VhdxError):
-    """``--trim`` needs pytsk3 (the ``forensics`` extra) to read partition tables and NTFS."""
 
 
 @dataclass
@@ -55,65 +52,15 @@ class FreeMap:
 
 
 def tsk() -> Any:
-    """The ``pytsk3`` module, or :class:`TrimNeedsForensicsError` saying how to install it."""
-    try:
-        import pytsk3
-    except ImportError:
-        raise TrimNeedsForensicsError("compact --trim reads partition tables and NTFS through The Sleuth Kit: "
-                                      "pip install 'vhdx[forensics]' (pytsk3)") from None
-    return pytsk3
-
-
-def tsk_image(disk: Disk) -> Any:
-    """A ``pytsk3.Img_Info`` whose reads are ``disk``'s."""
-    mod = tsk()
-
-    class DiskImage(mod.Img_Info):  # type: ignore[name-defined,misc]
-        def __init__(self) -> None:
-            super().__init__(url="", type=mod.TSK_IMG_TYPE_EXTERNAL)
-
-        def read(self, offset: int, size: int) -> bytes:
-            return read_disk(disk, offset, max(0, min(size, disk.size - offset)))
-
-        def get_size(self) -> int:
-            return disk.size
-
-        def close(self) -> None:
-            pass
-
-    return DiskImage()
-
-
-def read_disk(disk: Disk, offset: int, length: int) -> bytes:
-    """``length`` bytes of ``disk`` at ``offset`` (zeros past its end)."""
-    buf = bytearray(length)
-    if length and offset < disk.size:
-        disk.pread_into(memoryview(buf)[:min(length, disk.size - offset)], offset)
-    return bytes(buf)
-
-
-def partitions(image: Any, size: int) -> list[tuple[int, int, str]]:
-    """(offset, length, description) of the allocated partitions, else the whole disk."""
-    mod = tsk()
-    try:
-        table = mod.Volume_Info(image)
-    except OSError:
-        return [(0, size, "whole disk")]
-    unit = table.info.block_size
-    out = []
-    for part in table:
-        if part.flags & mod.TSK_VS_PART_FLAG_ALLOC and part.len > 0:
-            desc = part.desc.decode("utf-8", "replace") if isinstance(part.desc, bytes) else str(part.desc)
-            out.append((part.start * unit, part.len * unit, desc))
-    return out or [(0, size, "whole disk")]
+    """The ``pytsk3`` module, or :class:`~vhdx.ops.fsview.ForensicsMissingError` saying how to install it."""
+    return tsk_module("compact --trim (partition tables, NTFS)")
 
 
 def volume_list(disk: Disk, image: Any) -> list[VolumeFree]:
     """The partitions clipped to the disk; one that overlaps another is marked not to be trimmed."""
     vols = []
-    for offset, length, desc in partitions(image, disk.size):
-        length = max(0, min(length, disk.size - offset))
-        vols.append(VolumeFree(offset, length, "unknown", note=desc))
+    for v in volumes(image, disk.size):
+        vols.append(VolumeFree(v.offset, max(0, min(v.length, disk.size - v.offset)), "unknown", note=v.description))
     vols.sort(key=lambda v: v.offset)
     for a, b in zip(vols, vols[1:]):
         if b.offset < a.offset + a.length:
@@ -126,7 +73,7 @@ def volume_reader(disk: Disk, vol: VolumeFree) -> Reader:
     def read(offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > vol.length:
             raise FsUnreadable(f"a read of {length} bytes at {offset} leaves the volume")
-        return read_disk(disk, vol.offset + offset, length)
+        return read_bytes(disk, vol.offset + offset, length)
     return read
 
 
@@ -240,7 +187,7 @@ def count_volume(disk: Disk, image: Any, vol: VolumeFree, cover: Coverage) -> No
 
 def free_blocks(disk: Disk, block_size: int) -> FreeMap:
     """Which ``block_size`` blocks of ``disk`` (as its top layer reads) lie wholly in free space."""
-    image = tsk_image(disk)
+    image = disk_image(disk)
     cover = Coverage(disk.size, block_size)
     vols = volume_list(disk, image)
     for vol in vols:

@@ -29,11 +29,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..chains.disk import Disk
+from .extsuper import INCOMPAT_META_BG, ExtUnreadable, Superblock, parse_superblock, power_of_two_within
 from .fsext import folder_entries
 from .fsfat import FIRST_ENTRY_ADDRESS, SLOT, changed_entries, fat_area
-from .fsview import MAX_DEPTH, data_runs, tsk_module
+from .fsview import MAX_DEPTH, data_runs, read_bytes, tsk_module
 
-EXT_MAGIC = 0xEF53
 MAX_GROUP_TABLE = 64 << 20      # bytes of ext group descriptors we read at most (2^20 groups of 64 B)
 COMPARE_CHUNK = 4 << 20         # bytes of records compared at a time
 NTFS_ROOT = 5
@@ -87,69 +87,32 @@ class Tables:
     tables: list[Table] = field(default_factory=list)
 
 
-def _read(disk: Disk, offset: int, length: int) -> bytes:
-    buf = bytearray(max(0, min(length, disk.size - offset)))
-    if buf:
-        disk.pread_into(memoryview(buf), offset)
-    return bytes(buf)
-
-
-@dataclass(frozen=True)
-class ExtLayout:
-    """What the ext superblock says about where the inode tables are described."""
-
-    block_size: int
-    inodes_per_group: int
-    inode_size: int
-    groups: int
-    descriptor_size: int
-    wide: bool              # 64bit: 48-bit block numbers in descriptors of 64 bytes or more
-    descriptors_at: int     # block of the first group descriptor
-
-
-def _power_of_two_within(n: int, low: int, high: int) -> bool:
-    return low <= n <= high and n & (n - 1) == 0
-
-
-def ext_layout(sb: bytes) -> ExtLayout | None:
-    """The layout from a 1 KiB superblock, every field checked; None when out of range or a layout
-    we do not map (meta_bg moves the descriptors)."""
-    if len(sb) < 1024 or struct.unpack_from("<H", sb, 56)[0] != EXT_MAGIC:
+def ext_layout(raw: bytes) -> Superblock | None:
+    """The superblock's numbers (:func:`vhdx.ops.extsuper.parse_superblock`) when this module can
+    map its inode tables: None when out of range, for meta_bg (descriptors spread over the groups)
+    and when the group descriptor table would be over :data:`MAX_GROUP_TABLE`."""
+    try:
+        sb = parse_superblock(raw)
+    except ExtUnreadable:
         return None
-    inodes = struct.unpack_from("<I", sb, 0)[0]
-    first_data, log_bs = struct.unpack_from("<II", sb, 20)
-    bpg, ipg = struct.unpack_from("<I", sb, 32)[0], struct.unpack_from("<I", sb, 40)[0]
-    isize = struct.unpack_from("<H", sb, 88)[0] if struct.unpack_from("<I", sb, 76)[0] else 128
-    incompat = struct.unpack_from("<I", sb, 96)[0]
-    if log_bs > 6 or incompat & 0x10 or first_data > 1:
+    if sb.incompat & INCOMPAT_META_BG or sb.groups_by_inodes * sb.descriptor_size > MAX_GROUP_TABLE:
         return None
-    bs = 1024 << log_bs
-    wide = bool(incompat & 0x80)
-    dsize = struct.unpack_from("<H", sb, 254)[0] if wide else 32
-    if not (_power_of_two_within(isize, 128, bs) and (64 if wide else 32) <= dsize <= 1024
-            and 0 < ipg <= bs * 8 and 0 < bpg <= bs * 8):
-        return None
-    groups = -(-inodes // ipg)
-    if groups == 0 or groups * dsize > MAX_GROUP_TABLE:
-        return None
-    return ExtLayout(bs, ipg, isize, groups, dsize, wide, first_data + 1)
+    return sb
 
 
 def ext_tables(disk: Disk, base: int, length: int) -> Tables | None:
     """The inode tables of the ext2/3/4 file system at ``base`` (``length`` bytes), from its
     superblock and group descriptors; None when a field is out of range (see :func:`ext_layout`)."""
-    lay = ext_layout(_read(disk, base + 1024, 1024))
+    lay = ext_layout(read_bytes(disk, base + 1024, 1024))
     if lay is None:
         return None
-    dsize, bs = lay.descriptor_size, lay.block_size
-    raw = _read(disk, base + lay.descriptors_at * bs, lay.groups * dsize)
-    if len(raw) < lay.groups * dsize:
+    dsize, bs, groups = lay.descriptor_size, lay.block_size, lay.groups_by_inodes
+    raw = read_bytes(disk, base + lay.descriptors_at * bs, groups * dsize)
+    if len(raw) < groups * dsize:
         return None
     out = Tables("ext")
-    for g in range(lay.groups):
-        lo = struct.unpack_from("<I", raw, g * dsize + 8)[0]
-        hi = struct.unpack_from("<I", raw, g * dsize + 0x28)[0] if lay.wide else 0
-        block = lo | hi << 32
+    for g in range(groups):
+        block = lay.descriptor_block(raw[g * dsize:(g + 1) * dsize], 8, 0x28)
         if block == 0 or block * bs + lay.inodes_per_group * lay.inode_size > length:
             return None
         out.tables.append(Table(base + block * bs, lay.inodes_per_group, lay.inode_size,
@@ -160,7 +123,7 @@ def ext_tables(disk: Disk, base: int, length: int) -> Tables | None:
 def ntfs_tables(fs: Any, disk: Disk, base: int) -> Tables | None:
     """The $MFT of the NTFS file system ``fs`` at ``base``: its data runs (from record 0, read
     by The Sleuth Kit) cut into records of the size the boot sector gives."""
-    boot = _read(disk, base, 512)
+    boot = read_bytes(disk, base, 512)
     if len(boot) < 512 or boot[3:11] != b"NTFS    ":
         return None
     bps, spc = struct.unpack_from("<HB", boot, 0x0B)
@@ -168,7 +131,7 @@ def ntfs_tables(fs: Any, disk: Disk, base: int) -> Tables | None:
         spc = 1 << (256 - spc)
     raw = struct.unpack_from("<b", boot, 0x40)[0]
     rsize = 1 << -raw if raw < 0 else raw * bps * spc
-    if not _power_of_two_within(rsize, 256, 1 << 16):
+    if not power_of_two_within(rsize, 256, 1 << 16):
         return None
     tsk = tsk_module()
     try:
@@ -226,8 +189,8 @@ def changed_records(tables: list[Tables], changed: Ranges, old: Disk, new: Disk,
             step = max(1, COMPARE_CHUNK // t.size)
             for at in range(first, end, step):
                 n = min(step, end - at)
-                a = _read(old, t.offset + at * t.size, n * t.size)
-                b = _read(new, t.offset + at * t.size, n * t.size)
+                a = read_bytes(old, t.offset + at * t.size, n * t.size)
+                b = read_bytes(new, t.offset + at * t.size, n * t.size)
                 if len(a) != n * t.size or len(b) != n * t.size:
                     continue
                 differ = np.frombuffer(a, np.uint8).reshape(n, t.size) != np.frombuffer(b, np.uint8).reshape(n, t.size)

@@ -23,14 +23,23 @@ class ForensicsMissingError(VhdxError):
     """pytsk3 is not installed; the message says how to get it."""
 
 
-def tsk_module() -> Any:
-    """The ``pytsk3`` module, or :class:`ForensicsMissingError` saying how to install it."""
+def tsk_module(needs: str = "reading file systems") -> Any:
+    """The ``pytsk3`` module, or :class:`ForensicsMissingError` saying that ``needs`` it and how
+    to install it."""
     try:
         import pytsk3
     except ImportError:
-        raise ForensicsMissingError("reading file systems needs The Sleuth Kit's binding: "
+        raise ForensicsMissingError(f"{needs} needs The Sleuth Kit's binding: "
                                     "pip install 'vhdx[forensics]' (pytsk3)") from None
     return pytsk3
+
+
+def read_bytes(disk: Disk, offset: int, length: int) -> bytes:
+    """Up to ``length`` bytes of ``disk`` at ``offset`` (fewer at its end, none past it)."""
+    buf = bytearray(max(0, min(length, disk.size - offset)))
+    if buf:
+        disk.pread_into(memoryview(buf), offset)
+    return bytes(buf)
 
 
 def disk_image(disk: Disk) -> Any:
@@ -42,11 +51,7 @@ def disk_image(disk: Disk) -> Any:
             super().__init__(url="", type=tsk.TSK_IMG_TYPE_EXTERNAL)
 
         def read(self, offset: int, size: int) -> bytes:
-            n = max(0, min(size, disk.size - offset))
-            buf = bytearray(n)
-            if n:
-                disk.pread_into(memoryview(buf), offset)
-            return bytes(buf)
+            return read_bytes(disk, offset, size)
 
         def get_size(self) -> int:
             return disk.size
