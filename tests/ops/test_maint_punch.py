@@ -107,15 +107,22 @@ def test_a_stop_after_any_punch_leaves_the_same_disk_and_a_rerun_finishes(tmp_pa
     for allowed in range(total + 1):
         copy_folder(pristine, work)
         made = stop_after_punches(work / "base.vhdx", monkeypatch, allowed)
-        where = f"stopped after {made} of {total} punches"
-        if disk_bytes(work / "base.vhdx") != before:
-            failures.append(f"{where}: the content changed")
-        failures += [f"{where}: {p}" for p in check_problems(work)]
-        vhdx.compact(work / "base.vhdx")
-        size, used = packed_size(work / "base.vhdx")
-        if disk_bytes(work / "base.vhdx") != before or size != used:
-            failures.append(f"{where}: the re-run does not finish ({size} bytes, {used} in use)")
+        failures += same_and_finishes(work, before, f"stopped after {made} of {total} punches")
     assert not failures, "\n".join(failures)
+
+
+def same_and_finishes(work: Path, before: bytes, where: str) -> list[str]:
+    """What is wrong with ``work/base.vhdx`` after a stopped compact: its content must be
+    ``before``, ``vhdx check`` must pass, and a re-run must finish the compact."""
+    failures = []
+    if disk_bytes(work / "base.vhdx") != before:
+        failures.append(f"{where}: the content changed")
+    failures += [f"{where}: {p}" for p in check_problems(work)]
+    vhdx.compact(work / "base.vhdx")
+    size, used = packed_size(work / "base.vhdx")
+    if disk_bytes(work / "base.vhdx") != before or size != used:
+        failures.append(f"{where}: the re-run does not finish ({size} bytes, {used} in use)")
+    return failures
 
 
 @pytest.mark.parametrize("mode", ["power-loss", "eio"])
@@ -136,14 +143,7 @@ def test_a_fault_at_every_write_of_the_compact_after_the_punches(tmp_path: Path,
         with pytest.raises(Exception):
             with wrapping_writable_files(FaultPlan(fail_at, error=None if mode == "power-loss" else errno.EIO)):
                 vhdx.compact(work / "base.vhdx")
-        where = f"{mode} at call {fail_at}/{calls}"
-        if disk_bytes(work / "base.vhdx") != before:
-            failures.append(f"{where}: the content changed")
-        failures += [f"{where}: {p}" for p in check_problems(work)]
-        vhdx.compact(work / "base.vhdx")
-        size, used = packed_size(work / "base.vhdx")
-        if disk_bytes(work / "base.vhdx") != before or size != used:
-            failures.append(f"{where}: the re-run does not finish")
+        failures += same_and_finishes(work, before, f"{mode} at call {fail_at}/{calls}")
     assert not failures, "\n".join(failures[:12])
 
 
