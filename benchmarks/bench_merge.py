@@ -2,7 +2,7 @@
 """Merge throughput of vhdx against ``cp`` and ``qemu-img commit``.
 
     python benchmarks/bench_merge.py [--size 2G] [--rounds 3] [--workdir DIR] [--json] [--keep]
-    python benchmarks/bench_merge.py --suite [--rows 8g-cold,2g-delete,16-layer,1t-sparse,xfs-reflink]
+    python benchmarks/bench_merge.py --suite [--rows 8g-cold,2g-delete,16-layer,1t-sparse,xfs-reflink] [--rounds N] [--count-syncs]
 
 ``--suite`` runs the rows of issue 10 once each (see :func:`suite_main` below); without it:
 
@@ -372,7 +372,17 @@ SUITE_DOC = """Rows, each run once (the machine is shared: one run, spreads are 
   reflink=1``), so every block is cloned; against ``cp --reflink=always`` of the child file.
 
 Peak RSS is the merge process's VmHWM. Everything is built in one temporary folder (the
-``--workdir``'s ``suite`` folder), one row at a time, and deleted after each row."""
+``--workdir``'s ``suite`` folder), one row at a time, and deleted after each row.
+
+``--rounds N`` (N > 1; not for ``8g-cold`` and ``xfs-reflink``, which take one run): the row's
+three inputs (VHDX chain, qcow2 chain, raw payload) are built once; every round copies them
+afresh and times ours, cp and qemu-img commit in a rotating order (cold rows: each from a cold cache); the
+table shows medians. Also reported per method: CPU time (user + system of the timed processes;
+cp's and qemu's from wait4, ours from the merge process, whole process), and for ours the wall
+time of the whole process (interpreter start-up, imports, merge, the wait for the deleted files'
+release, exit: what ``vhdx merge`` pays) next to the library's time around ``merge()``.
+``--count-syncs`` adds one untimed run of each under ``strace -f -c`` and reports their
+fsync + fdatasync calls."""
 
 SUITE_OURS = """
 import json, sys, time
@@ -484,6 +494,7 @@ def timed_ours(paths: list[Path], keep: bool, plan_first: bool, env: dict) -> di
                                    "keep" if keep else "delete", "plan" if plan_first else "-"], env=env)
     d = json.loads(out)
     d["vm_hwm"] = d["vm_hwm"] or rss
+    d["process_wall"] = wall
     return d
 
 
@@ -594,6 +605,108 @@ def suite_reflink(work: Path, patterns: list[bytes], env: dict) -> dict:
     return res
 
 
+def children_cpu() -> float:
+    """User + system seconds of every waited-for child process so far."""
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def count_syncs(cmd: list[str], env: dict | None = None) -> int:
+    """fsync + fdatasync calls of ``cmd`` and its threads/children (``strace -f -c``), -1 without strace."""
+    if not shutil.which("strace"):
+        return -1
+    with tempfile.NamedTemporaryFile("r", suffix=".strace") as out:
+        subprocess.run(["strace", "-f", "-c", "-o", out.name, "-e", "trace=fsync,fdatasync", *cmd],
+                       check=True, capture_output=True, env=env)
+        return sum(int(line.split()[3]) for line in out.read().splitlines()
+                   if line.split() and line.split()[-1] in ("fsync", "fdatasync"))
+
+
+def build_row_inputs(row: str, folder: Path, patterns: list[bytes], pattern_paths: list[Path],
+                     have_qemu: bool) -> tuple[list[Path], list[Path], Path, int]:
+    """The row's VHDX chain, qcow2 chain (or []) and raw payload, built once into ``folder``."""
+    size, parent_block, layers, _cold = rows_layers(row)
+    paths = build_layers_ours(folder, size, parent_block, CHILD_BLOCK, layers, patterns)
+    q = build_layers_qemu(folder, size, layers, pattern_paths) if have_qemu else []
+    from vhdx.ops.merge.run import merge
+    nbytes = merge(str(paths[-1]), str(paths[0]), dry_run=True).bytes_to_copy
+    write_raw(folder / "payload.raw", nbytes, patterns)
+    return paths, q, folder / "payload.raw", nbytes
+
+
+def one_round(row: str, what: str, r: Path, names: dict, env: dict) -> dict:
+    """Time one method on the fresh copies in ``r``: seconds, CPU seconds, and what else it reports."""
+    cold, keep = rows_layers(row)[3], row != "2g-delete"
+    if cold:
+        try_drop_caches()
+    cpu0 = children_cpu()
+    if what == "ours":
+        d = timed_ours([r / names["ours"][0], r / names["ours"][-1]], keep=keep, plan_first=(row == "1t-sparse"),
+                       env=env)
+        d["wall"] = d.pop("process_wall")
+        d["s"] = d["merge_s"]
+    elif what == "cp":
+        d = {"s": timed_cp(r / "payload.raw", r / "copy.raw")}
+    else:
+        t = time.perf_counter()
+        run(["qemu-img", "commit", "-q", "-b", str(r / names["qemu"][0]), str(r / names["qemu"][-1])])
+        fsync_path(r / names["qemu"][0])
+        d = {"s": time.perf_counter() - t}
+    d["cpu"] = children_cpu() - cpu0
+    return d
+
+
+def suite_rounds(row: str, work: Path, patterns: list[bytes], pattern_paths: list[Path], env: dict,
+                 have_qemu: bool, rounds: int, syncs: bool) -> dict:
+    """``rounds`` interleaved rounds of one row (see SUITE_DOC); medians."""
+    folder, r = work / row, work / f"{row}-round"
+    folder.mkdir()
+    try:
+        log(f"[{row}] building the inputs once ...")
+        paths, q, raw, nbytes = build_row_inputs(row, folder, patterns, pattern_paths, have_qemu)
+        names = dict(ours=[p.name for p in paths], qemu=[p.name for p in q])
+        methods = ["ours", "cp"] + (["qemu"] if have_qemu else [])
+        got: dict[str, list[dict]] = {m: [] for m in methods}
+        for k in range(rounds):
+            for m in methods[k % len(methods):] + methods[:k % len(methods)]:
+                shutil.rmtree(r, ignore_errors=True)
+                r.mkdir()
+                for p in (paths if m == "ours" else q if m == "qemu" else [raw]):
+                    copy_fresh(p, r / p.name)
+                got[m].append(one_round(row, m, r, names, env))
+                log(f"[{row}] round {k + 1}: {m:5} {got[m][-1]['s']:.3f} s, CPU {got[m][-1]['cpu']:.2f} s")
+        med = {m: statistics.median(x["s"] for x in v) for m, v in got.items()}
+        res = dict(row=row, cache="cold" if rows_layers(row)[3] else "warm", bytes=nbytes, rounds=rounds,
+                   ours=med["ours"], cp=med["cp"], qemu=med.get("qemu"),
+                   cpu={m: statistics.median(x["cpu"] for x in v) for m, v in got.items()},
+                   ours_wall=statistics.median(x["wall"] for x in got["ours"]),
+                   ours_released=statistics.median(x["released_s"] for x in got["ours"]),
+                   plan_s=statistics.median(x["plan_s"] for x in got["ours"]) if row == "1t-sparse" else None,
+                   rss_mib=max(x["vm_hwm"] for x in got["ours"]) / MiB,
+                   cloned=max(x["bytes_cloned"] for x in got["ours"]),
+                   all={m: [round(x["s"], 3) for x in v] for m, v in got.items()})
+        if syncs:
+            res["syncs"] = sync_counts(row, paths, q, r, env)
+        return res
+    finally:
+        shutil.rmtree(r, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def sync_counts(row: str, paths: list[Path], q: list[Path], r: Path, env: dict) -> dict:
+    """fsync + fdatasync calls of one untimed run of ours and of qemu-img commit (cp: the one fsync)."""
+    out = {"cp": 1}
+    shutil.rmtree(r, ignore_errors=True)
+    r.mkdir()
+    for p in paths + q:
+        copy_fresh(p, r / p.name)
+    out["ours"] = count_syncs([sys.executable, "-c", SUITE_OURS, str(r / paths[-1].name), str(r / paths[0].name),
+                               "keep" if row != "2g-delete" else "delete", "-"], env)
+    if q:
+        out["qemu"] = count_syncs(["qemu-img", "commit", "-q", "-b", str(r / q[0].name), str(r / q[-1].name)]) + 1
+    return out
+
+
 def ratio(a: float, b: float | None) -> str:
     return f"{a / b:.2f}" if b else "-"
 
@@ -605,6 +718,8 @@ def suite_main(argv: list[str]) -> int:
     ap.add_argument("--workdir", default=os.environ.get("TMPDIR", "/var/tmp"))
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds per row, medians (see below)")
+    ap.add_argument("--count-syncs", action="store_true", help="count fsync/fdatasync calls (strace), untimed")
     args = ap.parse_args(argv)
     have_qemu = not args.no_qemu and bool(shutil.which("qemu-img") and shutil.which("qemu-io"))
     work = Path(tempfile.mkdtemp(prefix="bench_merge_suite-", dir=args.workdir))
@@ -619,8 +734,12 @@ def suite_main(argv: list[str]) -> int:
                 log(f"[{row}] skipped: {free_gib(work):.1f} GiB free, {need} GiB needed")
                 continue
             try:
-                results.append(suite_reflink(work, patterns, env) if row == "xfs-reflink" else
-                               suite_row(row, work, patterns, pattern_paths, env, have_qemu))
+                if args.rounds > 1 and row not in ("8g-cold", "xfs-reflink"):
+                    results.append(suite_rounds(row, work, patterns, pattern_paths, env, have_qemu, args.rounds,
+                                                args.count_syncs))
+                else:
+                    results.append(suite_reflink(work, patterns, env) if row == "xfs-reflink" else
+                                   suite_row(row, work, patterns, pattern_paths, env, have_qemu))
             except Exception as e:  # noqa: BLE001 - a row that fails (a full shared disk) leaves the others
                 log(f"[{row}] FAILED: {str(e)[-300:]}")
                 continue
@@ -637,9 +756,19 @@ def suite_main(argv: list[str]) -> int:
         notes = [f"{r['cache']} cache"]
         if r.get("plan_s") is not None:
             notes.append(f"plan (dry run) {r['plan_s']:.3f} s")
-        if r["row"] == "2g-delete":
+        if r.get("rounds"):
+            cpu = r["cpu"]
+            notes.append(f"median of {r['rounds']} interleaved rounds; CPU s ours/cp/qemu "
+                         f"{cpu['ours']:.2f}/{cpu['cp']:.2f}/{cpu.get('qemu', 0):.2f}; ours as a whole process "
+                         f"{r['ours_wall']:.2f} s (ratio to cp {r['ours_wall'] / r['cp']:.2f})")
+        if r.get("syncs"):
+            notes.append("fsync+fdatasync calls ours/cp/qemu " + "/".join(str(r["syncs"].get(k, "-"))
+                                                                          for k in ("ours", "cp", "qemu")))
+        if r["row"] == "2g-delete" and "unlink_2g_s" in r:
             notes.append(f"space of the deleted child free after {r['ours_released']:.2f} s; "
                          f"unlink of cp's 2 GiB copy {r['unlink_2g_s']:.2f} s")
+        elif r["row"] == "2g-delete":
+            notes.append(f"space of the deleted child free after {r['ours_released']:.2f} s")
         if r.get("cloned"):
             notes.append(f"cloned {r['cloned'] / GiB:.2f} GiB")
         if r["row"] == "xfs-reflink":

@@ -34,8 +34,8 @@ import pytest
 from support.needs import unavailable
 
 import vhdx
-from vhdx.ops.merge.journal import merge_in_progress
-from vhdx.errors import VhdxError
+from vhdx.ops.merge.journal import merge_in_progress, read_journal
+from vhdx.errors import MergeError, VhdxError
 from vhdx.file.image import Image
 
 from support.merging import (MiB, FaultPlan, LayerSpec, PowerLoss, all_checks_pass, build_chain, check_errors,
@@ -125,17 +125,76 @@ def judge_interrupted(work: Path, leaf: str, dest: str, model: bytes) -> list[st
     return problems
 
 
-def crash_everywhere(sc: CrashScenario, tmp_path: Path, *, drop: bool) -> None:
+def linked_to(child: Path, parent: Path) -> bool:
+    """Whether either parent linkage of ``child`` is ``parent``'s DataWriteGuid (the chain itself may
+    resolve elsewhere: the copies of the test keep absolute locators into the pristine folder)."""
+    images = [Image.open(str(p), "r") for p in (child, parent)]
+    try:
+        loc = images[0].metadata.parent_locator or {}
+        guid = "{%s}" % images[1].header.data_write_guid
+        return guid in (loc.get("parent_linkage", "").lower(), loc.get("parent_linkage2", "").lower())
+    finally:
+        for im in images:
+            im.close()
+
+
+def judge_interrupted_keep(work: Path, leaf: str, dest: str, model: bytes) -> list[str]:
+    """After an interrupted ``keep=True`` merge: the child stays; until the merge got past its copy
+    it reads the model through its chain; ``merge(..., keep=True)`` again finishes (or says the
+    merge was done and the child kept); the destination then reads the model and the kept child
+    no longer opens over it (it let go: its chain is not complete)."""
+    problems = all_checks_pass(work)
+    leaf_path, dest_path = work / leaf, work / dest
+    if not leaf_path.exists():
+        return problems + ["keep: the child was deleted"]
+    im = Image.open(str(dest_path), "r")
+    try:
+        state = (read_journal(im) or {}).get("state")
+    finally:
+        im.close()
+    try:
+        if vhdx.chain(str(leaf_path)).complete:
+            got = read_disk(leaf_path)
+            if got != model:
+                problems.append(f"the child reads differently: {first_difference(got, model)}")
+        elif state not in ("copied", "done"):
+            problems.append(f"the child's chain is broken while the journal says {state!r}")
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"reading through the child raised {type(e).__name__}: {e}")
+    try:
+        merge(str(leaf_path), str(dest_path), keep=True)
+    except MergeError as e:
+        if not (state == "done" and "kept with --keep" in str(e)):
+            problems.append(f"re-running the merge raised {e}")
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"re-running the merge raised {type(e).__name__}: {e}")
+    got = read_disk(dest_path)
+    if got != model:
+        problems.append(f"the destination reads differently after the re-run: {first_difference(got, model)}")
+    problems += [f"after the re-run: {p}" for p in check_errors(dest_path)]
+    if not leaf_path.exists() or linked_to(leaf_path, dest_path):
+        problems.append("after the re-run the kept child is gone or still links to the destination")
+    im = Image.open(str(dest_path), "r")
+    try:
+        if merge_in_progress(im):
+            problems.append("the destination still carries the merge journal after the re-run")
+    finally:
+        im.close()
+    return problems
+
+
+def crash_everywhere(sc: CrashScenario, tmp_path: Path, *, drop: bool, keep: bool = False) -> None:
     pristine = tmp_path / "pristine"
     built = make_chain(pristine, sc)
     model = built.models[-1]
     leaf = Path(built.leaf).name
     dest = Path(built.paths[0] if sc.into == "base" else built.paths[-2]).name
+    judge = judge_interrupted_keep if keep else judge_interrupted
 
     counting = tmp_path / "count"
     copy_folder(pristine, counting)
     plan = FaultPlan(None)
-    merge_through(plan.wrap, str(counting / leaf), str(counting / dest))
+    merge_through(plan.wrap, str(counting / leaf), str(counting / dest), keep=keep)
     K = plan.calls
     print(f"{sc.name}: {K} mutating calls")
     assert K > 5, f"only {K} mutating calls counted: is the storage wrapper applied? {plan.history}"
@@ -150,7 +209,7 @@ def crash_everywhere(sc: CrashScenario, tmp_path: Path, *, drop: bool) -> None:
         fp = FaultPlan(n, drop_unflushed=drop, seed=n)
         error: BaseException | None = None
         try:
-            merge_through(fp.wrap, str(work / leaf), str(work / dest))
+            merge_through(fp.wrap, str(work / leaf), str(work / dest), keep=keep)
         except (PowerLoss, VhdxError) as e:
             error = e
         except Exception as e:  # noqa: BLE001 - anything else is a bug of its own
@@ -158,7 +217,7 @@ def crash_everywhere(sc: CrashScenario, tmp_path: Path, *, drop: bool) -> None:
             failures.append(f"N={n}: unexpected {type(e).__name__}: {e}")
         if error is None:
             failures.append(f"N={n}: the merge did not fail although call {n} of {K} lost power")
-        problems = judge_interrupted(work, leaf, dest, model)
+        problems = judge(work, leaf, dest, model)
         if problems:
             failures.append(f"N={n} ({fp.history[-1] if fp.history else '?'}): " + " | ".join(problems))
     assert not failures, f"{len(failures)} of {K} crash points fail:\n" + "\n".join(failures[:15])
@@ -172,6 +231,13 @@ def test_power_loss_at_every_call(sc: CrashScenario, fast_tmp: Path) -> None:
 @pytest.mark.parametrize("sc", DROP_SCENARIOS, ids=lambda s: s.name)
 def test_power_loss_drops_unflushed_pages(sc: CrashScenario, fast_tmp: Path) -> None:
     crash_everywhere(sc, fast_tmp, drop=True)
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["clean", "drop-unflushed"])
+def test_power_loss_at_every_call_of_a_kept_merge(drop: bool, fast_tmp: Path) -> None:
+    """With ``keep`` the layer above the destination stays open for writing, in one log session,
+    from step 1 until it lets go of the destination at the end: every call of that order too."""
+    crash_everywhere(SCENARIOS[1], fast_tmp, drop=drop, keep=True)
 
 
 def test_power_loss_again_during_the_rerun(fast_tmp: Path) -> None:

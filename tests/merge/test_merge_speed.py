@@ -32,6 +32,7 @@ from vhdx.format import constants as C
 from vhdx.ops.merge.plan import TRANSPARENT, BatView, extents, owners, planning_unit
 from vhdx.ops.merge.run import wait_for_release
 
+from support.faults import FaultPlan, merge_through
 from support.merging import MiB, check_errors, cli, merge, read_disk
 
 
@@ -216,7 +217,8 @@ def test_multi_layer_merge_reads_each_byte_once(tmp_path: Path, recording) -> No
 
 def test_deleted_files_are_released_in_the_background(tmp_path: Path) -> None:
     """The delete is durable when merge() returns (the name is gone, the folder synced); the last
-    close, which frees the space, runs in a thread that wait_for_release() (and exit) waits for."""
+    close, which frees the space, runs in a thread that wait_for_release() (and exit) waits for.
+    No map of the child's BAT is left either (a map keeps the file as a descriptor does)."""
     base, child, model = reversed_child(tmp_path)
     result = merge(str(child), str(base))
     assert result.deleted == [str(child)] and not child.exists()
@@ -232,7 +234,35 @@ def test_deleted_files_are_released_in_the_background(tmp_path: Path) -> None:
         if target.startswith(str(child)):
             still_open.append(target)
     assert still_open == [], "the deleted child is still open, its space not freed"
+    with open("/proc/self/maps") as f:
+        mapped = [line for line in f if str(child) in line]
+    assert mapped == [], f"the deleted child is still mapped, its space not freed: {mapped}"
     assert read_disk(base) == model
+
+
+def flushes_and_header_writes(history: list[str], name: str) -> tuple[int, int]:
+    """(flushes, header writes) that one file received, from a FaultPlan's history."""
+    ops = [h.split(": ", 1)[1] for h in history if h.split(": ", 1)[0] == name]
+    headers = [op for op in ops if op.startswith("write ") and op.endswith(("at 0x10000", "at 0x20000"))]
+    return ops.count("flush"), len(headers)
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["delete", "keep"])
+def test_the_protocol_costs_few_flushes(keep: bool, tmp_path: Path) -> None:
+    """The fixed cost of a one-batch merge, counted per file through the fault seam (the delete's
+    folder fsync is not a file's). The destination: log start 1, headers 2, journal "copying" 1,
+    the batch's data and its log entry 2, "copied" 1, "done" 1, closing flush 1 and headers 2 = 11
+    (was 16: each log entry's pages were flushed again after they were applied, and "copied" once
+    more). The layer above: its log start, headers and the entry that announces the new GUID = 4,
+    then, deleted, nothing more (was 8: it was closed cleanly first); kept, the entry that lets go
+    of the destination in the same session, the closing flush and headers = 8 (was 16: two sessions)."""
+    base, child, model = reversed_child(tmp_path)
+    plan = FaultPlan(None)
+    merge_through(plan.wrap, str(child), str(base), keep=keep)
+    assert flushes_and_header_writes(plan.history, base.name) == (11, 4)
+    assert flushes_and_header_writes(plan.history, child.name) == ((8, 4) if keep else (4, 2))
+    assert read_disk(base) == model and check_errors(base) == []
+    assert child.exists() == keep
 
 
 def test_cli_reports_cloned_and_copied_on_a_file_system_without_clones(fast_tmp: Path) -> None:

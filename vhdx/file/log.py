@@ -358,6 +358,9 @@ class LogWriter:
         self.log_guid = log_guid
         self.sequence_number = first_sequence
         self.head = 0
+        # The last entry whose pages are applied but perhaps not yet flushed: the next entry's Tail,
+        # so that a replay still covers it; None once a flush has made the application durable.
+        self.unsettled: int | None = None
 
     @property
     def max_pages(self) -> int:
@@ -381,21 +384,31 @@ class LogWriter:
         self.head = (self.head + len(data)) % self.log_length
 
     def write_entry(self, pages: list[tuple[int, bytes]], *, file_size: int) -> None:
-        """Write one entry (Tail = itself: everything before it is applied) and flush.
+        """Write one entry and flush; the caller applies its pages and need not flush them (§8.7).
 
+        Its Tail is the entry before it if that one's application may not be durable yet (the
+        flush of this entry makes it durable), else itself; so a replay covers every entry whose
+        pages could be torn or missing. Two entries of at most half the ring each always fit.
         ``file_size`` is the durable size of the file: FlushedFileOffset is it rounded
         down to 1 MiB (never more than what is on disk), LastFileOffset rounded up.
         """
         if len(pages) > self.max_pages:
             raise ValueError("too many pages for one log entry")
         mib = C.ALIGNMENT
-        entry = build_entry(log_guid=self.log_guid, sequence_number=self.sequence_number, tail=self.head,
+        entry = build_entry(log_guid=self.log_guid, sequence_number=self.sequence_number,
+                            tail=self.head if self.unsettled is None else self.unsettled,
                             pages=pages, flushed_file_offset=file_size // mib * mib,
                             last_file_offset=-(-file_size // mib) * mib)
         self.sequence_number += 1
-        at = self.log_offset + self.head
+        position = self.head
+        at = self.log_offset + position
         self._write_ring(entry)
         try:
             self.storage.flush()
         except OSError as e:
             raise storage_error(e, "flush of the log entry", path=self.storage.path, offset=at) from e
+        self.unsettled = position if pages else None
+
+    def settled(self) -> None:
+        """A flush of the file made every applied entry durable: the next entry's Tail is itself."""
+        self.unsettled = None

@@ -115,6 +115,8 @@ class Writer:
             self.storage.flush()
         except OSError as e:
             raise storage_error(e, "flush", path=self.image.path) from e
+        if self.log_writer is not None:
+            self.log_writer.settled()
 
     def truncate(self, size: int) -> None:
         """Resize the file (an OSError becomes a VhdxError)."""
@@ -225,7 +227,9 @@ class Writer:
 
     @_changes_file
     def log_pages(self, pages: dict[int, bytes]) -> None:
-        """Make metadata page changes durable through the log: entry, flush, apply, flush."""
+        """Make metadata page changes durable through the log: entry, flush, apply. The pages
+        applied are flushed by the next flush of the file (the data flush of the next
+        transaction, the next entry's, the one at close); until then the log covers them."""
         if not pages:
             return
         self.begin_session(data_change=False)
@@ -242,7 +246,6 @@ class Writer:
             writer.write_entry(group, file_size=self.storage.size())
             for target, page in group:
                 self.write(page, target)
-            self.sync()
 
     def bat_pages(self, bat_indexes: set[int], changes: dict[int, int] | None = None) -> dict[int, bytes]:
         """The 4 KiB BAT pages holding ``bat_indexes``, with ``changes`` applied."""

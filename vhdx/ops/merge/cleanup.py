@@ -9,6 +9,7 @@ loss undid (journal "done"), is found again from the child by :func:`find_finish
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import uuid
@@ -88,10 +89,16 @@ def release_in_background(storages: list[Storage]) -> None:
     durable already (the folder was synced after each), so the merge need not wait: the thread
     is not a daemon (the interpreter waits for it at exit), and :func:`wait_for_release` waits
     for it in a long-running process that needs the space back.
+
+    A closed image still maps its BAT (a private map keeps the file alive as a descriptor does)
+    until the image is garbage, and an image is in a reference cycle with its writer: so the
+    thread first collects garbage, while ``storages`` still hold the files (unmapping is cheap
+    then), and only then closes them. Otherwise the last unmap, at some later collection in the
+    caller's thread or at interpreter exit, would free the space there.
     """
     if not storages:
         return
-    thread = threading.Thread(target=close_all, args=(list(storages),), name="vhdx-merge-release")
+    thread = threading.Thread(target=collect_and_close, args=(list(storages),), name="vhdx-merge-release")
     _RELEASES[:] = [t for t in _RELEASES if t.is_alive()] + [thread]
     thread.start()
 
@@ -100,6 +107,12 @@ def wait_for_release() -> None:
     """Wait until the files earlier merges deleted are closed, and their space is free."""
     while _RELEASES:
         _RELEASES.pop().join()
+
+
+def collect_and_close(storages: list[Storage]) -> None:
+    """Unmap what garbage still maps (see :func:`release_in_background`), then close ``storages``."""
+    gc.collect()
+    close_all(storages)
 
 
 def close_all(storages: list[Storage]) -> None:
@@ -111,13 +124,53 @@ def close_all(storages: list[Storage]) -> None:
             pass
 
 
-def unlink_merged(member: JournalMember, original: uuid.UUID, wrap: Wrap | None) -> None:
+def announce(path: str, current: uuid.UUID, new: uuid.UUID, wrap: Wrap | None) -> Image:
+    """Step 1 of a merge (:mod:`.run`): make ``path`` accept both its parent's ``current`` and
+    ``new`` DataWriteGuid (§9.5).
+
+    parent_linkage takes the GUID that matches now and parent_linkage2 the one that will,
+    so the link holds at every moment of the change (through the log; its own GUIDs stay).
+    The change is durable when this returns (its log entry is flushed); the image stays open
+    for writing, its log session too, until the merge ends (:func:`let_go`): with ``keep`` the
+    same session lets go of the destination at the end, and a deleted file is never closed
+    cleanly at all, so the session's closing flush and header updates are paid at most once.
+    """
+    image = open_writable(path, wrap)
+    try:
+        loc = dict(image.metadata.parent_locator or {})
+        l1, l2 = parse_linkage(loc.get("parent_linkage")), parse_linkage(loc.get("parent_linkage2"))
+        if l2 == new and (l1 == current or current == new):
+            return image
+        if current != new:  # on a resumed merge the destination already carries ``new``: keep l1
+            loc["parent_linkage"] = format_linkage(current)
+        loc["parent_linkage2"] = format_linkage(new)
+        image.write_parent_locator(loc)
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
+def let_go(image: Image) -> None:
+    """Close the layer that step 1 opened: cleanly (flush, LogGuid cleared) while it has a name;
+    a file the merge deleted is only closed, without flushes (its log would only matter to a
+    reader of the file, and there is none: a power loss that brings the name back leaves the
+    log to replay, as after any interruption)."""
+    if unlinked(image.storage) or not os.path.lexists(image.path):
+        image.abort()
+    else:
+        image.close()
+
+
+def unlink_merged(member: JournalMember, original: uuid.UUID, wrap: Wrap | None, above: Image | None = None) -> None:
     """After the merge the merged layer is invalid: it links to the destination's old GUID only.
 
     Reading it over the merged destination would mix old and new data, so it must not open
-    as a chain any more (as with Hyper-V, merged files are invalid afterwards).
+    as a chain any more (as with Hyper-V, merged files are invalid afterwards). ``above`` is
+    that layer already open for writing (the merge's own, in its log session; left open),
+    else the file is opened and closed here.
     """
-    image = open_writable(member.path, wrap)
+    image = open_writable(member.path, wrap) if above is None else above
     try:
         if not _same_file(image, member.key):
             raise MergeError("the file changed while the merge checked it; it was left alone", path=member.path)
@@ -129,7 +182,8 @@ def unlink_merged(member: JournalMember, original: uuid.UUID, wrap: Wrap | None)
         loc["parent_linkage2"] = format_linkage(C.ZERO_GUID)
         image.write_parent_locator(loc)
     finally:
-        image.close()
+        if above is None:
+            image.close()
 
 
 def delete_members(members: Sequence[JournalMember]) -> list[str]:
@@ -180,12 +234,13 @@ def plan_deletes(plan: MergePlan, keep: bool, allowed: set[str]) -> list[str]:
 
 
 def complete(dest: Image, dest_path: str, keep: bool, wrap: Wrap | None, allowed: set[str],
-             child: str = "") -> list[str]:
+             child: str = "", above: Image | None = None) -> list[str]:
     """The steps after the copy, each safe to repeat: the merged files go (or, with ``keep``,
     let go of the destination), then the journal records the merge as done.
 
     ``dest`` is the destination open for writing; its journal is read from it again here.
-    Only files that :func:`verify_journal` ties to the destination are touched."""
+    Only files that :func:`verify_journal` ties to the destination are touched. ``above`` is the
+    layer right above the destination if the caller has it open for writing already."""
     journal = load_journal(dest)
     if journal is None:
         return []
@@ -195,7 +250,7 @@ def complete(dest: Image, dest_path: str, keep: bool, wrap: Wrap | None, allowed
         # Kept files are invalid now: the layer above lets go of the destination, so neither
         # it nor anything above it opens over data that no longer matches.
         if members[-1] is not None and members[-1].status == "linked":
-            unlink_merged(members[-1], journal.original_data_write_guid, wrap)
+            unlink_merged(members[-1], journal.original_data_write_guid, wrap, above)
     else:
         refuse_kept(members, dest_path, child or dest_path)
         # Nearest the destination first: if this stops half way, what is left has a missing

@@ -16,7 +16,7 @@ import errno
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from ...format import constants as C
 TRANSPARENT = 255
 ZERO = 254
 WINDOW_MIN = 64 << 20
+KEEP_EXTENTS = 1 << 15  # extents a plan keeps for the copy (a few MiB); beyond that the copy plans again
 ZERO_STATES = (C.PAYLOAD_BLOCK_UNDEFINED, C.PAYLOAD_BLOCK_ZERO, C.PAYLOAD_BLOCK_UNMAPPED,
                C.PAYLOAD_BLOCK_UNMAPPED_V095)
 ALLOCATED = C.HOLDS_DATA
@@ -311,21 +312,29 @@ def _count(plan: MergePlan, views: Sequence[BatView], extent: Extent) -> None:
         plan.per_source_bytes[name] = plan.per_source_bytes.get(name, 0) + vlen
 
 
-def plan_merge(views: Sequence[BatView], dest: Image, plan: MergePlan) -> MergePlan:
+def plan_merge(views: Sequence[BatView], dest: Image, plan: MergePlan, *,
+               extents_of: Callable[..., Iterable[Extent]] = extents, keep: list[Any] | None = None,
+               keep_limit: int = KEEP_EXTENTS) -> MergePlan:
     """Fill in the totals of ``plan`` (reads BATs and bitmaps, not data).
 
     ``bytes_needed`` is the free space the merge may use: new blocks and bitmap blocks, the holes
     of sparse blocks it writes into, and, when it needs any of those, the holes of the log and a
-    page of BAT and bitmap per block for the metadata.
+    page of BAT and bitmap per block for the metadata. ``keep``, if given, receives
+    ``(start, length, extents)`` of every window, so that the copy need not plan them again; or
+    nothing at all when there are more than ``keep_limit`` extents (memory stays bounded).
     """
     dview = BatView.of(dest)
     dbs = dest.block_size
     fd = _fileno(dest.storage)
     touched: set[int] = set()
-    holes = 0
+    holes = kept = 0
     for start, length in window_spans(views, window_size([v.image for v in views] + [dest]), dest.size):
         filled: list[tuple[int, int]] = []
-        for extent in extents(views, start, length):
+        found = list(extents_of(views, start, length))
+        kept += len(found)
+        if keep is not None:
+            keep.append((start, length, found)) if kept <= keep_limit else keep.clear()
+        for extent in found:
             _count(plan, views, extent)
             voff, vlen = extent[0], extent[1]
             touched.update(range(voff // dbs, (voff + vlen - 1) // dbs + 1))

@@ -11,7 +11,8 @@ copy_file_range (or a reused buffer), flushed, then BAT and bitmap changes throu
 (5) the merged files go and the journal says "done" (:mod:`.cleanup`). Data reads through the
 child never change during a merge: the destination only receives sectors that the sources
 define, and the sources are not modified. Running the same merge again redoes the copy (it is
-idempotent) or, past the copy, only the last steps.
+idempotent) or, past the copy, only the last steps. The layer of step (1) stays open in one log
+session until (5): a deleted one is never closed cleanly, a kept one lets go in the same session.
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ from ...file.copy import Copier
 from ...file.image import Image
 from ...file.storage import Storage
 from ...format import constants as C
-from ...format.locator import format_linkage, parse_linkage
 from ...format.records import MetadataItem, metadata_items
-from .cleanup import (Wrap, complete, delete_members, find_finish, hold_exclusive, nearest_first, open_writable,
-                      plan_deletes, release_in_background, storage_wrapper, unlinked, wait_for_release)
+from .cleanup import (Wrap, announce, complete, delete_members, find_finish, hold_exclusive, let_go, nearest_first,
+                      open_writable, plan_deletes, release_in_background, storage_wrapper, unlinked, wait_for_release)
 from .journal import Journal, JournalState, allowed_folders, journal_item, load_journal, read_journal, resumable, without_journal
 from .plan import (BatView, MergePlan, check_free_space, dependents, no_space, plan_merge, stopped_error, used_bytes,
                    window_size, window_spans)
@@ -87,6 +87,7 @@ class _Job:
     on_plan: Callable[[MergePlan], None] | None
     held: list[Storage] = field(default_factory=list)
     t0: float = 0.0
+    above: Image | None = None  # the layer right above the destination, open for writing from step 1
 
 
 
@@ -99,6 +100,7 @@ class _Chain:
     plan: MergePlan
     journal: Journal | None  # of an unfinished run of this same merge, to resume
     views: list[BatView]  # of the sources, leaf first
+    windows: list[Any]  # (start, length, extents) of each window, as planned; empty: plan them again
 
     @property
     def sources(self) -> list[Image]:
@@ -162,6 +164,12 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
             hold_exclusive([job.child], job.held)
         return _merge(job)
     finally:
+        if job.above is not None and not job.above.closed:  # a failed merge: close it, quietly
+            try:
+                let_go(job.above)
+            except (OSError, VhdxError):
+                job.above.abort()
+        job.above = None  # garbage now: the release thread's collection unmaps its BAT
         # Deleted files (no name left) are closed in the background: their deletes are durable
         # already, and the last close, which frees their space, can take seconds.
         gone = [s for s in job.held if unlinked(s)]
@@ -287,8 +295,9 @@ def _plan(job: _Job, images: list[Image], layers: list[Layer], cache: ScanCache)
     folders = sorted({os.path.dirname(os.path.abspath(im.path)) for im in images[:dest_index + 1]} | set(job.search))
     plan.dependents = dependents(dest, images, sources, folders, cache)
     views = [BatView.of(im) for im in sources]  # the sources' BATs, read once for planning and copy
-    plan_merge(views, dest, plan)
-    return _Chain(images, dest_index, plan, journal, views)
+    windows: list[Any] = []  # the copy's extents, planned once
+    plan_merge(views, dest, plan, extents_of=_extents, keep=None if job.dry_run else windows)
+    return _Chain(images, dest_index, plan, journal, views, windows)
 
 
 # --------------------------------------------------------------------------- the steps
@@ -329,7 +338,7 @@ def _run(job: _Job, chain: _Chain, dest_path: str) -> tuple[Image, MergeResult]:
             # Blocks an interrupted run allocated but never put in the BAT: give them back first.
             dest.trim_unreferenced_tail()
         stamp = _Stamp(chain.plan, new_guid, original, [str(im.header.data_write_guid) for im in sources], job.keep)
-        _announce(sources[-1].path, dest.header.data_write_guid, new_guid, job.wrap)  # 1.
+        job.above = announce(sources[-1].path, dest.header.data_write_guid, new_guid, job.wrap)  # 1.
         _start(dest, stamp)  # 2.
         copied = _copy(dest, chain, job.progress)  # 3.
         _copied(dest, sources[0], stamp)  # 4.
@@ -340,26 +349,6 @@ def _run(job: _Job, chain: _Chain, dest_path: str) -> tuple[Image, MergeResult]:
     return dest, MergeResult(plan=chain.plan, bytes_copied=copied, seconds=0.0, deleted=[],
                              broken_dependents=chain.plan.dependents, new_data_write_guid=str(new_guid),
                              bytes_cloned=cloned)
-
-
-def _announce(path: str, current: uuid.UUID, new: uuid.UUID, wrap: Wrap | None) -> None:
-    """Step 1: make ``path`` accept both its parent's ``current`` and ``new`` DataWriteGuid (§9.5).
-
-    parent_linkage takes the GUID that matches now and parent_linkage2 the one that will,
-    so the link holds at every moment of the change (through the log; its own GUIDs stay).
-    """
-    image = open_writable(path, wrap)
-    try:
-        loc = dict(image.metadata.parent_locator or {})
-        l1, l2 = parse_linkage(loc.get("parent_linkage")), parse_linkage(loc.get("parent_linkage2"))
-        if l2 == new and (l1 == current or current == new):
-            return
-        if current != new:  # on a resumed merge the destination already carries ``new``: keep l1
-            loc["parent_linkage"] = format_linkage(current)
-        loc["parent_linkage2"] = format_linkage(new)
-        image.write_parent_locator(loc)
-    finally:
-        image.close()
 
 
 def _start(dest: Image, stamp: _Stamp) -> None:
@@ -377,8 +366,11 @@ def _batches(chain: _Chain, dest: Image) -> Iterator[Batch]:
     """The extents of step 3, window by window, in batches of up to BATCH_BYTES / BATCH_EXTENTS."""
     batch: Batch = []
     size = 0
-    for start, length in window_spans(chain.views, window_size(chain.sources + [dest]), dest.size):
-        for voff, vlen, src, _v in _extents(chain.views, start, length):
+    windows = chain.windows or ((start, length, _extents(chain.views, start, length))
+                                for start, length in window_spans(chain.views, window_size(chain.sources + [dest]),
+                                                                  dest.size))
+    for _start, _length, found in windows:
+        for voff, vlen, src, _v in found:
             batch.append((voff, vlen, src))
             size += vlen
         if size >= BATCH_BYTES or len(batch) >= BATCH_EXTENTS:
@@ -429,8 +421,7 @@ def _copied(dest: Image, child: Image, stamp: _Stamp) -> None:
     items = [child_items.pop(key(it), it) if it.flags & C.METADATA_IS_VIRTUAL_DISK else it
              for it in without_journal(dest)]
     items.extend(child_items.values())
-    dest.write_metadata_items(items + [stamp.item(JournalState.COPIED)])
-    dest.flush()
+    dest.write_metadata_items(items + [stamp.item(JournalState.COPIED)])  # durable: the log flushes
 
 
 def _clean_up(job: _Job, plan: MergePlan, dest: Image, result: MergeResult) -> MergeResult:
@@ -439,7 +430,10 @@ def _clean_up(job: _Job, plan: MergePlan, dest: Image, result: MergeResult) -> M
     try:
         try:
             result.deleted = complete(dest, dest_path, job.keep, job.wrap,
-                                      allowed_folders(dest_path, job.child, folders=job.search), job.child)
+                                      allowed_folders(dest_path, job.child, folders=job.search), job.child,
+                                      job.above)
+            if job.above is not None:
+                let_go(job.above)
         finally:
             dest.close()
     except OSError as e:
