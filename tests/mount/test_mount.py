@@ -3,6 +3,7 @@ through the write path, a dirty log replayed in memory only, one-line errors."""
 
 from __future__ import annotations
 
+import ctypes.util
 import errno
 import os
 import random
@@ -17,6 +18,7 @@ import pytest
 
 import vhdx
 from support.mounting import force_unmount, is_mounted, mounted, require_fuse
+from support.needs import need
 from support.chain import build_layers, check_problems
 from support.cli import assert_one_line_error, run_inprocess, run_subprocess
 from support.faults import FaultPlan
@@ -281,3 +283,30 @@ def test_chain_options_find_a_moved_parent_or_read_over_zeros(tmp_path: Path) ->
         assert sorted(os.listdir(mnt)) == sorted(["disk", leaf.name])
         with vhdx.open(leaf, missing_parent="zeros") as disk:
             assert sha256_file(mnt / "disk") == sha256(disk.pread(0, SIZE))
+
+
+def test_libfuse_3_alone_mounts_reads_and_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mfusepy loads libfuse 2 when both are installed (as in CI: exfat-fuse needs it); a machine
+    with Debian's fuse3 alone gets libfuse 3, which refuses to start unless the read size the
+    server asks for at init equals the max_read option."""
+    library = ctypes.util.find_library("fuse3")
+    need(library is not None, "libfuse 3 is missing: apt-get install fuse3")
+    monkeypatch.setenv("FUSE_LIBRARY_PATH", str(library))
+    built = _chain(tmp_path / "disks")
+    leaf = built.paths[-1]
+    with mounted(leaf, tmp_path / "ro") as mnt:
+        assert sha256_file(mnt / "disk") == sha256(built.contents[-1])
+    model = bytearray(built.contents[-1])
+    data = pattern(77, 3 * MiB + 5)
+    model[MiB - 3:MiB - 3 + len(data)] = data
+    with mounted(leaf, tmp_path / "rw", "--rw") as mnt:
+        fd = os.open(mnt / "disk", os.O_WRONLY)
+        try:
+            assert os.pwrite(fd, data, MiB - 3) == len(data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert sha256_file(mnt / "disk") == sha256(model)
+    assert run_subprocess("check", leaf).returncode == 0
+    with vhdx.open(leaf) as disk:
+        assert sha256(disk.pread(0, SIZE)) == sha256(model)

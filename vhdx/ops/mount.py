@@ -262,6 +262,8 @@ def tune(conn: Any, config: Any, writable: bool) -> None:
     with ``rw`` it drops them at each open, since the leaf's layer file shows what ``disk`` writes."""
     if conn is not None:
         conn.max_readahead = max(conn.max_readahead, MAX_READ)
+        if hasattr(conn, "max_read"):  # libfuse 3 refuses to start unless it equals the max_read option
+            conn.max_read = MAX_READ
     if config is not None and hasattr(config, "auto_cache") and not writable:
         config.auto_cache = 1
 
