@@ -598,11 +598,21 @@ def suite_reflink(work: Path, patterns: list[bytes], env: dict) -> dict:
                        rss_mib=ours["vm_hwm"] / MiB, cloned=ours["bytes_cloned"])
             log(f"[xfs-reflink] ours {ours['merge_s']:.3f} s, cloned {ours['bytes_cloned'] / GiB:.2f} GiB")
         finally:
-            subprocess.run(["umount", str(mnt)])
+            unmount(mnt)
     finally:
         subprocess.run(["losetup", "-d", dev])
         img.unlink()
     return res
+
+
+def unmount(mnt: Path) -> None:
+    """Unmount ``mnt``, waiting up to 10 s while it is busy (the kernel may still hold the files
+    just closed), then lazily: never leave a mount behind."""
+    for _ in range(100):
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.1)
+    subprocess.run(["umount", "-l", str(mnt)])
 
 
 def children_cpu() -> float:
