@@ -109,11 +109,21 @@ def judge_interrupted(work: Path, leaf: str, dest: str, model: bytes) -> list[st
         except Exception as e:  # noqa: BLE001
             problems.append(f"re-running the merge after the child was deleted raised {type(e).__name__}: {e}")
     # The merge completed (now or before the interruption): the destination is the model.
+    return problems + finished(dest_path, model, read_errors=True)
+
+
+def finished(dest_path: Path, model: bytes, *, read_errors: bool) -> list[str]:
+    """What is wrong with the destination of a merge run again to its end: it must read
+    ``model``, pass check and carry no journal (``read_errors``: a failing read is reported,
+    not raised)."""
+    problems = []
     try:
         got = read_disk(dest_path)
         if got != model:
             problems.append(f"the destination reads differently after the re-run: {first_difference(got, model)}")
     except Exception as e:  # noqa: BLE001
+        if not read_errors:
+            raise
         problems.append(f"reading the destination raised {type(e).__name__}: {e}")
     problems += [f"after the re-run: {p}" for p in check_errors(dest_path)]
     im = Image.open(str(dest_path), "r")
@@ -168,18 +178,9 @@ def judge_interrupted_keep(work: Path, leaf: str, dest: str, model: bytes) -> li
             problems.append(f"re-running the merge raised {e}")
     except Exception as e:  # noqa: BLE001
         problems.append(f"re-running the merge raised {type(e).__name__}: {e}")
-    got = read_disk(dest_path)
-    if got != model:
-        problems.append(f"the destination reads differently after the re-run: {first_difference(got, model)}")
-    problems += [f"after the re-run: {p}" for p in check_errors(dest_path)]
+    problems += finished(dest_path, model, read_errors=False)
     if not leaf_path.exists() or linked_to(leaf_path, dest_path):
         problems.append("after the re-run the kept child is gone or still links to the destination")
-    im = Image.open(str(dest_path), "r")
-    try:
-        if merge_in_progress(im):
-            problems.append("the destination still carries the merge journal after the re-run")
-    finally:
-        im.close()
     return problems
 
 
