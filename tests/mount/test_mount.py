@@ -285,17 +285,22 @@ def test_chain_options_find_a_moved_parent_or_read_over_zeros(tmp_path: Path) ->
             assert sha256_file(mnt / "disk") == sha256(disk.pread(0, SIZE))
 
 
-def test_libfuse_3_alone_mounts_reads_and_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """mfusepy loads libfuse 2 when both are installed (as in CI: exfat-fuse needs it); a machine
-    with Debian's fuse3 alone gets libfuse 3, which refuses to start unless the read size the
-    server asks for at init equals the max_read option."""
-    library = ctypes.util.find_library("fuse3")
-    need(library is not None, "libfuse 3 is missing: apt-get install fuse3")
+@pytest.mark.parametrize("soname", ["fuse3", "fuse"])
+def test_each_libfuse_mounts_reads_and_writes(soname: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libfuse 3 is the default (its reads come 1 MiB at a time); libfuse 2 (which mfusepy would
+    take first when both are installed: exfat-fuse pulls it in) works too. libfuse 3 refuses to
+    start unless the read size the server asks for at init equals the max_read option."""
+    library = ctypes.util.find_library(soname)
+    need(library is not None, f"lib{soname} is missing: apt-get install {'fuse3' if soname == 'fuse3' else 'libfuse2'}")
     monkeypatch.setenv("FUSE_LIBRARY_PATH", str(library))
     built = _chain(tmp_path / "disks")
     leaf = built.paths[-1]
     with mounted(leaf, tmp_path / "ro") as mnt:
         assert sha256_file(mnt / "disk") == sha256(built.contents[-1])
+        if os.geteuid() == 0:  # root: the server raised the mount's read-ahead (from 128 KiB) at the first open
+            device = os.stat(mnt).st_dev
+            with open(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb") as f:
+                assert int(f.read()) == mountmod.MAX_READ // 1024
     model = bytearray(built.contents[-1])
     data = pattern(77, 3 * MiB + 5)
     model[MiB - 3:MiB - 3 + len(data)] = data

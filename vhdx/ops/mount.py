@@ -27,6 +27,7 @@ to exit, so the leaf is closed (clean log, locks released) when it returns.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import errno
 import os
 import shutil
@@ -47,7 +48,7 @@ from .writebuffer import WriteBuffer
 FSNAME = "vhdx"
 MAX_READ = 1 << 20          # bytes per FUSE read request (the kernel's largest with 256 pages)
 LEAF_NAME = "disk"
-WINDOW = 4 << 20            # bytes of read-ahead for a sequential reader
+WINDOW, DIRECT_READ = 4 << 20, 1 << 20   # read-ahead bytes; requests this large (libfuse 3) skip it
 UNMOUNT_WAIT = 120.0        # seconds unmount waits for the server to close the chain
 
 
@@ -56,10 +57,17 @@ class FuseMissingError(VhdxError):
 
 
 def fuse_module() -> Any:
-    """The ``mfusepy`` module, or :class:`FuseMissingError` naming what is missing."""
+    """The ``mfusepy`` module, or :class:`FuseMissingError` naming what is missing.
+
+    libfuse 3 is loaded where it is installed (mfusepy would take libfuse 2 first when both are):
+    only libfuse 3 lets the kernel send reads of up to 1 MiB (``max_pages``), where libfuse 2's
+    are 128 KiB each, and each request costs a Python callback. ``FUSE_LIBRARY_PATH`` chooses."""
     if not os.path.exists("/dev/fuse"):
         raise FuseMissingError("FUSE is not available: /dev/fuse is missing (modprobe fuse, or run the "
                                "container with --device /dev/fuse)")
+    libfuse3 = "FUSE_LIBRARY_PATH" not in os.environ and ctypes.util.find_library("fuse3")
+    if libfuse3:
+        os.environ["FUSE_LIBRARY_PATH"] = libfuse3  # read by mfusepy when it is imported
     try:
         import mfusepy
     except ImportError:
@@ -123,7 +131,7 @@ class DiskFiles:
         self.errors = 0
         self.local = threading.local()     # each FUSE thread's reply buffers
         self.lock = threading.Lock()       # one request at a time in the chain (a Disk is not thread-safe)
-        self.window = Window()
+        self.window = Window()  # read-ahead for a sequential reader
         self.next_read: tuple[str, int] = ("", -1)
         self.pending = WriteBuffer(leaf) if writable else None
 
@@ -142,9 +150,9 @@ class DiskFiles:
         """Up to ``size`` bytes of ``/name`` at ``offset``, in a ctypes buffer that is reused by the
         next read of that size (the binding copies it out at once; the server is single-threaded).
 
-        A read that continues the previous one is served from a read-ahead window of
-        ``WINDOW`` bytes, so a sequential reader costs one pass down the chain per window, not
-        per request (the kernel's requests are 128 KiB); others read exactly."""
+        A read that continues the previous one is served from a read-ahead window of ``WINDOW``
+        bytes, one pass down the chain per window, not per 128 KiB request (libfuse 2; libfuse 3's
+        1 MiB ones, ``DIRECT_READ``, are read straight into the reply); others read exactly."""
         disk = self.files[name]
         n = max(0, min(size, disk.size - offset))
         buffers = self.local.__dict__.setdefault("buffers", {})
@@ -156,7 +164,7 @@ class DiskFiles:
         view = memoryview(buf).cast("B")
         with self.lock:
             if n and not self.window.serve(name, offset, view):
-                if (name, offset) == self.next_read and n < WINDOW:
+                if (name, offset) == self.next_read and n < DIRECT_READ:
                     self.window.fill(name, disk, offset)
                     self.window.serve(name, offset, view)
                 else:
@@ -201,9 +209,10 @@ def _errno_of(e: BaseException) -> int:
     return errno.EIO
 
 
-def operations(files: DiskFiles, ready: Callable[[], None]) -> Any:
+def operations(files: DiskFiles, ready: Callable[[], None], mountpoint: str = "") -> Any:
     """An ``mfusepy.Operations`` over ``files``; ``ready`` is called once the kernel has handshaked."""
     fuse = fuse_module()
+    opened: list[bool] = []
 
     def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
         def call(self: Any, path: str, *args: Any) -> Any:
@@ -216,6 +225,8 @@ def operations(files: DiskFiles, ready: Callable[[], None]) -> Any:
 
     def do_open(name: str, flags: int) -> int:
         files.attributes(name)
+        if not opened:  # the kernel sets a file's read-ahead after this reply: raise it first
+            opened.append(raise_readahead(mountpoint))
         if flags & os.O_ACCMODE != os.O_RDONLY and not (files.writable and name == LEAF_NAME):
             raise PermissionError(errno.EROFS, "read-only")
         return 0
@@ -264,6 +275,8 @@ def tune(conn: Any, config: Any, writable: bool) -> None:
         conn.max_readahead = max(conn.max_readahead, MAX_READ)
         if hasattr(conn, "max_read"):  # libfuse 3 refuses to start unless it equals the max_read option
             conn.max_read = MAX_READ
+            conn.max_write = MAX_READ  # libfuse 3 offers the kernel requests of this many pages, reads too
+            conn.max_write = MAX_READ
     if config is not None and hasattr(config, "auto_cache") and not writable:
         config.auto_cache = 1
 
@@ -290,12 +303,31 @@ def serve(path: str, mountpoint: str, *, rw: bool = False, allow_other: bool = F
     check_mountpoint(mountpoint)
     with open_disk(path, "r+" if rw else "rb", **chain_options) as leaf:
         files = DiskFiles(leaf, rw)
-        ops = operations(files, ready)
+        ops = operations(files, ready, mountpoint)
         try:
             fuse.FUSE(ops, mountpoint, **fuse_options(rw, allow_other))
         finally:
             files.commit()   # unmounted (or stopped): what is still buffered goes in before the close
         return files.errors
+
+
+def raise_readahead(mountpoint: str) -> bool:
+    """Let the kernel read ahead ``MAX_READ`` bytes on this mount (its default is 128 KiB, and a
+    FUSE mount can only lower it at handshake): the mount's ``read_ahead_kb`` in sysfs, found
+    through /proc/self/mountinfo (a stat of the mount point would wait on this very server).
+    Root only; elsewhere it stays as it was. True when it was set."""
+    target = os.path.realpath(mountpoint)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            device = next((line.split()[2] for line in f if len(line.split()) > 4
+                           and line.split()[4].encode().decode("unicode_escape") == target), None)
+        if device is None:
+            return False
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w", encoding="ascii") as f:
+            f.write(str(MAX_READ // 1024))
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def check_mountpoint(mountpoint: str) -> None:
