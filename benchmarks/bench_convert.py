@@ -52,16 +52,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import parse_size  # noqa: E402
 
 import vhdx  # noqa: E402
 
 MiB = 1 << 20
 CHUNK = 32 * MiB
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
 
 
 def env() -> dict[str, str]:
@@ -90,14 +87,6 @@ def timed_cpu(args: list[str]) -> tuple[float, float]:
 def median_pair(runs: list[tuple[float, float]]) -> tuple[float, float]:
     """The medians of the wall and of the CPU times."""
     return statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def warm(path: Path) -> None:

@@ -49,6 +49,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fsync_path, parse_size, run  # noqa: E402
 
 MiB = 1 << 20
 CHILD_BLOCK = 2 * MiB
@@ -56,19 +58,8 @@ RUN = 64 * 1024
 PATTERN_FILES = 8
 
 
-def parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    return int(float(num) * units[unit])
-
-
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
 # ------------------------------------------------------------------ the same writes for both formats
@@ -148,14 +139,6 @@ def try_drop_caches() -> bool:
         return True
     except OSError:
         return False
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def vm_hwm(pid: int) -> int:
@@ -349,7 +332,6 @@ def main() -> int:
     finally:
         if own_dir and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-
 
 
 # ------------------------------------------------------------------ the suite (issue 10's rows)

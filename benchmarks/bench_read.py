@@ -53,22 +53,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import parse_size, run  # noqa: E402
 
 BUF_SIZE = 4 << 20
 BLOCK_SIZE = 32 << 20
 RANDOM_READS = 100_000
 CHAIN_DEPTH = 64
-
-
-def parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
-    return int(float(num) * units[unit])
-
-
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
 # ------------------------------------------------------------------ the image
