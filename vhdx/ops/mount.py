@@ -312,22 +312,27 @@ def serve(path: str, mountpoint: str, *, rw: bool = False, allow_other: bool = F
 
 
 def raise_readahead(mountpoint: str) -> bool:
-    """Let the kernel read ahead ``MAX_READ`` bytes on this mount (its default is 128 KiB, and a
-    FUSE mount can only lower it at handshake): the mount's ``read_ahead_kb`` in sysfs, found
-    through /proc/self/mountinfo (a stat of the mount point would wait on this very server).
-    Root only; elsewhere it stays as it was. True when it was set."""
-    target = os.path.realpath(mountpoint)
+    """Let the kernel read ahead ``MAX_READ`` bytes on this mount (default 128 KiB; a FUSE handshake
+    can only lower it): its ``read_ahead_kb`` in sysfs (root only). True when it was set."""
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            device = next((line.split()[2] for line in f if len(line.split()) > 4
-                           and line.split()[4].encode().decode("unicode_escape") == target), None)
-        if device is None:
+        fields = mount_entry(mountpoint)  # not a stat of the mount point: that would wait on this server
+        if fields is None:
             return False
-        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w", encoding="ascii") as f:
+        with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w", encoding="ascii") as f:
             f.write(str(MAX_READ // 1024))
         return True
     except (OSError, ValueError):
         return False
+
+
+def mount_entry(mountpoint: str) -> list[str] | None:
+    """The fields of the /proc/self/mountinfo line of the mount visible at ``mountpoint`` (the last;
+    the device is field 2, type and source follow the ``-``), or None when nothing is mounted there."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        found = [fields for fields in map(str.split, f)
+                 if "-" in fields and fields[4].encode().decode("unicode_escape") == target]
+    return found[-1] if found else None
 
 
 def check_mountpoint(mountpoint: str) -> None:
@@ -396,18 +401,11 @@ def mount(path: str, mountpoint: str, *, foreground: bool = False, **options: An
 
 def mounted_server(mountpoint: str) -> int | None:
     """The pid of the vhdx server mounted at ``mountpoint`` (from its fsname), or None if not ours."""
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split()
-            if "-" not in fields:
-                continue
-            sep = fields.index("-")
-            point = fields[4].encode().decode("unicode_escape")
-            if point == target and len(fields) > sep + 2 and fields[sep + 1].startswith(f"fuse.{FSNAME}"):
-                source = fields[sep + 2]
-                return int(source.split("@", 1)[1]) if source.startswith(f"{FSNAME}@") else None
-    return None
+    fields = mount_entry(mountpoint) or ["-"]
+    sep = fields.index("-")
+    kind, source = (fields[sep + 1:sep + 3] + ["", ""])[:2]
+    ours = kind.startswith(f"fuse.{FSNAME}") and source.startswith(f"{FSNAME}@")
+    return int(source.split("@", 1)[1]) if ours else None
 
 
 def unmount(mountpoint: str, *, wait: float = UNMOUNT_WAIT) -> None:
