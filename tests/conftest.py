@@ -38,6 +38,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 
 from support.disk import read_all, sha256_file, write_all  # noqa: E402
 from support.needs import unavailable  # noqa: E402
+from support.shared import shared_dir_path  # noqa: E402
 
 MiB = 1 << 20
 HASH_CHUNK = 4 * MiB
@@ -49,14 +50,6 @@ COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zip")
 # --------------------------------------------------------------------------------------------
 # Locating ../shared
 # --------------------------------------------------------------------------------------------
-
-def shared_dir_path() -> Path:
-    """The ``shared`` folder beside the repository, or ``$VHDX_SHARED`` when set."""
-    env = os.environ.get("VHDX_SHARED")
-    if env:
-        return Path(env)
-    return (Path(__file__).resolve().parents[1] / ".." / "shared").resolve()
-
 
 def specimen_short_name(stored_name: str) -> str:
     """``x.vhdx.bz2`` -> ``x.vhdx``: the decompressed file name (keeps .vhdx/.avhdx)."""

@@ -30,6 +30,7 @@ import pytest
 
 from support.forensic_chain import REPO, cli_env, run_inprocess
 from support.needs import unavailable
+from support.shared import manifest_entries, no_shared_param
 
 GiB = 1 << 30
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -39,20 +40,7 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 # The specimens, from the manifest at collection time (conftest skips when it is missing)
 # --------------------------------------------------------------------------------------------
 
-def _shared_dir() -> Path:
-    env = os.environ.get("VHDX_SHARED")
-    return Path(env) if env else REPO / ".." / "shared"
-
-
-def _entries() -> list[dict[str, Any]] | None:
-    path = _shared_dir() / "specimens" / "manifest.json"
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)["specimens"]
-
-
-ENTRIES = _entries()
+ENTRIES = manifest_entries()
 
 
 def _short(stored: str) -> str:
@@ -73,8 +61,7 @@ def _big(entry: dict[str, Any]) -> bool:
 def _params(select: Callable[[dict[str, Any]], bool] = lambda e: True,
             slow: Callable[[dict[str, Any]], bool] = _is_lvm2) -> list[Any]:
     if ENTRIES is None:
-        return [pytest.param(None, id="no-shared", marks=pytest.mark.skip(
-            reason=f"shared specimens folder not found at {_shared_dir().resolve()}"))]
+        return [no_shared_param()]
     return [pytest.param(_short(e["file"]), id=_short(e["file"]),
                          marks=[pytest.mark.slow] if slow(e) else [])
             for e in ENTRIES if select(e)]

@@ -23,6 +23,7 @@ import crcmod.predefined
 import pytest
 
 import vhdx
+from support.shared import manifest_entries, no_shared_param
 
 MiB = 1 << 20
 ZERO_GUID = uuid.UUID(int=0)
@@ -32,20 +33,7 @@ ZERO_GUID = uuid.UUID(int=0)
 # Parametrisation from the manifest (collection time; conftest.py does the skip at run time)
 # --------------------------------------------------------------------------------------------
 
-def _shared_dir() -> Path:
-    env = os.environ.get("VHDX_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared"
-
-
-def _load_entries() -> list[dict[str, Any]] | None:
-    path = _shared_dir() / "specimens" / "manifest.json"
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)["specimens"]
-
-
-ENTRIES = _load_entries()
+ENTRIES = manifest_entries()
 
 
 def _short(stored_name: str) -> str:
@@ -71,11 +59,7 @@ def _full_hash_is_slow(entry: dict[str, Any]) -> bool:
 def _params(select: Callable[[dict[str, Any]], bool],
             slow: Callable[[dict[str, Any]], bool] = _is_lvm2) -> list[Any]:
     if ENTRIES is None:
-        if os.environ.get("CI", "").lower() == "true":  # the shared_dir fixture then fails the test
-            return [pytest.param(None, id="no-shared")]
-        return [pytest.param(None, id="no-shared", marks=pytest.mark.skip(
-            reason=f"shared specimens folder not found at {_shared_dir().resolve()} "
-                   f"(put it beside the repository or set VHDX_SHARED)"))]
+        return [no_shared_param()]
     params = []
     for entry in ENTRIES:
         if select(entry):
