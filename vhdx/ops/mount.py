@@ -14,9 +14,10 @@ looks for ``libfuse.so.2`` first; the maintained successor of fusepy). It is
 imported only here, inside functions, so the package works without it. The file system runs
 single-threaded (a :class:`~vhdx.chains.disk.Disk` is not shared between threads; a lock guards
 it all the same, and a multi-threaded loop measured slower, the callbacks contending for the
-GIL). A request is served into a reused ctypes buffer with no per-sector Python work; the
-kernel's requests are at most 128 KiB (32 pages), so a sequential reader is served from a
-4 MiB read-ahead window (:class:`Window`) and costs one pass down the chain per window.
+GIL). A read request is served with no per-sector Python work, straight into a page-aligned
+reply that libfuse sends and frees (``read_buf``, :mod:`.fusebuf`). libfuse 3 lets the kernel send
+1 MiB requests; libfuse 2's are at most 128 KiB (32 pages), so a sequential reader is served from
+a 4 MiB read-ahead window (:class:`Window`) and costs one pass down the chain per window.
 
 In the background (the default) :func:`mount` forks a server process that opens the chain,
 mounts and reports back through a pipe once the kernel has handshaked (FUSE ``init``): when
@@ -42,6 +43,7 @@ from typing import Any, Callable
 from ..chains.disk import Disk
 from ..chains.resolve import open as open_disk
 from ..errors import UsageError, VhdxError
+from .fusebuf import ReplyMemory
 from .maps import chain_layers
 from .writebuffer import WriteBuffer
 
@@ -129,7 +131,6 @@ class DiskFiles:
         self.files.update(zip(layer_names(layers), layers))
         self.stats = {name: os.stat(disk.path) for name, disk in self.files.items()}
         self.errors = 0
-        self.local = threading.local()     # each FUSE thread's reply buffers
         self.lock = threading.Lock()       # one request at a time in the chain (a Disk is not thread-safe)
         self.window = Window()  # read-ahead for a sequential reader
         self.next_read: tuple[str, int] = ("", -1)
@@ -146,22 +147,17 @@ class DiskFiles:
                     st_uid=st.st_uid, st_gid=st.st_gid, st_atime=st.st_atime_ns,  # nanoseconds (use_ns)
                     st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns, st_blksize=MAX_READ)
 
-    def read(self, name: str, size: int, offset: int) -> Any:
-        """Up to ``size`` bytes of ``/name`` at ``offset``, in a ctypes buffer that is reused by the
-        next read of that size (the binding copies it out at once; the server is single-threaded).
+    def length(self, name: str, size: int, offset: int) -> int:
+        """How many of ``size`` bytes at ``offset`` a read of ``/name`` returns (none past the end)."""
+        return max(0, min(size, self.files[name].size - offset))
+
+    def read_into(self, name: str, view: memoryview, offset: int) -> None:
+        """Fill ``view`` (at most :meth:`length` bytes) with ``/name``'s bytes at ``offset``.
 
         A read that continues the previous one is served from a read-ahead window of ``WINDOW``
         bytes, one pass down the chain per window, not per 128 KiB request (libfuse 2; libfuse 3's
         1 MiB ones, ``DIRECT_READ``, are read straight into the reply); others read exactly."""
-        disk = self.files[name]
-        n = max(0, min(size, disk.size - offset))
-        buffers = self.local.__dict__.setdefault("buffers", {})
-        buf = buffers.get(n)
-        if buf is None:
-            if len(buffers) > 8:
-                buffers.clear()
-            buf = buffers[n] = (ctypes.c_char * n)()
-        view = memoryview(buf).cast("B")
+        disk, n = self.files[name], len(view)
         with self.lock:
             if n and not self.window.serve(name, offset, view):
                 if (name, offset) == self.next_read and n < DIRECT_READ:
@@ -172,7 +168,6 @@ class DiskFiles:
             if n and disk is self.leaf and self.pending:
                 self.pending.overlay(view, offset)   # buffered writes over the file's (or window's) bytes
             self.next_read = (name, offset + n)
-        return buf
 
     def write(self, name: str, data: bytes, offset: int) -> int:
         """Write ``data`` to the leaf at ``offset`` (only ``disk``, only with ``rw``): into the
@@ -213,6 +208,7 @@ def operations(files: DiskFiles, ready: Callable[[], None], mountpoint: str = ""
     """An ``mfusepy.Operations`` over ``files``; ``ready`` is called once the kernel has handshaked."""
     fuse = fuse_module()
     opened: list[bool] = []
+    replies = ReplyMemory()
 
     def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
         def call(self: Any, path: str, *args: Any) -> Any:
@@ -256,7 +252,8 @@ def operations(files: DiskFiles, ready: Callable[[], None], mountpoint: str = ""
         getattr=guarded(lambda name, fh=None: files.attributes(name)),
         readdir=guarded(lambda name, fh: [".", "..", *files.files]),
         open=guarded(do_open),
-        read=guarded(lambda name, size, offset, fh: files.read(name, size, offset)),
+        read_buf=guarded(lambda name, bufpp, size, offset, fh: replies.reply(
+            bufpp, files.length(name, size, offset), lambda view: files.read_into(name, view, offset))),
         write=guarded(lambda name, data, offset, fh: files.write(name, data, offset)),
         truncate=guarded(do_truncate),
         fsync=guarded(do_fsync),
@@ -276,7 +273,6 @@ def tune(conn: Any, config: Any, writable: bool) -> None:
         if hasattr(conn, "max_read"):  # libfuse 3 refuses to start unless it equals the max_read option
             conn.max_read = MAX_READ
             conn.max_write = MAX_READ  # libfuse 3 offers the kernel requests of this many pages, reads too
-            conn.max_write = MAX_READ
     if config is not None and hasattr(config, "auto_cache") and not writable:
         config.auto_cache = 1
 
