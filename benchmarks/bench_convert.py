@@ -16,9 +16,9 @@ The library is byte-compiled first (``compileall``), as an installed package is:
 ``PYTHONDONTWRITEBYTECODE`` set and no ``__pycache__``, every run would compile some 60 modules
 (about 0.1 s) before doing anything.
 
-Timed, every input read just before (a warm page cache, as for a file in use); convert once each,
-compact and ``cp`` in ``--rounds`` alternating rounds (the machine may be shared: medians of the
-wall and of the CPU time, user + system, are printed):
+Timed, every input read just before (a warm page cache, as for a file in use), in ``--rounds``
+alternating rounds of the two converts and of compact and ``cp`` (the machine may be shared:
+medians of the wall and of the CPU time, user + system, are printed):
 
 * ``convert ours``: ``python -m vhdx convert --from raw --dynamic src.raw ours.vhdx`` (a child
   process, start-up included, output synced and renamed into place);
@@ -106,6 +106,30 @@ def build(work: Path, size: int) -> None:
     os.sync()
 
 
+def bench_convert(work: Path, rounds: int, py: str, qemu_img: str) -> dict[str, float | str]:
+    """Alternating rounds of our convert and qemu-img's, each from a warm source into a new file
+    (removed and synced away before the next round); medians of wall and CPU time."""
+    ours, peer, out = [], [], {}
+    commands = {"ours.vhdx": [py, "-m", "vhdx", "convert", "--no-progress", "--from", "raw", "--dynamic",
+                              str(work / "src.raw"), str(work / "ours.vhdx")],
+                "qemu.vhdx": [qemu_img, "convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic,block_size=32M",
+                              str(work / "src.raw"), str(work / "qemu.vhdx")]}
+    for k in range(rounds):
+        for name, times in (("ours.vhdx", ours), ("qemu.vhdx", peer))[::1 if k % 2 == 0 else -1]:
+            (work / name).unlink(missing_ok=True)
+            os.sync()
+            warm(work / "src.raw")
+            times.append(timed_cpu(commands[name]))
+    for name in ("ours.vhdx", "qemu.vhdx"):
+        r = subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "vhdx", str(work / "src.raw"), str(work / name)],
+                           capture_output=True, text=True)
+        out[f"compare_{name}"] = "identical" if r.returncode == 0 else (r.stdout + r.stderr).strip()
+    out["convert_ours_s"], out["convert_ours_cpu_s"] = median_pair(ours)
+    out["convert_qemu_s"], out["convert_qemu_cpu_s"] = median_pair(peer)
+    out["convert_runs"] = " ".join(f"{a:.2f}/{b:.2f}" for (a, _), (b, _) in zip(ours, peer))
+    return out
+
+
 def bench(work: Path, size: int, rounds: int) -> dict[str, float | str]:
     py = sys.executable
     qemu_img = shutil.which("qemu-img")
@@ -113,16 +137,7 @@ def bench(work: Path, size: int, rounds: int) -> dict[str, float | str]:
         sys.exit("qemu-img is needed (apt-get install qemu-utils)")
     out: dict[str, float | str] = {}
     subprocess.run([py, "-m", "compileall", "-q", str(REPO / "vhdx")], check=True)
-    warm(work / "src.raw")
-    out["convert_ours_s"] = timed([py, "-m", "vhdx", "convert", "--no-progress", "--from", "raw", "--dynamic",
-                                   str(work / "src.raw"), str(work / "ours.vhdx")])
-    warm(work / "src.raw")
-    out["convert_qemu_s"] = timed([qemu_img, "convert", "-f", "raw", "-O", "vhdx", "-o",
-                                   "subformat=dynamic,block_size=32M", str(work / "src.raw"), str(work / "qemu.vhdx")])
-    for name in ("ours.vhdx", "qemu.vhdx"):
-        r = subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "vhdx", str(work / "src.raw"), str(work / name)],
-                           capture_output=True, text=True)
-        out[f"compare_{name}"] = "identical" if r.returncode == 0 else (r.stdout + r.stderr).strip()
+    out.update(bench_convert(work, rounds, py, qemu_img))
     before = vhdx.hash(work / "holey.vhdx")
     result = vhdx.compact(work / "holey.vhdx", dry_run=True)
     moved = result.bytes_moved
@@ -157,7 +172,7 @@ def main() -> None:
     ap.add_argument("--workdir")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating compact / cp rounds (medians; default 5)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of convert / qemu-img and of compact / cp (medians; default 5)")
     args = ap.parse_args()
     size = parse_size(args.size)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-convert-", dir="/var/tmp"))
@@ -173,8 +188,10 @@ def main() -> None:
         json.dump(out, sys.stdout, indent=2)
         print()
         return
-    print(f"convert {args.size} raw (half zeros) -> dynamic VHDX: ours {out['convert_ours_s']:.2f} s, "
-          f"qemu-img {out['convert_qemu_s']:.2f} s: speed ours/qemu-img {out['convert_speed_vs_qemu']:.2f} "
+    print(f"convert {args.size} raw (half zeros) -> dynamic VHDX, medians of {args.rounds} alternating rounds: ours "
+          f"{out['convert_ours_s']:.2f} s (CPU {out['convert_ours_cpu_s']:.2f} s), qemu-img {out['convert_qemu_s']:.2f} s "
+          f"(CPU {out['convert_qemu_cpu_s']:.2f} s; runs ours/qemu {out['convert_runs']}): speed ours/qemu-img "
+          f"{out['convert_speed_vs_qemu']:.2f} "
           f"(goal >= 1.0); compare: ours {out['compare_ours.vhdx']}, qemu {out['compare_qemu.vhdx']}")
     print(f"compact {args.size} (half its blocks zeros), medians of {args.rounds} alternating rounds: ours "
           f"{out['compact_ours_s']:.2f} s (CPU {out['compact_ours_cpu_s']:.2f} s), cp of the "
