@@ -6,8 +6,9 @@ They are open-file-description (OFD) locks, all of them shared (``F_RDLCK``) on 
 bytes: a holder of permission bit *i* locks byte ``100 + i``, and a holder that does not
 let anyone else have permission *i* locks byte ``200 + i``. An open first places its bytes
 and then asks (``F_OFD_GETLK``) whether anyone else holds the bytes that conflict with it:
-``200 + i`` for each permission it wants, ``100 + i`` for each one it refuses to share.
-Two opens racing each other can both fail, never both succeed.
+``200 + i`` for each permission it wants, ``100 + i`` for each one it refuses to share
+(one question over the span from the first of those bytes to the last, then byte by byte
+only when something in that span is held). Two opens racing each other can both fail, never both succeed.
 
 ============  ============================  ==========================  ===================
  open          permissions (bytes 100+i)     not shared (bytes 200+i)    as QEMU's
@@ -133,9 +134,12 @@ class FileLock:
             for offset in sorted(wanted - self.held):
                 _fcntl_byte(self.fd, F_OFD_SETLK, fcntl.F_RDLCK, offset)
                 added.append(offset)
-            for offset in conflicts:
-                if _fcntl_byte(self.fd, F_OFD_GETLK, fcntl.F_WRLCK, offset) != fcntl.F_UNLCK:
-                    raise _refusal(self.path, mode, offset)
+            offset = conflicts[0]
+            span = conflicts[-1] + 1 - offset  # one question first: does anyone else lock a byte in between?
+            if _fcntl_byte(self.fd, F_OFD_GETLK, fcntl.F_WRLCK, offset, span) != fcntl.F_UNLCK:
+                for offset in conflicts:  # someone does: which bytes, one by one
+                    if _fcntl_byte(self.fd, F_OFD_GETLK, fcntl.F_WRLCK, offset) != fcntl.F_UNLCK:
+                        raise _refusal(self.path, mode, offset)
         except OSError as e:
             self._unlock(added)
             if e.errno in _NO_LOCK_SUPPORT:

@@ -35,7 +35,10 @@ def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
 def crc32c_zeroed(data: bytes | bytearray | memoryview, field_at: int = 4) -> int:
     """CRC-32C of ``data`` with the 4 bytes at ``field_at`` taken as zero."""
     view = data if type(data) is bytes else memoryview(data).cast("B")
-    return crc32c(view[field_at + 4:], crc32c(bytes(view[:field_at]) + b"\0\0\0\0"))
+    head = bytes(view[:field_at]) + b"\0\0\0\0"
+    if HARDWARE:
+        return _hw.extend(_hw.extend(0, head), _readonly(view[field_at + 4:]))
+    return crc32c_table(view[field_at + 4:], crc32c_table(head))
 
 
 def stored_checksum(data: bytes | bytearray | memoryview, field_at: int = 4) -> int:

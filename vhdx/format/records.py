@@ -151,6 +151,9 @@ def current_header(headers: list[Header | None], errors: list[str | None], *,
 
 # ---------------------------------------------------------------- region table (§3)
 
+REGION_NAMES = {C.BAT_REGION_GUID: "BAT", C.METADATA_REGION_GUID: "metadata"}
+
+
 @dataclass(frozen=True)
 class RegionEntry:
     """One region table entry (§3.2)."""
@@ -163,7 +166,7 @@ class RegionEntry:
     @property
     def name(self) -> str:
         """"BAT", "metadata" or the GUID of an unknown region."""
-        return {C.BAT_REGION_GUID: "BAT", C.METADATA_REGION_GUID: "metadata"}.get(self.guid, str(self.guid))
+        return REGION_NAMES.get(self.guid) or str(self.guid)
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as JSON-ready values."""
@@ -209,7 +212,7 @@ class MetadataEntry:
     @property
     def name(self) -> str:
         """The item's name, or its GUID when unknown."""
-        return C.METADATA_ITEM_NAMES.get(self.item_id, str(self.item_id))
+        return C.METADATA_ITEM_NAMES.get(self.item_id) or str(self.item_id)
 
     @property
     def is_user(self) -> bool:
