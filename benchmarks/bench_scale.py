@@ -193,8 +193,8 @@ def chain_rows(workdir: Path, rounds: int) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     code = ("import sys, vhdx\np = sys.argv[1]\nwith vhdx.create(p, 1 << 30, block_size=1 << 20) as d:\n"
             "    d.pwrite(b'x' * 4096, 0)\nfor _ in range(63):\n    p = vhdx.snapshot(p)\nprint(p)\n")
-    leaf = subprocess.run([PY, "-c", code, str(workdir / "chain.vhdx")], env=env, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    leaf = subprocess.run([PY, "-c", code, str(workdir / "chain.vhdx")], env=env, cwd=REPO, check=True,
+                          capture_output=True, text=True).stdout.strip()
     firsts, agains, rss, peers, peer_rss = [], [], [], [], []
     for _ in range(rounds):  # ours and the peer take turns
         _w, first, peak, out = _child_wait4([PY, "-c", CHAIN_OURS, leaf], env, cwd=str(REPO))
