@@ -257,7 +257,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--open-rounds", type=int, default=11,
-                    help="children for each open+tail row and the chain rows, ours and pyvhdi taking turns (default 11)")
+                    help="children per open+tail and chain row, ours and pyvhdi taking turns (default 11)")
     ap.add_argument("--only-open", action="store_true", help="only the open+tail and 64-deep chain rows")
     ap.add_argument("--workdir")
     ap.add_argument("--json", action="store_true")
