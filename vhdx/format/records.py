@@ -5,9 +5,9 @@ Pure functions over bytes. Errors name the structure and the file offset handed 
 
 from __future__ import annotations
 
-from struct import Struct
 import uuid
 from dataclasses import asdict, dataclass, field, replace
+from struct import Struct
 from typing import Any
 
 import construct as cs
