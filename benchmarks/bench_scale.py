@@ -17,12 +17,13 @@ the one qemu-img made (qemu writes its BAT in full, every entry ZERO; ours leave
 ``(CLI)`` rows time the whole command, Python start-up and imports included (about 0.2 s of
 CPU: see bench_read's startup row); ``(library)`` rows time the call inside a child that has
 already imported vhdx, against the whole qemu-img command. Each row is the median of
-``--rounds`` runs; the ratio is ours / peer (time and RSS). Goals (issue 10): open + tail read
-at most 2 x pyvhdi and under 64 MiB RSS; check at most 1.0 x qemu-img in time with at most a
-quarter of its memory; create at most 1.0 x qemu-img. The disks are sparse: they take a few
-MiB of the work folder.
+``--rounds`` runs (the open+tail and chain rows: of ``--open-rounds`` runs, ours and the
+peer's taking turns; ``--only-open`` runs just those); the ratio is ours / peer (time and RSS).
+Goals (issue 10): open + tail read at most 2 x pyvhdi and under 64 MiB RSS; check at most 1.0 x
+qemu-img in time with at most a quarter of its memory; create at most 1.0 x qemu-img. The disks
+are sparse: they take a few MiB of the work folder.
 
-    python benchmarks/bench_scale.py [--rounds 5] [--workdir DIR] [--json]
+    python benchmarks/bench_scale.py [--rounds 5] [--open-rounds 11] [--only-open] [--workdir DIR] [--json]
 """
 
 from __future__ import annotations
@@ -94,12 +95,15 @@ print("WARM", statistics.median([once() for _ in range(20)]))
 """
 
 
-def _child_wait4(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
-    """Run ``cmd``: (wall seconds, seconds it prints last on stdout or wall, peak RSS bytes, stdout)."""
+def _child_wait4(cmd: list[str], env: dict[str, str], cwd: str | None = None) -> tuple[float, float, int, str]:
+    """Run ``cmd`` (in ``cwd``): (wall seconds, seconds it prints last on stdout or wall, peak RSS
+    bytes, stdout). A ``python -c`` child imports from its working folder first: run it in ``REPO``."""
     r, w = os.pipe()
     t = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
+        if cwd is not None:
+            os.chdir(cwd)
         os.dup2(w, 1)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
@@ -127,18 +131,28 @@ def _child_wait4(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int
 
 def measure(cmd: list[str], rounds: int, before=None) -> dict[str, float]:
     """Median time (reported by the child when it prints one) and peak RSS of ``rounds`` runs."""
-    times, rss, warm = [], [], []
+    return measure_side_by_side([cmd], rounds, before)[0]
+
+
+def measure_side_by_side(cmds: list[list[str]], rounds: int, before=None) -> list[dict[str, float]]:
+    """:func:`measure` of each command, the commands taking turns round by round (so that a busy
+    moment of a shared machine falls on all of them); each child imports from ``REPO``."""
+    runs: list[dict[str, list]] = [{"times": [], "rss": [], "warm": []} for _ in cmds]
     env = dict(os.environ, PYTHONPATH=str(REPO), OPENBLAS_NUM_THREADS="1")
     for _ in range(rounds):
-        if before is not None:
-            before()
-        _wall, reported, peak, out = _child_wait4(cmd, env)
-        times.append(reported)
-        rss.append(peak)
-        warm += [float(line.split()[1]) for line in out.splitlines() if line.startswith("WARM ")]
-    found = {"seconds": statistics.median(times), "rss": statistics.median(rss)}
-    if warm:
-        found["warm"] = statistics.median(warm)
+        for cmd, run in zip(cmds, runs):
+            if before is not None:
+                before()
+            _wall, reported, peak, out = _child_wait4(cmd, env, cwd=str(REPO))
+            run["times"].append(reported)
+            run["rss"].append(peak)
+            run["warm"] += [float(line.split()[1]) for line in out.splitlines() if line.startswith("WARM ")]
+    found = []
+    for run in runs:
+        one = {"seconds": statistics.median(run["times"]), "rss": statistics.median(run["rss"])}
+        if run["warm"]:
+            one["warm"] = statistics.median(run["warm"])
+        found.append(one)
     return found
 
 
@@ -179,15 +193,18 @@ def chain_rows(workdir: Path, rounds: int) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     code = ("import sys, vhdx\np = sys.argv[1]\nwith vhdx.create(p, 1 << 30, block_size=1 << 20) as d:\n"
             "    d.pwrite(b'x' * 4096, 0)\nfor _ in range(63):\n    p = vhdx.snapshot(p)\nprint(p)\n")
-    leaf = subprocess.run([PY, "-c", code, str(workdir / "chain.vhdx")], env=env, check=True, capture_output=True,
-                          text=True).stdout.strip()
-    firsts, agains, rss = [], [], []
-    for _ in range(rounds):
-        _w, first, peak, out = _child_wait4([PY, "-c", CHAIN_OURS, leaf], env)
+    leaf = subprocess.run([PY, "-c", code, str(workdir / "chain.vhdx")], env=env, cwd=REPO, check=True,
+                          capture_output=True, text=True).stdout.strip()
+    firsts, agains, rss, peers, peer_rss = [], [], [], [], []
+    for _ in range(rounds):  # ours and the peer take turns
+        _w, first, peak, out = _child_wait4([PY, "-c", CHAIN_OURS, leaf], env, cwd=str(REPO))
         firsts.append(first)
         agains.append(float(out.split("AGAIN")[1]))
         rss.append(peak)
-    peer = measure([PY, "-c", CHAIN_PYVHDI, leaf], rounds)
+        _w, seconds, peak, _out = _child_wait4([PY, "-c", CHAIN_PYVHDI, leaf], env, cwd=str(REPO))
+        peers.append(seconds)
+        peer_rss.append(peak)
+    peer = {"seconds": statistics.median(peers), "rss": statistics.median(peer_rss)}
     rows = []
     for name, seconds in (("64-deep chain: open (first)", statistics.median(firsts)),
                           ("64-deep chain: open (again)", statistics.median(agains))):
@@ -197,7 +214,7 @@ def chain_rows(workdir: Path, rounds: int) -> list[dict]:
     return rows
 
 
-def rows_for(workdir: Path, block: int, rounds: int) -> list[dict]:
+def rows_for(workdir: Path, block: int, rounds: int, open_rounds: int, only_open: bool = False) -> list[dict]:
     bs = f"{block >> 20}M"
     ours, theirs = workdir / f"ours-{bs}.vhdx", workdir / f"qemu-{bs}.vhdx"
 
@@ -213,17 +230,21 @@ def rows_for(workdir: Path, block: int, rounds: int) -> list[dict]:
 
     qemu_create = ["qemu-img", "create", "-q", "-f", "vhdx", "-o", f"subformat=dynamic,block_size={bs}", str(theirs),
                    "64T"]
-    b = measure(qemu_create, rounds, rm(theirs))
-    row("create (CLI)", measure([PY, "-m", "vhdx", "create", str(ours), "64T", "--block-size", bs], rounds, rm(ours)),
-        b, "qemu-img create")
-    row("create (library)", measure([PY, "-c", LIB_OURS, "create", str(ours), str(block)], rounds, rm(ours)), b,
-        "qemu-img create")
+    ours_create = [PY, "-m", "vhdx", "create", str(ours), "64T", "--block-size", bs]
+    if only_open:
+        measure(qemu_create, 1, rm(theirs))
+        measure(ours_create, 1, rm(ours))
+    else:
+        b = measure(qemu_create, rounds, rm(theirs))
+        row("create (CLI)", measure(ours_create, rounds, rm(ours)), b, "qemu-img create")
+        row("create (library)", measure([PY, "-c", LIB_OURS, "create", str(ours), str(block)], rounds, rm(ours)), b,
+            "qemu-img create")
     for tag, disk in (("", ours), ("q-", theirs)):
-        for verb in ("info", "check"):
+        for verb in () if only_open else ("info", "check"):
             b = measure(["qemu-img", verb, str(disk)], rounds)
             row(f"{tag}{verb} (CLI)", measure([PY, "-m", "vhdx", verb, str(disk)], rounds), b, f"qemu-img {verb}")
             row(f"{tag}{verb} (library)", measure([PY, "-c", LIB_OURS, verb, str(disk)], rounds), b, f"qemu-img {verb}")
-        a, b = measure([PY, "-c", OPEN_OURS, str(disk)], rounds), measure([PY, "-c", OPEN_PYVHDI, str(disk)], rounds)
+        a, b = measure_side_by_side([[PY, "-c", OPEN_OURS, str(disk)], [PY, "-c", OPEN_PYVHDI, str(disk)]], open_rounds)
         row(f"{tag}open+tail (first)", a, b, "pyvhdi")
         row(f"{tag}open+tail (warm)", dict(a, seconds=a["warm"]), dict(b, seconds=b["warm"]), "pyvhdi")
     for p in (ours, theirs):
@@ -235,6 +256,9 @@ def rows_for(workdir: Path, block: int, rounds: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--open-rounds", type=int, default=11,
+                    help="children per open+tail and chain row, ours and pyvhdi taking turns (default 11)")
+    ap.add_argument("--only-open", action="store_true", help="only the open+tail and 64-deep chain rows")
     ap.add_argument("--workdir")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -246,8 +270,8 @@ def main() -> None:
     try:
         rows = []
         for block in (1 << 20, 32 << 20):
-            rows += rows_for(workdir, block, args.rounds)
-        rows += chain_rows(workdir, args.rounds)
+            rows += rows_for(workdir, block, args.rounds, args.open_rounds, args.only_open)
+        rows += chain_rows(workdir, args.open_rounds)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -260,8 +284,13 @@ def main() -> None:
         if "apparent" in r:
             print(f"{r['work']:32} {r['apparent'] / mib:.1f} MiB long, {r['on_disk'] / mib:.1f} MiB on disk")
             continue
-        print(f"{r['work']:32} {r['ours_s']:8.4f}s {r['ours_rss'] / mib:6.1f}Mi   {r['peer']:16} {r['peer_s']:8.4f}s "
-              f"{r['peer_rss'] / mib:6.1f}Mi   {r['time_ratio']:7.2f} {r['rss_ratio']:6.2f}")
+        print(f"{r['work']:32} {_seconds(r['ours_s'])} {r['ours_rss'] / mib:6.1f}Mi   {r['peer']:16} "
+              f"{_seconds(r['peer_s'])} {r['peer_rss'] / mib:6.1f}Mi   {r['time_ratio']:7.2f} {r['rss_ratio']:6.2f}")
+
+
+def _seconds(value: float) -> str:
+    """Nine characters: milliseconds below 0.1 s (the open rows are fractions of one), else seconds."""
+    return f"{value * 1e3:7.3f}ms" if value < 0.1 else f"{value:8.4f}s"
 
 
 if __name__ == "__main__":

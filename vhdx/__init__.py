@@ -35,6 +35,7 @@ with ``.path`` and ``.offset``. This module only re-exports; the code lives on f
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -86,7 +87,10 @@ def __getattr__(name: str) -> Any:
     where = LAZY.get(name)
     if where is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{where}"), name)
+    module = sys.modules.get(f"{__name__}.{where}")  # loaded already (not half-way): no import machinery
+    if module is None or getattr(module.__spec__, "_initializing", False):
+        module = importlib.import_module(f"{__name__}.{where}")
+    value = getattr(module, name)
     globals()[name] = value
     return value
 

@@ -11,7 +11,7 @@ import pytest
 
 import vhdx
 from vhdx.errors import CorruptError
-from vhdx.file import parsecache
+from vhdx.file import headsection, parsecache
 from vhdx.file.headsection import METADATA_PEEK
 from vhdx.file.image import Image
 from vhdx.file.storage import FileStorage
@@ -114,3 +114,41 @@ def test_a_huge_item_length_reads_no_more_than_the_limit(disk: Path, monkeypatch
     with pytest.raises(CorruptError):
         Image.open(disk)
     assert sum(n for _, n in seen) < 2 * MiB
+
+
+def parses_of_region_tables(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the file offset of every region table the open parses from now on."""
+    seen: list[int] = []
+    original = headsection.parse_region_table
+
+    def parse(buf: bytes, *, path: str | None = None, offset: int | None = None):
+        seen.append(offset)
+        return original(buf, path=path, offset=offset)
+
+    monkeypatch.setattr(headsection, "parse_region_table", parse)
+    return seen
+
+
+def test_a_second_region_table_like_the_first_is_parsed_once(disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parsecache.clear()
+    seen = parses_of_region_tables(monkeypatch)
+    with closing(Image.open(disk)) as image:
+        assert image.region_table_errors == [None, None]
+        assert {e.name for e in image.region_table} == {"BAT", "metadata"}
+    assert seen == [C.REGION_TABLE1_OFFSET]
+
+
+@pytest.mark.parametrize("table", [0, 1])
+def test_a_region_table_that_differs_is_checked(disk: Path, monkeypatch: pytest.MonkeyPatch, table: int) -> None:
+    """One byte changed in either table (its CRC-32C no longer matches): both are parsed, the bad
+    one's error is kept (for check), and the open goes on with the other."""
+    with open(disk, "r+b") as f:
+        f.seek(C.REGION_TABLE_OFFSETS[table] + 4096)  # in the reserved bytes the CRC covers
+        f.write(b"\x01")
+    parsecache.clear()
+    seen = parses_of_region_tables(monkeypatch)
+    with closing(Image.open(disk)) as image:
+        assert "CRC-32C" in (image.region_table_errors[table] or "")
+        assert image.region_table_errors[1 - table] is None
+        assert {e.name for e in image.region_table} == {"BAT", "metadata"}
+    assert seen == list(C.REGION_TABLE_OFFSETS)

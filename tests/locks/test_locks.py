@@ -266,6 +266,34 @@ def test_one_process_shares_its_lock_and_downgrades(tmp_path: Path) -> None:
     assert held_bytes(path) == set()
 
 
+def test_close_unlocks_while_the_bat_stays_mapped(tmp_path: Path) -> None:
+    """The BAT's private map holds the open file description the locks belong to: close must
+    unlock the bytes itself, or they would stay held until the map is gone."""
+    path = make_disk(tmp_path / "d.vhdx")
+    disk = vhdx.open(path)
+    bat = disk.image.bat  # keeps the map (and with it the file description) alive
+    assert held_bytes(path) == QEMU_READER
+    disk.close()
+    assert held_bytes(path) == set()
+    finish(start_python(HOLDER, path, "r+"))  # and a writer in another process gets in
+    assert int(bat[0]) >= 0
+
+
+def test_a_forked_child_closing_its_copy_leaves_our_locks(tmp_path: Path) -> None:
+    """A forked child shares our lock's file description: its close must not unlock our bytes."""
+    path = make_disk(tmp_path / "d.vhdx")
+    with vhdx.open(path, "r+") as disk:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                disk.image.storage.close()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert held_bytes(path) == QEMU_WRITER
+    assert held_bytes(path) == set()
+
+
 def test_no_lock_support_opens_unlocked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = make_disk(tmp_path / "d.vhdx")
 

@@ -218,7 +218,9 @@ class Disk(io.RawIOBase):
             # powers of two in every valid file (docs/format.md §4.3, §5.1): lookups are shifts
             if bs & (bs - 1) or ratio & (ratio - 1):
                 return []
-            entries = memoryview(np.asarray(im.bat).view(np.uint8).data).cast("Q")
+            entries = memoryview(im.bat)  # numpy exports little-endian uint64 as "L" (or "Q") here
+            if entries.format not in ("L", "Q") or entries.itemsize != 8 or entries.ndim != 1:
+                entries = memoryview(np.asarray(im.bat).view(np.uint8).data).cast("Q")
             # the states whose bytes are in this file, and the one that sends a read to the parent
             here = (_FULLY,) if im.has_parent else (_FULLY, _PARTIALLY)
             down = _NOT_PRESENT if im.has_parent else -1

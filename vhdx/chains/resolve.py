@@ -101,7 +101,12 @@ class Resolver:
         """Images leaf..base (the leaf included), their layers, and whether the base reads zeros."""
         images = [leaf]
         layers = [layer_for(leaf, "given")]
-        seen = {file_key(leaf.path)} if os.path.exists(leaf.path) else set()
+        seen: set[tuple[int, int]] = set()  # the files of the chain (a base disk has no chain to walk)
+        if leaf.has_parent:
+            try:
+                seen.add(file_key(leaf.path))
+            except OSError:
+                pass  # not a file of this machine (a storage of its own): nothing to meet again
         zeros = False
         try:
             while images[-1].has_parent:

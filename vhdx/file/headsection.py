@@ -79,18 +79,23 @@ class HeaderSection:
         return h
 
     def load_regions(self) -> None:
-        """Parse both region tables; the first valid one is used, errors are kept for ``check``."""
+        """Parse both region tables; the first valid one is used, errors are kept for ``check``.
+        A second table that is byte for byte the valid first one is that table: valid too."""
         errors: list[VhdxError] = []
+        file_size = self.storage.size()
+        valid: bytes | None = None
         for i, offset in enumerate(C.REGION_TABLE_OFFSETS):
+            raw = self.storage.read(offset, C.REGION_TABLE_SIZE)
+            if raw == valid:
+                continue  # the same bytes, the same header and file size: the same entries and checks
             try:
-                entries = parse_region_table(self.storage.read(offset, C.REGION_TABLE_SIZE),
-                                             path=self.path, offset=offset)
-                layout.validate_region_table(entries, self.header, self.storage.size(), path=self.path,
-                                             offset=offset)
+                entries = parse_region_table(raw, path=self.path, offset=offset)
+                layout.validate_region_table(entries, self.header, file_size, path=self.path, offset=offset)
             except VhdxError as e:
                 self.region_table_errors[i] = e.detail
                 errors.append(e)
                 continue
+            valid = raw
             if not self.region_table:
                 self.region_table = entries
         if not self.region_table:

@@ -6,8 +6,9 @@ They are open-file-description (OFD) locks, all of them shared (``F_RDLCK``) on 
 bytes: a holder of permission bit *i* locks byte ``100 + i``, and a holder that does not
 let anyone else have permission *i* locks byte ``200 + i``. An open first places its bytes
 and then asks (``F_OFD_GETLK``) whether anyone else holds the bytes that conflict with it:
-``200 + i`` for each permission it wants, ``100 + i`` for each one it refuses to share.
-Two opens racing each other can both fail, never both succeed.
+``200 + i`` for each permission it wants, ``100 + i`` for each one it refuses to share
+(one question over the span from the first of those bytes to the last, then byte by byte
+only when something in that span is held). Two opens racing each other can both fail, never both succeed.
 
 ============  ============================  ==========================  ===================
  open          permissions (bytes 100+i)     not shared (bytes 200+i)    as QEMU's
@@ -28,6 +29,10 @@ by (st_dev, st_ino): a second open of a file this process has locked shares that
 (counted per mode; a "shared" holder is upgraded for an "exclusive" open and downgraded
 when the last one closes). The locks keep other processes out; inside one process, the
 callers coordinate (a merge opens the same files several times while it holds them).
+The last release unlocks its bytes itself (one call over bytes 100 - 203) before closing the
+descriptor: a private memory map of the file (the BAT's) keeps the open file description, and
+with it its locks, alive after every descriptor is closed. A forked child's copy of a lock
+never unlocks: the description, and so the locks, are the parent's too.
 File systems without lock support (``ENOLCK``, ``EOPNOTSUPP``, ``EINVAL``) open unlocked,
 as do hosts other than 64-bit Linux.
 """
@@ -78,9 +83,14 @@ def conflict_bytes(mode: str) -> set[int]:
     return _bit_bytes(LOCK_SHARED_BASE, perm) | _bit_bytes(LOCK_PERM_BASE, unshared)
 
 
-def _fcntl_byte(fd: int, cmd: int, kind: int, offset: int) -> int:
-    """One fcntl lock call on one byte; returns the l_type the kernel hands back."""
-    out = fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
+# mode -> (the bytes it locks, the bytes it checks), each in order: what every open places
+_PLACES = {mode: (frozenset(lock_bytes(mode)), tuple(sorted(conflict_bytes(mode)))) for mode in LOCK_MODES}
+_FIRST_BYTE, _LAST_BYTE = LOCK_PERM_BASE, LOCK_SHARED_BASE + _PERM_BITS - 1  # every byte a lock may hold
+
+
+def _fcntl_byte(fd: int, cmd: int, kind: int, offset: int, length: int = 1) -> int:
+    """One fcntl lock call on one byte (or ``length`` bytes); returns the l_type the kernel hands back."""
+    out = fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, offset, length, 0))
     return _FLOCK.unpack(out)[0]
 
 
@@ -108,23 +118,28 @@ class FileLock:
         self.counts = {"shared": 0, "exclusive": 0}
         self.held: set[int] = set()
         self.supported = True
+        self.pid = os.getpid()  # a forked child's copy must not unlock the bytes it shares with us
 
     def acquire(self, mode: str) -> None:
         """Count one more open in ``mode``; place and check the bytes it needs first."""
-        if self.supported and not lock_bytes(mode) <= self.held:
+        if self.supported and not _PLACES[mode][0] <= self.held:
             self._place(mode)
         self.counts[mode] += 1
 
     def _place(self, mode: str) -> None:
         added: list[int] = []
-        offset = min(lock_bytes(mode))
+        wanted, conflicts = _PLACES[mode]
+        offset = min(wanted)
         try:
-            for offset in sorted(lock_bytes(mode) - self.held):
+            for offset in sorted(wanted - self.held):
                 _fcntl_byte(self.fd, F_OFD_SETLK, fcntl.F_RDLCK, offset)
                 added.append(offset)
-            for offset in sorted(conflict_bytes(mode)):
-                if _fcntl_byte(self.fd, F_OFD_GETLK, fcntl.F_WRLCK, offset) != fcntl.F_UNLCK:
-                    raise _refusal(self.path, mode, offset)
+            offset = conflicts[0]
+            span = conflicts[-1] + 1 - offset  # one question first: does anyone else lock a byte in between?
+            if _fcntl_byte(self.fd, F_OFD_GETLK, fcntl.F_WRLCK, offset, span) != fcntl.F_UNLCK:
+                for offset in conflicts:  # someone does: which bytes, one by one
+                    if _fcntl_byte(self.fd, F_OFD_GETLK, fcntl.F_WRLCK, offset) != fcntl.F_UNLCK:
+                        raise _refusal(self.path, mode, offset)
         except OSError as e:
             self._unlock(added)
             if e.errno in _NO_LOCK_SUPPORT:
@@ -146,12 +161,27 @@ class FileLock:
                 pass
         self.held.difference_update(offsets)
 
+    def _unlock_all(self) -> None:
+        """Unlock every byte this lock may hold, in one call (all of them are ours)."""
+        if self.held:
+            try:
+                _fcntl_byte(self.fd, F_OFD_SETLK, fcntl.F_UNLCK, _FIRST_BYTE, _LAST_BYTE + 1 - _FIRST_BYTE)
+            except OSError:
+                self._unlock(set(self.held))  # byte by byte, as placed
+        self.held.clear()
+
     def release(self, mode: str) -> bool:
-        """Count one open fewer; True when none is left (the caller closes the descriptor)."""
+        """Count one open fewer; True when none is left: then every byte is unlocked here and the
+        caller closes the descriptor (a memory map of the file may keep the open file description,
+        and so its locks, alive after the close)."""
         self.counts[mode] -= 1
-        if mode == "exclusive" and not self.counts["exclusive"] and self.supported:
-            self._unlock(self.held - lock_bytes("shared"))
-        return not any(self.counts.values())
+        done = not any(self.counts.values())
+        if self.supported and self.pid == os.getpid():
+            if done:
+                self._unlock_all()
+            elif mode == "exclusive" and not self.counts["exclusive"]:
+                self._unlock(self.held - _PLACES["shared"][0])
+        return done
 
 
 _locks: dict[tuple[int, int], FileLock] = {}
@@ -177,9 +207,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_locks_after_fork)
 
 
-def _acquire(fd: int, path: str, mode: str) -> FileLock:
-    st = os.fstat(fd)
-    key = (st.st_dev, st.st_ino)
+def _acquire(fd: int, path: str, mode: str, key: tuple[int, int] | None) -> FileLock:
+    if key is None:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
     lock = _locks.get(key)
     if lock is not None:
         lock.acquire(mode)
@@ -213,15 +244,16 @@ def _settle(outer: bool) -> None:
         _busy[0] = False
 
 
-def acquire_lock(fd: int, path: str, mode: str) -> FileLock:
+def acquire_lock(fd: int, path: str, mode: str, key: tuple[int, int] | None = None) -> FileLock:
     """Lock the file open on ``fd`` for ``mode``, sharing this process's lock on it if any.
+    ``key`` is the file's (st_dev, st_ino), when the caller has them from ``fstat(fd)``.
 
     Raises :class:`LockedError` when another process holds a conflicting lock.
     """
     with _locks_guard:
         outer, _busy[0] = not _busy[0], True
         try:
-            return _acquire(fd, path, mode)
+            return _acquire(fd, path, mode, key)
         finally:
             _settle(outer)
 

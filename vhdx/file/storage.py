@@ -180,10 +180,12 @@ class FileStorage(Storage):
         except OSError as e:
             raise VhdxError(f"cannot open: {e.strerror}", path=self.path) from e
         try:
-            self._refuse_special(os.fstat(fd).st_mode, regular_only)
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            st = os.fstat(fd)
+            self._refuse_special(st.st_mode, regular_only)
+            # F_SETFL sets the status flags whole: ours are the ones we opened with, but O_NONBLOCK
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
             if lock is not None:
-                self._lock = acquire_lock(fd, self.path, lock)
+                self._lock = acquire_lock(fd, self.path, lock, (st.st_dev, st.st_ino))
         except BaseException:
             os.close(fd)
             raise
@@ -239,26 +241,18 @@ class FileStorage(Storage):
 
     def map_readonly(self, offset: int, length: int) -> Mapping | None:
         """A private map of a regular file's bytes (None for a block device, an unlocked open,
-        whose file another process may cut short under the map, or a range past the end)."""
+        whose file another process may cut short under the map, or a range past the end).
+
+        The map holds our open file description until it is unmapped, and our locks belong to
+        it (OFD locks): so the last close of a lock unlocks its bytes one by one
+        (:meth:`~vhdx.file.locks.FileLock.release`) instead of counting on the description's end."""
         fd = self._fd
         if fd is None or self.lock_mode is None:
             return None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or offset + length > st.st_size:
             return None
-        # A map holds its open file description until it is unmapped, and our locks belong to
-        # ours (OFD locks): map through a description of its own, so that close releases them.
-        try:
-            own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            return None
-        try:
-            mine = os.fstat(own)
-            if (mine.st_dev, mine.st_ino) != (st.st_dev, st.st_ino):
-                return None
-            return map_private(own, offset, length)
-        finally:
-            os.close(own)
+        return map_private(fd, offset, length)
 
     def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         """The data ranges of ``[offset, offset + length)`` by ``SEEK_DATA``/``SEEK_HOLE``."""

@@ -34,15 +34,16 @@ def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
 
 def crc32c_zeroed(data: bytes | bytearray | memoryview, field_at: int = 4) -> int:
     """CRC-32C of ``data`` with the 4 bytes at ``field_at`` taken as zero."""
-    view = memoryview(data)
-    crc = crc32c(view[:field_at])
-    crc = crc32c(b"\0\0\0\0", crc)
-    return crc32c(view[field_at + 4:], crc)
+    view = data if type(data) is bytes else memoryview(data).cast("B")
+    head = bytes(view[:field_at]) + b"\0\0\0\0"
+    if HARDWARE:
+        return _hw.extend(_hw.extend(0, head), _readonly(view[field_at + 4:]))
+    return crc32c_table(view[field_at + 4:], crc32c_table(head))
 
 
 def stored_checksum(data: bytes | bytearray | memoryview, field_at: int = 4) -> int:
     """The checksum field at ``field_at`` as stored (little-endian)."""
-    return int.from_bytes(bytes(memoryview(data)[field_at:field_at + 4]), "little")
+    return int.from_bytes(data[field_at:field_at + 4], "little")
 
 
 def stamp(buf: bytearray, field_at: int = 4) -> bytearray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import asdict, dataclass, field, replace
+from struct import Struct
 from typing import Any
 
 import construct as cs
@@ -15,7 +16,7 @@ from ..errors import ChecksumError, CorruptError, UnsupportedError
 from . import constants as C
 from .checksum import crc32c_zeroed, stamp, stored_checksum
 from .locator import parse_parent_locator
-from .structs import (FileIdentifier, FileParameters, Header as HeaderStruct, MetadataTableEntry,
+from .structs import (FileIdentifier, FileParameters, Flat, Header as HeaderStruct, MetadataTableEntry,
                       MetadataTableHeader, Page83Data, RegionTableEntry, RegionTableHeader,
                       SectorSize, VirtualDiskSize)
 
@@ -24,6 +25,14 @@ def parse_at(struct: cs.Construct, buf: bytes, *, what: str, path: str | None, o
     """The one boundary between construct's errors and ours."""
     try:
         return struct.parse(buf)
+    except cs.ConstructError as e:
+        raise CorruptError(f"{what}: {e}", path=path, offset=offset) from e
+
+
+def values_at(struct: Flat, buf: bytes, *, what: str, path: str | None, offset: int | None, at: int = 0) -> list[Any]:
+    """:func:`parse_at` of the table at ``buf[at:]``, its fields as a list in declaration order."""
+    try:
+        return struct.values(buf, at)
     except cs.ConstructError as e:
         raise CorruptError(f"{what}: {e}", path=path, offset=offset) from e
 
@@ -89,9 +98,10 @@ def parse_header(buf: bytes, *, path: str | None = None, offset: int | None = No
     if buf[:4] != C.SIGNATURE_HEADER:
         raise CorruptError(f"header: signature {buf[:4]!r}, expected b'head'", path=path, offset=offset)
     verify_checksum(buf, "header", path=path, offset=offset)
-    h = parse_at(HeaderStruct, buf, what="header", path=path, offset=offset)
-    return Header(h.sequence_number, h.file_write_guid, h.data_write_guid, h.log_guid,
-                  h.log_version, h.version, h.log_length, h.log_offset, h.checksum)
+    _, checksum, sequence_number, file_write_guid, data_write_guid, log_guid, log_version, version, log_length, \
+        log_offset, _ = values_at(HeaderStruct, buf, what="header", path=path, offset=offset)
+    return Header(sequence_number, file_write_guid, data_write_guid, log_guid, log_version, version, log_length,
+                  log_offset, checksum)
 
 
 def build_header(h: Header) -> bytes:
@@ -141,6 +151,9 @@ def current_header(headers: list[Header | None], errors: list[str | None], *,
 
 # ---------------------------------------------------------------- region table (§3)
 
+REGION_NAMES = {C.BAT_REGION_GUID: "BAT", C.METADATA_REGION_GUID: "metadata"}
+
+
 @dataclass(frozen=True)
 class RegionEntry:
     """One region table entry (§3.2)."""
@@ -153,7 +166,7 @@ class RegionEntry:
     @property
     def name(self) -> str:
         """"BAT", "metadata" or the GUID of an unknown region."""
-        return {C.BAT_REGION_GUID: "BAT", C.METADATA_REGION_GUID: "metadata"}.get(self.guid, str(self.guid))
+        return REGION_NAMES.get(self.guid) or str(self.guid)
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as JSON-ready values."""
@@ -169,15 +182,10 @@ def parse_region_table(buf: bytes, *, path: str | None = None, offset: int | Non
     if buf[:4] != C.SIGNATURE_REGION:
         raise CorruptError(f"region table: signature {buf[:4]!r}, expected b'regi'", path=path, offset=offset)
     verify_checksum(buf, "region table", path=path, offset=offset)
-    head = parse_at(RegionTableHeader, buf[:16], what="region table", path=path, offset=offset)
-    if head.entry_count > C.MAX_REGION_ENTRIES:
-        raise CorruptError(f"region table: {head.entry_count} entries, at most 2047", path=path, offset=offset)
-    entries = []
-    for i in range(head.entry_count):
-        at = 16 + 32 * i
-        e = RegionTableEntry.parse(buf[at:at + 32])
-        entries.append(RegionEntry(e.guid, e.file_offset, e.length, e.required))
-    return entries
+    count = values_at(RegionTableHeader, buf, what="region table", path=path, offset=offset)[2]
+    if count > C.MAX_REGION_ENTRIES:
+        raise CorruptError(f"region table: {count} entries, at most 2047", path=path, offset=offset)
+    return [RegionEntry(*RegionTableEntry.values(buf, 16 + 32 * i)) for i in range(count)]
 
 
 def build_region_table(entries: list[RegionEntry]) -> bytes:
@@ -204,7 +212,7 @@ class MetadataEntry:
     @property
     def name(self) -> str:
         """The item's name, or its GUID when unknown."""
-        return C.METADATA_ITEM_NAMES.get(self.item_id, str(self.item_id))
+        return C.METADATA_ITEM_NAMES.get(self.item_id) or str(self.item_id)
 
     @property
     def is_user(self) -> bool:
@@ -263,20 +271,23 @@ def parse_metadata_region(buf: bytes, *, path: str | None = None, offset: int = 
     the region, or its first bytes up to :func:`metadata_items_end` of a ``region_length`` one."""
     entries, items = parse_metadata_table(buf, path=path, offset=offset, region_length=region_length)
     where = _ItemReader(items, path, offset)
-    fp = FileParameters.parse(where.item(C.FILE_PARAMETERS_GUID, 8))
-    size = VirtualDiskSize.parse(where.item(C.VIRTUAL_DISK_SIZE_GUID, 8)).virtual_disk_size
-    lss = SectorSize.parse(where.item(C.LOGICAL_SECTOR_SIZE_GUID, 4)).sector_size
-    pss = SectorSize.parse(where.item(C.PHYSICAL_SECTOR_SIZE_GUID, 4)).sector_size
-    page83 = Page83Data.parse(where.item(C.PAGE83_DATA_GUID, 16)).page83_data
-    validate_disk_parameters(fp.block_size, lss, pss, size, path=path, offset=offset)
-    has_parent = bool(fp.flags & C.FILE_PARAMETERS_HAS_PARENT)
+    block_size, flags = FileParameters.values(where.item(C.FILE_PARAMETERS_GUID, 8))
+    size, = VirtualDiskSize.values(where.item(C.VIRTUAL_DISK_SIZE_GUID, 8))
+    lss, = SectorSize.values(where.item(C.LOGICAL_SECTOR_SIZE_GUID, 4))
+    pss, = SectorSize.values(where.item(C.PHYSICAL_SECTOR_SIZE_GUID, 4))
+    page83, = Page83Data.values(where.item(C.PAGE83_DATA_GUID, 16))
+    validate_disk_parameters(block_size, lss, pss, size, path=path, offset=offset)
+    has_parent = bool(flags & C.FILE_PARAMETERS_HAS_PARENT)
     locator = None
     if has_parent:
         loc_entry = next((e for e in entries if e.item_id == C.PARENT_LOCATOR_GUID and not e.is_user), None)
         locator = parse_parent_locator(where.item(C.PARENT_LOCATOR_GUID, None), path=path,
                                        offset=offset + (loc_entry.offset if loc_entry else 0))
-    return Metadata(tuple(entries), items, fp.block_size, bool(fp.flags & C.FILE_PARAMETERS_LEAVE_BLOCK_ALLOCATED),
+    return Metadata(tuple(entries), items, block_size, bool(flags & C.FILE_PARAMETERS_LEAVE_BLOCK_ALLOCATED),
                     has_parent, size, lss, pss, page83, locator)
+
+
+_ITEM_PLACE = Struct("<II")  # a metadata table entry's offset and length, 16 bytes into it
 
 
 def metadata_items_end(table: bytes) -> int:
@@ -288,8 +299,8 @@ def metadata_items_end(table: bytes) -> int:
         return end
     count = min(int.from_bytes(table[10:12], "little"), C.MAX_METADATA_ENTRIES)
     for i in range(count):
-        e = MetadataTableEntry.parse(table[32 + 32 * i:64 + 32 * i])
-        end = max(end, e.offset + min(e.length, C.MAX_METADATA_ITEM_SIZE))
+        item_offset, length = _ITEM_PLACE.unpack_from(table, 48 + 32 * i)
+        end = max(end, item_offset + min(length, C.MAX_METADATA_ITEM_SIZE))
     return end
 
 
@@ -301,15 +312,14 @@ def parse_metadata_table(buf: bytes, *, path: str | None = None, offset: int = 0
     region_length = len(buf) if region_length is None else region_length
     if len(buf) < C.METADATA_TABLE_SIZE or region_length < C.METADATA_TABLE_SIZE:
         raise CorruptError("metadata region: shorter than its 64 KiB table", path=path, offset=offset)
-    head = parse_at(MetadataTableHeader, bytes(buf[:32]), what="metadata table", path=path, offset=offset)
-    if head.entry_count > C.MAX_METADATA_ENTRIES:
-        raise CorruptError(f"metadata table: {head.entry_count} entries, at most 2047", path=path, offset=offset)
+    count = values_at(MetadataTableHeader, buf, what="metadata table", path=path, offset=offset)[2]
+    if count > C.MAX_METADATA_ENTRIES:
+        raise CorruptError(f"metadata table: {count} entries, at most 2047", path=path, offset=offset)
     entries: list[MetadataEntry] = []
     items: dict[tuple[uuid.UUID, bool], bytes] = {}
-    for i in range(head.entry_count):
+    for i in range(count):
         at = 32 + 32 * i
-        e = MetadataTableEntry.parse(bytes(buf[at:at + 32]))
-        entry = MetadataEntry(e.item_id, e.offset, e.length, e.flags)
+        entry = MetadataEntry(*MetadataTableEntry.values(buf, at)[:4])
         key = (entry.item_id, entry.is_user)
         _check_metadata_entry(entry, region_length, key in items, path=path, offset=offset + at)
         if entry.offset + entry.length > len(buf) and entry.length:

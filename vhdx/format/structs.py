@@ -11,12 +11,13 @@ records each). Building goes through construct unchanged.
 
 from __future__ import annotations
 
-import functools
 import struct
 import uuid
 from typing import Any, Callable
 
 import construct as cs
+
+from . import constants as C
 
 
 class GuidAdapter(cs.Adapter):
@@ -57,10 +58,23 @@ def _field_code(sub: cs.Construct) -> tuple[str, Callable[[Any], Any] | None, by
     raise TypeError(f"{sub!r} is not a flat field")
 
 
-@functools.lru_cache(maxsize=4096)
+MAX_GUIDS = 4096  # GUIDs remembered by their stored bytes
+# The format's own GUIDs (regions, metadata items, locator type, zero) are in every file: known
+# from the start, so that no open builds them again.
+_GUIDS: dict[bytes, uuid.UUID] = {g.bytes_le: g for g in (
+    C.BAT_REGION_GUID, C.METADATA_REGION_GUID, C.FILE_PARAMETERS_GUID, C.VIRTUAL_DISK_SIZE_GUID,
+    C.PAGE83_DATA_GUID, C.LOGICAL_SECTOR_SIZE_GUID, C.PHYSICAL_SECTOR_SIZE_GUID, C.PARENT_LOCATOR_GUID,
+    C.CHS_PARAMETERS_GUID, C.PMEM_LABEL_GUID, C.ZERO_GUID)}
+
+
 def _guid(raw: bytes) -> uuid.UUID:
-    """The GUID of 16 stored bytes; cached: region, item and locator GUIDs repeat in every file."""
-    return uuid.UUID(bytes_le=raw)
+    """The GUID of 16 stored bytes; remembered: region, item and locator GUIDs repeat in every file."""
+    found = _GUIDS.get(raw)
+    if found is None:
+        found = uuid.UUID(bytes_le=raw)
+        if len(_GUIDS) < MAX_GUIDS:
+            _GUIDS[raw] = found
+    return found
 
 
 class Flat:
@@ -86,15 +100,21 @@ class Flat:
 
     def parse(self, data: bytes | bytearray | memoryview) -> Record:
         """The fields of the first :attr:`size` bytes of ``data``."""
-        if len(data) < self.size:
-            raise cs.StreamError(f"stream read less than specified amount, expected {self.size}, found {len(data)}")
-        values = list(self._struct.unpack_from(data))
+        return Record(zip(self._names, self.values(data)))
+
+    def values(self, data: bytes | bytearray | memoryview, offset: int = 0) -> list[Any]:
+        """The fields of the :attr:`size` bytes of ``data`` at ``offset``, in declaration order
+        (checked and converted as :meth:`parse` does, without naming them)."""
+        if len(data) - offset < self.size:
+            raise cs.StreamError(f"stream read less than specified amount, expected {self.size}, "
+                                 f"found {max(0, len(data) - offset)}")
+        values = list(self._struct.unpack_from(data, offset))
         for i, const in self._consts:
             if values[i] != const:
                 raise cs.ConstError(f"parsing expected {const!r} but parsed {values[i]!r}")
         for i, convert in self._convert:
             values[i] = convert(values[i])
-        return Record(zip(self._names, values))
+        return values
 
     def build(self, obj: dict[str, Any]) -> bytes:
         """The bytes of ``obj`` (construct's builder)."""
