@@ -9,8 +9,8 @@ we created). So the BAT is never read whole:
   through the log). Where the storage cannot map, the region is read into memory instead.
 * :func:`scan` reads the entries in chunks of :data:`CHUNK_ENTRIES` into one reused buffer,
   skipping the holes of the file (``SEEK_DATA``/``SEEK_HOLE``) longer than :data:`JOIN_GAP`,
-  and keeps only the non-zero entries (:class:`~vhdx.format.bat.SparseBat`): memory and time follow the data, not the
-  virtual size. Every whole-disk question (which blocks hold data, state counts, the checks
+  and keeps only the non-zero entries (:class:`~vhdx.format.bat.SparseBat`): memory and time
+  follow the data, not the virtual size. Every whole-disk question (which blocks hold data, state counts, the checks
   below, ``vhdx check``, the merge planner) is answered from that list.
 * :func:`validate` refuses entries that would send reads outside the file, and, for writing,
   invalid states and overlaps (:mod:`vhdx.format.layout`), from the same list.
@@ -31,7 +31,7 @@ from ..format.records import Header, RegionEntry
 from .storage import Storage
 
 CHUNK_ENTRIES = 1 << 17  # 1 MiB of entries per read when scanning
-JOIN_GAP = 256 << 10  # data ranges of the BAT at most this far apart are read as one
+JOIN_GAP = 64 << 10  # data ranges of the BAT at most this far apart are read as one; longer holes are skipped
 
 
 def entries_length(region: RegionEntry, geometry: Geometry, path: str) -> int:
