@@ -279,35 +279,6 @@ def test_cli_reports_cloned_and_copied_on_a_file_system_without_clones(fast_tmp:
     assert read_disk(base) == model
 
 
-def test_the_copy_writes_back_early_and_leaves_the_source_pages_alone(tmp_path: Path, monkeypatch) -> None:
-    """After a kernel copy, DONTNEED on the destination range starts its write-back; never on the
-    source, whose dirty pages (a checkpoint just written) DONTNEED would write out on the merge's
-    time, and for nothing when the merged file is deleted next."""
-    calls = []
-    real = os.posix_fadvise
-
-    def record(fd, offset, length, advice):
-        calls.append((fd, offset, length, advice))
-        return real(fd, offset, length, advice)
-
-    monkeypatch.setattr(os, "posix_fadvise", record)
-    monkeypatch.setattr(copymod, "COPY_METHOD", "copy_file_range")
-    monkeypatch.setattr(copymod, "CLONE", False)
-    monkeypatch.setattr(copymod, "WRITEBACK_EARLY", True)
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.write_bytes(os.urandom(4 * MiB))
-    dst.write_bytes(bytes(MiB))
-    s, d = FileStorage(src), FileStorage(dst, writable=True)
-    try:
-        copymod.Copier(d).copy_all([(s, MiB, 0, 2 * MiB), (s, 3 * MiB, 2 * MiB, MiB)])
-        dropped = [(fd, off, n) for fd, off, n, advice in calls if advice == os.POSIX_FADV_DONTNEED]
-        assert dropped == [(d.fileno(), 0, 3 * MiB)]
-    finally:
-        s.close()
-        d.close()
-    assert dst.read_bytes() == src.read_bytes()[MiB:]
-
-
 def test_next_batch_is_hinted_to_the_kernel_after_the_copy(tmp_path: Path, monkeypatch) -> None:
     """While a batch commits, the kernel reads ahead the next batch's first source ranges (WILLNEED),
     in file order and at most PREFETCH_BYTES; nothing is hinted for a batch with no successor."""
