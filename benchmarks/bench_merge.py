@@ -141,6 +141,15 @@ def try_drop_caches() -> bool:
         return False
 
 
+def settle(cold: bool) -> None:
+    """Before a timed step: the inputs just copied written out (``sync``), so that no method pays
+    for the write-back of its inputs' fresh copies (ours are 2.7 GiB in the 16-layer row, cp's
+    1 GiB: measured, that write-back doubled our 16-layer time); and for a cold row, the page cache
+    dropped too."""
+    if not (cold and try_drop_caches()):
+        subprocess.run(["sync"], check=True)
+
+
 def vm_hwm(pid: int) -> int:
     """Peak resident memory of a live process (VmHWM), 0 when it cannot be read."""
     try:
@@ -353,7 +362,9 @@ SUITE_DOC = """Rows, each run once (the machine is shared: one run, spreads are 
 * ``xfs-reflink``: 8 GiB of whole 2 MiB blocks merged on a loop-mounted XFS (``mkfs.xfs -m
   reflink=1``), so every block is cloned; against ``cp --reflink=always`` of the child file.
 
-Peak RSS is the merge process's VmHWM. Everything is built in one temporary folder (the
+Before every timed step the inputs just built or copied are written out (``sync``, untimed;
+for cold rows as part of dropping the page cache), so no method pays for the write-back of its
+inputs' copies. Peak RSS is the merge process's VmHWM. Everything is built in one temporary folder (the
 ``--workdir``'s ``suite`` folder), one row at a time, and deleted after each row.
 
 ``--rounds N`` (N > 1; not for ``8g-cold`` and ``xfs-reflink``, which take one run): the row's
@@ -504,8 +515,7 @@ def suite_row(row: str, work: Path, patterns: list[bytes], pattern_paths: list[P
         from vhdx.ops.merge.run import merge
         plan = merge(str(paths[-1]), str(paths[0]), dry_run=True)
         nbytes = res["bytes"] = plan.bytes_to_copy
-        if cold:
-            try_drop_caches()
+        settle(cold)
         ours = timed_ours(paths, keep=(row != "2g-delete"), plan_first=(row == "1t-sparse"), env=env)
         assert ours["bytes_copied"] == nbytes, ours
         res["model_ok"] = same_as_writes(paths[0], layers, patterns)
@@ -522,8 +532,7 @@ def suite_row(row: str, work: Path, patterns: list[bytes], pattern_paths: list[P
         if have_qemu:
             log(f"[{row}] building the qcow2 chain ...")
             q = build_layers_qemu(folder, size, layers, pattern_paths)
-            if cold:
-                try_drop_caches()
+            settle(cold)
             t = time.perf_counter()
             wall, qrss, _ = run_measured(["qemu-img", "commit", "-q", "-b", str(q[0]), str(q[-1])])
             fsync_path(q[0])
@@ -540,8 +549,7 @@ def suite_row(row: str, work: Path, patterns: list[bytes], pattern_paths: list[P
             merged.unlink()
         raw, copy = folder / "payload.raw", folder / "copy.raw"
         write_raw(raw, nbytes, patterns)
-        if cold:
-            try_drop_caches()
+        settle(cold)
         res["cp"] = timed_cp(raw, copy)
         log(f"[{row}] cp + fsync {res['cp']:.3f} s")
         if row == "2g-delete":
@@ -629,8 +637,7 @@ def build_row_inputs(row: str, folder: Path, patterns: list[bytes], pattern_path
 def one_round(row: str, what: str, r: Path, names: dict, env: dict) -> dict:
     """Time one method on the fresh copies in ``r``: seconds, CPU seconds, and what else it reports."""
     cold, keep = rows_layers(row)[3], row != "2g-delete"
-    if cold:
-        try_drop_caches()
+    settle(cold)
     cpu0 = children_cpu()
     if what == "ours":
         d = timed_ours([r / names["ours"][0], r / names["ours"][-1]], keep=keep, plan_first=(row == "1t-sparse"),

@@ -19,17 +19,22 @@ import mmap
 import os
 import threading
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import vhdx
 import vhdx.file.image
 from vhdx.file.image import Image
+from vhdx.file import battable
 from vhdx.file import copy as copymod
 from vhdx.file.storage import FileStorage, Storage
 from vhdx.format import constants as C
-from vhdx.ops.merge.plan import TRANSPARENT, BatView, extents, owners, planning_unit
+from vhdx.format import bat as batmod
+from vhdx.ops.merge import owners as ownersmod
+from vhdx.ops.merge.owners import TRANSPARENT, BatView, extents, owners, planned, window_spans
 from vhdx.ops.merge.run import wait_for_release
 
 from support.faults import FaultPlan, merge_through
@@ -302,24 +307,157 @@ def test_next_batch_is_hinted_to_the_kernel_after_the_copy(tmp_path: Path, monke
     assert dst.read_bytes() == src.read_bytes()[:MiB]
 
 
-def test_windows_of_whole_blocks_are_planned_per_block_and_partial_ones_per_sector(tmp_path: Path) -> None:
-    """The planner's unit: a whole block where no differencing source has a partially present
-    block in the window (a sparse 1 TiB merge plans in milliseconds), a sector where one has; both
-    give the same extents as planning every sector."""
+def test_windows_of_whole_blocks_are_planned_as_intervals_and_partial_ones_per_sector(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner's unit: intervals of whole blocks where no differencing source has a partially
+    present block in the window (a sparse 1 TiB merge plans in milliseconds), sectors where one
+    has; both give the same extents as planning every sector."""
     base = tmp_path / "base.vhdx"
     vhdx.create(str(base), 256 * MiB, block_size=MiB).close()
     child = vhdx.snapshot(str(base), block_size=MiB)
     with vhdx.open(child, "r+") as d:
         d.pwrite(b"\x07" * MiB, 3 * MiB)             # a whole block
         d.pwrite(b"\x09" * 4096, 70 * MiB + 8192)    # a partial block, in the second 64 MiB window
+    per_sector_windows = []
+    real = ownersmod.sector_extents
+
+    def counted(views, start, length):
+        per_sector_windows.append(start)
+        return real(views, start, length)
+
+    monkeypatch.setattr(ownersmod, "sector_extents", counted)
     with closing(Image.open(child)) as im:
         views = [BatView.of(im)]
-        assert planning_unit(views, 0, 64 * MiB) == MiB
-        assert planning_unit(views, 64 * MiB, 64 * MiB) == im.logical_sector_size
-        for start in (0, 64 * MiB):
-            fast = list(extents(views, start, 64 * MiB))
-            per_sector = owners(views, start, 64 * MiB)
+        found = list(planned(views, [(0, 64 * MiB), (64 * MiB, 64 * MiB)]))
+        assert per_sector_windows == [64 * MiB]
+        for start, length, fast in found:
+            per_sector = owners(views, start, length)
             defined = int((per_sector != TRANSPARENT).sum())
             assert sum(n for _, n, _, _ in fast) == defined * im.logical_sector_size
         assert [(o, n) for o, n, _, _ in extents(views, 0, 64 * MiB)] == [(3 * MiB, MiB)]
         assert [(o, n) for o, n, _, _ in extents(views, 64 * MiB, 64 * MiB)] == [(70 * MiB + 8192, 4096)]
+
+
+class FakeImage:
+    """What the planner asks of an image: block size, sector size, parent, storage, bitmaps."""
+
+    def __init__(self, name: str, block_size: int, bitmaps: dict[int, np.ndarray]) -> None:
+        self.path = self.storage = name
+        self.block_size, self.logical_sector_size, self.has_parent = block_size, 512, True
+        self.bitmaps = bitmaps
+
+    def read_bitmap(self, block: int) -> np.ndarray:
+        return self.bitmaps[block]
+
+
+def random_source(rng: np.random.Generator, name: str, size: int, block_size: int) -> BatView:
+    """A source with a random BAT: FULLY, PARTIALLY (random bitmaps), ZERO, UNMAPPED, NOT_PRESENT
+    with a stray offset, and runs of plain ZERO/UNMAPPED blocks."""
+    nblocks = size // block_size
+    listed, entries, bitmaps = [], [], {}
+    run_starts, run_stops, run_states = [], [], []
+    b = 0
+    while b < nblocks:
+        kind = rng.integers(0, 9)
+        if kind == 0:  # a run of plain zero-state blocks
+            n = int(rng.integers(1, 6))
+            run_starts.append(b)
+            run_stops.append(min(b + n, nblocks))
+            run_states.append(int(rng.choice([C.PAYLOAD_BLOCK_ZERO, C.PAYLOAD_BLOCK_UNMAPPED])))
+            b += n
+            continue
+        offset = (1 + int(rng.integers(0, 1 << 12))) << 20
+        state = [None, None, None, C.PAYLOAD_BLOCK_FULLY_PRESENT, C.PAYLOAD_BLOCK_FULLY_PRESENT,
+                 C.PAYLOAD_BLOCK_PARTIALLY_PRESENT, C.PAYLOAD_BLOCK_ZERO, C.PAYLOAD_BLOCK_NOT_PRESENT,
+                 C.PAYLOAD_BLOCK_UNMAPPED][kind]
+        if state is not None:
+            if state == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+                bits = np.zeros(block_size // 512, np.uint8)
+                for _ in range(3):
+                    lo = int(rng.integers(0, bits.size))
+                    bits[lo:lo + int(rng.integers(1, 300))] = 1
+                bitmaps[b] = bits
+            listed.append(b)
+            entries.append(offset | state)
+        b += 1
+    sparse = batmod.SparseBat(np.array(listed, np.int64), np.array(entries, np.uint64), np.zeros(0, np.int64),
+                              np.zeros(0, np.uint64), -1, np.array(run_starts, np.int64),
+                              np.array(run_stops, np.int64), np.array(run_states, np.uint8))
+    return BatView(FakeImage(name, block_size, bitmaps), sparse)  # type: ignore[arg-type]
+
+
+def per_sector_map(views, found, start: int, length: int) -> np.ndarray:
+    """(source or -1 for zeros or -2 for nothing, file offset) of every sector, from extents."""
+    out = np.full((length // 512, 2), -2, dtype=np.int64)
+    for voff, vlen, src, v in found:
+        assert start <= voff and voff + vlen <= start + length and vlen > 0
+        rows = slice((voff - start) // 512, (voff + vlen - start) // 512)
+        assert (out[rows, 0] == -2).all(), "extents overlap"
+        out[rows, 0] = v if src is not None else -1
+        if src is not None:
+            assert src[0] == views[v].image.storage
+            out[rows, 1] = src[1] + np.arange(vlen // 512) * 512
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_interval_plan_equals_the_sector_by_sector_plan(seed: int) -> None:
+    """Random chains of three sources with different block sizes and every block state: the
+    interval planner gives every sector the same owner and file offset as planning every sector."""
+    rng = np.random.default_rng(seed)
+    size = 512 * MiB
+    views = [random_source(rng, f"s{i}", size, int(rng.choice([MiB, 2 * MiB, 4 * MiB]))) for i in range(3)]
+    if seed % 2:  # and a chain without any partial block: every window planned as intervals
+        for v in views:
+            keep = v.sparse.states != C.PAYLOAD_BLOCK_PARTIALLY_PRESENT
+            object.__setattr__(v, "sparse", replace(v.sparse, blocks=v.sparse.blocks[keep],
+                                                    entries=v.sparse.entries[keep]))
+    spans = list(window_spans(views, 64 * MiB, size))
+    assert spans
+    for start, length, found in planned(views, spans):
+        fast = per_sector_map(views, found, start, length)
+        slow = per_sector_map(views, ownersmod.sector_extents(views, start, length), start, length)
+        assert (fast == slow).all(), start
+
+
+class CountingStorage(Storage):
+    """Counts the reads of a file storage and reports as data only the 4 KiB pages of ``pages``
+    (what SEEK_DATA/SEEK_HOLE says of a sparse BAT on a file system that tracks holes)."""
+
+    def __init__(self, inner: FileStorage, pages: list[int]) -> None:
+        self.inner, self.path, self.writable, self.reads, self.pages = inner, inner.path, False, [], pages
+
+    def readinto(self, buf, offset: int) -> int:
+        self.reads.append((offset, len(memoryview(buf).cast("B"))))
+        return self.inner.readinto(buf, offset)
+
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return [(p, p + 4096) for p in self.pages if offset <= p < offset + length]
+
+    def size(self) -> int:
+        return self.inner.size()
+
+
+def test_a_sparse_bat_is_read_in_few_large_reads(tmp_path: Path) -> None:
+    """A child with one block every GiB has a data page every other page of its BAT: the scan
+    reads across the small holes, one read per MiB of BAT instead of one per page, and finds the
+    same entries."""
+    base = tmp_path / "base.vhdx"
+    vhdx.create(str(base), 64 << 30, block_size=MiB).close()
+    child = vhdx.snapshot(str(base), block_size=MiB)
+    with vhdx.open(child, "r+") as d:
+        for k in range(64):
+            d.pwrite(b"\x05" * 4096, k * (1 << 30) + 5 * MiB)
+    with closing(Image.open(child)) as im:
+        region, g = im.bat_region, im.geometry
+        entries = np.asarray(im.bat[:g.bat_entries])
+        pages = sorted({region.file_offset + (int(i) * 8 // 4096) * 4096 for i in np.flatnonzero(entries)})
+        assert len(pages) >= 64
+        counting = CountingStorage(im.storage, pages)
+        found = battable.scan(counting, region.file_offset, g.bat_entries, g)
+        assert len(counting.reads) <= -(-g.bat_entries * 8 // MiB), counting.reads
+        assert found.blocks.tolist() == [k * 1024 + 5 for k in range(64)]
+        assert (found.entries == im.sparse().entries).all()
+        far = CountingStorage(im.storage, [pages[0], pages[0] + battable.JOIN_GAP + 8192])
+        battable.scan(far, region.file_offset, g.bat_entries, g)
+        assert [n for _, n in far.reads] == [4096, 4096]  # holes longer than JOIN_GAP are skipped

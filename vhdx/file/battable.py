@@ -8,9 +8,9 @@ we created). So the BAT is never read whole:
   looked at, and the writer's updates change this process's copy only (the file is changed
   through the log). Where the storage cannot map, the region is read into memory instead.
 * :func:`scan` reads the entries in chunks of :data:`CHUNK_ENTRIES` into one reused buffer,
-  skipping the holes of the file (``SEEK_DATA``/``SEEK_HOLE``), and keeps only the non-zero
-  entries (:class:`~vhdx.format.bat.SparseBat`): memory and time follow the data, not the
-  virtual size. Every whole-disk question (which blocks hold data, state counts, the checks
+  skipping the holes of the file (``SEEK_DATA``/``SEEK_HOLE``) longer than :data:`JOIN_GAP`,
+  and keeps only the non-zero entries (:class:`~vhdx.format.bat.SparseBat`): memory and time
+  follow the data, not the virtual size. Every whole-disk question (which blocks hold data, state counts, the checks
   below, ``vhdx check``, the merge planner) is answered from that list.
 * :func:`validate` refuses entries that would send reads outside the file, and, for writing,
   invalid states and overlaps (:mod:`vhdx.format.layout`), from the same list.
@@ -31,6 +31,7 @@ from ..format.records import Header, RegionEntry
 from .storage import Storage
 
 CHUNK_ENTRIES = 1 << 17  # 1 MiB of entries per read when scanning
+JOIN_GAP = 64 << 10  # data ranges of the BAT at most this far apart are read as one; longer holes are skipped
 
 
 def entries_length(region: RegionEntry, geometry: Geometry, path: str) -> int:
@@ -61,12 +62,29 @@ def pieces(storage: Storage, offset: int, count: int, chunk: int = CHUNK_ENTRIES
     """``(first index, entries)`` for the BAT's first ``count`` entries that may be non-zero,
     at most ``chunk`` at a time, in index order. The array is a reused buffer: copy what you keep."""
     buf = np.empty(min(chunk, max(count, 1)), dtype="<u8")
-    for lo, hi in storage.data_ranges(offset, count * 8):
-        first, stop = (lo - offset) // 8, min(count, -(-(hi - offset) // 8))
+    for first, stop in _read_ranges(storage.data_ranges(offset, count * 8), offset, count):
         for a in range(first, stop, chunk):
             view = buf[:min(stop, a + chunk) - a]
             storage.readinto(view.view(np.uint8).data, offset + 8 * a)
             yield a, view
+
+
+def _read_ranges(data: list[tuple[int, int]], offset: int, count: int) -> Iterator[tuple[int, int]]:
+    """``[first, stop)`` entry ranges to read for the file's data ranges ``data`` of the BAT at
+    ``offset``: ranges less than :data:`JOIN_GAP` bytes apart are read as one (a hole reads as
+    zeros without touching the disk, and one read replaces hundreds of small ones: a sparse BAT
+    has a data page every few pages)."""
+    first = stop = -1
+    for lo, hi in data:
+        a, b = (lo - offset) // 8, min(count, -(-(hi - offset) // 8))
+        if stop >= 0 and 8 * (a - stop) <= JOIN_GAP:
+            stop = b
+            continue
+        if stop >= 0:
+            yield first, stop
+        first, stop = a, b
+    if stop >= 0:
+        yield first, stop
 
 
 def scan(storage: Storage, offset: int, count: int, geometry: Geometry) -> batmod.SparseBat:

@@ -1,13 +1,10 @@
-"""What a merge will do: which source defines each sector, the extents to copy, and the cost.
+"""What a merge will do: the extents to copy (:mod:`.owners`), the space it needs, whom it breaks.
 
-The plan is computed with numpy over the sources' BATs and sector bitmaps, one window of the
-virtual disk at a time (a window holds whole blocks of every layer), so memory stays bounded
-whatever the disk size. Each source's used blocks are listed in a :class:`BatView` once per
-merge (the BAT's non-zero entries, read in bounded chunks): planning follows the data, not the
-virtual size.
-Each window becomes a list of extents (runs of sectors owned by one source layer, or zeros)
-that the destination writes as one transaction. The planner also counts the free space the
-merge may use and finds the other disks it would break.
+:func:`plan_merge` walks the windows of the virtual disk in which a source defines anything,
+as :mod:`.owners` plans them from the sources' non-zero BAT entries (planning follows the data,
+not the virtual size), and counts what the copy will do: bytes, destination blocks to allocate,
+the holes it fills. Each window's extents are what the destination writes (in batches of
+windows, one transaction each). The planner also finds the other disks the merge would break.
 """
 
 from __future__ import annotations
@@ -26,18 +23,11 @@ from ...errors import MergeError
 from ...file.image import Image
 from ...file.storage import OverlayStorage, Storage
 from ...format import bat as batmod
-from ...format import bitmap as bitmapmod
 from ...format import constants as C
+from .owners import BatView, Extent, extents, planned, sorted_unique, window_size, window_spans
 
-TRANSPARENT = 255
-ZERO = 254
-WINDOW_MIN = 64 << 20
 KEEP_EXTENTS = 1 << 15  # extents a plan keeps for the copy (a few MiB); beyond that the copy plans again
-ZERO_STATES = (C.PAYLOAD_BLOCK_UNDEFINED, C.PAYLOAD_BLOCK_ZERO, C.PAYLOAD_BLOCK_UNMAPPED,
-               C.PAYLOAD_BLOCK_UNMAPPED_V095)
 ALLOCATED = C.HOLDS_DATA
-
-Extent = tuple[int, int, Any, int]  # (virtual offset, length, (storage, file offset) or None for zeros, source)
 
 
 @dataclass
@@ -63,168 +53,6 @@ class MergePlan:
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain JSON-ready values."""
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class BatView:
-    """One image's BAT as the planner reads it: its non-zero entries, read in bounded chunks
-    (:class:`~vhdx.format.bat.SparseBat`: blocks listed one by one, runs of plain ZERO-like
-    blocks). Every other block is NOT_PRESENT, so the view costs what the data costs."""
-
-    image: Image
-    sparse: batmod.SparseBat
-
-    @classmethod
-    def of(cls, image: Image) -> "BatView":
-        """The view of ``image`` (once per merge)."""
-        return cls(image, image.sparse())
-
-    def used_blocks(self) -> Iterator[np.ndarray]:
-        """Arrays of the blocks whose state is not NOT_PRESENT (listed blocks, then each run)."""
-        sp = self.sparse
-        yield sp.blocks[sp.states != C.PAYLOAD_BLOCK_NOT_PRESENT]
-        for a, b in zip(sp.run_starts.tolist(), sp.run_stops.tolist()):
-            yield np.arange(a, b, dtype=np.int64)
-
-    def window(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(states, offsets)`` of blocks ``start`` to ``stop``, NOT_PRESENT (0) where unused."""
-        return batmod.dense(self.sparse, start, stop)
-
-    def states_of(self, blocks: np.ndarray) -> np.ndarray:
-        """The state of each of ``blocks`` (int64 array)."""
-        sp = self.sparse
-        out = np.zeros(blocks.size, dtype=np.uint8)
-        j = np.searchsorted(sp.run_stops, blocks, side="right")
-        inside = j < sp.run_starts.size
-        inside[inside] = sp.run_starts[j[inside]] <= blocks[inside]
-        out[inside] = sp.run_states[j[inside]]
-        i = np.searchsorted(sp.blocks, blocks)
-        listed = i < sp.blocks.size
-        listed[listed] = sp.blocks[i[listed]] == blocks[listed]
-        out[listed] = batmod.states(sp.entries[i[listed]])
-        return out
-
-    def entry(self, block: int) -> tuple[int, int]:
-        """``(state, file offset)`` of one block."""
-        sp = self.sparse
-        i = int(np.searchsorted(sp.blocks, block))
-        if i < sp.blocks.size and int(sp.blocks[i]) == block:
-            raw = int(sp.entries[i])
-            return raw & C.BAT_STATE_MASK, raw & C.BAT_FILE_OFFSET_MASK
-        j = int(np.searchsorted(sp.run_stops, block, side="right"))
-        if j < sp.run_starts.size and int(sp.run_starts[j]) <= block:
-            return int(sp.run_states[j]), 0
-        return C.PAYLOAD_BLOCK_NOT_PRESENT, 0
-
-    def state(self, block: int) -> int:
-        """The state of one block."""
-        return self.entry(block)[0]
-
-    def offset(self, block: int) -> int:
-        """The file offset of one block (0 when it has none)."""
-        return self.entry(block)[1]
-
-
-# --------------------------------------------------------------------------- windows and owners
-
-def window_size(images: Sequence[Image]) -> int:
-    """The planning window: at least 64 MiB, and whole blocks of every image."""
-    return max([WINDOW_MIN] + [im.block_size for im in images])
-
-
-def windows(views: Sequence[BatView], window: int) -> np.ndarray:
-    """Indexes of the windows in which any source defines anything (vectorised over the BATs)."""
-    hits = []
-    for v in views:
-        for used in v.used_blocks():
-            hits.append(np.unique((used * v.image.block_size) // window))
-    if not hits:
-        return np.zeros(0, np.int64)
-    return np.unique(np.concatenate(hits))
-
-
-def window_spans(views: Sequence[BatView], window: int, size: int) -> Iterator[tuple[int, int]]:
-    """(start, length) of every window of a ``size``-byte disk in which a source defines anything."""
-    for w in windows(views, window).tolist():
-        start = w * window
-        length = min(window, size - start)
-        if length > 0:
-            yield start, length
-
-
-def _source_sectors(v: BatView, i: int, start: int, length: int, ss: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(defined mask, owner values) per unit of ``ss`` bytes (a logical sector, or a whole block
-    where :func:`planning_unit` allows it) of the window for source ``i``; None if it has nothing."""
-    im = v.image
-    bs = im.block_size
-    spb = bs // ss
-    first_block = start // bs
-    states = v.window(first_block, -(-(start + length) // bs))[0]
-    if not np.any(states != C.PAYLOAD_BLOCK_NOT_PRESENT):
-        return None
-    defined = np.isin(states, (C.PAYLOAD_BLOCK_FULLY_PRESENT,) + ZERO_STATES)
-    if not im.has_parent:
-        defined |= states == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT
-    mask = np.repeat(defined, spb)
-    vals = np.repeat(np.where(np.isin(states, ZERO_STATES), ZERO, i).astype(np.uint8), spb)
-    if im.has_parent:
-        for k in np.flatnonzero(states == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT).tolist():
-            mask[k * spb:(k + 1) * spb] = im.read_bitmap(first_block + k).astype(bool)
-            vals[k * spb:(k + 1) * spb] = i
-    lo = (start - first_block * bs) // ss  # >= 0: the window may start inside the first block
-    n = length // ss
-    return mask[lo:lo + n], vals[lo:lo + n]
-
-
-def planning_unit(views: Sequence[BatView], start: int, length: int) -> int:
-    """The bytes one entry of :func:`owners` stands for in a window: a whole block where every source
-    has the same block size, the window is whole blocks and no differencing source has a partially
-    present block in it (so no sector bitmap is needed), else a logical sector. A sparse 1 TiB chain
-    plans its windows in a few dozen entries each instead of 128 Ki sectors."""
-    ss, bs = views[0].image.logical_sector_size, views[0].image.block_size
-    if start % bs or length % bs or any(v.image.block_size != bs for v in views):
-        return ss
-    for v in views:
-        if v.image.has_parent and np.any(v.window(start // bs, (start + length) // bs)[0]
-                                          == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT):
-            return ss
-    return bs
-
-
-def owners(views: Sequence[BatView], start: int, length: int, unit: int | None = None) -> np.ndarray:
-    """Per ``unit`` (default: logical sector) of [start, start+length): which source defines it
-    (index), ZERO, or TRANSPARENT."""
-    ss = unit or views[0].image.logical_sector_size
-    owner = np.full(length // ss, TRANSPARENT, dtype=np.uint8)
-    for i, v in enumerate(views):
-        found = _source_sectors(v, i, start, length, ss)
-        if found is None:
-            continue
-        mask, vals = found
-        take = mask & (owner == TRANSPARENT)
-        owner[take] = vals[take]
-    return owner
-
-
-def extents(views: Sequence[BatView], start: int, length: int) -> Iterator[Extent]:
-    """(virtual_offset, length, source, source_index) runs of one window; source None means zeros."""
-    ss = planning_unit(views, start, length)
-    starts, stops, values = bitmapmod.runs(owners(views, start, length, ss))
-    for s0, s1, v in zip(starts.tolist(), stops.tolist(), values.tolist()):
-        if v == TRANSPARENT:
-            continue
-        voff, vlen = start + s0 * ss, (s1 - s0) * ss
-        if v == ZERO:
-            yield voff, vlen, None, -1
-            continue
-        im = views[v].image
-        bs = im.block_size
-        pos, end = voff, voff + vlen
-        while pos < end:  # split at the source's block boundaries: each block has its own file offset
-            block, in_block = divmod(pos, bs)
-            n = min(bs - in_block, end - pos)
-            yield pos, n, (im.storage, views[v].offset(block) + in_block), v
-            pos += n
 
 
 # --------------------------------------------------------------------------- the space it needs
@@ -274,13 +102,25 @@ def hole_bytes(fd: int | None, ranges: list[tuple[int, int]]) -> int:
     return holes
 
 
-def _filled_ranges(voff: int, vlen: int, dest: BatView) -> Iterator[tuple[int, int]]:
-    """File ranges ``(offset, length)`` that an extent writes in blocks the destination already has."""
+def _filled_ranges(found: list[Extent], dest: BatView, allocated: np.ndarray) -> list[tuple[int, int]]:
+    """File ranges ``(offset, length)`` that a window's extents write in blocks the destination
+    already has (``allocated``: its blocks that hold data, ascending)."""
+    if not found or not allocated.size:
+        return []
     dbs = dest.image.block_size
-    for b in range(voff // dbs, (voff + vlen - 1) // dbs + 1):
-        if dest.state(b) in ALLOCATED:
-            lo, hi = max(voff, b * dbs), min(voff + vlen, (b + 1) * dbs)
-            yield dest.offset(b) + lo - b * dbs, hi - lo
+    first = min(e[0] for e in found) // dbs
+    last = max(e[0] + e[1] - 1 for e in found) // dbs
+    lo, hi = np.searchsorted(allocated, (first, last + 1)).tolist()
+    if lo == hi:
+        return []
+    have = set(allocated[lo:hi].tolist())
+    out = []
+    for voff, vlen, _src, _v in found:
+        for b in range(voff // dbs, (voff + vlen - 1) // dbs + 1):
+            if b in have:
+                lo_, hi_ = max(voff, b * dbs), min(voff + vlen, (b + 1) * dbs)
+                out.append((dest.offset(b) + lo_ - b * dbs, hi_ - lo_))
+    return out
 
 
 def _new_space(dest: BatView, touched: set[int], plan: MergePlan) -> None:
@@ -290,12 +130,12 @@ def _new_space(dest: BatView, touched: set[int], plan: MergePlan) -> None:
         return
     im = dest.image
     t = np.fromiter(touched, dtype=np.int64)
-    allocated = np.isin(dest.states_of(t), ALLOCATED)
+    allocated = batmod.holds_data(dest.states_of(t))
     plan.allocations = int((~allocated).sum())
     plan.bytes_to_allocate = plan.allocations * im.block_size
     if im.has_parent and plan.allocations:
         g = im.geometry
-        chunks = np.unique(t[~allocated] // g.chunk_ratio)
+        chunks = sorted_unique(t[~allocated] // g.chunk_ratio)
         entries = im.bat[[g.sbm_bat_index(int(c)) for c in chunks.tolist()]]
         lacking = int((batmod.states(entries) != C.SB_BLOCK_PRESENT).sum())
         plan.bytes_to_allocate += lacking * C.SECTOR_BITMAP_BLOCK_SIZE
@@ -326,11 +166,12 @@ def plan_merge(views: Sequence[BatView], dest: Image, plan: MergePlan, *,
     dview = BatView.of(dest)
     dbs = dest.block_size
     fd = _fileno(dest.storage)
+    sp = dview.sparse
+    allocated = sp.blocks[batmod.holds_data(sp.states)]
     touched: set[int] = set()
     holes = kept = 0
-    for start, length in window_spans(views, window_size([v.image for v in views] + [dest]), dest.size):
-        filled: list[tuple[int, int]] = []
-        found = list(extents_of(views, start, length))
+    spans = window_spans(views, window_size([v.image for v in views] + [dest]), dest.size)
+    for start, length, found in planned(views, spans, extents_of):
         kept += len(found)
         if keep is not None:
             keep.append((start, length, found)) if kept <= keep_limit else keep.clear()
@@ -338,8 +179,9 @@ def plan_merge(views: Sequence[BatView], dest: Image, plan: MergePlan, *,
             _count(plan, views, extent)
             voff, vlen = extent[0], extent[1]
             touched.update(range(voff // dbs, (voff + vlen - 1) // dbs + 1))
-            filled.extend(_filled_ranges(voff, vlen, dview))
-        holes += hole_bytes(fd, filled)
+        filled = _filled_ranges(found, dview, allocated)
+        if filled:
+            holes += hole_bytes(fd, filled)
     plan.destination_blocks = len(touched)
     _new_space(dview, touched, plan)
     if plan.bytes_to_allocate + holes:

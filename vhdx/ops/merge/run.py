@@ -36,9 +36,9 @@ from ...format.records import MetadataItem, metadata_items
 from .cleanup import (Wrap, announce, complete, delete_members, find_finish, hold_exclusive, let_go, nearest_first,
                       open_writable, plan_deletes, release_in_background, storage_wrapper, unlinked, wait_for_release)
 from .journal import Journal, JournalState, allowed_folders, journal_item, load_journal, read_journal, resumable, without_journal
-from .plan import (BatView, MergePlan, check_free_space, dependents, no_space, plan_merge, stopped_error, used_bytes,
-                   window_size, window_spans)
-from .plan import extents as _extents  # the copy's one seam: tests/cli/test_demo.py patches run._extents
+from .owners import BatView, planned, window_size, window_spans
+from .owners import extents as _extents  # the copy's one seam: tests/cli/test_demo.py patches run._extents
+from .plan import MergePlan, check_free_space, dependents, no_space, plan_merge, stopped_error, used_bytes
 
 __all__ = ["MergePlan", "MergeResult", "merge", "read_journal", "wait_for_release"]  # read_journal: for older imports from here
 
@@ -366,9 +366,8 @@ def _batches(chain: _Chain, dest: Image) -> Iterator[Batch]:
     """The extents of step 3, window by window, in batches of up to BATCH_BYTES / BATCH_EXTENTS."""
     batch: Batch = []
     size = 0
-    windows = chain.windows or ((start, length, _extents(chain.views, start, length))
-                                for start, length in window_spans(chain.views, window_size(chain.sources + [dest]),
-                                                                  dest.size))
+    windows = chain.windows or planned(chain.views, window_spans(chain.views, window_size(chain.sources + [dest]),
+                                                                 dest.size), _extents)
     for _start, _length, found in windows:
         for voff, vlen, src, _v in found:
             batch.append((voff, vlen, src))
