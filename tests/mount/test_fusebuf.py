@@ -6,7 +6,7 @@ import ctypes
 
 import pytest
 
-from vhdx.ops.fusebuf import PAGE, FuseBufVec, ReplyMemory
+from vhdx.ops.fusebuf import PAGE, VECTOR_BYTES, FuseBufVec, ReplyMemory
 
 
 def _free(replies: ReplyMemory, vector: int) -> None:
@@ -28,6 +28,8 @@ def test_a_reply_is_one_page_aligned_buffer_holding_what_fill_wrote(size: int) -
         assert buf.size == size and buf.flags == 0 and buf.fd == -1   # memory, not a file descriptor
         assert buf.mem % PAGE == 0
         assert ctypes.string_at(buf.mem, size) == data[:size]
+        tail = ctypes.string_at(slot.value + ctypes.sizeof(FuseBufVec), VECTOR_BYTES - ctypes.sizeof(FuseBufVec))
+        assert tail == bytes(len(tail))   # fields a newer libfuse may append read as zeros
     finally:
         _free(replies, slot.value)
 

@@ -17,6 +17,8 @@ from typing import Any, Callable
 PAGE = 4096
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # mallopt(3) parameters (glibc's malloc.h)
 KEEP_BYTES = 16 << 20     # the server's heap keeps this much free memory before trimming
+VECTOR_BYTES = 256        # a vector's allocation: its declared 64 bytes, and zeros for any field a
+                          # later libfuse appends to struct fuse_buf (a reader of it finds zero there)
 
 
 class FuseBuf(ctypes.Structure):
@@ -64,7 +66,7 @@ class ReplyMemory:
         try:
             if size:
                 fill(memoryview((ctypes.c_char * size).from_address(mem.value)).cast("B"))
-            vector = self.calloc(1, ctypes.sizeof(FuseBufVec))
+            vector = self.calloc(1, VECTOR_BYTES)
             if not vector:
                 raise MemoryError("no memory for a read reply")
         except BaseException:
