@@ -68,19 +68,18 @@ def _run_demo(folder: Path) -> tuple[bool, str]:
 
 
 def test_demo_detects_a_merge_that_drops_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = vhdx.ops.merge.run._extents
+    real = vhdx.ops.merge.run._planned
     dropped: list[tuple[int, int]] = []
 
-    def lossy(sources: Any, start: int, length: int) -> Iterator[tuple[int, int, Any, int]]:
-        skipped = False
-        for extent in real(sources, start, length):
-            if not skipped and extent[2] is not None:
-                skipped = True
-                dropped.append(extent[:2])
-                continue
-            yield extent
+    def lossy(views: Any, spans: Any) -> Iterator[tuple[int, int, list[Any]]]:
+        for start, length, found in real(views, spans):  # each window loses its first data extent
+            data = [k for k, extent in enumerate(found) if extent[2] is not None]
+            if data:
+                dropped.append(found[data[0]][:2])
+                found = found[:data[0]] + found[data[0] + 1:]
+            yield start, length, found
 
-    monkeypatch.setattr(vhdx.ops.merge.run, "_extents", lossy)
+    monkeypatch.setattr(vhdx.ops.merge.run, "_planned", lossy)
     ok, said = _run_demo(tmp_path)
     assert dropped, "the patched merge never ran"
     assert ok is False, said

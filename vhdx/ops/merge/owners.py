@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -297,15 +297,9 @@ def _group(views: Sequence[BatView], spans: list[tuple[int, int]]) -> Iterator[W
         yield start, length, found
 
 
-def planned(views: Sequence[BatView], spans: Iterable[tuple[int, int]],
-            extents_of: Callable[..., Iterable[Extent]] | None = None) -> Iterator[Window]:
+def planned(views: Sequence[BatView], spans: Iterable[tuple[int, int]]) -> Iterator[Window]:
     """``(start, length, extents)`` of each of the windows ``spans`` (ascending), planned in
-    groups of :data:`GROUP_WINDOWS`; or window by window with ``extents_of``, when it is given
-    and is not :func:`extents` (a test's stand-in)."""
-    if extents_of is not None and extents_of is not extents:
-        for start, length in spans:
-            yield start, length, list(extents_of(views, start, length))
-        return
+    groups of :data:`GROUP_WINDOWS`."""
     group: list[tuple[int, int]] = []
     for span in spans:
         group.append(span)

@@ -24,7 +24,7 @@ from ...file.image import Image
 from ...file.storage import OverlayStorage, Storage
 from ...format import bat as batmod
 from ...format import constants as C
-from .owners import BatView, Extent, extents, planned, sorted_unique, window_size, window_spans
+from .owners import BatView, Extent, Window, planned, sorted_unique, window_size, window_spans
 
 KEEP_EXTENTS = 1 << 15  # extents a plan keeps for the copy (a few MiB); beyond that the copy plans again
 ALLOCATED = C.HOLDS_DATA
@@ -153,7 +153,7 @@ def _count(plan: MergePlan, views: Sequence[BatView], extent: Extent) -> None:
 
 
 def plan_merge(views: Sequence[BatView], dest: Image, plan: MergePlan, *,
-               extents_of: Callable[..., Iterable[Extent]] = extents, keep: list[Any] | None = None,
+               planner: Callable[..., Iterable[Window]] = planned, keep: list[Any] | None = None,
                keep_limit: int = KEEP_EXTENTS) -> MergePlan:
     """Fill in the totals of ``plan`` (reads BATs and bitmaps, not data).
 
@@ -171,7 +171,7 @@ def plan_merge(views: Sequence[BatView], dest: Image, plan: MergePlan, *,
     touched: set[int] = set()
     holes = kept = 0
     spans = window_spans(views, window_size([v.image for v in views] + [dest]), dest.size)
-    for start, length, found in planned(views, spans, extents_of):
+    for start, length, found in planner(views, spans):
         kept += len(found)
         if keep is not None:
             keep.append((start, length, found)) if kept <= keep_limit else keep.clear()

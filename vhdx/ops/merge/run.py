@@ -36,8 +36,8 @@ from ...format.records import MetadataItem, metadata_items
 from .cleanup import (Wrap, announce, complete, delete_members, find_finish, hold_exclusive, let_go, nearest_first,
                       open_writable, plan_deletes, release_in_background, storage_wrapper, unlinked, wait_for_release)
 from .journal import Journal, JournalState, allowed_folders, journal_item, load_journal, read_journal, resumable, without_journal
-from .owners import BatView, planned, window_size, window_spans
-from .owners import extents as _extents  # the copy's one seam: tests/cli/test_demo.py patches run._extents
+from .owners import BatView, window_size, window_spans
+from .owners import planned as _planned  # the copy's one seam: tests/cli/test_demo.py patches run._planned
 from .plan import MergePlan, check_free_space, dependents, no_space, plan_merge, stopped_error, used_bytes
 
 __all__ = ["MergePlan", "MergeResult", "merge", "read_journal", "wait_for_release"]  # read_journal: for older imports from here
@@ -296,7 +296,7 @@ def _plan(job: _Job, images: list[Image], layers: list[Layer], cache: ScanCache)
     plan.dependents = dependents(dest, images, sources, folders, cache)
     views = [BatView.of(im) for im in sources]  # the sources' BATs, read once for planning and copy
     windows: list[Any] = []  # the copy's extents, planned once
-    plan_merge(views, dest, plan, extents_of=_extents, keep=None if job.dry_run else windows)
+    plan_merge(views, dest, plan, planner=_planned, keep=None if job.dry_run else windows)
     return _Chain(images, dest_index, plan, journal, views, windows)
 
 
@@ -366,8 +366,8 @@ def _batches(chain: _Chain, dest: Image) -> Iterator[Batch]:
     """The extents of step 3, window by window, in batches of up to BATCH_BYTES / BATCH_EXTENTS."""
     batch: Batch = []
     size = 0
-    windows = chain.windows or planned(chain.views, window_spans(chain.views, window_size(chain.sources + [dest]),
-                                                                 dest.size), _extents)
+    windows = chain.windows or _planned(chain.views, window_spans(chain.views, window_size(chain.sources + [dest]),
+                                                                  dest.size))
     for _start, _length, found in windows:
         for voff, vlen, src, _v in found:
             batch.append((voff, vlen, src))
