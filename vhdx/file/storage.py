@@ -244,8 +244,8 @@ class FileStorage(Storage):
         whose file another process may cut short under the map, or a range past the end).
 
         The map holds our open file description until it is unmapped, and our locks belong to
-        it (OFD locks): so the last close of a lock unlocks its bytes one by one
-        (:meth:`~vhdx.file.locks.FileLock.release`) instead of counting on the description's end."""
+        it (OFD locks): so the last release of a lock unlocks its bytes itself, in one call
+        (:meth:`~vhdx.file.locks.FileLock.release`), instead of counting on the description's end."""
         fd = self._fd
         if fd is None or self.lock_mode is None:
             return None

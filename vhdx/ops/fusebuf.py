@@ -14,7 +14,8 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Callable
 
-PAGE = 4096
+from ..file.buffers import PAGE
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # mallopt(3) parameters (glibc's malloc.h)
 KEEP_BYTES = 16 << 20     # the server's heap keeps this much free memory before trimming
 VECTOR_BYTES = 256        # a vector's allocation: its declared 64 bytes, and zeros for any field a
@@ -34,6 +35,19 @@ class FuseBufVec(ctypes.Structure):
                 ("buf", FuseBuf * 1)]
 
 
+def keep_freed_memory() -> None:
+    """Let this process's C heap keep reply-sized memory it frees (process-wide, for the server).
+
+    By default glibc gives a freed block at the top of the heap back to the kernel (and a 1 MiB
+    aligned allocation may be a mapping of its own), so every reply's pages were faulted in anew:
+    2 GiB through the mount took 1.7 s instead of 0.6 s. Other C libraries are left as they are."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        mallopt(M_MMAP_THRESHOLD, KEEP_BYTES // 4)
+        mallopt(M_TRIM_THRESHOLD, KEEP_BYTES)
+
+
 class ReplyMemory:
     """Allocates read replies with the C library, for libfuse to send and free."""
 
@@ -48,14 +62,6 @@ class ReplyMemory:
         self.free = libc.free
         self.free.argtypes = [ctypes.c_void_p]
         self.free.restype = None
-        # Keep reply-sized memory in the heap: by default a free of the top of the heap gives the
-        # pages back (and a 1 MiB aligned allocation may be its own mapping), so every reply's
-        # pages were faulted in anew (measured: 2 GiB through the mount 0.6 s -> 1.7 s).
-        mallopt = getattr(libc, "mallopt", None)   # glibc's; other C libraries: as they are
-        if mallopt is not None:
-            mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-            mallopt(M_MMAP_THRESHOLD, KEEP_BYTES // 4)
-            mallopt(M_TRIM_THRESHOLD, KEEP_BYTES)
 
     def reply(self, bufpp: Any, size: int, fill: Callable[[memoryview], None]) -> None:
         """Set ``*bufpp`` to a vector of one page-aligned buffer of ``size`` bytes that ``fill``

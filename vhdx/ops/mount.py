@@ -43,7 +43,7 @@ from typing import Any, Callable
 from ..chains.disk import Disk
 from ..chains.resolve import open as open_disk
 from ..errors import UsageError, VhdxError
-from .fusebuf import ReplyMemory
+from .fusebuf import ReplyMemory, keep_freed_memory
 from .maps import chain_layers
 from .writebuffer import WriteBuffer
 
@@ -209,6 +209,7 @@ def operations(files: DiskFiles, ready: Callable[[], None], mountpoint: str = ""
     fuse = fuse_module()
     opened: list[bool] = []
     replies = ReplyMemory()
+    keep_freed_memory()
 
     def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
         def call(self: Any, path: str, *args: Any) -> Any:
