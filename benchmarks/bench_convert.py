@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -118,7 +119,7 @@ def bench_convert(work: Path, rounds: int, py: str, qemu_img: str) -> dict[str, 
             str(work / "src.raw"), str(work / "qemu.vhdx")]
     commands = {"ours.vhdx": [py, "-m", "vhdx", "convert", "--no-progress", "--from", "raw", "--dynamic",
                               str(work / "src.raw"), str(work / "ours.vhdx")],
-                "qemu.vhdx": ["sh", "-c", " ".join(f"'{a}'" for a in qemu) + f" && sync '{work / 'qemu.vhdx'}'"],
+                "qemu.vhdx": ["sh", "-c", f"{shlex.join(qemu)} && {shlex.join(['sync', str(work / 'qemu.vhdx')])}"],
                 "unflushed": qemu}
     order = [("ours.vhdx", ours), ("qemu.vhdx", peer), ("unflushed", unflushed)]
     for k in range(rounds):
@@ -160,8 +161,8 @@ def bench(work: Path, size: int, rounds: int) -> dict[str, float | str]:
         warm(work / "work.vhdx")
         ours.append(timed_cpu([py, "-m", "vhdx", "compact", "--no-progress", str(work / "work.vhdx")]))
         warm(work / "payload.raw")
-        peer.append(timed_cpu(["sh", "-c", f"cp --reflink=never '{work / 'payload.raw'}' '{work / 'copy.raw'}' && "
-                                           f"sync '{work / 'copy.raw'}'"]))
+        copy = shlex.join(["cp", "--reflink=never", str(work / "payload.raw"), str(work / "copy.raw")])
+        peer.append(timed_cpu(["sh", "-c", f"{copy} && {shlex.join(['sync', str(work / 'copy.raw')])}"]))
         os.unlink(work / "copy.raw")
     out["compact_ours_s"], out["compact_ours_cpu_s"] = median_pair(ours)
     out["cp_moved_s"], out["cp_moved_cpu_s"] = median_pair(peer)
