@@ -476,7 +476,7 @@ def issue10_sections(args, workdir: Path, image: Path, log) -> dict:
     times: dict[str, list[float]] = {k: [] for k in methods}
     cpu: dict[str, list[float]] = {k: [] for k in methods}
     names = list(methods)
-    for r in range(args.rounds):
+    for r in range(args.rounds if names else 0):
         for name in names[r % len(names):] + names[:r % len(names)]:
             c = cpu_seconds()
             times[name].append(methods[name][0]())

@@ -1,9 +1,9 @@
 """Reads into every kind of buffer, at every alignment, against the model (issue 10, point 4).
 
 The read path has two shortcuts: the short path of :class:`vhdx.Disk` (a read inside one block
-of each layer: one BAT lookup per layer and one ``preadv``) and the bounce buffer of
-:mod:`vhdx.file.buffers` (a large read into a buffer the kernel copies into slowly goes through
-an aligned buffer of ours). Both must give exactly what the general path gives: the bytes of
+of each layer: one BAT lookup per layer and one ``preadv``) and the slow-buffer path of
+:mod:`vhdx.file.buffers` (a large read into a buffer the kernel copies into slowly is copied
+from a transient map of the file, or else through an aligned bounce buffer of ours). Both must give exactly what the general path gives: the bytes of
 the model of a three-layer chain with partially present blocks, zeros past each layer's data,
 and short reads at the end of the disk.
 """
@@ -24,6 +24,8 @@ import vhdx
 from support.chain import build_layers
 from support.disk import MiB, assert_same, pattern
 from vhdx.file import buffers
+from vhdx.file.maps import copy_through_map
+from vhdx.file.storage import FileStorage
 
 SIZE = 6 * MiB + 3 * 512  # not a whole number of blocks: the last block is short
 MAX_EXAMPLES = int(os.environ.get("VHDX_HYPOTHESIS_MAX", "25")) * 2
@@ -151,9 +153,72 @@ def test_closed_disk_refuses_reads(chain) -> None:
         disk.readinto(buf)
 
 
-def test_the_bounce_buffer_is_used_for_the_slow_case_and_reads_the_same(chain, monkeypatch) -> None:
+def test_the_slow_case_is_copied_from_a_map_and_reads_the_same(chain, monkeypatch) -> None:
     """A buffer 16 bytes past a page boundary, read from a block start: the slow kernel copy, so
-    it goes through the bounce buffer; a page-aligned one does not. Same bytes either way."""
+    it is copied from a map of the file; a page-aligned one is read directly. Same bytes."""
+    m = mmap.mmap(-1, 4 * MiB)
+    misaligned, aligned = memoryview(m)[16:16 + 3 * MiB], memoryview(m)[:3 * MiB]
+    mapped = []
+    real = FileStorage.copy_mapped
+
+    def spy(self, address: int, length: int, offset: int) -> bool:
+        done = real(self, address, length, offset)
+        mapped.append((length, done))
+        return done
+    monkeypatch.setattr(FileStorage, "copy_mapped", spy)
+    path, model = chain[2], chain[3]
+    with vhdx.open(path) as disk:
+        for view in (misaligned, aligned):
+            view[:] = b"\xff" * len(view)
+            before = len(mapped)
+            assert disk.pread_into(view, 0) == len(view)
+            assert_same(bytes(view), model[:len(view)], "3 MiB from 0")
+            assert (len(mapped) > before) == (view is misaligned), mapped
+    assert mapped and all(done for _, done in mapped), mapped
+
+
+def test_an_unlocked_open_bounces_instead_of_mapping(chain) -> None:
+    """Without a lock another process may cut the file short under a map: no map, the bounce
+    buffer instead, and the same bytes."""
+    m = mmap.mmap(-1, 4 * MiB)
+    view = memoryview(m)[16:16 + 3 * MiB]
+    path, model = chain[2], chain[3]
+    with vhdx.open(path, share=True) as disk:
+        storage = disk.image.storage
+        assert storage.copy_mapped(buffers.address_of(view), len(view), 1 << 20) is False
+        assert disk.pread_into(view, 0) == len(view)
+        assert_same(bytes(view), model[:len(view)], "3 MiB from 0, unlocked")
+
+
+def test_a_map_past_the_end_of_file_fails_softly(tmp_path) -> None:
+    """Pages past the end of file cannot be read: populating the map fails and the copy says
+    so (False, the destination untouched), where touching the map would raise SIGBUS; a range
+    inside the file still copies afterwards."""
+    path = tmp_path / "short.bin"
+    path.write_bytes(pattern(7, 3 * 4096 + 100))
+    dest = bytearray(b"\xee" * (8 * 4096))
+    address = buffers.address_of(memoryview(dest))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert copy_through_map(fd, 4096, address, 6 * 4096) is False
+        assert dest == b"\xee" * (8 * 4096)
+        assert copy_through_map(fd, 100, address, 3 * 4096) is True
+        assert dest[:3 * 4096] == pattern(7, 3 * 4096 + 100)[100:]
+        assert copy_through_map(fd, 0, address, 0) is False
+    finally:
+        os.close(fd)
+    storage = FileStorage(path)  # the storage keeps ranges inside the file itself
+    try:
+        assert storage.copy_mapped(address, 4 * 4096, 0) is False
+        assert storage.copy_mapped(address, 3 * 4096, 100) is True
+    finally:
+        storage.close()
+
+
+def test_the_bounce_buffer_is_used_for_the_slow_case_and_reads_the_same(chain, monkeypatch) -> None:
+    """Where no map can be made, a buffer 16 bytes past a page boundary goes through the bounce
+    buffer; a page-aligned one does not. Same bytes either way."""
+    monkeypatch.setattr(FileStorage, "copy_mapped", lambda self, address, length, offset: False)
     m = mmap.mmap(-1, 4 * MiB)
     misaligned, aligned = memoryview(m)[16:16 + 3 * MiB], memoryview(m)[:3 * MiB]
     assert buffers.slow_to_copy_into(misaligned, 1 << 20)

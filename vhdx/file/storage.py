@@ -11,13 +11,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import mmap
 import os
 import stat
-from typing import Any
 
 from ..errors import DiskExistsError, DiskNotFoundError, ReadOnlyError, UsageError, VhdxError
 from .locks import LOCK_MODES, FileLock, acquire_lock, release_lock
+from .maps import Mapping, copy_through_map, map_private
 
 _READ_CHUNK = 1 << 30  # preadv is limited to 2 GiB per call on Linux
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -34,54 +33,6 @@ def not_regular_reason(mode: int, *, allow_block: bool = False) -> str | None:
         return None
     kind = next((name for test, name in _KINDS if test(mode)), "an unknown kind of file")
     return f"not a regular file ({kind})"
-
-class Mapping:
-    """A private (copy-on-write) memory map of part of a file: pages are read from the file
-    when first touched, writes change only this process's copy. ``numpy.asarray`` sees it as
-    a writable uint8 array (``__array_interface__``); it is unmapped when the last array over
-    it is gone. No descriptor is kept (unlike :mod:`mmap`, which keeps a dup of it)."""
-
-    def __init__(self, address: int, length: int) -> None:
-        self.address = address
-        self.length = length
-        self.__array_interface__ = {"shape": (length,), "typestr": "|u1", "data": (address, False),
-                                    "version": 3}
-
-    def __del__(self) -> None:
-        if self.address and _LIBC is not None:
-            _LIBC.munmap(ctypes.c_void_p(self.address), ctypes.c_size_t(self.length))
-            self.address = 0
-
-
-def _libc() -> Any:
-    try:
-        lib = ctypes.CDLL(None, use_errno=True)
-        lib.mmap.restype = ctypes.c_void_p
-        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                             ctypes.c_int64]
-        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return lib
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def map_private(fd: int, offset: int, length: int) -> Mapping | None:
-    """A private, copy-on-write mapping of ``length`` bytes of ``fd`` from ``offset``, or None
-    when it cannot be made (no libc mmap, an unaligned offset, an error)."""
-    if _LIBC is None or length <= 0 or offset % mmap.ALLOCATIONGRANULARITY:
-        return None
-    address = _LIBC.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, offset)
-    if address in (None, _MAP_FAILED):
-        return None
-    # Entries are looked up here and there: fault in one page, not a read-around window.
-    _LIBC.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), getattr(mmap, "MADV_RANDOM", 1))
-    return Mapping(address, length)
-
 
 class Storage:
     """Interface of a host file. Offsets are bytes in the host file."""
@@ -130,6 +81,12 @@ class Storage:
         """``(start, end)`` ranges inside ``[offset, offset + length)`` that may hold non-zero
         bytes; everything else reads as zeros (file holes). Without a way to tell: all of it."""
         return [(offset, offset + length)] if length > 0 else []
+
+    def copy_mapped(self, address: int, length: int, offset: int) -> bool:
+        """Copy ``length`` bytes from ``offset`` to memory at ``address`` through a map of the
+        file (see :func:`copy_through_map`); False, nothing copied, when this storage cannot
+        (then read instead)."""
+        return False
 
 
 class FileStorage(Storage):
@@ -253,6 +210,18 @@ class FileStorage(Storage):
         if not stat.S_ISREG(st.st_mode) or offset + length > st.st_size:
             return None
         return map_private(fd, offset, length)
+
+    def copy_mapped(self, address: int, length: int, offset: int) -> bool:
+        """Copy through a transient map (:func:`copy_through_map`) when the range lies inside a
+        locked regular file, as for :meth:`map_readonly`: a process that honours the lock cannot
+        cut the file short under the map."""
+        fd = self._fd
+        if fd is None or self.lock_mode is None or offset < 0:
+            return False
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or offset + length > st.st_size:
+            return False
+        return copy_through_map(fd, offset, address, length)
 
     def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         """The data ranges of ``[offset, offset + length)`` by ``SEEK_DATA``/``SEEK_HOLE``."""
