@@ -153,35 +153,49 @@ def test_closed_disk_refuses_reads(chain) -> None:
         disk.readinto(buf)
 
 
-def test_the_slow_case_is_copied_from_a_map_and_reads_the_same(chain, monkeypatch) -> None:
-    """A buffer 16 bytes past a page boundary, read from a block start: the slow kernel copy, so
-    it is copied from a map of the file; a page-aligned one is read directly. Same bytes."""
+def _two_buffers() -> tuple[memoryview, memoryview]:
+    """3 MiB 16 bytes past a page boundary (read from a block start: the slow kernel copy), and
+    3 MiB page-aligned."""
     m = mmap.mmap(-1, 4 * MiB)
-    misaligned, aligned = memoryview(m)[16:16 + 3 * MiB], memoryview(m)[:3 * MiB]
-    mapped = []
-    real = FileStorage.copy_mapped
+    return memoryview(m)[16:16 + 3 * MiB], memoryview(m)[:3 * MiB]
 
-    def spy(self, address: int, length: int, offset: int) -> bool:
-        done = real(self, address, length, offset)
-        mapped.append((length, done))
-        return done
-    monkeypatch.setattr(FileStorage, "copy_mapped", spy)
-    path, model = chain[2], chain[3]
+
+def _spy(calls: list, real: Any) -> Any:
+    """``real``, recording each call's result in ``calls``."""
+    def spy(*args: Any) -> Any:
+        result = real(*args)
+        calls.append(result)
+        return result
+    return spy
+
+
+def _read_each(path: Path, model: bytearray, views: tuple[memoryview, ...], calls: list) -> list[int]:
+    """Read 3 MiB from 0 into each view (filled with 0xff first) and compare with the model;
+    how many calls ``calls`` gained during each read."""
+    gained = []
     with vhdx.open(path) as disk:
-        for view in (misaligned, aligned):
+        for view in views:
             view[:] = b"\xff" * len(view)
-            before = len(mapped)
+            before = len(calls)
             assert disk.pread_into(view, 0) == len(view)
             assert_same(bytes(view), model[:len(view)], "3 MiB from 0")
-            assert (len(mapped) > before) == (view is misaligned), mapped
-    assert mapped and all(done for _, done in mapped), mapped
+            gained.append(len(calls) - before)
+    return gained
+
+
+def test_the_slow_case_is_copied_from_a_map_and_reads_the_same(chain, monkeypatch) -> None:
+    """The slow case is copied from a map of the file; a page-aligned buffer is read directly.
+    Same bytes."""
+    mapped: list[bool] = []
+    monkeypatch.setattr(FileStorage, "copy_mapped", _spy(mapped, FileStorage.copy_mapped))
+    misaligned_calls, aligned_calls = _read_each(chain[2], chain[3], _two_buffers(), mapped)
+    assert misaligned_calls > 0 and aligned_calls == 0 and all(mapped), mapped
 
 
 def test_an_unlocked_open_bounces_instead_of_mapping(chain) -> None:
     """Without a lock another process may cut the file short under a map: no map, the bounce
     buffer instead, and the same bytes."""
-    m = mmap.mmap(-1, 4 * MiB)
-    view = memoryview(m)[16:16 + 3 * MiB]
+    view, _ = _two_buffers()
     path, model = chain[2], chain[3]
     with vhdx.open(path, share=True) as disk:
         storage = disk.image.storage
@@ -216,29 +230,17 @@ def test_a_map_past_the_end_of_file_fails_softly(tmp_path) -> None:
 
 
 def test_the_bounce_buffer_is_used_for_the_slow_case_and_reads_the_same(chain, monkeypatch) -> None:
-    """Where no map can be made, a buffer 16 bytes past a page boundary goes through the bounce
-    buffer; a page-aligned one does not. Same bytes either way."""
+    """Where no map can be made, the slow case goes through the bounce buffer; a page-aligned
+    buffer does not. Same bytes either way."""
     monkeypatch.setattr(FileStorage, "copy_mapped", lambda self, address, length, offset: False)
-    m = mmap.mmap(-1, 4 * MiB)
-    misaligned, aligned = memoryview(m)[16:16 + 3 * MiB], memoryview(m)[:3 * MiB]
+    misaligned, aligned = _two_buffers()
     assert buffers.slow_to_copy_into(misaligned, 1 << 20)
     assert not buffers.slow_to_copy_into(aligned, 1 << 20)
-    assert not buffers.slow_to_copy_into(memoryview(m)[64:], 0)
+    assert not buffers.slow_to_copy_into(memoryview(aligned.obj)[64:], 0)
     assert not buffers.slow_to_copy_into(memoryview(bytes(8)), 0)  # read-only: no address, no bounce
-    bounced = []
-    real = buffers.slow_to_copy_into
-
-    def spy(view: memoryview, file_offset: int) -> bool:
-        slow = real(view, file_offset)
-        bounced.append(slow)
-        return slow
-    monkeypatch.setattr(buffers, "slow_to_copy_into", spy)
-    path, model = chain[2], chain[3]
-    with vhdx.open(path) as disk:
-        for view in (misaligned, aligned):
-            view[:] = b"\xff" * len(view)
-            assert disk.pread_into(view, 0) == len(view)
-            assert_same(bytes(view), model[:len(view)], "3 MiB from 0")
+    bounced: list[bool] = []
+    monkeypatch.setattr(buffers, "slow_to_copy_into", _spy(bounced, buffers.slow_to_copy_into))
+    _read_each(chain[2], chain[3], (misaligned, aligned), bounced)
     assert True in bounced and False in bounced, bounced
 
 
