@@ -248,13 +248,7 @@ def main() -> int:
         nbytes = plan.bytes_to_copy
         raw = pristine / "payload.raw"
         if not raw.exists() or raw.stat().st_size != nbytes:
-            with open(raw, "wb") as f:
-                left, i = nbytes, 0
-                while left:
-                    n = min(left, CHILD_BLOCK)
-                    f.write(patterns[i % PATTERN_FILES][:n])
-                    left -= n
-                    i += 1
+            write_raw(raw, nbytes, patterns)
         log(f"built in {time.perf_counter() - t0:.1f} s; the merge copies {nbytes / MiB:.1f} MiB into "
             f"{plan.destination_blocks} destination blocks ({plan.allocations} to allocate)")
 

@@ -93,19 +93,24 @@ def build_image(workdir: Path, size: int) -> Path:
 
 # ------------------------------------------------------------------ readers
 
-def read_ours(path: Path, buf: bytearray, digest=None) -> int:
-    import vhdx
+def read_all(disk, size: int, buf: bytearray, digest=None) -> int:
+    """``readinto`` ``buf`` until ``size`` bytes (or a read of none); the bytes read."""
     view = memoryview(buf)
     total = 0
-    with vhdx.open(str(path)) as disk:
-        while True:
-            n = disk.readinto(view)
-            if not n:
-                break
-            if digest is not None:
-                digest.update(view[:n])
-            total += n
+    while total < size:
+        n = disk.readinto(view[:min(len(view), size - total)])
+        if not n:
+            break
+        if digest is not None:
+            digest.update(view[:n])
+        total += n
     return total
+
+
+def read_ours(path: Path, buf: bytearray, digest=None) -> int:
+    import vhdx
+    with vhdx.open(str(path)) as disk:
+        return read_all(disk, disk.size, buf, digest)
 
 
 def read_libvhdi(path: Path, buf: bytearray, digest=None) -> int:
@@ -129,19 +134,9 @@ def read_libvhdi(path: Path, buf: bytearray, digest=None) -> int:
 
 def read_dissect(path: Path, buf: bytearray, digest=None) -> int:
     from dissect.hypervisor.disk.vhdx import VHDX
-    view = memoryview(buf)
-    total = 0
     with open(path, "rb") as fh:
         disk = VHDX(fh)
-        size = disk.size
-        while total < size:
-            n = disk.readinto(view[:min(len(view), size - total)])
-            if not n:
-                break
-            if digest is not None:
-                digest.update(view[:n])
-            total += n
-    return total
+        return read_all(disk, disk.size, buf, digest)
 
 
 def read_cat(path: Path, buf: bytearray, digest=None) -> int:
