@@ -7,6 +7,8 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -76,4 +78,29 @@ def mounted(disk: Path, mountpoint: Path, *options: str) -> Iterator[Path]:
         assert gone.stderr == "", gone.stderr
         assert not is_mounted(mountpoint)
     finally:
+        force_unmount(mountpoint)
+
+
+@contextlib.contextmanager
+def eio_mounted(backing: Path, mountpoint: Path, lo: int, hi: int) -> Iterator[Path]:
+    """``backing`` served read-only through FUSE (:mod:`support.eiofs`), every read touching
+    ``[lo, hi)`` failing with EIO; yields the served file's path, unmounts on the way out."""
+    require_fuse()
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("eiofs.py")), str(backing),
+                               str(mountpoint), str(lo), str(hi)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not is_mounted(mountpoint):
+            assert server.poll() is None, f"the EIO file system exited: {server.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "the EIO file system did not mount in 20 s"
+            time.sleep(0.05)
+        yield mountpoint / "disk.vhdx"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
         force_unmount(mountpoint)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ..errors import ReadOnlyError, UsageError
+from ..file.buffers import BOUNCE_MIN, slow_to_copy_into
 from ..file.image import Image, zero_fill
 from ..file.storage import FileStorage
 from ..format import constants as C
@@ -31,6 +32,18 @@ _STATE_MASK, _OFFSET_MASK = int(C.BAT_STATE_MASK), int(C.BAT_FILE_OFFSET_MASK)
 _FULLY, _PARTIALLY = int(C.PAYLOAD_BLOCK_FULLY_PRESENT), int(C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
 _HEADER_SECTION = int(C.HEADER_SECTION_SIZE)  # no block starts inside the header section
 _NOT_PRESENT = int(C.PAYLOAD_BLOCK_NOT_PRESENT)
+
+
+def _read_here(fd: int | None, view: memoryview, file_offset: int) -> bool:
+    """The short path's one ``preadv`` of all of ``view``; False sends the read to the general
+    path: a short read or an error (read again there, and reported with the offset), or a large
+    read the kernel would copy into ``view`` slowly (copied from a map there)."""
+    if fd is None or (len(view) >= BOUNCE_MIN and slow_to_copy_into(view, file_offset)):
+        return False
+    try:
+        return os.preadv(fd, [view], file_offset) == len(view)
+    except OSError:
+        return False
 
 
 class Disk(io.RawIOBase):
@@ -171,7 +184,8 @@ class Disk(io.RawIOBase):
         Taken when the range lies inside one block of each layer it reaches and that block is
         present (one ``preadv``), not present (the next layer down) or reads as zeros. Anything
         else (partially present blocks, the end of a layer, a read-only overlay of a dirty log,
-        a short read or an error) is left to the general path, which handles (and reports) it.
+        a short read or an error, a large read the kernel would copy into ``view`` slowly) is
+        left to the general path, which handles (and reports) it.
         """
         layers = self._short
         if layers is None:
@@ -192,10 +206,7 @@ class Disk(io.RawIOBase):
                 # a lazily checked BAT: the entry is checked before first use (inline, the common case)
                 if not _HEADER_SECTION <= entry & _OFFSET_MASK <= limit:
                     image.check_read_entry(block, entry)
-                try:
-                    return fd is not None and os.preadv(fd, [view], (entry & _OFFSET_MASK) + within) == n
-                except OSError:
-                    return False  # the general path reads again and reports it with the offset
+                return _read_here(fd, view, (entry & _OFFSET_MASK) + within)
             elif state != down:  # not "the next layer down" (NOT_PRESENT in a differencing layer)
                 if state == _PARTIALLY:
                     return False  # its sector bitmap says which sectors are here: the general path

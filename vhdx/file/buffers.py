@@ -29,7 +29,7 @@ from .storage import Storage
 
 PAGE = mmap.PAGESIZE
 ALIAS_WINDOW = 64          # buffer ahead of the file offset by 1..63 bytes (mod a page): the slow copy
-BOUNCE_MIN = 256 << 10     # below this a bounce costs more than it saves
+BOUNCE_MIN = 256 << 10     # below this a map or a bounce costs more than it saves
 BOUNCE_SIZE = 2 << 20      # measured: 1-4 MiB bounce buffers are equally fast, smaller ones slower
 
 _local = threading.local()  # one bounce buffer per thread (a Disk may be read from several threads)
