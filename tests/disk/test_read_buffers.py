@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import vhdx
 from support.chain import build_layers
 from support.disk import MiB, assert_same, pattern
+from vhdx.chains.locate import layers_of, locate
 from vhdx.file import buffers
 from vhdx.file.maps import copy_through_map
 from vhdx.file.storage import FileStorage
@@ -103,6 +104,47 @@ def test_every_buffer_kind_reads_the_model(chain, kind, skew, offset, length, po
     want = model[offset:offset + length]
     assert n == len(want)
     assert_same(bytes(view[:n]), want, f"{kind}+{skew} at {offset}, {length} bytes")
+
+
+@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(how=st.sampled_from(["read", "pread", "read-rest", "readall"]),
+       offset=st.one_of(st.integers(0, SIZE), st.sampled_from([0, MiB - 512, 2 * MiB, SIZE - 4096, SIZE - 1, SIZE])),
+       length=st.one_of(st.integers(0, 8192), st.integers(1, 5 * MiB), st.sampled_from([2 * MiB, 4 * MiB])),
+       leaf=st.booleans())
+def test_reads_returning_bytes_match_the_model(chain, how, offset, length, leaf) -> None:
+    """``read``, ``pread``, ``read()`` to the end and ``readall`` return ``bytes`` equal to the
+    model, whichever path (one ``os.pread``, zeros, the scratch buffer) serves them."""
+    path, model = (chain[0], chain[1]) if leaf else (chain[2], chain[3])
+    with vhdx.open(path) as disk:
+        if how == "pread":
+            got, want = disk.pread(offset, length), model[offset:offset + length]
+        else:
+            disk.seek(offset)
+            got = disk.read(length) if how == "read" else disk.read() if how == "read-rest" else disk.readall()
+            want = model[offset:offset + length] if how == "read" else model[offset:]
+            assert disk.tell() == offset + len(want)
+    assert type(got) is bytes
+    assert_same(got, want, f"{how} at {offset}, {length} bytes")
+
+
+def test_where_reads_are_found_in_one_place(chain) -> None:
+    """The lookups behind the fast paths: a run of blocks that follow each other in the base's
+    file is one place; a range of zeros is zeros; a range over a block of the parent or a
+    partially present block is left to the general path (None)."""
+    with vhdx.open(chain[2]) as base:
+        layers = layers_of(base)
+        fd, at = locate(layers, 4096, 3 * MiB)  # the base's first two 2 MiB blocks, written in order
+        assert fd == base.image.storage.fileno()
+        assert os.pread(fd, 3 * MiB, at) == bytes(chain[3][4096:4096 + 3 * MiB])
+        assert locate(layers, 6 * MiB, 1024) == (None, 0) and not any(chain[3][6 * MiB:6 * MiB + 1024])
+    with vhdx.open(chain[0]) as leaf:
+        layers = layers_of(leaf)
+        assert len(layers) == 3
+        assert locate(layers, 0, 4096) is None  # sectors 1-3 are in the leaf's middle layer: partial
+        assert locate(layers, MiB, 2 * MiB) is None  # two blocks, not all in the leaf: the general path
+        place = locate(layers, 4 * MiB, MiB)  # absent from the leaf and the middle layer: the base's block
+        assert place is not None and place[0] is not None
+        assert os.pread(place[0], MiB, place[1]) == bytes(chain[1][4 * MiB:5 * MiB])
 
 
 @pytest.mark.parametrize("layer", ["leaf", "base"])

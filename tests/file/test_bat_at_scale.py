@@ -398,3 +398,9 @@ def test_the_disk_short_read_path_checks_lazy_entries_too(tmp_path: Path) -> Non
         with pytest.raises(CorruptError):
             disk.pread((bad + 1) * MiB, 4096)
         assert disk.pread(bad * MiB, 4096) == bytes(4096)  # its neighbour, unallocated, reads zeros
+        with pytest.raises(CorruptError):
+            disk.pread(bad * MiB, 2 * MiB)  # a run over both (one lookup per block): checked too
+        disk.seek(bad * MiB + 4096)
+        with pytest.raises(CorruptError):
+            disk.read(2 * MiB)
+        assert disk.pread((bad - 2) * MiB, 2 * MiB) == bytes(2 * MiB)  # a run of zeros

@@ -9,41 +9,23 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import uuid
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from ..errors import ReadOnlyError, UsageError
-from ..file.buffers import BOUNCE_MIN, slow_to_copy_into
+from ..file.buffers import scratch
 from ..file.image import Image, zero_fill
-from ..file.storage import FileStorage
-from ..format import constants as C
 from ..format.geometry import as_offset
+from .locate import layers_of, locate, read_here
 
 _MAX_CHUNK = 64 << 20
 
-# The short path (:meth:`Disk._read_short`): a read of at most SHORT_MAX bytes that stays inside one
-# block of every layer it reaches is one BAT lookup per layer and one system call.
+# The short path (:meth:`Disk._read_short`): a read of at most SHORT_MAX bytes that
+# :func:`~vhdx.chains.locate.locate` finds in one place is one BAT lookup per layer and one system call.
 SHORT_MAX = 1 << 20
 _ZEROS = memoryview(bytes(SHORT_MAX))
-_STATE_MASK, _OFFSET_MASK = int(C.BAT_STATE_MASK), int(C.BAT_FILE_OFFSET_MASK)
-_FULLY, _PARTIALLY = int(C.PAYLOAD_BLOCK_FULLY_PRESENT), int(C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
-_HEADER_SECTION = int(C.HEADER_SECTION_SIZE)  # no block starts inside the header section
-_NOT_PRESENT = int(C.PAYLOAD_BLOCK_NOT_PRESENT)
-
-
-def _read_here(fd: int | None, view: memoryview, file_offset: int) -> bool:
-    """The short path's one ``preadv`` of all of ``view``; False sends the read to the general
-    path: a short read or an error (read again there, and reported with the offset), or a large
-    read the kernel would copy into ``view`` slowly (copied from a map there)."""
-    if fd is None or (len(view) >= BOUNCE_MIN and slow_to_copy_into(view, file_offset)):
-        return False
-    try:
-        return os.preadv(fd, [view], file_offset) == len(view)
-    except OSError:
-        return False
 
 
 class Disk(io.RawIOBase):
@@ -181,74 +163,68 @@ class Disk(io.RawIOBase):
         """The read of a few KiB, as fast as Python allows: True when ``view`` was filled from
         ``offset``; False (nothing promised about ``view``) sends it down the general path.
 
-        Taken when the range lies inside one block of each layer it reaches and that block is
-        present (one ``preadv``), not present (the next layer down) or reads as zeros. Anything
-        else (partially present blocks, the end of a layer, a read-only overlay of a dirty log,
-        a short read or an error, a large read the kernel would copy into ``view`` slowly) is
-        left to the general path, which handles (and reports) it.
+        Taken where :func:`~vhdx.chains.locate.locate` finds the range in one place. Anything else, a short read
+        or an error, or a large read the kernel would copy into ``view`` slowly, is left to the
+        general path, which handles (and reports) it.
         """
         layers = self._short
         if layers is None:
-            layers = self._short = self._short_layers()
-        if not layers:
+            layers = self._short = layers_of(self)
+        where = locate(layers, offset, len(view))
+        if where is None:
             return False
-        n = len(view)
-        for image, bat, entries, shift, ratio_shift, fd, size, here, down, limit in layers:
-            if image.closed or image.bat is not bat or offset + n > size:
-                return False
-            block = offset >> shift
-            within = offset - (block << shift)
-            if within + n > 1 << shift:
-                return False
-            entry = entries[block + (block >> ratio_shift)]
-            state = entry & _STATE_MASK
-            if state in here:  # the bytes are in this file
-                # a lazily checked BAT: the entry is checked before first use (inline, the common case)
-                if not _HEADER_SECTION <= entry & _OFFSET_MASK <= limit:
-                    image.check_read_entry(block, entry)
-                return _read_here(fd, view, (entry & _OFFSET_MASK) + within)
-            elif state != down:  # not "the next layer down" (NOT_PRESENT in a differencing layer)
-                if state == _PARTIALLY:
-                    return False  # its sector bitmap says which sectors are here: the general path
-                break  # zeros: ZERO, UNMAPPED, UNDEFINED, or NOT_PRESENT without a parent
-        view[:] = _ZEROS[:n]
-        return True
-
-    def _short_layers(self) -> list[tuple[Any, ...]]:
-        """Per layer, leaf first, what :meth:`_read_short` needs; empty (the short path is never
-        taken) for a writable disk, whose BAT changes as it is written, or a big-endian host."""
-        layers: list[tuple[Any, ...]] = []
-        disk: Disk | None = self
-        while disk is not None:
-            im = disk.image
-            if im.writable or sys.byteorder != "little":
-                return []
-            storage = im.storage
-            fd = storage.fileno() if type(storage) is FileStorage else None  # an overlay, a test double: no
-            bs, ratio = im.block_size, im.geometry.chunk_ratio
-            # powers of two in every valid file (docs/format.md §4.3, §5.1): lookups are shifts
-            if bs & (bs - 1) or ratio & (ratio - 1):
-                return []
-            entries = memoryview(im.bat)  # numpy exports little-endian uint64 as "L" (or "Q") here
-            if entries.format not in ("L", "Q") or entries.itemsize != 8 or entries.ndim != 1:
-                entries = memoryview(np.asarray(im.bat).view(np.uint8).data).cast("Q")
-            # the states whose bytes are in this file, and the one that sends a read to the parent
-            here = (_FULLY,) if im.has_parent else (_FULLY, _PARTIALLY)
-            down = _NOT_PRESENT if im.has_parent else -1
-            # the last start a whole block fits after, in a lazily checked BAT; checked ones need no test
-            limit = im.checked_file_size - bs if im.bat_lazy else 1 << 64
-            layers.append((im, im.bat, entries, bs.bit_length() - 1, ratio.bit_length() - 1, fd, im.size, here, down,
-                           limit))
-            disk = disk.parent
-        return layers
+        fd, file_offset = where
+        if fd is None:
+            view[:] = _ZEROS[:len(view)]
+            return True
+        return read_here(fd, view, file_offset)
 
     def pread(self, offset: int, length: int) -> bytes:
         """Positional read of up to ``length`` bytes from virtual ``offset`` (fewer at the end)."""
         offset = as_offset(offset, "offset", self.path)
         length = as_offset(length, "length", self.path)
-        buf = bytearray(max(0, min(length, self.size - offset)))
-        self.pread_into(memoryview(buf), offset)
-        return bytes(buf)
+        return self._read_bytes(offset, max(0, min(length, self.size - offset)))
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Read up to ``size`` bytes at the position (to the end of the disk when ``size`` is
+        negative or None); ``b""`` at the end."""
+        self._check_open()
+        pos = self._position
+        left = max(0, self.size - pos)
+        n = left if size is None or size < 0 else min(as_offset(size, "size", self.path), left)
+        data = self._read_bytes(pos, n)
+        self._position = pos + len(data)
+        return data
+
+    def readall(self) -> bytes:
+        """Read to the end of the disk (one read, not ``io``'s 8 KiB at a time)."""
+        return self.read(-1)
+
+    def _read_bytes(self, offset: int, n: int) -> bytes:
+        """``n`` virtual bytes from ``offset`` (inside the disk) as a new ``bytes``.
+
+        Bytes in one place are one ``os.pread`` (the kernel fills the new object: no second
+        copy) or a zero-filled ``bytes(n)``; others are read into a page-aligned scratch buffer
+        and copied out once (not into a new ``bytearray``, whose fresh pages fault as it fills)."""
+        if n <= 0:
+            return b""
+        layers = self._short
+        if layers is None:
+            layers = self._short = layers_of(self)
+        where = locate(layers, offset, n)
+        if where is not None:
+            fd, file_offset = where
+            if fd is None:
+                return bytes(n)
+            try:
+                data = os.pread(fd, n, file_offset)
+            except OSError:
+                data = b""  # the general path reads again and reports it with the offset
+            if len(data) == n:
+                return data
+        with scratch(n) as view:
+            self._read_virtual(view, offset)
+            return bytes(view)
 
     def _read_virtual(self, view: memoryview, offset: int) -> None:
         done = 0

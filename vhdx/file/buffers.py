@@ -21,9 +21,11 @@ the bounce (benchmarks/README.md, "Misaligned buffers").
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import threading
+from typing import Iterator
 
 from .storage import Storage
 
@@ -31,6 +33,7 @@ PAGE = mmap.PAGESIZE
 ALIAS_WINDOW = 64          # buffer ahead of the file offset by 1..63 bytes (mod a page): the slow copy
 BOUNCE_MIN = 256 << 10     # below this a map or a bounce costs more than it saves
 BOUNCE_SIZE = 2 << 20      # measured: 1-4 MiB bounce buffers are equally fast, smaller ones slower
+SCRATCH_MAX = 4 << 20      # a thread's reused scratch buffer (reads returning bytes of up to this size)
 
 _local = threading.local()  # one bounce buffer per thread (a Disk may be read from several threads)
 
@@ -58,6 +61,24 @@ def slow_to_copy_into(view: memoryview, file_offset: int) -> bool:
     aliased kind (the buffer 1..63 bytes ahead of the file offset, modulo the page size)."""
     address = address_of(view)
     return address is not None and 0 < (address - file_offset) % PAGE < ALIAS_WINDOW
+
+
+@contextlib.contextmanager
+def scratch(size: int) -> Iterator[memoryview]:
+    """A page-aligned buffer of ``size`` bytes to read into and copy out of, for the length of
+    a ``with``: this thread's reused one up to ``SCRATCH_MAX`` (its pages already faulted in), a
+    new one above that. Not reentrant within a thread (a nested call gets a new one)."""
+    if size > SCRATCH_MAX or getattr(_local, "scratch_busy", False):
+        yield aligned_buffer(size)
+        return
+    buf = getattr(_local, "scratch", None)
+    if buf is None:
+        buf = _local.scratch = aligned_buffer(SCRATCH_MAX)
+    _local.scratch_busy = True
+    try:
+        yield buf[:size]
+    finally:
+        _local.scratch_busy = False
 
 
 def _bounce() -> memoryview:
