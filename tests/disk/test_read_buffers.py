@@ -292,3 +292,17 @@ def test_aligned_buffer_is_page_aligned_and_zeroed() -> None:
     address = buffers.address_of(view)
     assert address is not None and address % mmap.PAGESIZE == 0
     assert len(buffers.aligned_buffer(0)) == 0
+
+
+def test_the_scratch_buffer_is_reused_aligned_and_never_shared() -> None:
+    """One page-aligned buffer per thread, handed out again and again; a nested use or a size
+    above SCRATCH_MAX gets a buffer of its own."""
+    with buffers.scratch(4096) as a:
+        first = buffers.address_of(a)
+        assert len(a) == 4096 and first is not None and first % mmap.PAGESIZE == 0
+        with buffers.scratch(100) as nested:
+            assert len(nested) == 100 and buffers.address_of(nested) != first
+    with buffers.scratch(buffers.SCRATCH_MAX) as again:
+        assert buffers.address_of(again) == first
+    with buffers.scratch(buffers.SCRATCH_MAX + 1) as big:
+        assert len(big) == buffers.SCRATCH_MAX + 1 and buffers.address_of(big) != first

@@ -65,11 +65,12 @@ def slow_to_copy_into(view: memoryview, file_offset: int) -> bool:
 
 @contextlib.contextmanager
 def scratch(size: int) -> Iterator[memoryview]:
-    """A page-aligned buffer of ``size`` bytes to read into and copy out of, for the length of
-    a ``with``: this thread's reused one up to ``SCRATCH_MAX`` (its pages already faulted in), a
-    new one above that. Not reentrant within a thread (a nested call gets a new one)."""
+    """A buffer of ``size`` bytes to read into and copy out of, for the length of a ``with``:
+    this thread's reused page-aligned one up to ``SCRATCH_MAX`` (its pages already faulted in);
+    above that, or nested in a thread, a new ``bytearray`` (which raises MemoryError when the
+    memory is not there, where an anonymous map would be granted and fail later)."""
     if size > SCRATCH_MAX or getattr(_local, "scratch_busy", False):
-        yield aligned_buffer(size)
+        yield memoryview(bytearray(size))
         return
     buf = getattr(_local, "scratch", None)
     if buf is None:
