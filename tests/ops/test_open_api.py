@@ -151,3 +151,18 @@ def test_mypy_strict_flags_a_misspelt_keyword(tmp_path: Path) -> None:
     assert run.returncode == 1, run.stdout + run.stderr
     errors = [l for l in run.stdout.splitlines() if ": error:" in l]
     assert len(errors) == 1 and "serch_paths" in errors[0] and "user.py:3:" in errors[0], run.stdout
+
+
+@pytest.mark.parametrize("size", ["4096", 1.5, b"1", [1]])
+def test_read_sizes_that_are_not_integers_are_usage_errors(tmp_path: Path, size: object) -> None:
+    """``read`` takes an int, None or a negative number (to the end); anything else is a
+    UsageError naming the file, never a bare TypeError from a comparison."""
+    path = tmp_path / "d.vhdx"
+    vhdx.create(str(path), 4 << 20).close()
+    with vhdx.open(str(path)) as disk:
+        with pytest.raises(vhdx.UsageError) as e:
+            disk.read(size)  # type: ignore[arg-type]
+        assert "size" in str(e.value) and "d.vhdx" in str(e.value)
+        assert disk.read(None) == bytes(4 << 20) and disk.read(-3) == b"" and disk.tell() == 4 << 20
+        disk.seek(4096)
+        assert disk.read(0) == b"" and disk.read(-1) == bytes((4 << 20) - 4096)

@@ -191,7 +191,8 @@ class Disk(io.RawIOBase):
         self._check_open()
         pos = self._position
         left = max(0, self.size - pos)
-        n = left if size is None or size < 0 else min(as_offset(size, "size", self.path), left)
+        everything = size is None or (isinstance(size, int) and size < 0)
+        n = left if everything else min(as_offset(size, "size", self.path), left)
         data = self._read_bytes(pos, n)
         self._position = pos + len(data)
         return data
