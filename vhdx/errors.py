@@ -1,7 +1,8 @@
 """The one exception hierarchy of the package. Imports nothing else from vhdx.
 
 Every error carries the file (``path``) and, where it is known, the byte offset in
-that file (``offset``). ``str(error)`` is one line a user can act on.
+that file (``offset``). ``str(error)`` is one line a user can act on. :func:`as_path` turns a
+value a caller hands in as a file name into a ``str``, or into a :class:`UsageError`.
 """
 
 from __future__ import annotations
@@ -113,3 +114,13 @@ class DiskExistsError(VhdxError, FileExistsError):
 
     def __str__(self) -> str:
         return self._message()
+
+
+def as_path(value: Any, what: str = "path") -> str:
+    """``value`` (a ``str``, ``bytes`` or ``os.PathLike`` a caller hands in) as a ``str``;
+    anything else is a :class:`UsageError` naming ``what``, not a ``TypeError`` from deep inside."""
+    try:
+        path = os.fspath(value)
+    except TypeError:
+        raise UsageError(f"{what} must be a path (str or os.PathLike), not {type(value).__name__}") from None
+    return os.fsdecode(path) if isinstance(path, bytes) else path

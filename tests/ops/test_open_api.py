@@ -166,3 +166,26 @@ def test_read_sizes_that_are_not_integers_are_usage_errors(tmp_path: Path, size:
         assert disk.read(None) == bytes(4 << 20) and disk.read(-3) == b"" and disk.tell() == 4 << 20
         disk.seek(4096)
         assert disk.read(0) == b"" and disk.read(-1) == bytes((4 << 20) - 4096)
+
+
+PATH_TAKERS = {
+    "open": lambda p: vhdx.open(p), "create": lambda p: vhdx.create(p, 1 << 20), "snapshot": lambda p: vhdx.snapshot(p),
+    "chain": lambda p: vhdx.chain(p), "reparent child": lambda p: vhdx.reparent(p, "x.vhdx"),
+    "reparent parent": lambda p: vhdx.reparent("x.avhdx", p), "find_chains": lambda p: vhdx.find_chains(p),
+    "merge": lambda p: vhdx.merge(p), "export": lambda p: vhdx.export(p, "out.raw"), "hash": lambda p: vhdx.hash(p),
+    "compact": lambda p: vhdx.compact(p), "resize": lambda p: vhdx.resize(p, 1 << 20),
+    "minimum_size": lambda p: vhdx.minimum_size(p), "convert source": lambda p: vhdx.convert(p, "out.vhdx"),
+    "convert out": lambda p: vhdx.convert("in.vhdx", p), "repair": lambda p: vhdx.repair(p, "out.vhdx"),
+    "repair out": lambda p: vhdx.repair("in.vhdx", p), "replay": lambda p: vhdx.replay(p),
+}
+
+
+@pytest.mark.parametrize("value", [5.5, None, object(), ["a.vhdx"]], ids=["float", "None", "object", "list"])
+@pytest.mark.parametrize("name", sorted(PATH_TAKERS))
+def test_a_path_that_is_not_a_path_is_a_usage_error(tmp_path: Path, monkeypatch, name: str, value: object) -> None:
+    """Every public function that takes a file refuses a value that is not a path with one
+    UsageError, never a bare TypeError from deep inside (and never creates anything)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(vhdx.VhdxError):
+        PATH_TAKERS[name](value)
+    assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Mapping
 
-from ..errors import ChainCycleError, ChainError, ParentMismatchError, ParentNotFoundError, UsageError
+from ..errors import ChainCycleError, ChainError, ParentMismatchError, ParentNotFoundError, UsageError, as_path
 from ..file.image import Image
 from ..file.storage import Storage
 from .disk import Disk
@@ -326,6 +326,7 @@ def open(path: PathArg, mode: str = "r", *, search_paths: PathArgs = (), parents
     content may be changing under you. ``storage`` reads the file through another
     :class:`~vhdx.file.storage.Storage` than the file at ``path`` (its parents are files).
     """
+    path = as_path(path)
     resolver = Resolver(search_paths=search_paths, parents=parents, ignore_id_mismatch=ignore_id_mismatch,
                         missing_parent=missing_parent, share=share)
     image = Image.open(path, mode, storage=storage, share=share)
@@ -388,6 +389,7 @@ def chain(path: PathArg, *, search_paths: PathArgs = (), parents: PathArgs | Non
     The keywords are those of :func:`open`; a missing parent is a layer whose ``linkage`` is
     "missing" (with every path ``tried``), not an error.
     """
+    path = as_path(path)
     resolver = Resolver(strict=False, search_paths=search_paths, parents=parents,
                         ignore_id_mismatch=ignore_id_mismatch, missing_parent=missing_parent, share=share)
     leaf = Image.open(path, "r", share=resolver.share)

@@ -9,7 +9,7 @@ import uuid
 from ..chains.disk import Disk
 from ..chains.paths import win_absolute_path, win_relative_path, win_volume_path
 from ..chains.resolve import open, stack
-from ..errors import ChainError, UsageError
+from ..errors import ChainError, UsageError, as_path
 from ..file.create import create_image
 from ..file.image import Image
 from ..file.outputs import remove_quietly, sync_folder
@@ -26,6 +26,7 @@ def create(path: str | os.PathLike[str], size: int | None = None, *, block_size:
     Without ``parent``: a dynamic (or ``fixed``) disk of ``size`` bytes. With ``parent``:
     a differencing child whose size and sector sizes come from the parent.
     """
+    path = as_path(path)
     if parent is not None:
         if size is not None or logical_sector_size is not None or physical_sector_size is not None or fixed:
             raise UsageError("a differencing disk takes its size and sector sizes from its parent; "
@@ -64,7 +65,7 @@ def create_child(path: str | os.PathLike[str], parent: str | os.PathLike[str], *
     The parent's whole chain must resolve before a child is made on top of it; it is resolved
     once, and the child is stacked on the open parent (which the child then owns).
     """
-    path, parent = os.fspath(path), os.fspath(parent)
+    path, parent = as_path(path), as_path(parent, "parent")
     pdisk = open(parent, "r")
     try:
         image = _create_over(path, parent, pdisk, block_size)
@@ -102,7 +103,7 @@ def checkpoint_stem(path: str) -> str:
 
 def snapshot(disk_path: str | os.PathLike[str], *, block_size: int | None = None) -> str:
     """Make ``<stem>_<GUID>.avhdx`` beside the disk, as Hyper-V names checkpoints; return its path."""
-    disk_path = os.fspath(disk_path)
+    disk_path = as_path(disk_path)
     folder = os.path.dirname(os.path.abspath(disk_path))
     child = os.path.join(folder, f"{checkpoint_stem(disk_path)}_{str(uuid.uuid4()).upper()}.avhdx")
     create_child(child, disk_path, block_size=block_size).close()

@@ -16,7 +16,7 @@ from typing import Any
 from ..chains.resolve import Resolver
 from ..chains.scan import VHDX_SUFFIXES, linkage_of, open_peek, regular_file_problem
 from ..chains.search import Link, Peers
-from ..errors import VhdxError
+from ..errors import VhdxError, as_path
 from .merge.journal import merge_in_progress
 
 
@@ -118,7 +118,7 @@ def find_chains(folder: str | os.PathLike[str], recursive: bool = False) -> Fore
     Each file is read under a shared lock; a file another process writes is read without
     one and marked ``in_use`` rather than failing the scan.
     """
-    folder = os.path.abspath(os.fspath(folder))
+    folder = os.path.abspath(as_path(folder, "folder"))
     paths: list[str] = []
     if recursive:
         for root, _dirs, files in os.walk(folder):  # followlinks=False: no loops through symlinks

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..chains.paths import file_key
 from ..chains.scan import linkage_of
-from ..errors import ChainCycleError, ChainError, ParentMismatchError
+from ..errors import ChainCycleError, ChainError, ParentMismatchError, as_path
 from ..file.image import Image
 from ..format.locator import format_linkage
 from .create import locator_for
@@ -31,7 +31,7 @@ def reparent(child: str | os.PathLike[str], new_parent: str | os.PathLike[str], 
     The paths are rewritten through the log. The linkage is rewritten to the new parent's
     DataWriteGuid only with ``ignore_id_mismatch`` (otherwise the GUIDs must already match).
     """
-    child, new_parent = os.fspath(child), os.fspath(new_parent)
+    child, new_parent = as_path(child, "child"), as_path(new_parent, "new parent")
     pimg = Image.open(new_parent, "r")
     try:
         parent_guid = pimg.header.data_write_guid

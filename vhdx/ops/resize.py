@@ -29,7 +29,7 @@ import numpy as np
 from ..chains.disk import Disk
 from ..chains.paths import PathArgs
 from ..chains.resolve import open as open_disk
-from ..errors import UsageError
+from ..errors import UsageError, as_path
 from ..file.image import Image
 from ..file.space import (bat_pages_from, commit_entries, host_sparse, items_with_size, lower_bat, metadata_pages,
                           referenced_end, relocate_bat, shrink_file)
@@ -93,6 +93,7 @@ def minimum_size(path: str | os.PathLike[str], *, search_paths: PathArgs = (), p
     """The smallest virtual size ``path`` can be resized to without losing data (like Get-VHD's
     MinimumSize): the end of its last non-zero byte, through its chain, rounded up to a logical
     sector. The keywords are those of :func:`vhdx.open`."""
+    path = as_path(path)
     with open_disk(path, search_paths=search_paths, parents=parents, ignore_id_mismatch=ignore_id_mismatch,
                    share=share) as disk:
         return minimum_of(disk)
@@ -211,7 +212,7 @@ def resize(path: str | os.PathLike[str], size: int, *, allow_data_loss: bool = F
     ``search_paths``, ``parents`` and ``ignore_id_mismatch`` are those of :func:`vhdx.open`
     (a differencing disk's minimum is read through its chain). Returns a :class:`ResizeResult`.
     """
-    path = os.fspath(path)
+    path = as_path(path)
     children = refuse_children(path, "resize", force or dry_run, search_paths)
     options: dict[str, Any] = dict(search_paths=search_paths, parents=parents, ignore_id_mismatch=ignore_id_mismatch)
     with open_disk(path, "r" if dry_run else "r+", **options) as disk:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence, overload
 from ...chains.paths import PathArgs, file_key, path_list
 from ...chains.resolve import Layer, Resolver
 from ...chains.scan import ScanCache
-from ...errors import MergeError, VhdxError
+from ...errors import MergeError, VhdxError, as_path
 from ...file.copy import Copier
 from ...file.image import Image
 from ...file.storage import Storage
@@ -157,7 +157,8 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
     anything else is read: a second merge of the same chain, a writer, or a reader (qemu's or
     ours) is refused with :class:`LockedError`. A dry run takes shared locks only.
     """
-    job = _Job(os.path.abspath(os.fspath(child)), into, progress, ignore_id_mismatch, keep, force,
+    into = as_path(into, "into") if into is not None else None
+    job = _Job(os.path.abspath(as_path(child, "child")), into, progress, ignore_id_mismatch, keep, force,
                path_list(search_paths), dry_run, storage_wrapper(), on_plan)
     try:
         if not dry_run and os.path.isfile(job.child):

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...errors import CorruptError, UnsupportedError, UsageError, VhdxError
+from ...errors import CorruptError, UnsupportedError, UsageError, VhdxError, as_path
 from ...file.image import Image
 from ...file.storage import FileStorage, Storage
 
@@ -28,12 +28,12 @@ def repair(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
     whose locator to rebuild when a differencing disk has lost its own. Returns the
     :class:`SalvageReport`; when ``report.unrecoverable`` is set nothing was written.
     """
-    path = os.fspath(path)
+    path = as_path(path)
     if in_place == (out is not None):
         raise UsageError("give an output file, or in_place=True (not both)", path=path)
     if in_place:
         return repair_in_place(path, size=size, parent=parent)
-    out = os.fspath(out)  # type: ignore[arg-type]
+    out = as_path(out, "out")
     if os.path.exists(out) and os.path.exists(path) and os.path.samefile(path, out):
         raise UsageError("the output is the input; use in_place=True to repair the file itself", path=out)
     locator = _locator(parent, out) if parent is not None else None
@@ -133,7 +133,7 @@ def replay(path: str | os.PathLike[str]) -> ReplayResult:
     A log that cannot be replayed raises :class:`LogReplayError` and the file is left as it
     was; ``vhdx repair`` salvages such a file.
     """
-    return replay_on(path)
+    return replay_on(as_path(path))
 
 
 def replay_on(path: str | os.PathLike[str], storage: Storage | None = None) -> ReplayResult:
