@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import vhdx
@@ -189,3 +190,21 @@ def test_a_path_that_is_not_a_path_is_a_usage_error(tmp_path: Path, monkeypatch,
     with pytest.raises(vhdx.VhdxError):
         PATH_TAKERS[name](value)
     assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())
+
+
+def test_disk_methods_turn_wrong_arguments_into_usage_errors(tmp_path: Path) -> None:
+    """Buffers that are not buffers (or read-only ones to read into, or non-contiguous ones),
+    seek offsets that are not integers and unknown whence values: UsageError naming the file.
+    UsageError is a ValueError, what ``io`` raises for a bad whence or a negative position."""
+    path = tmp_path / "d.vhdx"
+    with vhdx.create(str(path), 4 << 20) as disk:
+        wrong = [lambda: disk.write(123), lambda: disk.write("text"), lambda: disk.pwrite(np.zeros(8)[::2], 0),
+                 lambda: disk.readinto(123), lambda: disk.readinto(b"read-only"),
+                 lambda: disk.pread_into(memoryview(b"abcd"), 0), lambda: disk.seek("a"), lambda: disk.seek(1.5),
+                 lambda: disk.seek(0, 7), lambda: disk.seek(-1)]
+        for call in wrong:
+            with pytest.raises(vhdx.UsageError) as e:
+                call()
+            assert "d.vhdx" in str(e.value)
+            assert isinstance(e.value, ValueError)
+        assert disk.tell() == 0 and disk.write(b"ok") == 2 and disk.pread(0, 2) == b"ok"

@@ -8,6 +8,7 @@ never searches for one (that is :mod:`vhdx.chains.resolve`'s job). It owns the p
 from __future__ import annotations
 
 import io
+import operator
 import os
 import uuid
 from typing import Any, Callable, Iterable
@@ -115,6 +116,10 @@ class Disk(io.RawIOBase):
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         """Move the position (``whence`` as for files); returns the new position."""
         self._check_open()
+        try:
+            offset = operator.index(offset)
+        except TypeError:
+            raise UsageError(f"seek offset must be an integer, not {type(offset).__name__}", path=self.path) from None
         if whence == io.SEEK_SET:
             pos = offset
         elif whence == io.SEEK_CUR:
@@ -122,9 +127,9 @@ class Disk(io.RawIOBase):
         elif whence == io.SEEK_END:
             pos = self.size + offset
         else:
-            raise ValueError(f"invalid whence {whence}")
+            raise UsageError(f"invalid whence {whence!r}: io.SEEK_SET, SEEK_CUR or SEEK_END", path=self.path)
         if pos < 0:
-            raise ValueError(f"negative seek position {pos}")
+            raise UsageError(f"negative seek position {pos}", path=self.path)
         self._position = pos
         return pos
 
@@ -136,7 +141,7 @@ class Disk(io.RawIOBase):
         """Read at the position into ``buffer``; returns the bytes read (0 at the end)."""
         if self.closed:
             raise ValueError("I/O operation on closed disk")
-        view = memoryview(buffer) if type(buffer) is bytearray else memoryview(buffer).cast("B")
+        view = memoryview(buffer) if type(buffer) is bytearray else self._bytes_of(buffer, into=True)
         pos = self._position
         if 0 < len(view) <= SHORT_MAX and self._read_short(view, pos):
             n = len(view)
@@ -147,10 +152,21 @@ class Disk(io.RawIOBase):
 
     def pread_into(self, view: memoryview, offset: int) -> int:
         """Positional read: fill ``view`` from virtual ``offset``, clipped at the disk size."""
-        view = memoryview(view).cast("B")
+        view = self._bytes_of(view, into=True)
         if type(offset) is int and offset >= 0 and 0 < len(view) <= SHORT_MAX and self._read_short(view, offset):
             return len(view)
         return self._pread_general(view, offset)
+
+    def _bytes_of(self, buffer: Any, *, into: bool) -> memoryview:
+        """``buffer`` as a flat view of bytes; a UsageError naming the file when it is not a
+        contiguous buffer or, to read ``into``, a read-only one."""
+        try:
+            view = memoryview(buffer).cast("B")
+        except TypeError as e:
+            raise UsageError(f"a contiguous bytes-like buffer is required ({e})", path=self.path) from None
+        if into and view.readonly:
+            raise UsageError(f"cannot read into a read-only buffer ({type(buffer).__name__})", path=self.path)
+        return view
 
     def _pread_general(self, view: memoryview, offset: int) -> int:
         offset = as_offset(offset, "offset", self.path)
@@ -163,9 +179,9 @@ class Disk(io.RawIOBase):
         """The read of a few KiB, as fast as Python allows: True when ``view`` was filled from
         ``offset``; False (nothing promised about ``view``) sends it down the general path.
 
-        Taken where :func:`~vhdx.chains.locate.locate` finds the range in one place. Anything else, a short read
-        or an error, or a large read the kernel would copy into ``view`` slowly, is left to the
-        general path, which handles (and reports) it.
+        Taken where :func:`~vhdx.chains.locate.locate` finds the range in one place. Anything
+        else, a short read or an error, or a large read the kernel would copy into ``view``
+        slowly, is left to the general path, which handles (and reports) it.
         """
         layers = self._short
         if layers is None:
@@ -267,8 +283,7 @@ class Disk(io.RawIOBase):
     def write(self, data: Any) -> int:
         """Write ``data`` at the position; returns the bytes written."""
         self._check_open()
-        view = memoryview(data).cast("B")
-        n = self.pwrite(view, self._position)
+        n = self.pwrite(data, self._position)
         self._position += n
         return n
 
@@ -276,7 +291,7 @@ class Disk(io.RawIOBase):
         """Positional write; writes past the end of the disk are refused."""
         if not self.image.writable:
             raise ReadOnlyError("opened read-only", path=self.path)
-        view = memoryview(data).cast("B")
+        view = self._bytes_of(data, into=False)
         offset = as_offset(offset, "offset", self.path)
         if offset + len(view) > self.size:
             raise UsageError(f"write of {len(view)} bytes at {offset} runs past the end of the "
