@@ -1,8 +1,10 @@
 """The one exception hierarchy of the package. Imports nothing else from vhdx.
 
 Every error carries the file (``path``) and, where it is known, the byte offset in
-that file (``offset``). ``str(error)`` is one line a user can act on. :func:`as_path` turns a
-value a caller hands in as a file name into a ``str``, or into a :class:`UsageError`.
+that file (``offset``). ``str(error)`` is one line a user can act on. :func:`as_path` and
+:func:`as_callback` check what a caller hands in as a file name or a callback, so that a wrong
+one is a :class:`UsageError` at the call, not a ``TypeError`` from deep inside (or half way
+through a merge).
 """
 
 from __future__ import annotations
@@ -124,3 +126,10 @@ def as_path(value: Any, what: str = "path") -> str:
     except TypeError:
         raise UsageError(f"{what} must be a path (str or os.PathLike), not {type(value).__name__}") from None
     return os.fsdecode(path) if isinstance(path, bytes) else path
+
+
+def as_callback(value: Any, what: str = "progress") -> Any:
+    """``value`` when it is None or callable; anything else is a :class:`UsageError` naming ``what``."""
+    if value is not None and not callable(value):
+        raise UsageError(f"{what} must be callable (or None), not {type(value).__name__}")
+    return value

@@ -208,3 +208,36 @@ def test_disk_methods_turn_wrong_arguments_into_usage_errors(tmp_path: Path) -> 
             assert "d.vhdx" in str(e.value)
             assert isinstance(e.value, ValueError)
         assert disk.tell() == 0 and disk.write(b"ok") == 2 and disk.pread(0, 2) == b"ok"
+
+
+KEYWORD_MISTAKES = {
+    "create block_size": lambda d: vhdx.create("n.vhdx", 1 << 20, block_size="1M"),
+    "create logical_sector_size": lambda d: vhdx.create("n.vhdx", 1 << 20, logical_sector_size=512.0),
+    "convert block_size": lambda d: vhdx.convert(d, "n.vhdx", block_size="2"),
+    "open search_paths": lambda d: vhdx.open(d, search_paths=5),
+    "open parents": lambda d: vhdx.open(d, parents=5),
+    "open parents item": lambda d: vhdx.open(d, parents=[5]),
+    "export progress": lambda d: vhdx.export(d, "n.raw", progress=5),
+    "hash progress": lambda d: vhdx.hash(d, progress="bar"),
+    "convert progress": lambda d: vhdx.convert(d, "n.vhdx", progress=5),
+    "compact progress": lambda d: vhdx.compact(d, progress=5),
+    "merge progress": lambda d: vhdx.merge(d, progress=5),
+    "merge on_plan": lambda d: vhdx.merge(d, on_plan=5),
+    "repair size": lambda d: vhdx.repair(d, "n.vhdx", size="1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEYWORD_MISTAKES))
+def test_keyword_arguments_of_the_wrong_kind_are_usage_errors_before_any_work(tmp_path: Path, monkeypatch,
+                                                                               name: str) -> None:
+    """A block size as a string, a progress that cannot be called, a number for a list of
+    paths: one UsageError before anything is written (a merge is not left half done)."""
+    monkeypatch.chdir(tmp_path)
+    vhdx.create("d.vhdx", 4 << 20).close()
+    child = vhdx.snapshot("d.vhdx")
+    with vhdx.open(child, "r+") as disk:
+        disk.write(b"x" * 4096)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(vhdx.UsageError):
+        KEYWORD_MISTAKES[name](child)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -13,6 +13,8 @@ import re
 import uuid
 from typing import Iterable, Sequence, Union
 
+from ..errors import UsageError, as_path
+
 
 PathArg = Union[str, "os.PathLike[str]"]  # one path, as the public API takes it
 PathArgs = Union[PathArg, Iterable[PathArg]]  # one path or several
@@ -24,7 +26,11 @@ def path_list(paths: PathArgs | None) -> list[str]:
         return []
     if isinstance(paths, (str, os.PathLike)):
         return [os.fspath(paths)]
-    return [os.fspath(p) for p in paths]
+    try:
+        items = list(paths)
+    except TypeError:
+        raise UsageError(f"a path or a list of paths, not {type(paths).__name__}") from None
+    return [as_path(p) for p in items]
 
 
 # Wine maps drive Z: to "/"; we write and read absolute paths of this machine that way.

@@ -66,6 +66,10 @@ def create_image(path: str | os.PathLike[str], size: int, *, block_size: int = 3
 def _check_parameters(path: str, size: int, block_size: int, logical_sector_size: int,
                       physical_sector_size: int, fixed: bool, has_parent: bool) -> None:
     """Refuse a geometry the format does not allow (a UsageError: the caller chose it)."""
+    for what, value in (("block size", block_size), ("logical sector size", logical_sector_size),
+                        ("physical sector size", physical_sector_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UsageError(f"{what} {value!r}: a whole number of bytes", path=path)
     if block_size < C.MIN_BLOCK_SIZE or block_size > C.MAX_BLOCK_SIZE or block_size & (block_size - 1):
         raise UsageError(f"block size {block_size}: a power of two from 1 MiB to 256 MiB", path=path)
     if logical_sector_size not in C.LOGICAL_SECTOR_SIZES:

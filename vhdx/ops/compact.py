@@ -34,7 +34,7 @@ import numpy as np
 from ..chains.disk import Disk
 from ..chains.paths import PathArgs
 from ..chains.resolve import open as open_disk
-from ..errors import UsageError, as_path
+from ..errors import UsageError, as_callback, as_path
 from ..file.buffers import aligned_buffer
 from ..file.holes import Puncher
 from ..file.image import Image
@@ -323,7 +323,7 @@ def compact(path: str | os.PathLike[str], *, dry_run: bool = False, force: bool 
     parents as for :func:`vhdx.open` (and ``search_paths`` its children).
     Returns a :class:`CompactResult`.
     """
-    path = as_path(path)
+    path, progress = as_path(path), as_callback(progress)
     children = refuse_children(path, "compact", force or dry_run, search_paths)
     options: dict[str, Any] = dict(search_paths=search_paths, parents=parents, ignore_id_mismatch=ignore_id_mismatch)
     with open_disk(path, "r" if dry_run else "r+", **options) as disk:

@@ -26,7 +26,7 @@ import numpy as np
 from ..chains.disk import Disk
 from ..chains.paths import PathArgs
 from ..chains.resolve import MissingParent
-from ..errors import DiskExistsError, UsageError, VhdxError, as_path
+from ..errors import DiskExistsError, UsageError, VhdxError, as_callback, as_path
 from ..file.create import create_image
 from ..file.image import Image
 from ..file.outputs import atomic_output
@@ -301,7 +301,7 @@ def convert(source: str | os.PathLike[str] | Disk, out: str | os.PathLike[str], 
     Returns a :class:`ConvertResult`.
     """
     fixed = _check_type(disk_type)
-    out = as_path(out, "out")
+    out, progress = as_path(out, "out"), as_callback(progress)
     if source_format == "raw":
         if isinstance(source, Disk):
             raise UsageError("source_format='raw' takes a path")

@@ -29,7 +29,7 @@ from ..chains.disk import Disk
 from ..chains.paths import PathArgs
 from ..chains.resolve import MissingParent
 from ..chains.resolve import open as open_disk
-from ..errors import DiskExistsError, UsageError, VhdxError
+from ..errors import DiskExistsError, UsageError, VhdxError, as_callback
 from ..file.buffers import aligned_buffer
 from ..file.outputs import atomic_output
 
@@ -381,6 +381,7 @@ def export(source: Source, out: Destination, *, layer: int | None = None, sha256
     """
     if isinstance(out, bool) or not isinstance(out, (str, os.PathLike, int)):
         raise UsageError(f"not a path or a file descriptor: {type(out).__name__}")
+    progress = as_callback(progress)
     hasher = hashlib.sha256() if sha256 else None
     options = given_options(search_paths, parents, ignore_id_mismatch, missing_parent, share)
     with open_layer(source, layer, **options) as (disk, target):
@@ -410,6 +411,7 @@ def hash(source: Source, *, layer: int | None = None, progress: ProgressCallback
     read. ``layer``, ``progress`` and the keywords of :func:`vhdx.open` are as for :func:`export`.
     """
     hasher = hashlib.sha256()
+    progress = as_callback(progress)
     options = given_options(search_paths, parents, ignore_id_mismatch, missing_parent, share)
     with open_layer(source, layer, **options) as (_, target):
         stream(target, progress=progress, hasher=hasher)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence, overload
 from ...chains.paths import PathArgs, file_key, path_list
 from ...chains.resolve import Layer, Resolver
 from ...chains.scan import ScanCache
-from ...errors import MergeError, VhdxError, as_path
+from ...errors import MergeError, VhdxError, as_callback, as_path
 from ...file.copy import Copier
 from ...file.image import Image
 from ...file.storage import Storage
@@ -158,6 +158,7 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
     ours) is refused with :class:`LockedError`. A dry run takes shared locks only.
     """
     into = as_path(into, "into") if into is not None else None
+    progress, on_plan = as_callback(progress), as_callback(on_plan, "on_plan")
     job = _Job(os.path.abspath(as_path(child, "child")), into, progress, ignore_id_mismatch, keep, force,
                path_list(search_paths), dry_run, storage_wrapper(), on_plan)
     try:

@@ -10,6 +10,7 @@ from typing import Any
 from ...errors import CorruptError, UnsupportedError, UsageError, VhdxError, as_path
 from ...file.image import Image
 from ...file.storage import FileStorage, Storage
+from ...format.geometry import as_offset
 
 from ..check import check_file
 from ..create import locator_for
@@ -29,6 +30,7 @@ def repair(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
     :class:`SalvageReport`; when ``report.unrecoverable`` is set nothing was written.
     """
     path = as_path(path)
+    size = as_offset(size, "size", path) if size is not None else None
     if in_place == (out is not None):
         raise UsageError("give an output file, or in_place=True (not both)", path=path)
     if in_place:
