@@ -20,7 +20,6 @@ import vhdx
 from support.chain import build_layers, check_problems
 from support.disk import assert_same, disk_bytes, nonzero_pattern
 from vhdx.file.image import Image
-from vhdx.file.space import units
 from vhdx.format import bat as batmod
 from vhdx.format import layout
 
@@ -78,8 +77,8 @@ def packed_size(path: Path) -> tuple[int, int]:
     im = Image.open(str(path))
     try:
         spans = layout.structure_spans(im.header, im.region_table)
-        placed = units(im.bat, im.geometry, bitmaps=im.has_parent)
-        used = sum(s.end - s.start for s in spans) + sum(u.length for u in placed)
+        placed = layout.allocations(im.bat, im.geometry, bitmaps=im.has_parent)  # from the whole BAT
+        used = sum(s.end - s.start for s in spans) + int((placed.ends - placed.starts).sum())
         return im.storage.size(), used
     finally:
         im.close()

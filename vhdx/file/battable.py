@@ -115,3 +115,28 @@ def allocated(sparse: batmod.SparseBat) -> tuple[np.ndarray, np.ndarray, np.ndar
 def dense_states(sparse: batmod.SparseBat, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     """``(states, file offsets)`` of payload blocks ``start`` to ``stop`` (bounded by the caller)."""
     return batmod.dense(sparse, start, stop)
+
+
+def fill_entries(dst: np.ndarray, sparse: batmod.SparseBat, geometry: Geometry) -> None:
+    """Write the counted non-zero entries of a BAT (its ``sparse`` list) into ``dst``, a zeroed
+    array of at least ``geometry.bat_entries``: listed payload entries, the runs of a plain
+    state (in pieces of :data:`CHUNK_ENTRIES` blocks) and the sector-bitmap entries. Only the
+    pages of ``dst`` that receive a non-zero entry are touched (a new ``numpy.zeros`` array
+    costs no memory where it stays zero)."""
+    dst[sparse.payload_bat_indexes(geometry)] = sparse.entries
+    for start, stop, state in zip(sparse.run_starts.tolist(), sparse.run_stops.tolist(), sparse.run_states.tolist()):
+        for first in range(start, stop, CHUNK_ENTRIES):
+            blocks = np.arange(first, min(stop, first + CHUNK_ENTRIES), dtype=np.int64)
+            dst[geometry.payload_bat_index(blocks)] = state   # a plain state: no offset, no other bit
+    dst[sparse.sbm_bat_indexes(geometry)] = sparse.sbm_entries
+
+
+def nonzero_pages(entries: np.ndarray) -> Iterator[tuple[int, int]]:
+    """``(first, stop)`` entry ranges of ``entries``, whole 4 KiB pages, that hold a non-zero
+    entry: looked at :data:`CHUNK_ENTRIES` at a time, each range at most that long."""
+    per_page = C.LOG_SECTOR_SIZE // 8
+    for first in range(0, entries.size, CHUNK_ENTRIES):
+        nz = np.flatnonzero(entries[first:first + CHUNK_ENTRIES])
+        if nz.size:
+            lo = first + int(nz[0]) // per_page * per_page
+            yield lo, min(entries.size, first + (int(nz[-1]) // per_page + 1) * per_page)

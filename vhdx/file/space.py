@@ -31,9 +31,10 @@ from ..errors import UsageError
 from ..format import bat as batmod
 from ..format import constants as C
 from ..format import layout
-from ..format.geometry import Geometry, align_up
+from ..format.geometry import align_up
 from ..format.records import MetadataItem, RegionEntry, build_metadata_region, build_region_table, metadata_items
 from ..format.structs import VirtualDiskSize
+from . import battable
 from .copy import Copier, Progress
 
 if TYPE_CHECKING:
@@ -54,9 +55,10 @@ class Unit:
         return self.start + self.length
 
 
-def units(bat: np.ndarray, geometry: Geometry, *, bitmaps: bool) -> list[Unit]:
-    """Every payload block holding data and (``bitmaps``) every present sector bitmap, by offset."""
-    alloc = layout.allocations(bat, geometry, bitmaps=bitmaps)
+def units(image: "Image") -> list[Unit]:
+    """Every payload block of ``image`` holding data and (in a differencing disk) every present
+    sector bitmap, by offset; from the BAT's non-zero entries (as large as the data)."""
+    alloc = layout.allocations_of(image.sparse(), image.geometry, bitmaps=image.has_parent)
     out = [Unit(int(i), int(s), int(e - s)) for i, s, e in
            zip(alloc.bat_indexes.tolist(), alloc.starts.tolist(), alloc.ends.tolist())]
     return sorted(out, key=lambda u: u.start)
@@ -107,17 +109,10 @@ def commit_entries(image: "Image", updates: dict[int, int], *, data_change: bool
     writer = image.writer
     writer.check_writable()
     writer.begin_session(data_change=data_change)
-    new = image.bat.copy()
+    writer.log_pages(writer.bat_pages(set(updates), updates))   # the touched pages only, not a BAT copy
     idx = np.fromiter(updates.keys(), dtype=np.int64, count=len(updates))
-    new[idx] = np.fromiter(updates.values(), dtype=np.uint64, count=len(updates))
-    per_page = C.LOG_SECTOR_SIZE // 8
-    base = image.bat_region.file_offset
-    pages = {}
-    for page in np.unique(idx // per_page).tolist():
-        raw = batmod.encode_bat(new[page * per_page:(page + 1) * per_page])
-        pages[base + page * C.LOG_SECTOR_SIZE] = raw + bytes(C.LOG_SECTOR_SIZE - len(raw))
-    writer.log_pages(pages)
-    image.bat[idx] = new[idx]
+    image.bat[idx] = np.fromiter(updates.values(), dtype=np.uint64, count=len(updates))
+    image.bat_changed()
 
 
 def move_units(image: "Image", moves: list[tuple[Unit, int]], *, progress: Progress | None = None) -> int:
@@ -149,8 +144,8 @@ def move_units(image: "Image", moves: list[tuple[Unit, int]], *, progress: Progr
 def referenced_end(image: "Image") -> int:
     """The 1 MiB-aligned end of the last structure or block the file references."""
     spans = layout.structure_spans(image.header, image.region_table)
-    return align_up(layout.referenced_end(spans, layout.allocations(image.bat, image.geometry,
-                                                                    bitmaps=image.has_parent)))
+    return align_up(layout.referenced_end(spans, layout.allocations_of(image.sparse(), image.geometry,
+                                                                       bitmaps=image.has_parent)))
 
 
 def shrink_file(image: "Image", size: int) -> int:
@@ -204,10 +199,8 @@ def relocate_bat(image: "Image", new_bat: np.ndarray, *, extra_pages: dict[int, 
         at = writer.allocate(length)
     else:
         writer.write_zeros(at, length)
-    raw = batmod.encode_bat(new_bat)
-    nz = np.flatnonzero(new_bat)
-    if nz.size:
-        writer.write(raw[:align_up((int(nz[-1]) + 1) * 8, C.LOG_SECTOR_SIZE)], at)
+    for first, stop in battable.nonzero_pages(new_bat):   # the zeroed space holds the rest already
+        writer.write(batmod.encode_bat(new_bat[first:stop]), at + first * 8)
     writer.sync()
     entries = [RegionEntry(e.guid, at, length, e.required) if e.guid == C.BAT_REGION_GUID else e
                for e in image.region_table]
@@ -219,21 +212,33 @@ def relocate_bat(image: "Image", new_bat: np.ndarray, *, extra_pages: dict[int, 
     image.region_table = entries
     image.region_table_errors = [None, None]
     image.bat_region = image.region(C.BAT_REGION_GUID)
-    image.bat = np.zeros(length // 8, dtype="<u8")
-    image.bat[:new_bat.size] = new_bat
+    if new_bat.size * 8 == length:
+        image.bat = new_bat
+    else:
+        image.bat = np.zeros(length // 8, dtype="<u8")   # pages that stay zero cost no memory
+        for first, stop in battable.nonzero_pages(new_bat):
+            image.bat[first:stop] = new_bat[first:stop]
+    image.bat_changed()
     return at
 
 
 def bat_pages_from(image: "Image", new_bat: np.ndarray) -> dict[int, bytes]:
-    """The 4 KiB pages of the BAT region (in place) that differ from ``new_bat``'s entries."""
+    """The 4 KiB pages of the BAT region (in place) that differ from ``new_bat``'s entries,
+    compared :data:`~vhdx.file.battable.CHUNK_ENTRIES` entries at a time (never the whole BAT
+    in memory at once)."""
     base = image.bat_region.file_offset
-    raw = batmod.encode_bat(new_bat)
-    raw += bytes(align_up(len(raw), C.LOG_SECTOR_SIZE) - len(raw))
-    if len(raw) > image.bat_region.length:
+    if align_up(new_bat.size * 8, C.LOG_SECTOR_SIZE) > image.bat_region.length:
         raise UsageError("the new BAT does not fit its region", path=image.path)
-    old = image.storage.read(base, len(raw))
-    return {base + at: raw[at:at + C.LOG_SECTOR_SIZE] for at in range(0, len(raw), C.LOG_SECTOR_SIZE)
-            if raw[at:at + C.LOG_SECTOR_SIZE] != old[at:at + C.LOG_SECTOR_SIZE]}
+    pages = {}
+    for first in range(0, new_bat.size, battable.CHUNK_ENTRIES):
+        new = new_bat[first:first + battable.CHUNK_ENTRIES]
+        raw = batmod.encode_bat(new)
+        raw += bytes(align_up(len(raw), C.LOG_SECTOR_SIZE) - len(raw))
+        old = image.storage.read(base + first * 8, len(raw))
+        for at in range(0, len(raw), C.LOG_SECTOR_SIZE):
+            if raw[at:at + C.LOG_SECTOR_SIZE] != old[at:at + C.LOG_SECTOR_SIZE]:
+                pages[base + first * 8 + at] = raw[at:at + C.LOG_SECTOR_SIZE]
+    return pages
 
 
 def metadata_pages(image: "Image", items: list[MetadataItem]) -> dict[int, bytes]:
@@ -260,15 +265,14 @@ def lower_bat(image: "Image") -> bool:
     current = image.bat_region
     others = [sp for sp in layout.structure_spans(image.header, image.region_table)
               if sp.name != "region BAT"]
-    placed = units(image.bat, image.geometry, bitmaps=image.has_parent)
+    placed = units(image)
     for start, end in holes(others + [layout.Span(current.file_offset, current.file_offset + current.length,
                                                   "region BAT")], placed):
         if start >= current.file_offset:
             break
         if end - start >= needed:
             new_bat = np.zeros(needed // 8, dtype="<u8")
-            keep = min(image.geometry.bat_entries, image.bat.size)
-            new_bat[:keep] = image.bat[:keep]
+            battable.fill_entries(new_bat, image.sparse(), image.geometry)
             relocate_bat(image, new_bat, at=start)
             return True
     return False

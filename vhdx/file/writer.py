@@ -251,13 +251,13 @@ class Writer:
         """The 4 KiB BAT pages holding ``bat_indexes``, with ``changes`` applied."""
         base = self.image.bat_region.file_offset
         per_page = C.LOG_SECTOR_SIZE // 8
+        entries = {page: self.image.bat[page * per_page:(page + 1) * per_page].copy()
+                   for page in {i // per_page for i in bat_indexes}}
+        for idx, entry in (changes or {}).items():
+            entries[idx // per_page][idx % per_page] = entry
         pages = {}
-        for page in {i // per_page for i in bat_indexes}:
-            entries = self.image.bat[page * per_page:(page + 1) * per_page].copy()
-            for idx, entry in (changes or {}).items():
-                if idx // per_page == page:
-                    entries[idx - page * per_page] = entry
-            raw = batmod.encode_bat(entries)
+        for page, values in entries.items():
+            raw = batmod.encode_bat(values)
             pages[base + page * C.LOG_SECTOR_SIZE] = raw + bytes(C.LOG_SECTOR_SIZE - len(raw))
         return pages
 

@@ -116,7 +116,7 @@ def zero_block_entries(disk: Disk, progress: ProgressCallback | None = None,
     """
     image = disk.image
     g = image.geometry
-    blocks = np.flatnonzero(batmod.holds_data(image.payload_states())).tolist()
+    blocks = image.allocated()[0].tolist()
     buf = aligned_buffer(g.block_size)   # page-aligned: the kernel copies into it at full speed
     kinds = classify_blocks(image, blocks, buf, free)
     tail = expected_end(image, len(kinds))
@@ -214,7 +214,7 @@ def expected_end(image: Image, candidates: int) -> int:
     small to pack into make the real end larger than it (a punched block may then receive a
     moved one: slower, never wrong, since every punch is over before the first write)."""
     spans = _structures(image)
-    placed = units(image.bat, image.geometry, bitmaps=image.has_parent)
+    placed = units(image)
     kept = sum(u.length for u in placed) - candidates * image.block_size
     return align_up(max(s.end for s in spans) + max(kept, 0))
 
@@ -271,7 +271,7 @@ def pack(image: Image) -> tuple[int, int]:
     """Move blocks from the end of the file into its holes until none fits; (blocks, bytes) moved."""
     moved = nbytes = 0
     while True:
-        moves = plan_moves(_structures(image), units(image.bat, image.geometry, bitmaps=image.has_parent))
+        moves = plan_moves(_structures(image), units(image))
         if not moves:
             return moved, nbytes
         for batch in _batches(moves):
@@ -280,23 +280,22 @@ def pack(image: Image) -> tuple[int, int]:
 
 
 def simulate(image: Image, updates: dict[int, int]) -> tuple[int, int, int]:
-    """(blocks, bytes moved, file size after) of a compact, computed on a copy of the BAT."""
-    bat = image.bat.copy()
-    for idx, entry in updates.items():
-        bat[idx] = entry
+    """(blocks, bytes moved, file size after) of a compact, computed on the list of what the
+    file holds (``updates`` unallocate blocks: their units drop out), not on a copy of the BAT."""
+    placed = [u for u in units(image) if u.bat_index not in updates]
     moved = nbytes = 0
     spans = _structures(image)
     while True:
-        moves = plan_moves(spans, units(bat, image.geometry, bitmaps=image.has_parent))
+        moves = plan_moves(spans, placed)
         if not moves:
             break
-        for unit, dst in moves:
-            bat[unit.bat_index] = batmod.make_entry(int(bat[unit.bat_index]) & C.BAT_STATE_MASK, dst)
-            moved += 1
-            nbytes += unit.length
-    alloc = layout.allocations(bat, image.geometry, bitmaps=image.has_parent)
-    end = align_up(layout.referenced_end(spans, alloc))
-    return moved, nbytes, min(end, image.storage.size())
+        going = {unit.bat_index: dst for unit, dst in moves}
+        placed = sorted((Unit(u.bat_index, going.get(u.bat_index, u.start), u.length) for u in placed),
+                        key=lambda u: u.start)
+        moved += len(moves)
+        nbytes += sum(unit.length for unit, _ in moves)
+    end = max([s.end for s in spans] + [u.end for u in placed])
+    return moved, nbytes, min(align_up(end), image.storage.size())
 
 
 def _check_compactable(image: Image) -> None:

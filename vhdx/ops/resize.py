@@ -30,6 +30,7 @@ from ..chains.disk import Disk
 from ..chains.paths import PathArgs
 from ..chains.resolve import open as open_disk
 from ..errors import UsageError, as_path
+from ..file.battable import CHUNK_ENTRIES, fill_entries
 from ..file.image import Image
 from ..file.space import (bat_pages_from, commit_entries, host_sparse, items_with_size, lower_bat, metadata_pages,
                           referenced_end, relocate_bat, shrink_file)
@@ -123,17 +124,14 @@ def grown_bat(image: Image, g_new: Geometry) -> np.ndarray:
     a fixed disk's new blocks allocated (zeroed space at the end of the file)."""
     g_old = image.geometry
     new = np.zeros(align_up(g_new.bat_entries * 8, C.LOG_SECTOR_SIZE) // 8, dtype="<u8")
-    keep = min(g_old.bat_entries, image.bat.size)
-    new[:keep] = image.bat[:keep]
-    fresh = np.arange(g_old.payload_blocks, g_new.payload_blocks, dtype=np.int64)
-    new[g_new.payload_bat_index(fresh)] = 0
-    chunks = np.arange(g_old.sector_bitmap_blocks, g_new.sector_bitmap_blocks, dtype=np.int64)
-    sidx = g_new.sbm_bat_index(chunks)
-    new[sidx[sidx < new.size]] = 0
-    if image.disk_type == "fixed" and fresh.size:
-        at = image.writer.allocate(fresh.size * g_new.block_size)
-        offsets = at + np.arange(fresh.size, dtype=np.uint64) * np.uint64(g_new.block_size)
-        new[g_new.payload_bat_index(fresh)] = offsets | np.uint64(C.PAYLOAD_BLOCK_FULLY_PRESENT)
+    fill_entries(new, image.sparse(), g_old)   # the old blocks' entries; the new ones stay cleared
+    count = g_new.payload_blocks - g_old.payload_blocks
+    if image.disk_type == "fixed" and count > 0:
+        at = image.writer.allocate(count * g_new.block_size)
+        for first in range(0, count, CHUNK_ENTRIES):   # in pieces: a fixed disk's BAT is all entries
+            fresh = np.arange(first, min(count, first + CHUNK_ENTRIES), dtype=np.int64)
+            offsets = np.uint64(at) + fresh.astype(np.uint64) * np.uint64(g_new.block_size)
+            new[g_new.payload_bat_index(fresh + g_old.payload_blocks)] = offsets | np.uint64(C.PAYLOAD_BLOCK_FULLY_PRESENT)
         image.writer.sync()
     return new
 
@@ -151,6 +149,7 @@ def grow(image: Image, size: int) -> bool:
         return True
     image.writer.log_pages(bat_pages_from(image, new_bat))   # outside the disk until the size changes
     image.bat = new_bat
+    image.bat_changed()
     image.writer.log_pages(size_pages)
     image.load_metadata()
     return False
@@ -164,10 +163,11 @@ def shrink(image: Image, size: int) -> None:
     # A differencing disk's cut blocks become ZERO, not NOT_PRESENT, so that until the size
     # changes they keep reading zeros instead of the parent's data.
     cut = batmod.make_entry(C.PAYLOAD_BLOCK_ZERO if image.has_parent else C.PAYLOAD_BLOCK_NOT_PRESENT, 0)
-    held = np.flatnonzero(batmod.holds_data(image.payload_states()[g_new.payload_blocks:])) + g_new.payload_blocks
+    blocks = image.allocated()[0]   # from the BAT's non-zero entries: as large as the data
+    held = blocks[blocks >= g_new.payload_blocks]
     updates = {int(i): cut for i in g_old.payload_bat_index(held)}
-    sidx = g_old.sbm_bat_index(np.arange(g_new.sector_bitmap_blocks, g_old.sector_bitmap_blocks))
-    updates.update({int(i): 0 for i in sidx if int(i) < image.bat.size and int(image.bat[int(i)])})
+    chunks = image.sparse().chunks   # the sector-bitmap entries that are not zero
+    updates.update({int(i): 0 for i in g_old.sbm_bat_index(chunks[chunks >= g_new.sector_bitmap_blocks])})
     commit_entries(image, updates, data_change=True)
     image.writer.begin_session(data_change=True)
     zero_block_tail(image, size)
