@@ -23,7 +23,12 @@ Goals (issue 10): open + tail read at most 2 x pyvhdi and under 64 MiB RSS; chec
 qemu-img in time with at most a quarter of its memory; create at most 1.0 x qemu-img. The disks
 are sparse: they take a few MiB of the work folder.
 
-    python benchmarks/bench_scale.py [--rounds 5] [--open-rounds 11] [--only-open] [--workdir DIR] [--json]
+Then (round 6) the maintenance verbs on a 64 TiB disk with 1 MiB blocks holding eight 4 KiB
+pieces and a block of zeros, as CLI commands in sequence each round (compact --dry-run, resize
+to 32 TiB and back, compact, convert, repair to a copy, check): time and peak RSS, no peer
+(qemu-img cannot compact or resize a VHDX).
+
+    python benchmarks/bench_scale.py [--rounds 5] [--open-rounds 11] [--only-open | --only-maintenance] [--workdir DIR] [--json]
 """
 
 from __future__ import annotations
@@ -253,12 +258,46 @@ def rows_for(workdir: Path, block: int, rounds: int, open_rounds: int, only_open
     return rows
 
 
+MAINTENANCE = [  # (row, vhdx arguments; {disk} and {out} filled in), run in this order on one disk
+    ("compact --dry-run", ["compact", "--dry-run", "{disk}"]),
+    ("resize to 32 TiB", ["resize", "--allow-data-loss", "{disk}", "32T"]),
+    ("resize back to 64 TiB", ["resize", "{disk}", "64T"]),
+    ("compact", ["compact", "{disk}"]),
+    ("convert", ["convert", "--overwrite", "{disk}", "{out}"]),
+    ("repair to a copy", ["repair", "{disk}", "-o", "{out}"]),
+    ("check", ["check", "{disk}"]),
+]
+
+
+def maintenance_rows(workdir: Path, rounds: int) -> list[dict]:
+    """compact, resize, convert and repair of a 64 TiB disk (1 MiB blocks, eight 4 KiB pieces of
+    data and one block of zeros), as CLI commands: time and peak RSS. No peer: qemu-img cannot
+    compact or resize a VHDX ("Image format driver does not support resize")."""
+    disk, out = workdir / "maint-1M.vhdx", workdir / "maint-out.vhdx"
+    disk.unlink(missing_ok=True)
+    build = ("import sys, vhdx\nwith vhdx.create(sys.argv[1], 64 << 40, block_size=1 << 20) as d:\n"
+             "    for i in range(8): d.pwrite(bytes([65 + i]) * 4096, i * (8 << 40) + (5 << 20))\n"
+             "    d.pwrite(bytes(4096), 3 << 40)\n")
+    subprocess.run([PY, "-c", build, str(disk)], check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in MAINTENANCE}
+    for _ in range(rounds):  # the whole sequence each round: every resize changes the size again
+        for name, args in MAINTENANCE:
+            cmd = [PY, "-m", "vhdx", *[a.format(disk=disk, out=out) for a in args]]
+            runs[name].append(measure(cmd, 1, lambda: out.unlink(missing_ok=True)))
+    rows = [{"work": f"{name} (64T CLI)", "seconds": statistics.median(r["seconds"] for r in found),
+             "rss": statistics.median(r["rss"] for r in found)} for name, found in runs.items()]
+    out.unlink(missing_ok=True)
+    disk.unlink(missing_ok=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--open-rounds", type=int, default=11,
                     help="children per open+tail and chain row, ours and pyvhdi taking turns (default 11)")
     ap.add_argument("--only-open", action="store_true", help="only the open+tail and 64-deep chain rows")
+    ap.add_argument("--only-maintenance", action="store_true", help="only the compact/resize/convert/repair rows")
     ap.add_argument("--workdir")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -269,9 +308,12 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         rows = []
-        for block in (1 << 20, 32 << 20):
-            rows += rows_for(workdir, block, args.rounds, args.open_rounds, args.only_open)
-        rows += chain_rows(workdir, args.open_rounds)
+        if not args.only_maintenance:
+            for block in (1 << 20, 32 << 20):
+                rows += rows_for(workdir, block, args.rounds, args.open_rounds, args.only_open)
+            rows += chain_rows(workdir, args.open_rounds)
+        if not args.only_open:
+            rows += maintenance_rows(workdir, args.rounds)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -283,6 +325,9 @@ def main() -> None:
     for r in rows:
         if "apparent" in r:
             print(f"{r['work']:32} {r['apparent'] / mib:.1f} MiB long, {r['on_disk'] / mib:.1f} MiB on disk")
+            continue
+        if "peer" not in r:
+            print(f"{r['work']:32} {_seconds(r['seconds'])} {r['rss'] / mib:6.1f}Mi   (no peer)")
             continue
         print(f"{r['work']:32} {_seconds(r['ours_s'])} {r['ours_rss'] / mib:6.1f}Mi   {r['peer']:16} "
               f"{_seconds(r['peer_s'])} {r['peer_rss'] / mib:6.1f}Mi   {r['time_ratio']:7.2f} {r['rss_ratio']:6.2f}")
