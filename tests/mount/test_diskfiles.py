@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import random
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def test_sequential_and_random_reads_equal_the_disk(tmp_path: Path) -> None:
         files = DiskFiles(leaf, writable=False)
         assert set(files.files) == {LEAF_NAME, *(p.name for p in built.paths)}
         assert files.attributes(LEAF_NAME)["st_size"] == SIZE
+        folder = files.attributes("")   # the folder carries its newest file's times, not 1970's
+        assert folder["st_mtime"] == max(os.stat(p).st_mtime_ns for p in built.paths) > 0
         for n, path in enumerate(reversed(built.paths)):   # sequential, 128 KiB at a time, through the window
             got = bytearray()
             for offset in range(0, SIZE + 131072, 131072):

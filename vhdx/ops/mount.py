@@ -138,8 +138,10 @@ class DiskFiles:
 
     def attributes(self, name: str) -> dict[str, Any]:
         """stat(2) fields of ``/name`` (``""`` is the folder)."""
-        if not name:
-            return dict(st_mode=stat.S_IFDIR | 0o555, st_nlink=2, st_uid=os.getuid(), st_gid=os.getgid())
+        if not name:  # the folder: the times of its newest file (not 1970)
+            newest = max(self.stats.values(), key=lambda st: st.st_mtime_ns)
+            return dict(st_mode=stat.S_IFDIR | 0o555, st_nlink=2, st_uid=os.getuid(), st_gid=os.getgid(),
+                        st_atime=newest.st_atime_ns, st_mtime=newest.st_mtime_ns, st_ctime=newest.st_ctime_ns)
         disk = self.files[name]
         st = self.stats[name]
         mode = 0o644 if (self.writable and name == LEAF_NAME) else 0o444
