@@ -142,8 +142,8 @@ def blocks_apart(entries: np.ndarray, bs: int, lss: int, file_size: int, *, chec
     """True when, read with block size ``bs``, the payload blocks the BAT places share no bytes
     and the last one starts less than a block before the end of the file (1 MiB rounded)."""
     ratio = C.SECTORS_PER_CHUNK * lss // bs
-    idx = np.arange(entries.size)
-    payload = entries[(idx % (ratio + 1)) != ratio]
+    idx = np.flatnonzero(entries)  # only non-zero entries can place a block
+    payload = entries[idx[(idx % (ratio + 1)) != ratio]]
     st = batmod.states(payload)
     present = (st == C.PAYLOAD_BLOCK_FULLY_PRESENT) | (st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
     offs = np.unique(batmod.file_offsets(payload[present]).astype(np.int64))
@@ -157,8 +157,9 @@ def looks_differencing(entries: np.ndarray, bs: int, lss: int) -> bool:
     """Does the BAT, read with block size ``bs``, hold what only a differencing disk holds:
     a present sector bitmap, or a PARTIALLY_PRESENT block?"""
     ratio = C.SECTORS_PER_CHUNK * lss // bs
-    sbm = (np.arange(entries.size) % (ratio + 1)) == ratio
-    st = batmod.states(entries)
+    idx = np.flatnonzero(entries)  # a zero entry is neither
+    sbm = (idx % (ratio + 1)) == ratio
+    st = batmod.states(entries[idx])
     return bool(np.any(sbm & (st == C.SB_BLOCK_PRESENT)) or np.any(~sbm & (st == C.PAYLOAD_BLOCK_PARTIALLY_PRESENT)))
 
 
