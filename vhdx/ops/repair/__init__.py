@@ -3,8 +3,9 @@ what was lost (``vhdx repair``); a dirty log replayed (``vhdx replay``); the saf
 ``vhdx check --repair``.
 
 ``salvage`` reads the damaged file without trusting it (``scan``: headers, log, region
-tables; ``meta``: metadata items; ``batfix``: BAT entries); ``rebuild`` writes the copy;
-``inplace`` writes the fixes into the file itself through the log; ``run`` is the API.
+tables; ``meta``: metadata items; ``batfix``: BAT entries, as the list of the non-zero ones);
+``rebuild`` writes the copy; ``inplace`` writes the fixes into the file itself through the log
+(``batpages``: the BAT pages that change, found chunk by chunk); ``run`` is the API.
 """
 
 from .report import SalvageReport, Structure

@@ -24,13 +24,13 @@ from ..._version import __version__
 from ...errors import UnsupportedError
 from ...file.log import LogWriter, ReplayPlan, apply_replay
 from ...file.storage import Storage
-from ...format import bat as batmod
 from ...format import constants as C
 from ...format import layout
 from ...format.geometry import align_up
 from ...format.locator import build_parent_locator
 from ...format.records import (Header, MetadataItem, RegionEntry, build_file_identifier, build_header,
                                build_metadata_region, build_region_table, system_items)
+from .batpages import changed_pages
 from .report import FOUND, REPAIRED
 from .salvage import Salvage
 from .scan import blank_header
@@ -53,7 +53,7 @@ class InPlace:
         spans = layout.structure_spans(blank_header(), [r for r in (s.bat_region, s.metadata_region) if r])
         used = [(sp.start, sp.end) for sp in spans]
         if s.bat is not None and s.geometry is not None:
-            alloc = layout.allocations(s.bat, s.geometry, bitmaps=s.geometry.has_parent)
+            alloc = layout.allocations_of(s.bat, s.geometry, bitmaps=s.geometry.has_parent)
             used += list(zip(alloc.starts.tolist(), alloc.ends.tolist()))
         return used
 
@@ -88,7 +88,7 @@ class InPlace:
         lies inside the file, its missing part zeros (and reported lost)."""
         s = self.s
         assert s.bat is not None and s.geometry is not None
-        alloc = layout.allocations(s.bat, s.geometry, bitmaps=s.geometry.has_parent)
+        alloc = layout.allocations_of(s.bat, s.geometry, bitmaps=s.geometry.has_parent)
         end = int(alloc.ends.max()) if alloc.ends.size else 0
         if end > self.storage.size():
             self.storage.truncate(align_up(end))
@@ -145,8 +145,8 @@ class InPlace:
         for offset in C.REGION_TABLE_OFFSETS:
             self._diff(pages, offset, table)
         self._diff(pages, s.metadata_region.file_offset, self._metadata(s.metadata_region))
-        raw = batmod.encode_bat(s.bat)
-        self._diff(pages, s.bat_region.file_offset, raw + bytes(align_up(len(raw), PAGE) - len(raw)))
+        assert s.geometry is not None
+        pages.update(changed_pages(self.storage, s.bat_region.file_offset, s.bat, s.bat_kept, s.geometry))
         return pages
 
     def _diff(self, pages: dict[int, bytes], offset: int, new: bytes) -> None:
@@ -207,8 +207,8 @@ class InPlace:
         s = self.s
         assert s.bat is not None and s.geometry is not None and s.bat_region is not None and s.metadata_region
         spans = layout.structure_spans(self.header, [s.bat_region, s.metadata_region])
-        end = align_up(layout.referenced_end(spans, layout.allocations(s.bat, s.geometry,
-                                                                         bitmaps=s.geometry.has_parent)))
+        end = align_up(layout.referenced_end(spans, layout.allocations_of(s.bat, s.geometry,
+                                                                            bitmaps=s.geometry.has_parent)))
         size = self.storage.size()
         if size - end >= C.ALIGNMENT and any(st.name == "BAT" and st.status != FOUND for st in s.report.structures):
             s.report.add("leaked space", FOUND, f"{size - end} bytes past the last structure kept: they may hold "

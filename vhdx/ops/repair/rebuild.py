@@ -5,6 +5,8 @@ through the log). The copy appears under its name only when complete."""
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from ...file.create import create_image
@@ -17,7 +19,10 @@ from ...format import bitmap as bitmapmod
 from ...format import constants as C
 from ...format.locator import build_parent_locator
 from ...format.records import metadata_items
+from .batfix import NO_DATA_STATES, lookup
 from .salvage import Salvage
+
+WINDOW = 1 << 17  # blocks looked at at a time, for a differencing disk's runs
 
 
 def write_copy(s: Salvage, out: str) -> None:
@@ -51,23 +56,54 @@ def write_copy(s: Salvage, out: str) -> None:
 
 
 def copy_blocks(image: Image, s: Salvage) -> None:
-    """Every block the cleaned BAT trusts, into ``image``, in transactions of at most
-    MAX_TX_BLOCKS blocks."""
+    """Every block the cleaned BAT trusts, into ``image``, in block order, in transactions of
+    at most MAX_TX_BLOCKS blocks."""
+    pending: list[tuple[int, int]] = []
+    for block, entry in wanted_blocks(s):
+        pending.append((block, entry))
+        if len(pending) == MAX_TX_BLOCKS:
+            _write_blocks(image, s, pending)
+            pending = []
+    _write_blocks(image, s, pending)
+
+
+def _write_blocks(image: Image, s: Salvage, blocks: list[tuple[int, int]]) -> None:
+    extents: list[Extent] = []
+    for block, entry in blocks:
+        extents += block_extents(s, block, entry)
+    if extents:
+        image.write_extents(extents)
+
+
+def wanted_blocks(s: Salvage) -> Iterator[tuple[int, int]]:
+    """``(block, entry)`` of each block to copy, in block order: those holding data and, in a
+    differencing disk, those that read as zeros (not as the parent's). Looked at from the
+    BAT's non-zero entries, a window of blocks at a time (runs of a plain state may be long)."""
     g, bat = s.geometry, s.bat
     assert g is not None and bat is not None
-    entries = bat[batmod.payload_indices(g)]
-    st = batmod.states(entries)
-    wanted = batmod.holds_data(st)
-    if g.has_parent:
-        wanted |= np.isin(st, (C.PAYLOAD_BLOCK_UNDEFINED, C.PAYLOAD_BLOCK_ZERO, C.PAYLOAD_BLOCK_UNMAPPED,
-                               C.PAYLOAD_BLOCK_UNMAPPED_V095))
-    blocks = np.flatnonzero(wanted).tolist()
-    for i in range(0, len(blocks), MAX_TX_BLOCKS):
-        extents: list[Extent] = []
-        for k in blocks[i:i + MAX_TX_BLOCKS]:
-            extents += block_extents(s, k, int(entries[k]))
-        if extents:
-            image.write_extents(extents)
+    if not g.has_parent:
+        keep = batmod.holds_data(bat.states)
+        yield from zip(bat.blocks[keep].tolist(), bat.entries[keep].tolist())
+        return
+    starts = np.concatenate([bat.blocks, bat.run_starts])
+    stops = np.concatenate([bat.blocks + 1, bat.run_stops])
+    for first in _windows(starts, stops):
+        st, offsets = batmod.dense(bat, first, min(first + WINDOW, g.payload_blocks))
+        wanted = batmod.holds_data(st) | np.isin(st, NO_DATA_STATES)
+        rows = np.flatnonzero(wanted)
+        yield from zip((rows + first).tolist(), (offsets[rows] | st[rows]).tolist())
+
+
+def _windows(starts: np.ndarray, stops: np.ndarray) -> Iterator[int]:
+    """The first block of each window of WINDOW blocks that holds a listed block or a run."""
+    if not starts.size:
+        return
+    w0, w1 = starts // WINDOW, (stops - 1) // WINDOW + 1
+    marks = np.zeros(int(w1.max()) + 1, dtype=np.int64)
+    np.add.at(marks, w0, 1)
+    np.add.at(marks, w1, -1)
+    for w in np.flatnonzero(np.cumsum(marks) > 0).tolist():
+        yield w * WINDOW
 
 
 def block_extents(s: Salvage, block: int, entry: int) -> list[Extent]:
@@ -95,7 +131,9 @@ def _partial_extents(s: Salvage, block: int, start: int, n: int, offset: int) ->
     g = s.geometry
     assert g is not None and s.bat is not None
     ss = g.logical_sector_size
-    sbm = int(s.bat[g.sbm_bat_index(block // g.chunk_ratio)]) & C.BAT_FILE_OFFSET_MASK
+    pos, found = lookup(s.bat.chunks, np.array([block // g.chunk_ratio], np.int64))
+    assert found[0]  # the cleaning dropped every partial block whose chunk has no sector bitmap
+    sbm = int(s.bat.sbm_entries[pos[0]]) & C.BAT_FILE_OFFSET_MASK
     lo, hi = g.bitmap_byte_range(block)
     bits = bitmapmod.unpack(s.source.read(sbm + lo, hi - lo))[:n // ss]
     starts, stops, values = bitmapmod.runs(bits)

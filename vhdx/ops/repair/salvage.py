@@ -9,11 +9,12 @@ import numpy as np
 
 from ...file.log import LogEntry
 from ...file.storage import Storage
+from ...format import bat as batmod
 from ...format import constants as C
 from ...format import layout, sniff
 from ...format.geometry import Geometry
 from ...format.records import Header, RegionEntry
-from .batfix import BatRepair, read_bat
+from .batfix import BatRepair, first_entries, kept_entries, read_bat
 from .parentfit import fit_to_parent
 from .meta import Params, blocks_apart, infer_block_size, looks_differencing, read_metadata, settle
 from .report import FOUND, LOST, REPAIRED, SalvageReport
@@ -25,7 +26,9 @@ INFER_BAT_BYTES = 8 * C.MiB  # entries looked at to infer a lost block size
 @dataclass
 class Salvage:
     """A damaged file as repair sees it. ``source`` reads the file with the valid part of its
-    log laid over it; ``bat`` is the cleaned BAT (untrusted entries dropped)."""
+    log laid over it; ``bat`` is the cleaned BAT's non-zero entries (untrusted entries
+    dropped); ``bat_kept`` the raw entries of a differencing disk's last chunk past its last
+    block (:func:`~.batfix.kept_entries`)."""
 
     report: SalvageReport
     source: Storage
@@ -39,7 +42,8 @@ class Salvage:
     regions_found: bool = False
     params: Params = field(default_factory=Params)
     geometry: Geometry | None = None
-    bat: np.ndarray | None = None
+    bat: batmod.SparseBat | None = None
+    bat_kept: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
 
 
 def salvage(storage: Storage, *, size: int | None = None, parent_locator: dict[str, str] | None = None,
@@ -118,8 +122,7 @@ def _geometry(s: Salvage, *, size: int | None = None, **_: object) -> None:
     lss = p.logical_sector_size
     entries = np.zeros(0, dtype="<u8")
     if s.bat_region is not None:
-        raw = s.source.read(s.bat_region.file_offset, min(s.bat_region.length, INFER_BAT_BYTES))
-        entries = np.frombuffer(raw[:len(raw) // 8 * 8], dtype="<u8")
+        entries = first_entries(s.source, s.bat_region.file_offset, min(s.bat_region.length, INFER_BAT_BYTES) // 8)
         _block_size(s, entries)
     if p.block_size is None:
         s.report.add("block size", LOST, "cannot be inferred")
@@ -212,5 +215,7 @@ def _locate_bat(s: Salvage, **_: object) -> None:
 def _bat(s: Salvage, **_: object) -> None:
     assert s.geometry is not None and s.bat_region is not None
     bat, held = read_bat(s.source, s.bat_region, s.geometry)
-    BatRepair(bat, s.geometry, s.source.size(), _spans(s), s.report).run(held)
-    s.bat = bat
+    fix = BatRepair(bat, s.geometry, s.source.size(), _spans(s), s.report)
+    fix.run(held)
+    s.bat = fix.bat
+    s.bat_kept = kept_entries(s.source, s.bat_region, s.geometry)
