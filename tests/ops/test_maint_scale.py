@@ -9,7 +9,6 @@ would show at once), and the disk must still read right and pass ``check``.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
