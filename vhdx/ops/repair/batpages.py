@@ -28,7 +28,7 @@ def changed_pages(storage: Storage, offset: int, bat: batmod.SparseBat, kept: np
     its last block, from :func:`~.batfix.kept_entries`)."""
     total = align_up(geometry.bat_entries * 8, C.LOG_SECTOR_SIZE) // 8
     layout = NewEntries(bat, kept, geometry)
-    old = np.zeros(min(CHUNK, total), np.uint64)
+    old = np.zeros(min(CHUNK, total), dtype="<u8")  # the file's bytes: little-endian on any host
     pages: dict[int, bytes] = {}
     for first in _chunks(storage, offset, total, layout):
         stop = min(total, first + CHUNK)
