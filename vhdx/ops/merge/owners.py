@@ -20,13 +20,17 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ...errors import MergeError
 from ...file.image import Image
 from ...format import bat as batmod
 from ...format import bitmap as bitmapmod
 from ...format import constants as C
 
-TRANSPARENT = 255
-ZERO = 254
+# Owner codes of the sector-by-sector planner (uint16 per sector): a source's index, or one of
+# these two. A chain holds at most resolve.MAX_DEPTH (1024) layers, far below them.
+TRANSPARENT = 0xFFFF
+ZERO = 0xFFFE
+OWNER = np.uint16
 WINDOW_MIN = 64 << 20
 GROUP_WINDOWS = 256  # windows planned together: numpy speed, memory bounded by the group's data
 ZERO_STATES = (C.PAYLOAD_BLOCK_UNDEFINED, C.PAYLOAD_BLOCK_ZERO, C.PAYLOAD_BLOCK_UNMAPPED,
@@ -149,7 +153,7 @@ def _source_sectors(v: BatView, i: int, start: int, length: int, ss: int) -> tup
     if not im.has_parent:
         defined |= partial
     mask = np.repeat(defined, spb)
-    vals = np.repeat(np.where(IS_ZERO[states], ZERO, i).astype(np.uint8), spb)
+    vals = np.repeat(np.where(IS_ZERO[states], ZERO, i).astype(OWNER), spb)
     if im.has_parent:
         for k in np.flatnonzero(partial).tolist():
             mask[k * spb:(k + 1) * spb] = im.read_bitmap(first_block + k).astype(bool)
@@ -163,7 +167,9 @@ def owners(views: Sequence[BatView], start: int, length: int) -> np.ndarray:
     """Per logical sector of [start, start+length): which source defines it (index), ZERO, or
     TRANSPARENT."""
     ss = views[0].image.logical_sector_size
-    owner = np.full(length // ss, TRANSPARENT, dtype=np.uint8)
+    if len(views) >= ZERO:
+        raise MergeError(f"{len(views)} layers to merge: the planner holds at most {ZERO - 1}")
+    owner = np.full(length // ss, TRANSPARENT, dtype=OWNER)
     for i, v in enumerate(views):
         found = _source_sectors(v, i, start, length, ss)
         if found is None:
