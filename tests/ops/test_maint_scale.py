@@ -9,18 +9,15 @@ would show at once), and the disk must still read right and pass ``check``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import vhdx
 from support.disk import MiB
+from support.scale import child_rss_kib
 from vhdx.ops.check import check_file
 
 TiB = 1 << 40
-REPO = Path(__file__).resolve().parents[2]
-IMPORTS = "import json, resource, sys, vhdx, vhdx.ops.compact, vhdx.ops.resize, vhdx.ops.convert, vhdx.ops.check"
+IMPORTS = "import vhdx, vhdx.ops.compact, vhdx.ops.resize, vhdx.ops.convert, vhdx.ops.check"
 STEPS = {
     "compact --dry-run": "vhdx.compact(path, dry_run=True)",
     "compact": "vhdx.compact(path)",
@@ -33,12 +30,7 @@ STEPS = {
 
 
 def _rss_kib(code: str, path: Path) -> int:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", f"{IMPORTS}\npath = sys.argv[1]\n{code}\n"
-                          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)", str(path)],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return int(out.stdout.split()[-1])
+    return child_rss_kib(IMPORTS, code, path)
 
 
 def test_maintenance_of_a_64_tib_disk_stays_in_bounded_memory(tmp_path: Path) -> None:

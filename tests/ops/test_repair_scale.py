@@ -1,7 +1,7 @@
 """``vhdx repair`` of a 64 TiB disk in memory that follows the data.
 
 A 64 TiB disk with 1 MiB blocks has a 512 MiB BAT, almost all of it a hole in the file.
-Before round 7, repair read it whole and worked on whole-BAT arrays: 2.9 GB of RSS, to a
+Before round 6, repair read it whole and worked on whole-BAT arrays: 2.9 GB of RSS, to a
 copy and in place. Each repair runs here in a child process whose peak RSS, less that of a
 child that only imports the same modules, must stay under 48 MiB (the BAT would show at
 once); the repaired disk must read the same and pass ``check``.
@@ -9,18 +9,15 @@ once); the repaired disk must read the same and pass ``check``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import vhdx
 from support.disk import MiB
+from support.scale import child_rss_kib
 from vhdx.ops.check import check_file
 
 TiB = 1 << 40
-REPO = Path(__file__).resolve().parents[2]
-IMPORTS = "import resource, sys, vhdx, vhdx.ops.repair, vhdx.ops.check"
+IMPORTS = "import vhdx, vhdx.ops.repair, vhdx.ops.check"
 STEPS = {
     "repair to a copy": "report = vhdx.repair(path, path + '.out.vhdx')",
     "repair in place": "report = vhdx.repair(path, in_place=True)",
@@ -29,13 +26,7 @@ PLACES = [i * 8 * TiB + 5 * MiB for i in range(8)] + [64 * TiB - 4096]
 
 
 def _rss_kib(code: str, path: Path) -> int:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", f"{IMPORTS}\npath = sys.argv[1]\n{code}\n"
-                          "assert report.ok and not report.lost_ranges(), report.lines()\n"
-                          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)", str(path)],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return int(out.stdout.split()[-1])
+    return child_rss_kib(IMPORTS, code, path, "assert report.ok and not report.lost_ranges(), report.lines()")
 
 
 def _reads_as_written(path: str) -> None:
