@@ -183,10 +183,7 @@ class Disk(io.RawIOBase):
         else, a short read or an error, or a large read the kernel would copy into ``view``
         slowly, is left to the general path, which handles (and reports) it.
         """
-        layers = self._short
-        if layers is None:
-            layers = self._short = layers_of(self)
-        where = locate(layers, offset, len(view))
+        where = locate(self._layers(), offset, len(view))
         if where is None:
             return False
         fd, file_offset = where
@@ -194,6 +191,12 @@ class Disk(io.RawIOBase):
             view[:] = _ZEROS[:len(view)]
             return True
         return read_here(fd, view, file_offset)
+
+    def _layers(self) -> list[Any]:
+        """What the lookups of :mod:`~vhdx.chains.locate` need of this chain, taken once."""
+        if self._short is None:
+            self._short = layers_of(self)
+        return self._short
 
     def pread(self, offset: int, length: int) -> bytes:
         """Positional read of up to ``length`` bytes from virtual ``offset`` (fewer at the end)."""
@@ -225,10 +228,7 @@ class Disk(io.RawIOBase):
         and copied out once (not into a new ``bytearray``, whose fresh pages fault as it fills)."""
         if n <= 0:
             return b""
-        layers = self._short
-        if layers is None:
-            layers = self._short = layers_of(self)
-        where = locate(layers, offset, n)
+        where = locate(self._layers(), offset, n)
         if where is not None:
             fd, file_offset = where
             if fd is None:

@@ -140,3 +140,16 @@ def nonzero_pages(entries: np.ndarray) -> Iterator[tuple[int, int]]:
         if nz.size:
             lo = first + int(nz[0]) // per_page * per_page
             yield lo, min(entries.size, first + (int(nz[-1]) // per_page + 1) * per_page)
+
+
+def changed_pages(storage: Storage, offset: int, first: int, new: np.ndarray, old: np.ndarray) -> dict[int, bytes]:
+    """``{file offset: page}`` of the 4 KiB pages of the BAT at ``offset`` whose entries
+    ``first`` to ``first + new.size`` (a whole number of pages) differ from ``new``; ``old`` is
+    a reused ``"<u8"`` array at least as long, read into (the file's bytes, little-endian)."""
+    per_page = C.LOG_SECTOR_SIZE // 8
+    view = old[:new.size]
+    view[:] = 0
+    storage.readinto(view.view(np.uint8).data, offset + 8 * first)
+    differ = np.flatnonzero((view != new).reshape(-1, per_page).any(axis=1))
+    return {offset + 8 * (first + page * per_page): new[page * per_page:(page + 1) * per_page].astype("<u8").tobytes()
+            for page in differ.tolist()}

@@ -226,18 +226,16 @@ def bat_pages_from(image: "Image", new_bat: np.ndarray) -> dict[int, bytes]:
     """The 4 KiB pages of the BAT region (in place) that differ from ``new_bat``'s entries,
     compared :data:`~vhdx.file.battable.CHUNK_ENTRIES` entries at a time (never the whole BAT
     in memory at once)."""
-    base = image.bat_region.file_offset
-    if align_up(new_bat.size * 8, C.LOG_SECTOR_SIZE) > image.bat_region.length:
+    total = align_up(new_bat.size * 8, C.LOG_SECTOR_SIZE) // 8   # whole pages, the last padded with zeros
+    if total * 8 > image.bat_region.length:
         raise UsageError("the new BAT does not fit its region", path=image.path)
+    old = np.zeros(min(battable.CHUNK_ENTRIES, total), dtype="<u8")
     pages = {}
-    for first in range(0, new_bat.size, battable.CHUNK_ENTRIES):
-        new = new_bat[first:first + battable.CHUNK_ENTRIES]
-        raw = batmod.encode_bat(new)
-        raw += bytes(align_up(len(raw), C.LOG_SECTOR_SIZE) - len(raw))
-        old = image.storage.read(base + first * 8, len(raw))
-        for at in range(0, len(raw), C.LOG_SECTOR_SIZE):
-            if raw[at:at + C.LOG_SECTOR_SIZE] != old[at:at + C.LOG_SECTOR_SIZE]:
-                pages[base + first * 8 + at] = raw[at:at + C.LOG_SECTOR_SIZE]
+    for first in range(0, total, battable.CHUNK_ENTRIES):
+        new = np.zeros(min(battable.CHUNK_ENTRIES, total - first), dtype="<u8")
+        piece = new_bat[first:first + new.size]
+        new[:piece.size] = piece
+        pages.update(battable.changed_pages(image.storage, image.bat_region.file_offset, first, new, old))
     return pages
 
 

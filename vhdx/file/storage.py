@@ -203,25 +203,24 @@ class FileStorage(Storage):
         The map holds our open file description until it is unmapped, and our locks belong to
         it (OFD locks): so the last release of a lock unlocks its bytes itself, in one call
         (:meth:`~vhdx.file.locks.FileLock.release`), instead of counting on the description's end."""
-        fd = self._fd
-        if fd is None or self.lock_mode is None:
-            return None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or offset + length > st.st_size:
-            return None
-        return map_private(fd, offset, length)
+        fd = self._mappable(offset, length)
+        return None if fd is None else map_private(fd, offset, length)
 
     def copy_mapped(self, address: int, length: int, offset: int) -> bool:
         """Copy through a transient map (:func:`copy_through_map`) when the range lies inside a
         locked regular file, as for :meth:`map_readonly`: a process that honours the lock cannot
         cut the file short under the map."""
+        fd = self._mappable(offset, length)
+        return fd is not None and copy_through_map(fd, offset, address, length)
+
+    def _mappable(self, offset: int, length: int) -> int | None:
+        """The descriptor, when ``[offset, offset + length)`` of this file may be mapped: a
+        locked regular file holding the whole range; else None."""
         fd = self._fd
         if fd is None or self.lock_mode is None or offset < 0:
-            return False
+            return None
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or offset + length > st.st_size:
-            return False
-        return copy_through_map(fd, offset, address, length)
+        return fd if stat.S_ISREG(st.st_mode) and offset + length <= st.st_size else None
 
     def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         """The data ranges of ``[offset, offset + length)`` by ``SEEK_DATA``/``SEEK_HOLE``."""

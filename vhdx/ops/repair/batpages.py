@@ -12,6 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ...file.battable import changed_pages as changed_pages_of
 from ...file.storage import Storage
 from ...format import bat as batmod
 from ...format import constants as C
@@ -32,14 +33,7 @@ def changed_pages(storage: Storage, offset: int, bat: batmod.SparseBat, kept: np
     pages: dict[int, bytes] = {}
     for first in _chunks(storage, offset, total, layout):
         stop = min(total, first + CHUNK)
-        new = layout.entries(first, stop)
-        view = old[:stop - first]
-        view[:] = 0
-        storage.readinto(view.view(np.uint8).data, offset + 8 * first)
-        differ = np.flatnonzero((view != new).reshape(-1, PAGE_ENTRIES).any(axis=1))
-        for page in differ.tolist():
-            a = page * PAGE_ENTRIES
-            pages[offset + 8 * (first + a)] = new[a:a + PAGE_ENTRIES].astype("<u8").tobytes()
+        pages.update(changed_pages_of(storage, offset, first, layout.entries(first, stop), old))
     return pages
 
 
